@@ -185,6 +185,7 @@ impl EventBuffer {
         self.raw.len()
     }
 
+    #[cfg(feature = "tokio")]
     pub(crate) fn events_mut(&mut self) -> &mut Vec<Event> {
         &mut self.events
     }

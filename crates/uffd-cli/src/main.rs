@@ -1,0 +1,36 @@
+//! `uffd`: user-space paging for Linux, from the command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// User-space paging for Linux with userfaultfd.
+///
+/// Start with `uffd probe` to see what this kernel and this user may do.
+#[derive(Debug, Parser)]
+#[command(name = "uffd", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Probe(cmd::probe::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Probe(args) => cmd::probe::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("uffd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
