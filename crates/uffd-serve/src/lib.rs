@@ -5,8 +5,16 @@
 //! - [`handshake`]: the server side of it (`SO_PEERCRED`, `recvmsg` with
 //!   `SCM_RIGHTS`, the userfaultfd check), each failure a typed error;
 //! - [`vmm`]: the VMM side, for any Rust VMM to hand its guest memory to a
-//!   server the way Firecracker does at restore.
+//!   server the way Firecracker does at restore;
+//! - [`server`]: the socket, one connection per VM, lifecycle and stats;
+//! - [`engine`]: how faults are served, behind the [`engine::Engine`] trait;
+//! - [`workingset`]: the recorded first-touch order, as a checked file.
 
+pub mod engine;
 pub mod handshake;
 pub mod protocol;
+pub mod server;
+pub mod signals;
+pub mod stats;
 pub mod vmm;
+pub mod workingset;

@@ -1,0 +1,213 @@
+//! A stand-in VMM: does at restore exactly what Firecracker does with the
+//! `Uffd` memory backend, then checks every byte the guest would see.
+//!
+//! 1. maps guest memory (anonymous, or 2 MiB hugetlb), possibly as several
+//!    regions at consecutive offsets of the memory file;
+//! 2. hands it to the server (`uffd_serve::vmm::HandOver`);
+//! 3. touches every page from several threads, in random order;
+//! 4. balloons some pages (`MADV_DONTNEED`, which the server sees as REMOVE);
+//! 5. verifies every byte: ballooned pages read as zero, every other page
+//!    equals the memory file.
+//!
+//! Prints one JSON line and exits 0 when every byte matched, 1 on a
+//! mismatch, 2 when it could not set up.
+//!
+//! ```text
+//! uffd-standin-vmm --socket S --mem-file F [--size BYTES] [--regions N]
+//!     [--threads N] [--hugetlb] [--balloon-every N] [--touch-percent P]
+//! ```
+
+use std::os::unix::fs::FileExt;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use uffd::{Mapping, MemoryKind};
+use uffd_serve::vmm::HandOver;
+
+struct Options {
+    socket: String,
+    mem_file: String,
+    size: Option<u64>,
+    regions: u64,
+    threads: usize,
+    hugetlb: bool,
+    balloon_every: u64,
+    touch_percent: u64,
+}
+
+fn parse() -> Result<Options, String> {
+    let mut o = Options {
+        socket: String::new(),
+        mem_file: String::new(),
+        size: None,
+        regions: 1,
+        threads: 4,
+        hugetlb: false,
+        balloon_every: 0,
+        touch_percent: 100,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        let number = |v: String| v.parse::<u64>().map_err(|e| format!("{a}: {e}"));
+        match a.as_str() {
+            "--socket" => o.socket = value()?,
+            "--mem-file" => o.mem_file = value()?,
+            "--size" => o.size = Some(number(value()?)?),
+            "--regions" => o.regions = number(value()?)?.max(1),
+            "--threads" => o.threads = number(value()?)?.max(1) as usize,
+            "--hugetlb" => o.hugetlb = true,
+            "--balloon-every" => o.balloon_every = number(value()?)?,
+            "--touch-percent" => o.touch_percent = number(value()?)?.clamp(1, 100),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if o.socket.is_empty() || o.mem_file.is_empty() {
+        return Err("--socket and --mem-file are required".into());
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("uffd-standin-vmm: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// xorshift64*: reproducible page orders without a dependency.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+fn run() -> Result<bool, String> {
+    let o = parse()?;
+    let file = std::fs::File::open(&o.mem_file).map_err(|e| format!("{}: {e}", o.mem_file))?;
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    let kind = if o.hugetlb {
+        MemoryKind::HugetlbPrivate
+    } else {
+        MemoryKind::Anon
+    };
+    let page = kind.page_size() as u64;
+    let size = o.size.unwrap_or(file_len);
+    let per_region = (size / o.regions) / page * page;
+    if per_region == 0 {
+        return Err(format!(
+            "{size} bytes cannot make {} regions of {page}-byte pages",
+            o.regions
+        ));
+    }
+    let mut mappings = Vec::new();
+    let mut handover = HandOver::new(&o.socket);
+    for r in 0..o.regions {
+        let m = Mapping::new(kind, per_region as usize).map_err(|e| e.to_string())?;
+        handover = handover.region(m.addr(), per_region, r * per_region, page);
+        mappings.push(m);
+    }
+    let started = Instant::now();
+    let memory = handover.send().map_err(|e| e.to_string())?;
+    let pages_per_region = per_region / page;
+    let total_pages = pages_per_region * o.regions;
+
+    // Touch pages from several threads in random order (a read of one byte
+    // per page, as a vCPU's first access would be).
+    let mut order: Vec<u64> = (0..total_pages).collect();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..order.len()).rev() {
+        let j = (next_random(&mut seed) % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order.truncate(((total_pages * o.touch_percent).div_ceil(100)) as usize);
+    let touched = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for chunk in order.chunks(order.len().div_ceil(o.threads)) {
+            let (mappings, touched) = (&mappings, &touched);
+            s.spawn(move || {
+                for &p in chunk {
+                    let m = &mappings[(p / pages_per_region) as usize];
+                    let offset = ((p % pages_per_region) * page) as usize;
+                    std::hint::black_box(m.read_byte(offset + (p as usize * 7) % page as usize));
+                    touched.fetch_add(1, Relaxed);
+                }
+            });
+        }
+    });
+    let touch_seconds = started.elapsed().as_secs_f64();
+
+    // Balloon: drop every n-th page, touched or not.
+    let mut ballooned = 0u64;
+    if o.balloon_every > 0 {
+        for p in (0..total_pages).step_by(o.balloon_every as usize) {
+            let m = &mappings[(p / pages_per_region) as usize];
+            let offset = ((p % pages_per_region) * page) as usize;
+            m.advise(offset, page as usize, rustix::mm::Advice::LinuxDontNeed)
+                .map_err(|e| format!("balloon MADV_DONTNEED: {e}"))?;
+            ballooned += 1;
+        }
+    }
+
+    // Verify every byte, from several threads.
+    let mismatched = AtomicU64::new(0);
+    let first_bad = std::sync::Mutex::new(None::<String>);
+    let all: Vec<u64> = (0..total_pages).collect();
+    std::thread::scope(|s| {
+        for chunk in all.chunks(all.len().div_ceil(o.threads)) {
+            let (mappings, file, mismatched, first_bad) =
+                (&mappings, &file, &mismatched, &first_bad);
+            let balloon_every = o.balloon_every;
+            s.spawn(move || {
+                let mut want = vec![0u8; page as usize];
+                let mut got = vec![0u8; page as usize];
+                for &p in chunk {
+                    let region = p / pages_per_region;
+                    let offset = (p % pages_per_region) * page;
+                    let file_offset = region * per_region + offset;
+                    let is_ballooned = balloon_every > 0 && p % balloon_every == 0;
+                    if is_ballooned {
+                        want.fill(0);
+                    } else if let Err(e) = file.read_exact_at(&mut want, file_offset) {
+                        *first_bad.lock().unwrap() = Some(format!("reading the memory file: {e}"));
+                        mismatched.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    mappings[region as usize].read(offset as usize, &mut got);
+                    if want != got {
+                        let at = want.iter().zip(&got).position(|(a, b)| a != b).unwrap_or(0);
+                        first_bad.lock().unwrap().get_or_insert(format!(
+                            "page {p} (region {region}, file offset {file_offset:#x}{}) differs at byte {at}: want {:#04x}, got {:#04x}",
+                            if is_ballooned { ", ballooned" } else { "" },
+                            want[at],
+                            got[at]
+                        ));
+                        mismatched.fetch_add(1, Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let mismatched = mismatched.into_inner();
+    let report = serde_json::json!({
+        "pid": std::process::id(),
+        "page_size": page,
+        "regions": o.regions,
+        "pages": total_pages,
+        "touched": touched.into_inner(),
+        "ballooned": ballooned,
+        "mismatched_pages": mismatched,
+        "first_mismatch": first_bad.into_inner().unwrap(),
+        "touch_seconds": touch_seconds,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("{report}");
+    drop(memory);
+    Ok(mismatched == 0)
+}

@@ -1,0 +1,448 @@
+//! The server: a Unix stream socket, one connection per VM, every VM served
+//! concurrently from one memory file.
+//!
+//! Per connection: the handshake (refused connections are logged and
+//! counted, and never disturb other VMs), then the engine serves the VM
+//! until the VMM exits (its pidfd becomes readable, or an ioctl returns
+//! ESRCH) or the server shuts down. The connection itself is not a sign of
+//! life: Firecracker closes it right after the handshake.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use rustix::process::{Pid, PidfdFlags};
+
+use crate::engine::{Engine, RunningVm};
+use crate::handshake::{self, Handshake, HandshakeError, HandshakePolicy};
+use crate::stats::{Refusal, ReportHeader, StatsLog, VmReport};
+
+/// What the server needs to know.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub socket: PathBuf,
+    /// The memory file's length (regions are checked against it).
+    pub file_len: u64,
+    /// Admit only peers of this uid.
+    pub allow_uid: Option<u32>,
+    /// Per-VM working-set output; `{pid}` and `{vm}` are replaced.
+    pub record: Option<PathBuf>,
+    /// Where to write every VM's statistics as JSON.
+    pub stats_json: Option<PathBuf>,
+    /// How long a peer may take to send its handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding the socket failed.
+    #[error("listening on {path} failed: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something already listens there.
+    #[error("{0} is in use by a running server")]
+    InUse(PathBuf),
+    /// Creating the control eventfd failed.
+    #[error("creating the server's control eventfd failed: {0}")]
+    Control(rustix::io::Errno),
+    /// Writing the statistics failed.
+    #[error("writing {path} failed: {source}")]
+    Stats {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Controls a running server from other threads (and signal handlers'
+/// helper thread).
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    inner: Arc<Control>,
+}
+
+#[derive(Debug)]
+struct Control {
+    stop: AtomicBool,
+    record_generation: AtomicU64,
+    wake: OwnedFd,
+}
+
+impl ServerHandle {
+    /// Stops accepting, ends every VM's serving (threads joined, working
+    /// sets and statistics written) and makes [`Server::run`] return.
+    pub fn shutdown(&self) {
+        self.inner.stop.store(true, SeqCst);
+        let _ = rustix::io::write(&self.inner.wake, &1u64.to_ne_bytes());
+    }
+
+    /// Writes every recording VM's working set now (as SIGUSR1 does).
+    pub fn record_now(&self) {
+        self.inner.record_generation.fetch_add(1, SeqCst);
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stop.load(SeqCst)
+    }
+}
+
+/// A bound server.
+#[derive(Debug)]
+pub struct Server {
+    listener: UnixListener,
+    config: ServerConfig,
+    engine: Arc<dyn Engine>,
+    handle: ServerHandle,
+    stats: Arc<StatsLog>,
+    live: Arc<Mutex<HashMap<u64, LiveVm>>>,
+}
+
+/// What the server shows about a VM being served.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveVm {
+    /// Connection id.
+    pub vm: u64,
+    /// The VMM's pid.
+    pub pid: i32,
+    /// Guest memory bytes.
+    pub memory_bytes: u64,
+}
+
+impl Server {
+    /// Binds `config.socket` (replacing a stale socket file left by a
+    /// server that died, refusing one that still answers).
+    pub fn bind(config: ServerConfig, engine: Arc<dyn Engine>) -> Result<Server, ServerError> {
+        let path = &config.socket;
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.clone()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ServerError::Bind {
+                path: path.clone(),
+                source,
+            })?;
+        let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(ServerError::Control)?;
+        Ok(Server {
+            listener,
+            config,
+            engine,
+            handle: ServerHandle {
+                inner: Arc::new(Control {
+                    stop: AtomicBool::new(false),
+                    record_generation: AtomicU64::new(0),
+                    wake,
+                }),
+            },
+            stats: Arc::new(StatsLog::default()),
+            live: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// A handle to stop the server or request recordings.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Statistics collected so far (finished VMs and refusals).
+    pub fn stats(&self) -> Arc<StatsLog> {
+        self.stats.clone()
+    }
+
+    /// VMs being served right now.
+    pub fn live(&self) -> Vec<LiveVm> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Accepts and serves connections until [`ServerHandle::shutdown`].
+    pub fn run(&self) -> Result<(), ServerError> {
+        let mut next_id = 1u64;
+        let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        tracing::info!(socket = %self.config.socket.display(), engine = self.engine.name(), "listening");
+        while !self.handle.is_stopping() {
+            {
+                let mut fds = [
+                    PollFd::new(&self.listener, PollFlags::IN),
+                    PollFd::new(&self.handle.inner.wake, PollFlags::IN),
+                ];
+                let ts = rustix::time::Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                };
+                let _ = rustix::event::poll(&mut fds, Some(&ts));
+            }
+            workers.retain(|w| !w.is_finished());
+            loop {
+                match self.listener.accept() {
+                    Ok((stream, _)) => {
+                        let id = next_id;
+                        next_id += 1;
+                        let vm = VmWorker {
+                            id,
+                            policy: HandshakePolicy {
+                                allow_uid: self.config.allow_uid,
+                                file_len: self.config.file_len,
+                                timeout: self.config.handshake_timeout,
+                            },
+                            engine: self.engine.clone(),
+                            handle: self.handle.clone(),
+                            stats: self.stats.clone(),
+                            live: self.live.clone(),
+                            record: self.config.record.clone(),
+                            stats_json: self.config.stats_json.clone(),
+                        };
+                        match std::thread::Builder::new()
+                            .name(format!("uffd-vm-{id}"))
+                            .spawn(move || vm.run(stream))
+                        {
+                            Ok(w) => workers.push(w),
+                            Err(e) => tracing::error!(
+                                vm = id,
+                                "cannot start a thread for the VM, connection dropped: {e}"
+                            ),
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!(vms = workers.len(), "shutting down: draining VMs");
+        for w in workers {
+            let _ = w.join();
+        }
+        let _ = std::fs::remove_file(&self.config.socket);
+        write_stats(&self.stats, self.config.stats_json.as_deref())?;
+        tracing::info!(
+            served = self.stats.reports().len(),
+            refused = self.stats.refusals().len(),
+            "stopped"
+        );
+        Ok(())
+    }
+}
+
+fn write_stats(stats: &StatsLog, path: Option<&Path>) -> Result<(), ServerError> {
+    let Some(path) = path else { return Ok(()) };
+    let text = serde_json::to_string_pretty(&stats.to_json()).expect("stats serialise");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| ServerError::Stats {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+struct VmWorker {
+    id: u64,
+    policy: HandshakePolicy,
+    engine: Arc<dyn Engine>,
+    handle: ServerHandle,
+    stats: Arc<StatsLog>,
+    live: Arc<Mutex<HashMap<u64, LiveVm>>>,
+    record: Option<PathBuf>,
+    stats_json: Option<PathBuf>,
+}
+
+impl VmWorker {
+    fn run(self, stream: UnixStream) {
+        let id = self.id;
+        let handshake = match handshake::accept(&stream, &self.policy) {
+            Ok(h) => h,
+            Err(e) => return self.refuse(&stream, e),
+        };
+        let peer = handshake.peer;
+        // A peer in another pid namespace shows as pid 0 and cannot be watched.
+        let pidfd = match Pid::from_raw(peer.pid)
+            .ok_or(rustix::io::Errno::SRCH)
+            .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()))
+        {
+            Ok(fd) => fd,
+            Err(errno) => {
+                return self.refuse(
+                    &stream,
+                    HandshakeError::WatchPeer {
+                        pid: peer.pid,
+                        errno,
+                    },
+                );
+            }
+        };
+        let Handshake { regions, uffd, .. } = handshake;
+        let memory_bytes: u64 = regions.iter().map(|r| r.size).sum();
+        let page_size = regions[0].page_size;
+        tracing::info!(
+            vm = id,
+            pid = peer.pid,
+            uid = peer.uid,
+            regions = regions.len(),
+            memory_mib = memory_bytes >> 20,
+            page_size,
+            "serving VM"
+        );
+        let mut vm = match self.engine.start(uffd, &regions) {
+            Ok(vm) => vm,
+            Err(e) => {
+                tracing::error!(vm = id, pid = peer.pid, "cannot serve the VM: {e}");
+                self.stats.refuse(Refusal {
+                    step: "engine-start",
+                    reason: e.to_string(),
+                    pid: Some(peer.pid),
+                });
+                return;
+            }
+        };
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            LiveVm {
+                vm: id,
+                pid: peer.pid,
+                memory_bytes,
+            },
+        );
+        let started = Instant::now();
+        let mut seen_generation = self.handle.inner.record_generation.load(SeqCst);
+        let ended = loop {
+            if self.handle.is_stopping() {
+                break "shutdown";
+            }
+            if vm.is_finished() {
+                break "vmm-exited";
+            }
+            let generation = self.handle.inner.record_generation.load(SeqCst);
+            if generation != seen_generation {
+                seen_generation = generation;
+                self.save_working_set(vm.as_ref(), peer.pid);
+            }
+            let mut fds = [
+                PollFd::new(&pidfd, PollFlags::IN),
+                PollFd::new(&self.handle.inner.wake, PollFlags::IN),
+            ];
+            let ts = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            };
+            if let Ok(n) = rustix::event::poll(&mut fds, Some(&ts)) {
+                if n > 0 && fds[0].revents().intersects(PollFlags::IN | PollFlags::HUP) {
+                    break "vmm-exited";
+                }
+            }
+        };
+        vm.shutdown();
+        let recorded = self.save_working_set(vm.as_ref(), peer.pid);
+        let report = vm.counters().report(
+            ReportHeader {
+                vm: id,
+                pid: peer.pid,
+                uid: peer.uid,
+                memory_bytes,
+                page_size,
+                elapsed: started.elapsed(),
+            },
+            ended.to_string(),
+            recorded,
+        );
+        drop(vm);
+        drop(stream);
+        log_report(&report);
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.stats.push(report);
+        if let Err(e) = write_stats(&self.stats, self.stats_json.as_deref()) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    fn refuse(&self, stream: &UnixStream, e: HandshakeError) {
+        let pid = handshake::peer_of(stream).ok().map(|p| p.pid);
+        tracing::warn!(
+            vm = self.id,
+            pid,
+            step = e.step(),
+            "connection refused: {e}"
+        );
+        self.stats.refuse(Refusal {
+            step: e.step(),
+            reason: e.to_string(),
+            pid,
+        });
+    }
+
+    /// Writes the VM's working set if recording; returns its page count.
+    fn save_working_set(&self, vm: &dyn RunningVm, pid: i32) -> Option<u64> {
+        let template = self.record.as_ref()?;
+        let ws = vm.working_set()?;
+        let path = PathBuf::from(
+            template
+                .to_string_lossy()
+                .replace("{pid}", &pid.to_string())
+                .replace("{vm}", &self.id.to_string()),
+        );
+        match ws.write(&path) {
+            Ok(()) => {
+                tracing::info!(vm = self.id, pages = ws.pages.len(), path = %path.display(), "working set written");
+                Some(ws.pages.len() as u64)
+            }
+            Err(e) => {
+                tracing::warn!(vm = self.id, "writing the working set failed: {e}");
+                None
+            }
+        }
+    }
+}
+
+fn log_report(r: &VmReport) {
+    tracing::info!(
+        vm = r.vm,
+        pid = r.pid,
+        ended = %r.ended,
+        seconds = format_args!("{:.3}", r.seconds),
+        faults = r.faults,
+        demand_mib = format_args!("{:.1}", r.demand_bytes as f64 / (1 << 20) as f64),
+        zero_pages = r.zero_pages,
+        prefetch_hits = r.prefetch_hits,
+        prefetch_misses = r.prefetch_misses,
+        removes = r.removes,
+        p50_us = format_args!("{:.1}", r.p50_us),
+        p90_us = format_args!("{:.1}", r.p90_us),
+        p99_us = format_args!("{:.1}", r.p99_us),
+        max_us = format_args!("{:.1}", r.max_us),
+        "VM done"
+    );
+}

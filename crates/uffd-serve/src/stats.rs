@@ -1,0 +1,307 @@
+//! Per-VM counters and a fault-latency histogram.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Sub-buckets per power of two: latencies are kept to within 1/8 (12.5%).
+const SUB_BITS: u32 = 3;
+const BUCKETS: usize = (64 << SUB_BITS) as usize;
+
+/// A log-linear histogram of durations in nanoseconds (lock-free recording).
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    counts: Box<[AtomicU64]>,
+    max_ns: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+fn bucket_of(ns: u64) -> usize {
+    if ns < (1 << SUB_BITS) {
+        return ns as usize;
+    }
+    let top = 63 - ns.leading_zeros();
+    let sub = (ns >> (top - SUB_BITS)) & ((1 << SUB_BITS) - 1);
+    (((top - SUB_BITS + 1) << SUB_BITS) as u64 + sub) as usize
+}
+
+/// The largest value that falls in `bucket`.
+fn bucket_high(bucket: usize) -> u64 {
+    let bucket = bucket as u64;
+    if bucket < (1 << SUB_BITS) {
+        return bucket;
+    }
+    let top = (bucket >> SUB_BITS) + u64::from(SUB_BITS) - 1;
+    let sub = bucket & ((1 << SUB_BITS) - 1);
+    let low = (1u64 << top) | (sub << (top - u64::from(SUB_BITS)));
+    low + (1u64 << (top - u64::from(SUB_BITS))) - 1
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    pub fn record(&self, latency: Duration) {
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.counts[bucket_of(ns)].fetch_add(1, Relaxed);
+        self.max_ns.fetch_max(ns, Relaxed);
+    }
+
+    /// How many durations were recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// The value below which `quantile` (0..=1) of the recordings fall, in
+    /// microseconds (bucket upper bound, capped at the maximum seen).
+    pub fn quantile_us(&self, quantile: f64) -> f64 {
+        let total = self.count();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = ((quantile * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c.load(Relaxed);
+            if seen >= rank {
+                let ns = bucket_high(i).min(self.max_ns.load(Relaxed));
+                return ns as f64 / 1000.0;
+            }
+        }
+        self.max_ns.load(Relaxed) as f64 / 1000.0
+    }
+
+    /// The largest duration seen, in microseconds.
+    pub fn max_us(&self) -> f64 {
+        self.max_ns.load(Relaxed) as f64 / 1000.0
+    }
+}
+
+/// Counters of one VM, updated by its handler threads.
+#[derive(Debug, Default)]
+pub struct VmCounters {
+    /// Missing-page faults read from the userfaultfd.
+    pub faults: AtomicU64,
+    /// Faults on pages another thread or the prefetcher had just installed.
+    pub already_present: AtomicU64,
+    /// Bytes installed because a thread faulted on them.
+    pub demand_bytes: AtomicU64,
+    /// Zero pages installed (all-zero source pages, and removed pages).
+    pub zero_pages: AtomicU64,
+    /// Pages installed by the prefetcher before any fault on them.
+    pub prefetch_hits: AtomicU64,
+    /// Working-set pages a fault reached before the prefetcher did.
+    pub prefetch_misses: AtomicU64,
+    /// Bytes installed by prefetch and background fill.
+    pub prefetch_bytes: AtomicU64,
+    /// Pages installed by the background fill.
+    pub fill_pages: AtomicU64,
+    /// REMOVE events (balloon inflation).
+    pub removes: AtomicU64,
+    /// Bytes reported removed.
+    pub removed_bytes: AtomicU64,
+    /// Resolves that had to wait for pending events (EAGAIN).
+    pub retries: AtomicU64,
+    /// Demand-fault latency, from reading the message to the resolve returning.
+    pub latency: LatencyHistogram,
+}
+
+/// A snapshot of one VM's statistics, for logs and `--stats-json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmReport {
+    /// The server's id for the connection.
+    pub vm: u64,
+    /// The VMM's pid.
+    pub pid: i32,
+    /// The VMM's uid.
+    pub uid: u32,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// How long the VM was served.
+    pub seconds: f64,
+    /// Why serving ended (`vmm-exited`, `shutdown`, `error: ...`).
+    pub ended: String,
+    /// Missing-page faults.
+    pub faults: u64,
+    /// Faults already resolved by someone else when served.
+    pub already_present: u64,
+    /// Bytes installed on demand.
+    pub demand_bytes: u64,
+    /// Zero pages installed.
+    pub zero_pages: u64,
+    /// Working-set pages installed before they faulted.
+    pub prefetch_hits: u64,
+    /// Working-set pages that faulted first.
+    pub prefetch_misses: u64,
+    /// Bytes installed ahead of faults (prefetch + background fill).
+    pub prefetch_bytes: u64,
+    /// Pages installed by background fill.
+    pub fill_pages: u64,
+    /// REMOVE events.
+    pub removes: u64,
+    /// Bytes removed.
+    pub removed_bytes: u64,
+    /// EAGAIN retries.
+    pub retries: u64,
+    /// Fault latency percentiles, microseconds.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+    /// Pages recorded in the working set, when recording.
+    pub recorded_pages: Option<u64>,
+}
+
+impl VmCounters {
+    /// A report of the current values.
+    pub fn report(
+        &self,
+        header: ReportHeader,
+        ended: String,
+        recorded_pages: Option<u64>,
+    ) -> VmReport {
+        let l = |c: &AtomicU64| c.load(Relaxed);
+        VmReport {
+            vm: header.vm,
+            pid: header.pid,
+            uid: header.uid,
+            memory_bytes: header.memory_bytes,
+            page_size: header.page_size,
+            seconds: header.elapsed.as_secs_f64(),
+            ended,
+            faults: l(&self.faults),
+            already_present: l(&self.already_present),
+            demand_bytes: l(&self.demand_bytes),
+            zero_pages: l(&self.zero_pages),
+            prefetch_hits: l(&self.prefetch_hits),
+            prefetch_misses: l(&self.prefetch_misses),
+            prefetch_bytes: l(&self.prefetch_bytes),
+            fill_pages: l(&self.fill_pages),
+            removes: l(&self.removes),
+            removed_bytes: l(&self.removed_bytes),
+            retries: l(&self.retries),
+            p50_us: self.latency.quantile_us(0.50),
+            p90_us: self.latency.quantile_us(0.90),
+            p99_us: self.latency.quantile_us(0.99),
+            max_us: self.latency.max_us(),
+            recorded_pages,
+        }
+    }
+}
+
+/// The fixed facts about a VM a report starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportHeader {
+    /// Connection id.
+    pub vm: u64,
+    /// VMM pid.
+    pub pid: i32,
+    /// VMM uid.
+    pub uid: u32,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// Time served.
+    pub elapsed: Duration,
+}
+
+/// Every VM's report, collected for `--stats-json`.
+#[derive(Debug, Default)]
+pub struct StatsLog {
+    reports: Mutex<Vec<VmReport>>,
+    refused: Mutex<Vec<Refusal>>,
+}
+
+/// A refused connection, for `--stats-json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refusal {
+    /// The step that failed.
+    pub step: &'static str,
+    /// The full reason.
+    pub reason: String,
+    /// The peer's pid, when known.
+    pub pid: Option<i32>,
+}
+
+impl StatsLog {
+    /// Adds a finished VM.
+    pub fn push(&self, report: VmReport) {
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(report);
+    }
+
+    /// Adds a refused connection.
+    pub fn refuse(&self, refusal: Refusal) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(refusal);
+    }
+
+    /// Finished VMs so far.
+    pub fn reports(&self) -> Vec<VmReport> {
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Refused connections so far.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `{"vms": [...], "refused": [...]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "vms": self.reports(), "refused": self.refusals() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_tight() {
+        let mut last = 0;
+        for ns in [0u64, 1, 7, 8, 9, 15, 16, 100, 1000, 4_700, 45_000, 1 << 40] {
+            let b = bucket_of(ns);
+            assert!(b >= last, "bucket of {ns}");
+            last = b;
+            let high = bucket_high(b);
+            assert!(high >= ns && high <= ns + ns / 8 + 1, "{ns} -> {high}");
+        }
+    }
+
+    #[test]
+    fn quantiles_follow_the_data() {
+        let h = LatencyHistogram::default();
+        for us in 1..=100u64 {
+            h.record(Duration::from_micros(us));
+        }
+        let p50 = h.quantile_us(0.5);
+        assert!((50.0..=57.0).contains(&p50), "{p50}");
+        assert!(h.quantile_us(0.99) >= 99.0);
+        assert_eq!(h.max_us(), 100.0);
+        assert_eq!(h.count(), 100);
+    }
+}

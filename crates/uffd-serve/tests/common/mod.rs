@@ -1,0 +1,231 @@
+//! Shared pieces of the server tests: a memory file, an in-process server,
+//! the stand-in VMM as a separate process, bounded waits.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use uffd_serve::engine::{CopyEngine, CopyEngineConfig, Engine, MemoryFile};
+use uffd_serve::server::{Server, ServerConfig, ServerHandle};
+use uffd_serve::stats::{Refusal, StatsLog, VmReport};
+
+/// Skips the test (returns true) when userfaultfd is denied here.
+pub fn uffd_denied() -> bool {
+    match uffd::probe() {
+        Err(e) if e.is_denied() => {
+            eprintln!("SKIP: userfaultfd is denied here: {e}");
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "uffd-serve-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a memory file of `len` bytes: every 4 KiB page holds its index and
+/// a pattern, except every 4th page, which is all zero.
+pub fn memory_file(path: &Path, len: u64) {
+    let mut data = vec![0u8; len as usize];
+    for (i, page) in data.chunks_mut(4096).enumerate() {
+        if i % 4 == 3 {
+            continue;
+        }
+        for (j, b) in page.iter_mut().enumerate() {
+            *b = (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8 | 1;
+        }
+        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+/// A server running on its own thread; shut down (and joined) on drop.
+pub struct TestServer {
+    pub socket: PathBuf,
+    pub handle: ServerHandle,
+    pub stats: Arc<StatsLog>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start(socket: PathBuf, mem_file: &Path, config: CopyEngineConfig) -> TestServer {
+        Self::start_with(socket, mem_file, config, None, None)
+    }
+
+    pub fn start_with(
+        socket: PathBuf,
+        mem_file: &Path,
+        config: CopyEngineConfig,
+        allow_uid: Option<u32>,
+        record: Option<PathBuf>,
+    ) -> TestServer {
+        let file = Arc::new(MemoryFile::open(mem_file).unwrap());
+        let engine: Arc<dyn Engine> = Arc::new(CopyEngine::new(file.clone(), config));
+        let server = Server::bind(
+            ServerConfig {
+                socket: socket.clone(),
+                file_len: file.len(),
+                allow_uid,
+                record,
+                stats_json: None,
+                handshake_timeout: Duration::from_secs(2),
+            },
+            engine,
+        )
+        .unwrap();
+        let handle = server.handle();
+        let stats = server.stats();
+        let thread = std::thread::spawn(move || server.run().unwrap());
+        TestServer {
+            socket,
+            handle,
+            stats,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits (bounded) until `n` VMs have finished; their reports.
+    pub fn wait_reports(&self, n: usize, limit: Duration) -> Vec<VmReport> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let reports = self.stats.reports();
+            if reports.len() >= n {
+                return reports;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stuck: only {} of {n} VMs finished within {limit:?}",
+                reports.len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) for the `n`-th refused connection.
+    pub fn wait_refusal(&self, n: usize, limit: Duration) -> Refusal {
+        let deadline = Instant::now() + limit;
+        loop {
+            let refusals = self.stats.refusals();
+            if refusals.len() >= n {
+                return refusals[n - 1].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stuck: the server did not refuse the connection within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the server and waits for it (bounded).
+    pub fn stop(&mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !t.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "stuck: the server did not shut down within 20 s"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            t.join().expect("the server thread panicked");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.handle.shutdown();
+            return;
+        }
+        self.stop();
+    }
+}
+
+/// The stand-in VMM's command line.
+pub fn standin(socket: &Path, mem_file: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_uffd-standin-vmm"));
+    c.arg("--socket")
+        .arg(socket)
+        .arg("--mem-file")
+        .arg(mem_file);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+/// Waits (bounded) for a child; kills it and fails naming `what` if stuck.
+/// Returns its exit success and its stdout+stderr.
+pub fn finish(mut child: Child, what: &str, limit: Duration) -> (bool, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return (out.status.success(), text);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "stuck: {what} did not finish within {limit:?}; output: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs one good stand-in VM to completion and checks it verified every byte.
+pub fn good_vm_is_served(server: &TestServer, mem_file: &Path, finished_before: usize) -> VmReport {
+    let child = standin(&server.socket, mem_file)
+        .args([
+            "--size",
+            &(4 << 20).to_string(),
+            "--threads",
+            "2",
+            "--balloon-every",
+            "9",
+        ])
+        .spawn()
+        .unwrap();
+    let (ok, out) = finish(child, "the good stand-in VMM", Duration::from_secs(60));
+    assert!(ok, "the good VM was not served correctly: {out}");
+    let reports = server.wait_reports(finished_before + 1, Duration::from_secs(10));
+    let report = reports[finished_before].clone();
+    assert!(report.faults > 0, "{report:?}");
+    report
+}

@@ -1,0 +1,219 @@
+//! End to end: a separate stand-in VMM process restores through the server
+//! exactly as Firecracker does, touches memory from several threads,
+//! balloons some pages, and verifies every byte.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use uffd_serve::engine::CopyEngineConfig;
+use uffd_serve::workingset::WorkingSet;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
+    if uffd_denied() {
+        return;
+    }
+    let dir = Scratch::new("e2e");
+    let mem = dir.path("mem");
+    memory_file(&mem, 32 * MIB);
+    let server = TestServer::start(
+        dir.path("sock"),
+        &mem,
+        CopyEngineConfig {
+            threads: 2,
+            ..Default::default()
+        },
+    );
+    let child = standin(&server.socket, &mem)
+        .args(["--regions", "2", "--threads", "4", "--balloon-every", "5"])
+        .spawn()
+        .unwrap();
+    let (ok, out) = finish(child, "the stand-in VMM", Duration::from_secs(120));
+    assert!(ok, "stand-in VMM failed: {out}");
+    assert!(out.contains("\"mismatched_pages\":0"), "{out}");
+    let report = &server.wait_reports(1, Duration::from_secs(10))[0];
+    assert_eq!(report.ended, "vmm-exited");
+    assert!(
+        report.faults >= 8192,
+        "every page faults once at least: {report:?}"
+    );
+    assert!(
+        report.removes > 0,
+        "the balloon's MADV_DONTNEED must arrive as REMOVE: {report:?}"
+    );
+    assert!(
+        report.zero_pages > 0,
+        "zero pages and removed pages are served as zero pages: {report:?}"
+    );
+    assert_eq!(report.memory_bytes, 32 * MIB);
+}
+
+#[test]
+fn standin_vmm_on_2m_hugetlb_pages() {
+    if uffd_denied() {
+        return;
+    }
+    let reservation = match uffd::HugepageReservation::reserve(8) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "SKIP: cannot reserve 8 huge pages (4 for the guest, 4 for its alias mapping): {e}"
+            );
+            return;
+        }
+    };
+    let dir = Scratch::new("e2e-huge");
+    let mem = dir.path("mem");
+    memory_file(&mem, 8 * MIB);
+    let server = TestServer::start(
+        dir.path("sock"),
+        &mem,
+        CopyEngineConfig {
+            threads: 2,
+            ..Default::default()
+        },
+    );
+    let child = standin(&server.socket, &mem)
+        .args(["--hugetlb", "--threads", "3", "--balloon-every", "3"])
+        .spawn()
+        .unwrap();
+    let (ok, out) = finish(child, "the hugetlb stand-in VMM", Duration::from_secs(120));
+    assert!(ok, "hugetlb stand-in VMM failed: {out}");
+    let report = &server.wait_reports(1, Duration::from_secs(10))[0];
+    assert_eq!(report.page_size, 2 * MIB);
+    assert!(report.removes > 0, "{report:?}");
+    drop(server);
+    drop(reservation);
+}
+
+#[test]
+fn several_vms_are_served_at_once_from_one_file() {
+    if uffd_denied() {
+        return;
+    }
+    let dir = Scratch::new("e2e-many");
+    let mem = dir.path("mem");
+    memory_file(&mem, 16 * MIB);
+    let server = TestServer::start(
+        dir.path("sock"),
+        &mem,
+        CopyEngineConfig {
+            threads: 1,
+            ..Default::default()
+        },
+    );
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            standin(&server.socket, &mem)
+                .args(["--threads", "2", "--balloon-every", &(7 + i).to_string()])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let (ok, out) = finish(
+            child,
+            &format!("stand-in VMM {i}"),
+            Duration::from_secs(120),
+        );
+        assert!(ok, "VM {i} failed: {out}");
+    }
+    let reports = server.wait_reports(3, Duration::from_secs(10));
+    let mut pids: Vec<_> = reports.iter().map(|r| r.pid).collect();
+    pids.dedup();
+    assert_eq!(pids.len(), 3);
+}
+
+#[test]
+fn recorded_working_set_is_prefetched_on_the_next_restore() {
+    if uffd_denied() {
+        return;
+    }
+    let dir = Scratch::new("e2e-ws");
+    let mem = dir.path("mem");
+    memory_file(&mem, 16 * MIB);
+    let ws_path = dir.path("ws");
+    {
+        let server = TestServer::start_with(
+            dir.path("sock"),
+            &mem,
+            CopyEngineConfig {
+                threads: 1,
+                record: true,
+                ..Default::default()
+            },
+            None,
+            Some(ws_path.clone()),
+        );
+        let child = standin(&server.socket, &mem)
+            .args(["--threads", "2", "--touch-percent", "10"])
+            .spawn()
+            .unwrap();
+        let (ok, out) = finish(child, "the recording VM", Duration::from_secs(60));
+        assert!(ok, "{out}");
+        let report = &server.wait_reports(1, Duration::from_secs(10))[0];
+        assert!(report.recorded_pages.unwrap() > 0, "{report:?}");
+    }
+    let ws = WorkingSet::read(&ws_path).unwrap();
+    assert_eq!(ws.page_size, 4096);
+    assert!(
+        ws.pages.len() >= 400,
+        "10% of 4096 pages touched first: {}",
+        ws.pages.len()
+    );
+    let server = TestServer::start(
+        dir.path("sock2"),
+        &mem,
+        CopyEngineConfig {
+            threads: 1,
+            prefetch: Some(std::sync::Arc::new(ws)),
+            background_fill: true,
+            ..Default::default()
+        },
+    );
+    let child = standin(&server.socket, &mem)
+        .args(["--threads", "2", "--balloon-every", "11"])
+        .spawn()
+        .unwrap();
+    let (ok, out) = finish(child, "the prefetched VM", Duration::from_secs(60));
+    assert!(ok, "{out}");
+    let report = &server.wait_reports(1, Duration::from_secs(10))[0];
+    assert!(
+        report.prefetch_hits + report.prefetch_misses > 0,
+        "working-set pages are either prefetched or fault first: {report:?}"
+    );
+}
+
+#[test]
+fn shutdown_ends_a_connected_vm_and_returns() {
+    if uffd_denied() {
+        return;
+    }
+    let dir = Scratch::new("e2e-stop");
+    let mem = dir.path("mem");
+    memory_file(&mem, 4 * MIB);
+    let mut server = TestServer::start(
+        dir.path("sock"),
+        &mem,
+        CopyEngineConfig {
+            threads: 2,
+            ..Default::default()
+        },
+    );
+    let guest = uffd::Mapping::new(uffd::MemoryKind::Anon, (4 * MIB) as usize).unwrap();
+    let handed = uffd_serve::vmm::HandOver::new(&server.socket)
+        .region(guest.addr(), 4 * MIB, 0, 4096)
+        .send()
+        .unwrap();
+    // One page served, so the VM is live.
+    assert_eq!(guest.read_byte(4096), 1u64.to_le_bytes()[0]);
+    server.stop();
+    let reports = server.stats.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].ended, "shutdown");
+    drop(handed);
+}
