@@ -1,0 +1,1569 @@
+//! The mechanism: handler threads read events and resolve faults; a fill
+//! thread replays a working set and fills the rest. Where bytes come from
+//! is the [`PageSource`]'s business, what to fetch the policy's.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use rustix::mm::Advice;
+use tracing::{debug, debug_span, error, trace, warn};
+use uffd::{
+    ContinueMode, CopyMode, Event, EventBuffer, Features, MoveMode, Pagefault, PoisonMode,
+    RegisterMode, Resolved, Uffd, WriteProtectMode, ZeropageMode,
+};
+
+use crate::config::{Config, BATCH_BYTES};
+use crate::mem::AlignedAnon;
+use crate::region::{state, PageStates, Region, Span, Table};
+use crate::source::{is_zero, Content, PageSource, SourceError};
+use crate::stats::{Counters, Stats};
+use crate::{Prefetch, Strategy, WaitMode, WorkingSet};
+
+/// Why a pager could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PagerError {
+    /// A region is malformed.
+    #[error("invalid region at {start:#x}+{len:#x}: {why}")]
+    InvalidRegion {
+        /// Its start.
+        start: u64,
+        /// Its length.
+        len: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The configuration does not fit the regions or the userfaultfd.
+    #[error("invalid pager configuration: {0}")]
+    Config(String),
+    /// A userfaultfd operation failed.
+    #[error(transparent)]
+    Uffd(#[from] uffd::Error),
+    /// Creating a buffer, eventfd, pidfd or thread failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// The step that failed.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> PagerError {
+    move |source| PagerError::Io { what, source }
+}
+
+/// A page the source could not produce, which was poisoned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoisonedPage {
+    /// Its address in the target.
+    pub address: u64,
+    /// Its source offset.
+    pub source_offset: u64,
+    /// Why the source failed.
+    pub error: String,
+}
+
+/// Pages installed so far against pages in the regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Pages installed by any path (faults, readahead, replay, fill).
+    pub installed_pages: u64,
+    /// Pages in all regions at start.
+    pub total_pages: u64,
+}
+
+/// Asks a pager to shut down; cheap to clone and send to another thread.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    stop: Arc<StopSignal>,
+}
+
+#[derive(Debug)]
+struct StopSignal {
+    flag: AtomicBool,
+    fd: OwnedFd,
+}
+
+impl ShutdownHandle {
+    /// Requests shutdown: handler threads stop after the fault they are
+    /// serving. Only an atomic store and an eventfd `write(2)`, so it is
+    /// async-signal-safe and may be called from a SIGTERM handler.
+    /// [`Pager::shutdown`] then wakes every waiter and joins the threads.
+    pub fn request(&self) {
+        self.stop.flag.store(true, Ordering::SeqCst);
+        let _ = rustix::io::write(&self.stop.fd, &1u64.to_ne_bytes());
+    }
+
+    /// True once shutdown was requested.
+    pub fn is_requested(&self) -> bool {
+        self.stop.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// Builds a [`Pager`]; see [`Pager::builder`].
+#[derive(Debug)]
+pub struct PagerBuilder {
+    source: Arc<dyn PageSource>,
+    config: Config,
+}
+
+impl PagerBuilder {
+    /// How missing pages are installed (default [`Strategy::Copy`]).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.config.strategy = strategy;
+        self
+    }
+
+    /// The unit a fault resolves: a power of two from 4 KiB to 2 MiB
+    /// (default 4 KiB). Hugetlb regions always resolve whole huge pages.
+    pub fn granule(mut self, bytes: u64) -> Self {
+        self.config.granule = bytes;
+        self
+    }
+
+    /// Handler threads per userfaultfd (default 1).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.config.threads = threads;
+        self
+    }
+
+    /// How handler threads wait (default [`WaitMode::Block`]).
+    pub fn wait(mut self, wait: WaitMode) -> Self {
+        self.config.wait = wait;
+        self
+    }
+
+    /// What else to fetch on a fault (default [`Prefetch::None`]).
+    pub fn prefetch(mut self, prefetch: Prefetch) -> Self {
+        self.config.prefetch = prefetch;
+        self
+    }
+
+    /// After any replay, install every page not yet present, in the
+    /// background, yielding to demand faults (default off).
+    pub fn background_fill(mut self, on: bool) -> Self {
+        self.config.background_fill = on;
+        self
+    }
+
+    /// Prefetch a recorded working set first, in large batches, in the
+    /// order it was touched.
+    pub fn replay(mut self, working_set: Option<WorkingSet>) -> Self {
+        self.config.replay = working_set;
+        self
+    }
+
+    /// Record the pages demand faults touch first ([`Pager::working_set`]).
+    pub fn record(mut self, on: bool) -> Self {
+        self.config.record = on;
+        self
+    }
+
+    /// How often a transient source error is retried before the page is
+    /// poisoned (default 3).
+    pub fn source_retries(mut self, retries: u32) -> Self {
+        self.config.source_retries = retries;
+        self
+    }
+
+    /// Map zero pages for all-zero pages found in data the source returned
+    /// (default on; the check stops at the first non-zero bytes).
+    pub fn detect_zero_pages(mut self, on: bool) -> Self {
+        self.config.detect_zero_pages = on;
+        self
+    }
+
+    /// The target's process id: its exit (seen through a pidfd) stops the
+    /// handlers as if an ioctl had returned ESRCH.
+    pub fn target_pid(mut self, pid: i32) -> Self {
+        self.config.target_pid = Some(pid);
+        self
+    }
+
+    /// A name for logs and thread names.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// Starts serving `uffd` for `regions`.
+    ///
+    /// The userfaultfd may belong to another process (a VMM that sent it
+    /// over a socket): then the regions are that process's addresses and
+    /// the ioctls act on its memory. The ranges must already be registered
+    /// (see [`register`] for this process's own memory). The fd is made
+    /// non-blocking.
+    pub fn start(self, uffd: Uffd, regions: Vec<Region>) -> Result<Pager, PagerError> {
+        Pager::start(self.source, self.config, uffd, regions)
+    }
+}
+
+/// Registers every region with `mode` on `uffd` (for memory of this
+/// process; a VMM registers its own).
+pub fn register(uffd: &Uffd, regions: &[Region], mode: RegisterMode) -> Result<(), uffd::Error> {
+    for r in regions {
+        uffd.register(r.start, r.len, mode)?;
+    }
+    Ok(())
+}
+
+/// A running pager: handler threads serving one userfaultfd (plus those of
+/// forked children), and optionally a fill thread.
+///
+/// Dropping it shuts it down like [`Pager::shutdown`].
+#[derive(Debug)]
+pub struct Pager {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    source: Arc<dyn PageSource>,
+    counters: Counters,
+    stop: Arc<StopSignal>,
+    targets: Mutex<Vec<Arc<Target>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Handler threads currently serving demand faults; the fill thread
+    /// yields while it is non-zero.
+    demand_active: AtomicUsize,
+    recorded: Mutex<Vec<u64>>,
+    poisoned: Mutex<Vec<PoisonedPage>>,
+    fill_done: Mutex<bool>,
+    fill_cv: Condvar,
+    live_targets: Mutex<usize>,
+    live_cv: Condvar,
+    total_pages: u64,
+    installed_pages: AtomicU64,
+    pidfd: Option<OwnedFd>,
+    record_page_size: u64,
+    next_id: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Target {
+    id: usize,
+    uffd: Uffd,
+    /// Regions as mapped now. Resolvers hold the read lock from their
+    /// state check to the end of their ioctl; reading messages (and so
+    /// applying REMOVE/UNMAP/REMAP) holds the write lock, so no page is
+    /// installed with stale contents after a REMOVE was read.
+    table: RwLock<Table>,
+    gone: AtomicBool,
+    readahead: Mutex<ReadaheadState>,
+    watch_pid: bool,
+}
+
+#[derive(Debug, Default)]
+struct ReadaheadState {
+    states: usize,
+    last: usize,
+    next: usize,
+    window: usize,
+}
+
+/// What became of one resolution attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Done,
+    /// An event changed the range; the waiters were woken. Try again.
+    Abandoned,
+    /// An event is pending: read events, then retry.
+    Defer,
+    Gone,
+}
+
+impl Pager {
+    /// A builder serving pages from `source`.
+    pub fn builder(source: Arc<dyn PageSource>) -> PagerBuilder {
+        PagerBuilder {
+            source,
+            config: Config::default(),
+        }
+    }
+
+    fn start(
+        source: Arc<dyn PageSource>,
+        config: Config,
+        uffd: Uffd,
+        regions: Vec<Region>,
+    ) -> Result<Pager, PagerError> {
+        validate(&config, &uffd, &regions)?;
+        rustix::fs::fcntl_setfl(&uffd, rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| io_err("making the userfaultfd non-blocking")(e.into()))?;
+        let stop_fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| io_err("eventfd")(e.into()))?;
+        let pidfd = match config.target_pid {
+            Some(pid) => {
+                let pid = rustix::process::Pid::from_raw(pid)
+                    .ok_or_else(|| PagerError::Config(format!("invalid target pid {pid}")))?;
+                Some(
+                    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                        .map_err(|e| io_err("pidfd_open of the target")(e.into()))?,
+                )
+            }
+            None => None,
+        };
+        let total_pages = regions.iter().map(|r| r.len / r.page_size).sum();
+        let record_page_size = regions.iter().map(|r| r.page_size).min().unwrap_or(4096);
+        let track_dirty = config.strategy == Strategy::CopyWp;
+        let table = Table::new(&regions, track_dirty);
+        let needs_fill = config.background_fill || config.replay.is_some();
+        let shared = Arc::new(Shared {
+            config,
+            source,
+            counters: Counters::default(),
+            stop: Arc::new(StopSignal {
+                flag: AtomicBool::new(false),
+                fd: stop_fd,
+            }),
+            targets: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            demand_active: AtomicUsize::new(0),
+            recorded: Mutex::new(Vec::new()),
+            poisoned: Mutex::new(Vec::new()),
+            fill_done: Mutex::new(!needs_fill),
+            fill_cv: Condvar::new(),
+            live_targets: Mutex::new(0),
+            live_cv: Condvar::new(),
+            total_pages,
+            installed_pages: AtomicU64::new(0),
+            pidfd,
+            record_page_size,
+            next_id: AtomicUsize::new(0),
+        });
+        let target = shared.add_target(uffd, table, true);
+        let pager = Pager {
+            shared: Arc::clone(&shared),
+        };
+        spawn_handlers(&shared, &target)?;
+        if needs_fill {
+            let s = Arc::clone(&shared);
+            let t = Arc::clone(&target);
+            let handle = std::thread::Builder::new()
+                .name(format!("{}-fill", shared.config.name))
+                .spawn(move || fill_main(&s, &t))
+                .map_err(io_err("spawning the fill thread"))?;
+            lock(&shared.threads).push(handle);
+        }
+        Ok(pager)
+    }
+
+    /// A snapshot of the counters (all userfaultfds this pager serves).
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Installed pages against the regions' pages.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            installed_pages: self.shared.installed_pages.load(Ordering::Relaxed),
+            total_pages: self.shared.total_pages,
+        }
+    }
+
+    /// The pages demand faults touched first, in order (needs
+    /// [`PagerBuilder::record`]).
+    pub fn working_set(&self) -> WorkingSet {
+        WorkingSet::new(
+            self.shared.record_page_size,
+            lock(&self.shared.recorded).clone(),
+        )
+    }
+
+    /// Pages poisoned because the source failed.
+    pub fn poisoned(&self) -> Vec<PoisonedPage> {
+        lock(&self.shared.poisoned).clone()
+    }
+
+    /// Addresses (in the target) of pages written since they were
+    /// installed, with [`Strategy::CopyWp`].
+    pub fn dirty_pages(&self) -> Vec<u64> {
+        let targets = lock(&self.shared.targets);
+        let Some(target) = targets.first() else {
+            return Vec::new();
+        };
+        let table = read(&target.table);
+        let mut out = Vec::new();
+        for span in &table.spans {
+            for i in span.first..span.index_end() {
+                if span.states.is_dirty(i) {
+                    out.push(span.addr_of(i));
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until replay and background fill are done; false on timeout.
+    pub fn wait_filled(&self, timeout: Duration) -> bool {
+        let done = lock(&self.shared.fill_done);
+        let (done, _) = self
+            .shared
+            .fill_cv
+            .wait_timeout_while(done, timeout, |d| !*d)
+            .unwrap_or_else(PoisonError::into_inner);
+        *done
+    }
+
+    /// Waits until every served process is gone (or shutdown was
+    /// requested); false on timeout.
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        let live = lock(&self.shared.live_targets);
+        let (live, _) = self
+            .shared
+            .live_cv
+            .wait_timeout_while(live, timeout, |l| *l > 0 && !self.shared.stopping())
+            .unwrap_or_else(PoisonError::into_inner);
+        *live == 0 || self.shared.stopping()
+    }
+
+    /// True when every served process has exited.
+    pub fn is_finished(&self) -> bool {
+        *lock(&self.shared.live_targets) == 0
+    }
+
+    /// A handle to request shutdown from elsewhere (another thread, a
+    /// signal handler).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            stop: Arc::clone(&self.shared.stop),
+        }
+    }
+
+    /// Stops every thread, wakes every thread waiting on a fault in any
+    /// region (they fault again; once the last copy of the userfaultfd is
+    /// closed the kernel serves them), closes the userfaultfds and returns
+    /// the final counters.
+    pub fn shutdown(self) -> Stats {
+        self.stop_and_join();
+        self.stats()
+    }
+
+    fn stop_and_join(&self) {
+        self.shutdown_handle().request();
+        loop {
+            let threads: Vec<_> = lock(&self.shared.threads).drain(..).collect();
+            if threads.is_empty() {
+                break;
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+        let targets: Vec<_> = lock(&self.shared.targets).drain(..).collect();
+        for target in targets {
+            if target.gone.load(Ordering::SeqCst) {
+                continue;
+            }
+            let table = read(&target.table);
+            for span in &table.spans {
+                if let Err(e) = target.uffd.wake(span.start, span.len) {
+                    debug!(error = %e, "wake at shutdown");
+                }
+            }
+        }
+        *lock(&self.shared.fill_done) = true;
+        self.shared.fill_cv.notify_all();
+        self.shared.live_cv.notify_all();
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn validate(config: &Config, uffd: &Uffd, regions: &[Region]) -> Result<(), PagerError> {
+    if regions.is_empty() {
+        return Err(PagerError::Config("no regions to serve".into()));
+    }
+    for r in regions {
+        r.validate().map_err(|why| PagerError::InvalidRegion {
+            start: r.start,
+            len: r.len,
+            why,
+        })?;
+        if config.strategy == Strategy::Continue && r.alias().is_none() {
+            return Err(PagerError::Config(
+                "Strategy::Continue needs an alias mapping for every region (Region::with_alias)"
+                    .into(),
+            ));
+        }
+        if config.strategy == Strategy::Move && r.page_size != 4096 {
+            return Err(PagerError::Config(
+                "Strategy::Move works on anonymous memory only, not hugetlb".into(),
+            ));
+        }
+    }
+    let g = config.granule;
+    if !g.is_power_of_two() || !(4096..=BATCH_BYTES).contains(&g) {
+        return Err(PagerError::Config(format!(
+            "granule {g} must be a power of two from 4096 to {BATCH_BYTES}"
+        )));
+    }
+    if config.threads == 0 {
+        return Err(PagerError::Config(
+            "at least one handler thread is needed".into(),
+        ));
+    }
+    if config.strategy == Strategy::Move && !uffd.features().contains(Features::MOVE) {
+        return Err(PagerError::Config(
+            "Strategy::Move needs a userfaultfd opened with Features::MOVE".into(),
+        ));
+    }
+    if config.strategy == Strategy::CopyWp && !uffd.features().contains(Features::PAGEFAULT_FLAG_WP)
+    {
+        return Err(PagerError::Config(
+            "Strategy::CopyWp needs a userfaultfd opened with Features::PAGEFAULT_FLAG_WP".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read(l: &RwLock<Table>) -> std::sync::RwLockReadGuard<'_, Table> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(l: &RwLock<Table>) -> std::sync::RwLockWriteGuard<'_, Table> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.flag.load(Ordering::Relaxed)
+    }
+
+    fn add_target(&self, uffd: Uffd, table: Table, watch_pid: bool) -> Arc<Target> {
+        let target = Arc::new(Target {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            uffd,
+            table: RwLock::new(table),
+            gone: AtomicBool::new(false),
+            readahead: Mutex::new(ReadaheadState::default()),
+            watch_pid,
+        });
+        lock(&self.targets).push(Arc::clone(&target));
+        *lock(&self.live_targets) += 1;
+        target
+    }
+
+    fn mark_gone(&self, target: &Target) {
+        if !target.gone.swap(true, Ordering::SeqCst) {
+            debug!(target = target.id, "target process gone");
+            let mut live = lock(&self.live_targets);
+            *live = live.saturating_sub(1);
+            self.live_cv.notify_all();
+        }
+    }
+}
+
+fn spawn_handlers(shared: &Arc<Shared>, target: &Arc<Target>) -> Result<(), PagerError> {
+    for n in 0..shared.config.threads {
+        let s = Arc::clone(shared);
+        let t = Arc::clone(target);
+        let handle = std::thread::Builder::new()
+            .name(format!("{}-{}-{n}", shared.config.name, target.id))
+            .spawn(move || handler_main(&s, &t))
+            .map_err(io_err("spawning a handler thread"))?;
+        lock(&shared.threads).push(handle);
+    }
+    Ok(())
+}
+
+fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
+    let _span = debug_span!("handler", pager = %shared.config.name, target = target.id).entered();
+    let mut worker = match Worker::new(shared) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "handler cannot allocate its buffers");
+            shared.mark_gone(target);
+            return;
+        }
+    };
+    let mut events = EventBuffer::new(128);
+    let mut faults: Vec<(Pagefault, Instant)> = Vec::with_capacity(128);
+    let mut deferred: Vec<(Pagefault, Instant)> = Vec::new();
+    while !shared.stopping() && !target.gone.load(Ordering::Relaxed) {
+        if deferred.is_empty() && !wait_for_messages(shared, target) {
+            continue;
+        }
+        let read = match drain(shared, target, &mut events, &mut faults) {
+            Ok(n) => n,
+            Err(e) => {
+                error!(error = %e, "reading userfaultfd messages failed; no longer serving it");
+                shared.mark_gone(target);
+                break;
+            }
+        };
+        if !deferred.is_empty() {
+            if read == 0 {
+                // The pending event is being applied by another thread, or
+                // the page is being written by the fill thread.
+                std::thread::yield_now();
+            }
+            faults.splice(0..0, deferred.drain(..));
+        }
+        if faults.is_empty() {
+            continue;
+        }
+        shared.demand_active.fetch_add(1, Ordering::SeqCst);
+        for (fault, started) in faults.drain(..) {
+            match worker.serve(target, fault, started) {
+                Step::Done | Step::Abandoned => {}
+                Step::Defer => deferred.push((fault, started)),
+                Step::Gone => {
+                    shared.mark_gone(target);
+                    break;
+                }
+            }
+        }
+        shared.demand_active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits until messages may be readable; false when stopping or gone.
+fn wait_for_messages(shared: &Shared, target: &Target) -> bool {
+    if let WaitMode::Spin(budget) = shared.config.wait {
+        let until = Instant::now() + budget;
+        loop {
+            let mut fds = [PollFd::new(&target.uffd, PollFlags::IN)];
+            let zero = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0) {
+                return true;
+            }
+            if shared.stopping() || Instant::now() >= until {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+    }
+    let pidfd = shared.pidfd.as_ref().filter(|_| target.watch_pid);
+    let mut fds = vec![
+        PollFd::new(&target.uffd, PollFlags::IN),
+        PollFd::new(&shared.stop.fd, PollFlags::IN),
+    ];
+    if let Some(pidfd) = pidfd {
+        fds.push(PollFd::new(pidfd, PollFlags::IN));
+    }
+    let timeout = rustix::time::Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(0) | Err(rustix::io::Errno::INTR) => false,
+        Ok(_) => {
+            if fds.get(2).is_some_and(|f| !f.revents().is_empty()) {
+                shared.mark_gone(target);
+                return false;
+            }
+            let uffd = fds[0].revents();
+            if uffd.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
+                warn!(
+                    target = target.id,
+                    "userfaultfd reports an error; no longer serving it"
+                );
+                shared.mark_gone(target);
+                return false;
+            }
+            uffd.contains(PollFlags::IN)
+        }
+        Err(e) => {
+            error!(error = %e, "poll failed");
+            shared.mark_gone(target);
+            false
+        }
+    }
+}
+
+/// Reads messages under the table's write lock and applies the
+/// non-cooperative ones at once; page faults go to `faults`.
+fn drain(
+    shared: &Arc<Shared>,
+    target: &Arc<Target>,
+    events: &mut EventBuffer,
+    faults: &mut Vec<(Pagefault, Instant)>,
+) -> Result<usize, uffd::Error> {
+    let mut table = write(&target.table);
+    let mut total = 0;
+    loop {
+        let batch = target.uffd.read_events(events)?;
+        let n = batch.len();
+        if n == 0 {
+            break;
+        }
+        total += n;
+        shared.counters.reads.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        for event in batch.drain(..) {
+            apply_event(shared, target, &mut table, event, now, faults);
+        }
+        if n < events.capacity() {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+fn apply_event(
+    shared: &Arc<Shared>,
+    target: &Arc<Target>,
+    table: &mut Table,
+    event: Event,
+    now: Instant,
+    faults: &mut Vec<(Pagefault, Instant)>,
+) {
+    let c = &shared.counters;
+    match event {
+        Event::Pagefault(fault) => {
+            let counter = match fault.kind() {
+                uffd::FaultKind::Missing => &c.faults_missing,
+                uffd::FaultKind::Minor => &c.faults_minor,
+                uffd::FaultKind::WriteProtect => &c.faults_wp,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            trace!(address = fault.address, kind = ?fault.kind(), "fault");
+            faults.push((fault, now));
+        }
+        Event::Remove { start, end } => {
+            c.events_remove.fetch_add(1, Ordering::Relaxed);
+            debug!(start, end, "REMOVE: pages read as zero from now on");
+            // Shared file mappings keep their page cache contents; only
+            // private memory reads as zero after MADV_DONTNEED/REMOVE.
+            if shared.config.strategy != Strategy::Continue {
+                table.set_range(start, end, state::REMOVED);
+            }
+        }
+        Event::Unmap { start, end } => {
+            c.events_unmap.fetch_add(1, Ordering::Relaxed);
+            debug!(start, end, "UNMAP: no longer serving the range");
+            let _ = table.cut(start, end);
+        }
+        Event::Remap { from, to, len } => {
+            c.events_remap.fetch_add(1, Ordering::Relaxed);
+            debug!(from, to, len, "REMAP: translating addresses");
+            table.remap(from, to, len);
+        }
+        Event::Fork { uffd } => {
+            c.events_fork.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                parent = target.id,
+                "FORK: serving the child's userfaultfd too"
+            );
+            if shared.stopping() {
+                return;
+            }
+            if let Err(e) = rustix::fs::fcntl_setfl(&uffd, rustix::fs::OFlags::NONBLOCK) {
+                error!(error = %e, "cannot make the child's userfaultfd non-blocking");
+                return;
+            }
+            let child = shared.add_target(uffd, table.for_child(), false);
+            if let Err(e) = spawn_handlers(shared, &child) {
+                error!(error = %e, "cannot serve the forked child");
+                shared.mark_gone(&child);
+            }
+        }
+    }
+}
+
+/// Per-thread scratch: a staging buffer and a zero buffer, both 2 MiB.
+#[derive(Debug)]
+struct Worker<'a> {
+    shared: &'a Shared,
+    staging: AlignedAnon,
+    zeros: AlignedAnon,
+    claims: Vec<u8>,
+}
+
+/// Which pages of `lo..hi` this thread claimed and how they are to be
+/// filled.
+#[derive(Debug, Clone)]
+struct Claim {
+    span: Span,
+    generation: u64,
+    /// Pages below this index were demanded (PRESENT afterwards); the rest
+    /// are prefetched (PREFETCHED).
+    demand_hi: usize,
+}
+
+impl<'a> Worker<'a> {
+    fn new(shared: &'a Shared) -> std::io::Result<Worker<'a>> {
+        let staging = AlignedAnon::new(BATCH_BYTES as usize)?;
+        // MOVE needs source pages that only this process maps: a forked
+        // child must not share them.
+        staging.advise(Advice::LinuxDontFork)?;
+        if shared.config.strategy == Strategy::Move {
+            // Whole 2 MiB granules then move as one huge page.
+            let _ = staging.advise(Advice::LinuxHugepage);
+        }
+        let zeros = AlignedAnon::new(BATCH_BYTES as usize)?;
+        zeros.advise(Advice::LinuxDontFork)?;
+        Ok(Worker {
+            shared,
+            staging,
+            zeros,
+            claims: Vec::with_capacity((BATCH_BYTES / 4096) as usize),
+        })
+    }
+
+    fn strategy(&self) -> Strategy {
+        self.shared.config.strategy
+    }
+
+    fn serve(&mut self, target: &Target, fault: Pagefault, started: Instant) -> Step {
+        if fault.kind() == uffd::FaultKind::WriteProtect {
+            return self.serve_wp(target, fault);
+        }
+        for _ in 0..8 {
+            match self.serve_missing(target, fault, started) {
+                Step::Abandoned => continue,
+                other => return other,
+            }
+        }
+        // Repeatedly overtaken by events: let the thread fault again.
+        let _ = target.uffd.wake(fault.page(4096), 4096);
+        Step::Done
+    }
+
+    fn serve_wp(&mut self, target: &Target, fault: Pagefault) -> Step {
+        let table = read(&target.table);
+        let Some(span) = table.lookup(fault.address) else {
+            drop(table);
+            let _ = target.uffd.wake(fault.page(4096), 4096);
+            return Step::Done;
+        };
+        let page = fault.page(span.page_size);
+        if span.states.mark_dirty(span.index(page)) {
+            self.shared
+                .counters
+                .pages_dirtied
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        match target
+            .uffd
+            .write_protect(page, span.page_size, WriteProtectMode::empty())
+        {
+            Ok(uffd::Outcome::RetryAfterEvents) => Step::Defer,
+            Ok(uffd::Outcome::TargetGone) => Step::Gone,
+            Ok(_) => Step::Done,
+            Err(e) => {
+                warn!(error = %e, "unprotecting a written page failed");
+                let _ = target.uffd.wake(page, span.page_size);
+                Step::Done
+            }
+        }
+    }
+
+    fn serve_missing(&mut self, target: &Target, fault: Pagefault, started: Instant) -> Step {
+        let c = &self.shared.counters;
+        let table = read(&target.table);
+        let Some(span) = table.lookup(fault.address) else {
+            drop(table);
+            return self.serve_outside(target, fault);
+        };
+        let p = span.index(fault.address);
+        let current = span.states.get(p);
+        match current {
+            state::CLAIMED | state::CLAIMED_ZERO => {
+                c.duplicate_faults.fetch_add(1, Ordering::Relaxed);
+                if self.strategy() == Strategy::Continue {
+                    // The fill thread writes through the alias without an
+                    // ioctl, so nobody would map this page: come back.
+                    return Step::Defer;
+                }
+                // The claimer's ioctl wakes the whole range.
+                return Step::Done;
+            }
+            state::PREFETCHED | state::PRESENT | state::POISONED => {
+                let hit =
+                    current == state::PREFETCHED && span.states.cas(p, current, state::PRESENT);
+                if hit {
+                    c.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                let addr = span.addr_of(p);
+                let ps = span.page_size;
+                if self.strategy() == Strategy::Continue && current != state::POISONED {
+                    // The content is in the page cache; map it.
+                    let r = target
+                        .uffd
+                        .continue_all(addr, ps, ps, ContinueMode::empty());
+                    drop(table);
+                    return match r {
+                        Ok(Resolved::Complete {
+                            installed,
+                            existing,
+                        }) => {
+                            Counters::add(&c.pages_continued, installed / ps);
+                            Counters::add(&c.eexist, existing / ps);
+                            if !hit {
+                                c.latency.record(started.elapsed());
+                            }
+                            Step::Done
+                        }
+                        Ok(Resolved::RetryAfterEvents { .. }) => Step::Defer,
+                        Ok(Resolved::TargetGone) => Step::Gone,
+                        Err(e) => {
+                            warn!(error = %e, "CONTINUE failed");
+                            let _ = target.uffd.wake(addr, ps);
+                            Step::Done
+                        }
+                    };
+                }
+                if !hit {
+                    c.duplicate_faults.fetch_add(1, Ordering::Relaxed);
+                }
+                if current == state::PRESENT
+                    && !target.uffd.features().contains(Features::EVENT_REMOVE)
+                    && span.states.cas(p, state::PRESENT, state::MISSING)
+                {
+                    // Without REMOVE events the page may have been dropped
+                    // behind our back: fetch it again (EEXIST if not).
+                    drop(table);
+                    return Step::Abandoned;
+                }
+                drop(table);
+                let _ = target.uffd.wake(addr, ps);
+                return Step::Done;
+            }
+            _ => {}
+        }
+        let Some(first_claim) = span.states.claim(p) else {
+            return Step::Abandoned;
+        };
+        if first_claim == state::CLAIMED && self.shared.config.record {
+            lock(&self.shared.recorded).push(span.source_of(p));
+        }
+        let (lo, demand_hi, hi) = self.window(target, span, p);
+        self.claims.clear();
+        for i in lo..hi {
+            self.claims.push(if i == p {
+                first_claim
+            } else {
+                span.states.claim(i).unwrap_or(0)
+            });
+        }
+        let claim = Claim {
+            span: span.clone(),
+            generation: table.generation,
+            demand_hi,
+        };
+        drop(table);
+        if hi > demand_hi {
+            self.shared.source.advise(
+                claim.span.source_of(demand_hi),
+                ((hi - demand_hi) as u64) * claim.span.page_size,
+            );
+        }
+        let claims = std::mem::take(&mut self.claims);
+        // Demand part first: its thread wakes before the readahead runs.
+        let (demand, ahead) = claims.split_at(demand_hi - lo);
+        let mut step = self.fetch_and_install(target, &claim, lo, demand);
+        if step == Step::Done {
+            c.latency.record(started.elapsed());
+            if !ahead.is_empty() {
+                let ahead_step = self.fetch_and_install(target, &claim, demand_hi, ahead);
+                if ahead_step == Step::Gone {
+                    step = Step::Gone;
+                }
+            }
+        } else if !ahead.is_empty() {
+            self.release(target, &claim, demand_hi, ahead);
+        }
+        self.claims = claims;
+        step
+    }
+
+    /// A fault outside every region (a range grown by mremap, say): what
+    /// the kernel itself would map there, a zero page.
+    fn serve_outside(&mut self, target: &Target, fault: Pagefault) -> Step {
+        self.shared
+            .counters
+            .faults_outside_regions
+            .fetch_add(1, Ordering::Relaxed);
+        let page = fault.page(4096);
+        match target
+            .uffd
+            .zeropage_all(page, 4096, 4096, ZeropageMode::empty())
+        {
+            Ok(Resolved::RetryAfterEvents { .. }) => Step::Defer,
+            Ok(Resolved::TargetGone) => Step::Gone,
+            Ok(Resolved::Complete { .. }) => Step::Done,
+            Err(e) => {
+                debug!(error = %e, address = fault.address, "fault outside the regions");
+                let _ = target.uffd.wake(page, 4096);
+                Step::Done
+            }
+        }
+    }
+
+    /// The pages to claim for a demand fault at `p`: `lo..demand_hi` is
+    /// its granule, `demand_hi..hi` the readahead.
+    fn window(&self, target: &Target, span: &Span, p: usize) -> (usize, usize, usize) {
+        let ps = span.page_size;
+        let granule = self.shared.config.granule.max(ps);
+        let addr = span.addr_of(p);
+        let g_start = (addr & !(granule - 1)).max(span.start);
+        let g_end = ((addr & !(granule - 1)) + granule).min(span.end());
+        let lo = span.index(g_start);
+        let demand_hi = span.index(g_end - 1) + 1;
+        let Prefetch::Readahead { max_bytes } = self.shared.config.prefetch else {
+            return (lo, demand_hi, demand_hi);
+        };
+        let max_pages = (max_bytes.min(BATCH_BYTES) / ps).max(1) as usize;
+        let granule_pages = demand_hi - lo;
+        let mut ra = lock(&target.readahead);
+        let same = ra.states == Arc::as_ptr(&span.states) as usize;
+        let sequential = same && p >= ra.last && p <= ra.next + granule_pages;
+        ra.window = if sequential {
+            (ra.window * 2).max(granule_pages * 2).min(max_pages)
+        } else {
+            ra.window / 2
+        };
+        let hi = (p + ra.window).max(demand_hi).min(span.index_end());
+        let hi = hi.min(lo + max_pages.max(granule_pages));
+        ra.states = Arc::as_ptr(&span.states) as usize;
+        ra.last = p;
+        ra.next = hi;
+        (lo, demand_hi, hi.max(demand_hi))
+    }
+
+    /// Undoes claims on `from..` and wakes those pages so that any thread
+    /// waiting on them faults again.
+    fn release(&self, target: &Target, claim: &Claim, from: usize, claims: &[u8]) {
+        let mut any = false;
+        for (k, &cl) in claims.iter().enumerate() {
+            if cl != 0 {
+                claim.span.states.release(from + k);
+                any = true;
+            }
+        }
+        if !any {
+            return;
+        }
+        let ps = claim.span.page_size;
+        let len = claims.len() as u64 * ps;
+        let old = claim.span.addr_of(from);
+        let _ = target.uffd.wake(old, len);
+        // An event may have moved the pages: wake them where they are now.
+        let table = read(&target.table);
+        if let Some(now) = table.address_of(&claim.span.states, from) {
+            if now != old {
+                let _ = target.uffd.wake(now, len);
+            }
+        }
+    }
+
+    /// Reads the claimed pages of `from..from + claims.len()` from the
+    /// source and installs them.
+    fn fetch_and_install(
+        &mut self,
+        target: &Target,
+        claim: &Claim,
+        from: usize,
+        claims: &[u8],
+    ) -> Step {
+        let n = claims.len();
+        let Some(first) = claims.iter().position(|&c| c != 0) else {
+            return Step::Done;
+        };
+        let last = claims
+            .iter()
+            .rposition(|&c| c != 0)
+            .expect("one claim exists")
+            + 1;
+        let (from, claims) = (from + first, &claims[first..last]);
+        debug_assert!(claims.len() <= n);
+        let span = &claim.span;
+        let ps = span.page_size;
+        let len = claims.len() as u64 * ps;
+        let offset = span.source_of(from);
+        let all_zero_claims = claims.iter().all(|&c| c == state::CLAIMED_ZERO);
+        let strategy = self.strategy();
+        // Where the bytes end up before the ioctl.
+        let fetched = if all_zero_claims {
+            Ok((Content::Zero, std::ptr::null::<u8>()))
+        } else if strategy == Strategy::Continue {
+            let alias = span
+                .alias_of(from)
+                .expect("validated: Continue has an alias");
+            // SAFETY: the alias maps the claimed pages of the region; the
+            // caller of `Region::with_alias` vouched that nothing else
+            // references it, and we own these pages' claims.
+            let buf = unsafe { std::slice::from_raw_parts_mut(alias, len as usize) };
+            self.read_source(offset, buf)
+                .map(|c| (c, alias.cast_const()))
+        } else if let Some(bytes) = self
+            .shared
+            .source
+            .mapped(offset, len as usize)
+            .filter(|_| strategy != Strategy::Move)
+        {
+            Ok((Content::Data, bytes.as_ptr()))
+        } else {
+            // SAFETY: the staging buffer is this worker's own memory, 2 MiB
+            // long (a claim never exceeds BATCH_BYTES), and no other
+            // reference to it exists.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(self.staging.as_ptr(), len as usize) };
+            self.read_source(offset, buf)
+                .map(|c| (c, self.staging.as_ptr().cast_const()))
+        };
+        let (content, src) = match fetched {
+            Ok(r) => r,
+            Err(e) if claims.len() > 1 => {
+                debug!(error = %e, "batch read failed; retrying page by page");
+                let mut step = Step::Done;
+                for k in 0..claims.len() {
+                    let s = self.fetch_and_install(target, claim, from + k, &claims[k..=k]);
+                    if s != Step::Done {
+                        step = s;
+                    }
+                }
+                return step;
+            }
+            Err(e) => return self.poison(target, claim, from, claims, &e),
+        };
+        // Per page: zero or data.
+        let zero_page = |k: usize| -> bool {
+            claims[k] == state::CLAIMED_ZERO
+                || content == Content::Zero
+                || (self.shared.config.detect_zero_pages && {
+                    // SAFETY: `src` holds `len` readable bytes (the source's
+                    // mapping, the alias or the staging buffer).
+                    let page = unsafe {
+                        std::slice::from_raw_parts(src.add(k * ps as usize), ps as usize)
+                    };
+                    is_zero(page)
+                })
+        };
+        let kinds: Vec<u8> = (0..claims.len())
+            .map(|k| match (claims[k], zero_page(k)) {
+                (0, _) => 0,
+                (_, true) => 1,
+                (_, false) => 2,
+            })
+            .collect();
+        if strategy == Strategy::Continue {
+            // Zero pages must read as zero through the alias too.
+            for (k, &kind) in kinds.iter().enumerate() {
+                if kind == 1 {
+                    let alias = span.alias_of(from + k).expect("validated");
+                    // SAFETY: a claimed page of the alias, as above.
+                    let page = unsafe { std::slice::from_raw_parts_mut(alias, ps as usize) };
+                    if !is_zero(page) {
+                        page.fill(0);
+                    }
+                }
+            }
+            Counters::add(
+                &self.shared.counters.pages_written_through_alias,
+                kinds.iter().filter(|&&k| k == 2).count() as u64,
+            );
+        }
+
+        // Install under the read lock, after checking no event overtook us.
+        let table = read(&target.table);
+        let intact = table.generation == claim.generation
+            && claims
+                .iter()
+                .enumerate()
+                .all(|(k, &cl)| cl == 0 || span.states.get(from + k) == cl);
+        if !intact {
+            drop(table);
+            self.shared
+                .counters
+                .abandoned
+                .fetch_add(1, Ordering::Relaxed);
+            self.release(target, claim, from, claims);
+            return Step::Abandoned;
+        }
+        let mut k = 0;
+        while k < kinds.len() {
+            let kind = kinds[k];
+            let mut end = k + 1;
+            while end < kinds.len() && kinds[end] == kind {
+                end += 1;
+            }
+            if kind == 0 {
+                k = end;
+                continue;
+            }
+            let idx = from + k;
+            let addr = span.addr_of(idx);
+            let run = (end - k) as u64 * ps;
+            let demand = idx < claim.demand_hi;
+            // SAFETY: `src + k * ps` lies inside the `len` bytes read above.
+            let data = unsafe { src.add(k * ps as usize) };
+            let result = self.install(target, addr, run, ps, kind == 1, data, demand);
+            let done = match result {
+                Ok(Resolved::Complete {
+                    installed,
+                    existing,
+                }) => {
+                    Counters::add(&self.shared.counters.eexist, existing / ps);
+                    Counters::add(&self.shared.counters.bytes_installed, installed);
+                    let counter = match (kind, strategy) {
+                        (1, _) => &self.shared.counters.pages_zero,
+                        (_, Strategy::Move) => &self.shared.counters.pages_moved,
+                        (_, Strategy::Continue) => &self.shared.counters.pages_continued,
+                        _ => &self.shared.counters.pages_copied,
+                    };
+                    if strategy != Strategy::Continue || demand || kind == 1 {
+                        Counters::add(counter, installed / ps);
+                    }
+                    end - k
+                }
+                Ok(Resolved::RetryAfterEvents { done }) => {
+                    self.shared.counters.eagain.fetch_add(1, Ordering::Relaxed);
+                    let done_pages = (done / ps) as usize;
+                    self.mark_installed(claim, from + k, done_pages);
+                    drop(table);
+                    self.release(
+                        target,
+                        claim,
+                        from + k + done_pages,
+                        &claims[k + done_pages..],
+                    );
+                    return Step::Defer;
+                }
+                Ok(Resolved::TargetGone) => return Step::Gone,
+                Err(e) => {
+                    warn!(error = %e, address = addr, "installing pages failed; waking the waiters");
+                    drop(table);
+                    self.release(target, claim, from + k, &claims[k..]);
+                    return Step::Abandoned;
+                }
+            };
+            self.mark_installed(claim, from + k, done);
+            k = end;
+        }
+        Step::Done
+    }
+
+    /// Installs one run of pages of one kind.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &self,
+        target: &Target,
+        addr: u64,
+        len: u64,
+        ps: u64,
+        zero: bool,
+        data: *const u8,
+        demand: bool,
+    ) -> Result<Resolved, uffd::Error> {
+        let uffd = &target.uffd;
+        match self.strategy() {
+            Strategy::Continue => {
+                if !demand {
+                    // Background: the page cache has the content now; the
+                    // first touch costs only a CONTINUE.
+                    return Ok(Resolved::Complete {
+                        installed: len,
+                        existing: 0,
+                    });
+                }
+                uffd.continue_all(addr, len, ps, ContinueMode::empty())
+            }
+            Strategy::CopyWp => {
+                let src = if zero {
+                    self.zeros.as_ptr().cast_const()
+                } else {
+                    data
+                };
+                // SAFETY: `src` holds `len` bytes (the zero buffer is 2 MiB
+                // and runs never exceed it); `addr` is a claimed range of a
+                // registered region.
+                unsafe { uffd.copy_all(addr, src, len, ps, CopyMode::WP) }
+            }
+            _ if zero && ps == 4096 => uffd.zeropage_all(addr, len, ps, ZeropageMode::empty()),
+            _ if zero => {
+                // hugetlb has no ZEROPAGE: copy from the never-written buffer.
+                // SAFETY: as above.
+                unsafe { uffd.copy_all(addr, self.zeros.as_ptr(), len, ps, CopyMode::empty()) }
+            }
+            Strategy::Move => {
+                // SAFETY: `data` is this worker's staging buffer, filled
+                // just now; after the move those pages are gone from it and
+                // the next read refills them. `addr` is claimed, registered.
+                let r = unsafe { uffd.move_all(addr, data.cast_mut(), len, ps, MoveMode::empty()) };
+                match r {
+                    Err(e) if e.errno() == Some(rustix::io::Errno::BUSY) => {
+                        // A shared source page (a fork raced the read): copy.
+                        // SAFETY: as for COPY below.
+                        unsafe { uffd.copy_all(addr, data, len, ps, CopyMode::empty()) }
+                    }
+                    r => r,
+                }
+            }
+            Strategy::Copy => {
+                // SAFETY: `data` holds `len` readable bytes that nobody
+                // writes meanwhile (the source's mapping or our staging
+                // buffer); `addr` is a claimed range of a registered region.
+                unsafe { uffd.copy_all(addr, data, len, ps, CopyMode::empty()) }
+            }
+        }
+    }
+
+    fn mark_installed(&self, claim: &Claim, from: usize, pages: usize) {
+        for i in from..from + pages {
+            let s = if i < claim.demand_hi {
+                state::PRESENT
+            } else {
+                state::PREFETCHED
+            };
+            claim.span.states.set(i, s);
+        }
+        if from + pages > claim.demand_hi {
+            let prefetched = from + pages - from.max(claim.demand_hi);
+            Counters::add(&self.shared.counters.prefetched_pages, prefetched as u64);
+        }
+        self.shared
+            .installed_pages
+            .fetch_add(pages as u64, Ordering::Relaxed);
+    }
+
+    fn read_source(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let mut attempt = 0;
+        loop {
+            match self.shared.source.read_at(offset, buf) {
+                Err(e) if e.is_transient() && attempt < self.shared.config.source_retries => {
+                    attempt += 1;
+                    self.shared
+                        .counters
+                        .source_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(error = %e, attempt, "retrying source read");
+                    std::thread::sleep(Duration::from_millis(1 << attempt.min(6)));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The source cannot produce these pages: poison them so that access
+    /// raises SIGBUS instead of reading wrong bytes or hanging.
+    fn poison(
+        &self,
+        target: &Target,
+        claim: &Claim,
+        from: usize,
+        claims: &[u8],
+        e: &SourceError,
+    ) -> Step {
+        let span = &claim.span;
+        let ps = span.page_size;
+        let addr = span.addr_of(from);
+        let len = claims.len() as u64 * ps;
+        error!(address = addr, error = %e, "source failed; poisoning the page");
+        if !target.uffd.features().contains(Features::POISON) {
+            error!("the userfaultfd lacks Features::POISON: the page stays missing and is retried");
+            self.release(target, claim, from, claims);
+            return Step::Done;
+        }
+        let table = read(&target.table);
+        if table.generation != claim.generation {
+            drop(table);
+            self.release(target, claim, from, claims);
+            return Step::Abandoned;
+        }
+        // SAFETY: the range is the target's registered memory that we
+        // claimed; its contents cannot be produced, so SIGBUS on access is
+        // the intended result.
+        let r = target.uffd.resolve(addr, len, ps, |off, rest| unsafe {
+            target.uffd.poison(addr + off, rest, PoisonMode::empty())
+        });
+        match r {
+            Ok(Resolved::Complete { .. }) => {
+                for k in 0..claims.len() {
+                    span.states.set(from + k, state::POISONED);
+                }
+                Counters::add(&self.shared.counters.poisoned, claims.len() as u64);
+                let mut list = lock(&self.shared.poisoned);
+                for k in 0..claims.len() {
+                    list.push(PoisonedPage {
+                        address: span.addr_of(from + k),
+                        source_offset: span.source_of(from + k),
+                        error: e.to_string(),
+                    });
+                }
+                Step::Done
+            }
+            Ok(Resolved::RetryAfterEvents { .. }) => {
+                drop(table);
+                self.release(target, claim, from, claims);
+                Step::Defer
+            }
+            Ok(Resolved::TargetGone) => Step::Gone,
+            Err(err) => {
+                error!(error = %err, "POISON failed");
+                drop(table);
+                self.release(target, claim, from, claims);
+                Step::Done
+            }
+        }
+    }
+}
+
+/// The fill thread: replays the working set, then fills everything else.
+fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
+    let _span = debug_span!("fill", pager = %shared.config.name).entered();
+    let finish = || {
+        *lock(&shared.fill_done) = true;
+        shared.fill_cv.notify_all();
+    };
+    let mut worker = match Worker::new(shared) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "fill thread cannot allocate its buffers");
+            finish();
+            return;
+        }
+    };
+    if let Some(ws) = &shared.config.replay {
+        for (offset, count) in ws.runs() {
+            let mut at = offset;
+            let end = offset + count * ws.page_size();
+            let mut retries = 0;
+            while at < end {
+                if !fill_wait_turn(shared, target) {
+                    return finish();
+                }
+                let table = read(&target.table);
+                let Some((span, i)) = table.by_source(at) else {
+                    at += ws.page_size();
+                    continue;
+                };
+                let span = span.clone();
+                let batch = ((BATCH_BYTES / span.page_size) as usize).max(1);
+                let want = ((end - at).div_ceil(span.page_size) as usize).max(1);
+                let hi = (i + want.min(batch)).min(span.index_end());
+                match fill_chunk(&mut worker, target, table, span.clone(), i, hi) {
+                    Step::Gone => {
+                        shared.mark_gone(target);
+                        return finish();
+                    }
+                    Step::Defer | Step::Abandoned if retries < 100 => {
+                        retries += 1;
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    _ => {
+                        retries = 0;
+                        at += (hi - i) as u64 * span.page_size;
+                    }
+                }
+            }
+        }
+    }
+    if shared.config.background_fill {
+        let states: Vec<Arc<PageStates>> = {
+            let table = read(&target.table);
+            let mut v: Vec<Arc<PageStates>> = Vec::new();
+            for s in &table.spans {
+                if !v.iter().any(|x| Arc::ptr_eq(x, &s.states)) {
+                    v.push(Arc::clone(&s.states));
+                }
+            }
+            v
+        };
+        for st in states {
+            let mut i = 0;
+            let mut retries = 0;
+            while i < st.len() {
+                if !fill_wait_turn(shared, target) {
+                    return finish();
+                }
+                let table = read(&target.table);
+                let Some(span) = table
+                    .spans
+                    .iter()
+                    .find(|s| Arc::ptr_eq(&s.states, &st) && i >= s.first && i < s.index_end())
+                    .cloned()
+                else {
+                    i += 1;
+                    continue;
+                };
+                let batch = ((BATCH_BYTES / span.page_size) as usize).max(1);
+                // Stay aligned to the batch so huge-page moves stay possible.
+                let hi = ((i / batch + 1) * batch).min(span.index_end());
+                match fill_chunk(&mut worker, target, table, span, i, hi) {
+                    Step::Gone => {
+                        shared.mark_gone(target);
+                        return finish();
+                    }
+                    Step::Defer | Step::Abandoned if retries < 100 => {
+                        retries += 1;
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    _ => {
+                        retries = 0;
+                        i = hi;
+                    }
+                }
+            }
+        }
+    }
+    finish();
+}
+
+/// Demand faults first: waits while handlers serve them. False when the
+/// fill should stop.
+fn fill_wait_turn(shared: &Shared, target: &Target) -> bool {
+    while shared.demand_active.load(Ordering::SeqCst) > 0 {
+        if shared.stopping() || target.gone.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    !shared.stopping() && !target.gone.load(Ordering::Relaxed)
+}
+
+/// Claims and installs the missing pages `lo..hi` of `span` (found under
+/// `table`, which is released before reading the source).
+fn fill_chunk(
+    worker: &mut Worker<'_>,
+    target: &Target,
+    table: std::sync::RwLockReadGuard<'_, Table>,
+    span: Span,
+    lo: usize,
+    hi: usize,
+) -> Step {
+    worker.claims.clear();
+    let mut any = false;
+    for i in lo..hi {
+        // Removed (ballooned) pages stay unpopulated.
+        let c = if span.states.get(i) == state::MISSING {
+            span.states.claim(i).unwrap_or(0)
+        } else {
+            0
+        };
+        any |= c != 0;
+        worker.claims.push(c);
+    }
+    if !any {
+        return Step::Done;
+    }
+    let claim = Claim {
+        span,
+        generation: table.generation,
+        demand_hi: lo,
+    };
+    drop(table);
+    let claims = std::mem::take(&mut worker.claims);
+    let step = worker.fetch_and_install(target, &claim, lo, &claims);
+    worker.claims = claims;
+    step
+}

@@ -1,0 +1,184 @@
+//! Page sources: where the bytes of a page come from.
+//!
+//! The engine asks a [`PageSource`] for ranges of bytes by *source offset*
+//! (the offset a [`crate::Region`] maps to), and never cares whether they come
+//! from a file, memory, a network or an object store. A new source is one
+//! file implementing the trait.
+
+use std::fmt;
+use std::io;
+
+mod file;
+mod layered;
+mod memory;
+mod zero;
+
+pub use file::{FileMode, FileSource};
+pub use layered::LayeredSource;
+pub use memory::MemorySource;
+pub use zero::ZeroSource;
+
+/// What a read produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Content {
+    /// The buffer holds the bytes.
+    Data,
+    /// The whole range is zero; the buffer may have been left untouched.
+    /// The engine maps zero pages without copying anything.
+    Zero,
+}
+
+/// Why a source could not produce bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// A failure that may go away (a timeout, `EINTR`-like conditions, a
+    /// dropped connection); the engine retries a bounded number of times.
+    #[error("reading source bytes {offset:#x}+{len:#x} failed (will retry): {source}")]
+    Transient {
+        /// Source offset of the read.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A failure that retrying will not fix (`EIO`, a missing object).
+    #[error("reading source bytes {offset:#x}+{len:#x} failed: {source}")]
+    Failed {
+        /// Source offset of the read.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The range lies (partly) past the end of the source, e.g. a snapshot
+    /// file that is shorter than the memory it should fill.
+    #[error("source bytes {offset:#x}+{len:#x} lie past its end ({size:#x} bytes): the snapshot is short")]
+    OutOfRange {
+        /// Source offset of the read.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The source's size.
+        size: u64,
+    },
+}
+
+impl SourceError {
+    /// True when retrying may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Transient { .. })
+    }
+
+    /// Classifies an I/O error: interruptions and timeouts are transient.
+    pub fn from_io(offset: u64, len: u64, source: io::Error) -> SourceError {
+        match source.kind() {
+            io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted => SourceError::Transient {
+                offset,
+                len,
+                source,
+            },
+            _ => SourceError::Failed {
+                offset,
+                len,
+                source,
+            },
+        }
+    }
+}
+
+/// Where page contents come from.
+///
+/// Offsets are source offsets (the `offset` of a [`crate::Region`] plus the
+/// page's distance from the region start). Implementations must be
+/// shareable between threads: one source typically serves many handler
+/// threads and many VMs at once. Reads may block (a network source can
+/// wait on its peer): the engine calls them from its own threads.
+pub trait PageSource: Send + Sync + fmt::Debug {
+    /// The number of bytes the source can provide.
+    fn len(&self) -> u64;
+
+    /// True when the source is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `buf` with the bytes at `offset..offset + buf.len()`.
+    ///
+    /// Returns [`Content::Zero`] when the whole range is known to be zero
+    /// (then `buf` may be left as it was). A range past the end fails with
+    /// [`SourceError::OutOfRange`]; the engine then poisons those pages.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError>;
+
+    /// The bytes at `offset..offset + len` if they are already mapped in
+    /// this process (a memory buffer, an mmap of a file), so the engine can
+    /// hand them to the kernel without an intermediate copy. `None` when
+    /// not available; the engine then calls [`PageSource::read_at`].
+    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let _ = (offset, len);
+        None
+    }
+
+    /// A hint that `offset..offset + len` will probably be read soon; a
+    /// remote source can start fetching it. The default does nothing.
+    fn advise(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
+    /// The read size this source works best with; the engine's background
+    /// work batches to it. The default is 2 MiB.
+    fn io_size(&self) -> usize {
+        2 << 20
+    }
+
+    /// A short description for logs and reports.
+    fn describe(&self) -> String;
+}
+
+/// Checks that `offset..offset + len` lies inside a source of `size` bytes.
+pub(crate) fn check_bounds(offset: u64, len: u64, size: u64) -> Result<(), SourceError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(SourceError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// True if every byte of `bytes` is zero. Reads eight words at a time and
+/// stops at the first non-zero chunk, so data pages cost a few nanoseconds.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(64);
+    for chunk in &mut chunks {
+        let mut acc = 0u64;
+        for word in chunk.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(word.try_into().expect("8-byte chunk"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+        page[4095] = 0;
+        page[17] = 1;
+        assert!(!is_zero(&page));
+        assert!(is_zero(&[0u8; 7]));
+        assert!(!is_zero(&[0, 0, 3]));
+    }
+}

@@ -1,0 +1,102 @@
+//! Helpers shared by the pager's integration tests.
+#![allow(dead_code)]
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uffd::{Features, Mapping, MemoryKind, OpenOptions, RegisterMode, Uffd};
+use uffd_pager::{MemorySource, PageSource};
+
+/// How long any wait in a test may take before it fails naming what is stuck.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+/// Returns false (after saying why) when userfaultfd is not available.
+pub fn uffd_available() -> bool {
+    match uffd::probe() {
+        Ok(_) => true,
+        Err(e) if e.is_denied() => {
+            eprintln!("SKIP: userfaultfd is denied here: {e}");
+            false
+        }
+        Err(e) => panic!("probing userfaultfd failed: {e}"),
+    }
+}
+
+/// The supported subset of `wanted`.
+pub fn features(wanted: Features) -> Features {
+    uffd::probe()
+        .map(|a| a.features & wanted)
+        .unwrap_or(Features::empty())
+}
+
+/// A userfaultfd with `wanted` features (those the kernel has).
+pub fn open(wanted: Features) -> Uffd {
+    OpenOptions::new()
+        .non_blocking(true)
+        .features(features(wanted))
+        .open()
+        .expect("open userfaultfd")
+}
+
+/// Deterministic page contents: every 8-byte word holds its source offset
+/// mixed with a seed, so misplaced pages are caught.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (i, w) in v.chunks_exact_mut(8).enumerate() {
+        let x = (i as u64 * 8) ^ seed.rotate_left(17) ^ 0x9E37_79B9_7F4A_7C15;
+        w.copy_from_slice(&x.to_ne_bytes());
+    }
+    v
+}
+
+/// A memory source over `pattern(len, seed)`.
+pub fn pattern_source(len: usize, seed: u64) -> (Arc<dyn PageSource>, Vec<u8>) {
+    let bytes = pattern(len, seed);
+    (Arc::new(MemorySource::new(bytes.clone())), bytes)
+}
+
+/// Runs `f` on another thread and waits at most `LIMIT` for it; a panic
+/// there or a timeout fails the test, naming `what`.
+pub fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("stuck for {LIMIT:?}: {what}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: the thread panicked"),
+    }
+}
+
+/// Reads the whole mapping on another thread (bounded).
+pub fn read_all(memory: &Arc<Mapping>, what: &str) -> Vec<u8> {
+    let m = Arc::clone(memory);
+    bounded(what, move || {
+        let mut buf = vec![0u8; m.len()];
+        m.read(0, &mut buf);
+        buf
+    })
+}
+
+/// An anonymous mapping of `len` bytes registered MISSING on `uffd`.
+pub fn anon_registered(uffd: &Uffd, len: usize) -> Arc<Mapping> {
+    let m = Mapping::new(MemoryKind::Anon, len).expect("map anon");
+    uffd.register(m.addr(), m.len() as u64, RegisterMode::MISSING)
+        .expect("register");
+    Arc::new(m)
+}
+
+/// Asserts two byte slices are equal, naming the first differing page.
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i:#x} (page {}): got {:#x}, want {:#x}",
+            i / 4096,
+            got[i],
+            want[i]
+        );
+    }
+}

@@ -1,0 +1,277 @@
+//! Each resolution strategy installs exactly the source's bytes.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use uffd::{Features, Mapping, MemoryKind, RegisterMode};
+use uffd_pager::{AlignedAnon, MemorySource, Pager, Prefetch, Region, Strategy, WaitMode};
+
+const LEN: usize = 4 << 20;
+
+fn copy_with_granule(granule: u64) {
+    if !uffd_available() {
+        return;
+    }
+    let uffd = open(Features::EVENT_REMOVE);
+    let memory = anon_registered(&uffd, LEN);
+    let (source, bytes) = pattern_source(LEN, granule);
+    let pager = Pager::builder(source)
+        .granule(granule)
+        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+        .expect("start pager");
+    let got = read_all(&memory, "reading lazily restored memory");
+    assert_same(&got, &bytes, "copy");
+    let stats = pager.shutdown();
+    assert_eq!(stats.pages_copied, (LEN / 4096) as u64, "{stats:?}");
+    assert!(stats.faults_missing >= (LEN as u64 / granule), "{stats:?}");
+    assert!(stats.faults_missing <= (LEN / 4096) as u64, "{stats:?}");
+}
+
+#[test]
+fn copy_4k() {
+    copy_with_granule(4096);
+}
+
+#[test]
+fn copy_64k_granules() {
+    copy_with_granule(64 << 10);
+}
+
+#[test]
+fn copy_2m_granules() {
+    copy_with_granule(2 << 20);
+}
+
+#[test]
+fn zero_pages_are_mapped_without_copying() {
+    if !uffd_available() {
+        return;
+    }
+    let uffd = open(Features::empty());
+    let memory = anon_registered(&uffd, LEN);
+    // Every other 64 KiB block is zero.
+    let mut bytes = pattern(LEN, 3);
+    for block in bytes.chunks_mut(64 << 10).step_by(2) {
+        block.fill(0);
+    }
+    let pager = Pager::builder(Arc::new(MemorySource::new(bytes.clone())))
+        .granule(64 << 10)
+        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+        .unwrap();
+    assert_same(&read_all(&memory, "reading"), &bytes, "zero mix");
+    let stats = pager.shutdown();
+    assert_eq!(stats.pages_zero, (LEN / 4096 / 2) as u64, "{stats:?}");
+    assert_eq!(stats.pages_copied, (LEN / 4096 / 2) as u64, "{stats:?}");
+}
+
+#[test]
+fn move_from_staging() {
+    if !uffd_available() || !features(Features::MOVE).contains(Features::MOVE) {
+        eprintln!("SKIP: no UFFDIO_MOVE");
+        return;
+    }
+    for granule in [4096u64, 64 << 10, 2 << 20] {
+        let uffd = open(Features::MOVE);
+        // 2 MiB aligned so whole huge pages can move.
+        let target = Arc::new(AlignedAnon::new(LEN).unwrap());
+        uffd.register(target.addr(), LEN as u64, RegisterMode::MISSING)
+            .unwrap();
+        let (source, bytes) = pattern_source(LEN, 7 + granule);
+        let pager = Pager::builder(source)
+            .strategy(Strategy::Move)
+            .granule(granule)
+            .start(uffd, vec![Region::new(target.addr(), LEN as u64, 0, 4096)])
+            .unwrap();
+        let t = Arc::clone(&target);
+        let got = bounded("reading moved memory", move || {
+            let mut buf = vec![0u8; LEN];
+            // SAFETY: the mapping is LEN bytes long; contents come from the pager.
+            unsafe { std::ptr::copy_nonoverlapping(t.as_ptr(), buf.as_mut_ptr(), LEN) };
+            buf
+        });
+        assert_same(&got, &bytes, "move");
+        let stats = pager.shutdown();
+        assert_eq!(
+            stats.pages_moved,
+            (LEN / 4096) as u64,
+            "granule {granule}: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn minor_continue_on_shmem_through_the_alias() {
+    if !uffd_available() {
+        return;
+    }
+    let uffd = open(Features::MINOR_SHMEM);
+    if !uffd.features().contains(Features::MINOR_SHMEM) {
+        eprintln!("SKIP: no MINOR_SHMEM");
+        return;
+    }
+    let memory = Arc::new(Mapping::new(MemoryKind::Shmem, LEN).unwrap());
+    // Put every page in the page cache (zeroed) so that each first access
+    // is a minor fault.
+    rustix::fs::fallocate(
+        memory.file().unwrap(),
+        rustix::fs::FallocateFlags::empty(),
+        0,
+        LEN as u64,
+    )
+    .unwrap();
+    uffd.register(memory.addr(), LEN as u64, RegisterMode::MINOR)
+        .unwrap();
+    let (source, bytes) = pattern_source(LEN, 11);
+    // SAFETY: the alias lives as long as `memory`, which outlives the pager,
+    // and is not referenced while the pager runs.
+    let region = unsafe {
+        Region::new(memory.addr(), LEN as u64, 0, 4096).with_alias(memory.alias_ptr().unwrap())
+    };
+    let pager = Pager::builder(source)
+        .strategy(Strategy::Continue)
+        .granule(64 << 10)
+        .start(uffd, vec![region])
+        .unwrap();
+    assert_same(&read_all(&memory, "reading shmem"), &bytes, "continue");
+    let stats = pager.shutdown();
+    assert_eq!(stats.pages_continued, (LEN / 4096) as u64, "{stats:?}");
+    assert!(stats.faults_minor > 0, "{stats:?}");
+}
+
+#[test]
+fn hugetlb_2m_pages_by_copy_and_by_continue() {
+    if !uffd_available() {
+        return;
+    }
+    let reservation = match uffd::HugepageReservation::reserve(4) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            return;
+        }
+    };
+    let len = 4 << 20;
+    // COPY into private hugetlb memory.
+    {
+        let uffd = open(Features::MISSING_HUGETLBFS);
+        let memory = Arc::new(Mapping::new(MemoryKind::HugetlbPrivate, len).unwrap());
+        uffd.register(memory.addr(), len as u64, RegisterMode::MISSING)
+            .unwrap();
+        let mut bytes = pattern(len, 5);
+        bytes[..2 << 20].fill(0); // one zero huge page
+        let pager = Pager::builder(Arc::new(MemorySource::new(bytes.clone())))
+            .start(
+                uffd,
+                vec![Region::new(memory.addr(), len as u64, 0, 2 << 20)],
+            )
+            .unwrap();
+        assert_same(
+            &read_all(&memory, "reading hugetlb"),
+            &bytes,
+            "hugetlb copy",
+        );
+        let stats = pager.shutdown();
+        assert_eq!((stats.pages_copied, stats.pages_zero), (1, 1), "{stats:?}");
+    }
+    // CONTINUE on shared hugetlb: content written through the alias.
+    {
+        let uffd = open(Features::MINOR_HUGETLBFS);
+        let memory = Arc::new(Mapping::new(MemoryKind::Hugetlb, 2 << 20).unwrap());
+        // Populate the page cache through the alias so access is a minor fault.
+        memory.write_alias(0, &[0]);
+        uffd.register(memory.addr(), 2 << 20, RegisterMode::MINOR)
+            .unwrap();
+        let bytes = pattern(2 << 20, 9);
+        // SAFETY: the alias outlives the pager and nothing references it.
+        let region = unsafe {
+            Region::new(memory.addr(), 2 << 20, 0, 2 << 20).with_alias(memory.alias_ptr().unwrap())
+        };
+        let pager = Pager::builder(Arc::new(MemorySource::new(bytes.clone())))
+            .strategy(Strategy::Continue)
+            .start(uffd, vec![region])
+            .unwrap();
+        assert_same(
+            &read_all(&memory, "reading hugetlb shared"),
+            &bytes,
+            "hugetlb continue",
+        );
+        let stats = pager.shutdown();
+        assert_eq!(stats.pages_continued, 1, "{stats:?}");
+    }
+    drop(reservation);
+}
+
+#[test]
+fn copy_wp_tracks_dirty_pages() {
+    if !uffd_available() {
+        return;
+    }
+    let uffd = open(Features::PAGEFAULT_FLAG_WP);
+    if !uffd.features().contains(Features::PAGEFAULT_FLAG_WP) {
+        eprintln!("SKIP: no write-protect support");
+        return;
+    }
+    let memory = Arc::new(Mapping::new(MemoryKind::Anon, LEN).unwrap());
+    uffd.register(
+        memory.addr(),
+        LEN as u64,
+        RegisterMode::MISSING | RegisterMode::WP,
+    )
+    .unwrap();
+    let (source, bytes) = pattern_source(LEN, 13);
+    let pager = Pager::builder(source)
+        .strategy(Strategy::CopyWp)
+        .wait(WaitMode::Spin(std::time::Duration::from_micros(20)))
+        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+        .unwrap();
+    assert_same(&read_all(&memory, "reading"), &bytes, "copy-wp");
+    let m = Arc::clone(&memory);
+    bounded("writing pages 3 and 700", move || {
+        m.write_byte(3 * 4096 + 1, 0xAB);
+        m.write_byte(700 * 4096, 0xCD);
+    });
+    let dirty = pager.dirty_pages();
+    let base = memory.addr();
+    assert_eq!(dirty, vec![base + 3 * 4096, base + 700 * 4096]);
+    assert_eq!(memory.read_byte(3 * 4096 + 1), 0xAB);
+    let stats = pager.shutdown();
+    assert_eq!(stats.pages_dirtied, 2, "{stats:?}");
+    assert_eq!(stats.faults_wp, 2, "{stats:?}");
+}
+
+#[test]
+fn many_threads_on_one_page_are_served_once() {
+    if !uffd_available() {
+        return;
+    }
+    let uffd = open(Features::EVENT_REMOVE);
+    let memory = anon_registered(&uffd, 64 << 10);
+    let (source, bytes) = pattern_source(64 << 10, 17);
+    let pager = Pager::builder(source)
+        .threads(2)
+        .granule(64 << 10)
+        .prefetch(Prefetch::None)
+        .start(uffd, vec![Region::new(memory.addr(), 64 << 10, 0, 4096)])
+        .unwrap();
+    let m = Arc::clone(&memory);
+    let values = bounded("8 threads reading the same pages", move || {
+        let readers: Vec<_> = (0..8)
+            .map(|t| {
+                let m = Arc::clone(&m);
+                std::thread::spawn(move || m.read_byte((t % 2) * 4096 + 8))
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| r.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (t, v) in values.iter().enumerate() {
+        assert_eq!(*v, bytes[(t % 2) * 4096 + 8]);
+    }
+    let stats = pager.shutdown();
+    // One granule: installed exactly once, whatever the number of messages.
+    assert_eq!(stats.pages_copied, 16, "{stats:?}");
+}
