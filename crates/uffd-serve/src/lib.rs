@@ -8,8 +8,10 @@
 //!   server the way Firecracker does at restore;
 //! - [`server`]: the socket, one connection per VM, lifecycle and stats;
 //! - [`engine`]: how faults are served, behind the [`engine::Engine`] trait;
-//! - [`workingset`]: the recorded first-touch order, as a checked file.
+//! - [`workingset`]: the recorded first-touch order, as a checked file;
+//! - [`bench`]: restore-to-done with prefetch, on demand, and one page at a time.
 
+pub mod bench;
 pub mod engine;
 pub mod handshake;
 pub mod protocol;
