@@ -1,6 +1,7 @@
 //! One module per subcommand, each with its `Args` and `run`.
 
 pub mod probe;
+pub mod serve;
 
 /// What a subcommand returns: an exit code, or an error printed as `uffd: ...`.
 pub type CmdResult = Result<std::process::ExitCode, Box<dyn std::error::Error + Send + Sync>>;

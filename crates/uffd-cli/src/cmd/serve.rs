@@ -1,0 +1,240 @@
+//! `uffd serve`: a Firecracker-compatible snapshot restore server, and
+//! `uffd serve bench`, its restore benchmark.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uffd_serve::engine::{CopyEngine, CopyEngineConfig, Engine, MemoryFile};
+use uffd_serve::server::{Server, ServerConfig};
+use uffd_serve::workingset::WorkingSet;
+
+use super::CmdResult;
+
+/// Serve guest memory to Firecracker (or any VMM speaking its handshake)
+/// from a memory snapshot file, over userfaultfd.
+///
+/// Listens on a Unix stream socket. Each VM connects once and sends one
+/// JSON array of regions with its userfaultfd (Firecracker's `Uffd` memory
+/// backend does exactly this at snapshot load). Many VMs can restore from
+/// the same file at once. Bad handshakes are refused with a log line naming
+/// the step that failed; other VMs are not affected.
+///
+/// Point Firecracker at it in the snapshot load request:
+///   "mem_backend": {"backend_type": "Uffd", "backend_path": "<socket>"}
+///
+/// Signals: SIGTERM or SIGINT stop accepting, end every VM's serving, write
+/// working sets and statistics, and exit. SIGUSR1 writes working sets now.
+///
+/// Examples:
+///   uffd serve --mem-file vm.mem --socket /run/vm.sock --record vm.ws
+///   uffd serve --mem-file vm.mem --socket /run/vm.sock --prefetch vm.ws --background-fill
+///   uffd serve bench --size-mib 1024
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, verbatim_doc_comment)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Option<Action>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The memory snapshot file (Firecracker's `mem_file_path` output of
+    /// snapshot creation). Region offsets index into it.
+    #[arg(long, value_name = "PATH")]
+    mem_file: Option<PathBuf>,
+    /// The Unix socket to listen on (Firecracker's `backend_path`). A stale
+    /// socket file is replaced; one with a live server is refused.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Fault handler threads per VM.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    threads: usize,
+    /// Record each VM's first-touched pages into this working-set file when
+    /// the VM exits (and on SIGUSR1). `{pid}` and `{vm}` in the path are
+    /// replaced, to keep one file per VM.
+    #[arg(long, value_name = "WS")]
+    record: Option<PathBuf>,
+    /// Install the pages of this recorded working set first, in large
+    /// batches in file order, while faults keep priority.
+    #[arg(long, value_name = "WS")]
+    prefetch: Option<PathBuf>,
+    /// After the working set (if any), install every other page in the
+    /// background, so the VM stops faulting altogether.
+    #[arg(long)]
+    background_fill: bool,
+    /// Write every VM's statistics (and refused connections) as JSON here,
+    /// updated whenever a VM ends.
+    #[arg(long, value_name = "PATH")]
+    stats_json: Option<PathBuf>,
+    /// Refuse peers whose uid (SO_PEERCRED) is not this one.
+    #[arg(long, value_name = "UID")]
+    allow_uid: Option<u32>,
+    /// Spin this many microseconds reading the userfaultfd before sleeping:
+    /// lower fault latency for a busy VM, at the cost of CPU. 0 = never spin.
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    spin_us: u64,
+    /// How long a VMM may take to send its handshake, in milliseconds.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    handshake_timeout_ms: u64,
+    /// Log as JSON lines (for log collectors) instead of text.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+/// Measure restore-to-done of a snapshot whose recorded working set is
+/// touched in random order: with --prefetch vs on demand, and on demand vs
+/// a handler written like Firecracker's example (one thread, one 4 KiB
+/// COPY per fault). All in one run; only the ratios are meaningful.
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Snapshot size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Working set, percent of the snapshot's pages.
+    #[arg(long, default_value_t = 10)]
+    working_set_percent: u64,
+    /// Threads touching guest memory, like vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    /// Handler threads per VM.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Handler spin time before sleeping, microseconds.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
+    /// Directory for the snapshot file (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `uffd serve` or `uffd serve bench`.
+pub fn run(args: Args) -> CmdResult {
+    match args.action {
+        Some(Action::Bench(bench)) => run_bench(bench),
+        None => run_server(args.serve),
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn run_server(a: ServeArgs) -> CmdResult {
+    init_logs(a.json_logs);
+    let mem_file = a
+        .mem_file
+        .ok_or("--mem-file PATH is required (the memory snapshot to serve)")?;
+    let socket = a
+        .socket
+        .ok_or("--socket PATH is required (where VMMs connect)")?;
+    let file = Arc::new(
+        MemoryFile::open(&mem_file)
+            .map_err(|e| format!("cannot open the memory file {}: {e}", mem_file.display()))?,
+    );
+    let prefetch = match &a.prefetch {
+        Some(path) => {
+            let ws = WorkingSet::read(path)
+                .map_err(|e| format!("--prefetch {}: {e}", path.display()))?;
+            tracing::info!(pages = ws.pages.len(), path = %path.display(), "working set loaded");
+            Some(Arc::new(ws))
+        }
+        None => None,
+    };
+    if let Err(e) = uffd::probe() {
+        tracing::warn!("userfaultfd is not available to this process ({e}); VMMs must still be able to create theirs");
+    }
+    let engine: Arc<dyn Engine> = Arc::new(CopyEngine::new(
+        file.clone(),
+        CopyEngineConfig {
+            threads: a.threads.max(1),
+            record: a.record.is_some(),
+            prefetch,
+            background_fill: a.background_fill,
+            spin: Duration::from_micros(a.spin_us),
+        },
+    ));
+    let server = Server::bind(
+        ServerConfig {
+            socket,
+            file_len: file.len(),
+            allow_uid: a.allow_uid,
+            record: a.record,
+            stats_json: a.stats_json,
+            handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
+        },
+        engine,
+    )?;
+    uffd_serve::signals::install(server.handle())?;
+    server.run()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_bench(a: BenchArgs) -> CmdResult {
+    if let Err(e) = uffd::probe() {
+        return Err(format!("the benchmark needs userfaultfd: {e}").into());
+    }
+    init_logs(false);
+    let report = uffd_serve::bench::run(&uffd_serve::bench::BenchConfig {
+        size_mib: a.size_mib,
+        working_set_percent: a.working_set_percent,
+        vcpus: a.vcpus,
+        threads: a.threads,
+        spin: Duration::from_micros(a.spin_us),
+        dir: a.dir,
+        progress: true,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "snapshot {} MiB, working set {} pages ({} bytes recorded), touched in random order",
+            report.size_mib, report.working_set_pages, report.working_set_file_bytes
+        );
+        println!(
+            "{:<12} {:>10} {:>9} {:>13} {:>9} {:>9} {:>10}",
+            "case", "seconds", "faults", "prefetch_hits", "p50_us", "p99_us", "mismatched"
+        );
+        for c in &report.cases {
+            println!(
+                "{:<12} {:>10.4} {:>9} {:>13} {:>9.1} {:>9.1} {:>10}",
+                c.name,
+                c.seconds,
+                c.faults,
+                c.prefetch_hits,
+                c.p50_us,
+                c.p99_us,
+                c.mismatched_pages
+            );
+        }
+        println!(
+            "prefetch vs on-demand: {:.2}x (target 3x); on-demand vs one-by-one: {:.2}x (target 1.5x)",
+            report.prefetch_vs_on_demand, report.on_demand_vs_one_by_one
+        );
+    }
+    let bad: u64 = report.cases.iter().map(|c| c.mismatched_pages).sum();
+    if bad > 0 {
+        return Err(format!("{bad} pages did not match the snapshot").into());
+    }
+    Ok(ExitCode::SUCCESS)
+}
