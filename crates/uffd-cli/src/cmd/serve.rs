@@ -36,13 +36,15 @@ use super::CmdResult;
 pub struct Args {
     #[command(subcommand)]
     action: Option<Action>,
+    // Boxed: the server's many flags would otherwise make every variant of
+    // the command enum as large as this one.
     #[command(flatten)]
-    serve: ServeArgs,
+    serve: Box<ServeArgs>,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum Action {
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,8 +124,8 @@ struct BenchArgs {
 /// Runs `uffd serve` or `uffd serve bench`.
 pub fn run(args: Args) -> CmdResult {
     match args.action {
-        Some(Action::Bench(bench)) => run_bench(bench),
-        None => run_server(args.serve),
+        Some(Action::Bench(bench)) => run_bench(*bench),
+        None => run_server(*args.serve),
     }
 }
 
