@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::{Mapping, MemoryKind};
 
-use crate::engine::{CopyEngine, CopyEngineConfig, Engine, MemoryFile, OneByOneEngine};
+use crate::engine::{Engine, MemoryFile, OneByOneEngine, PagerEngine, PagerEngineConfig};
 use crate::server::{Server, ServerConfig};
 use crate::stats::VmReport;
 use crate::vmm::HandOver;
-use crate::workingset::WorkingSet;
+use uffd_pager::{FileMode, FileSource, PageSource, WorkingSet};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -56,8 +56,8 @@ pub struct BenchCase {
     pub seconds: f64,
     /// Faults the server saw.
     pub faults: u64,
-    /// Working-set pages installed before they faulted.
-    pub prefetch_hits: u64,
+    /// Pages installed ahead of faults.
+    pub prefetched_pages: u64,
     /// Fault service time percentiles (message read to resolved), µs.
     pub p50_us: f64,
     /// 99th percentile, µs.
@@ -218,10 +218,10 @@ fn case(name: &'static str, r: &Restore) -> BenchCase {
     BenchCase {
         name,
         seconds: r.seconds,
-        faults: r.report.faults,
-        prefetch_hits: r.report.prefetch_hits,
-        p50_us: r.report.p50_us,
-        p99_us: r.report.p99_us,
+        faults: r.report.engine.faults,
+        prefetched_pages: r.report.engine.prefetched_pages,
+        p50_us: r.report.engine.p50_us,
+        p99_us: r.report.engine.p99_us,
         mismatched_pages: r.mismatched,
     }
 }
@@ -251,20 +251,23 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
     say(&format!("writing a {} MiB snapshot", config.size_mib));
     write_snapshot(&snapshot, size)?;
     let file = Arc::new(MemoryFile::open(&snapshot).map_err(setup("opening the snapshot"))?);
+    let source: Arc<dyn PageSource> = Arc::new(
+        FileSource::open(&snapshot, FileMode::Mmap).map_err(setup("opening the snapshot"))?,
+    );
     let total = size / 4096;
     let mut all: Vec<u64> = (0..total).collect();
     shuffle(&mut all, 0x5EED);
     let mut working: Vec<u64> =
         all[..(total * config.working_set_percent.clamp(1, 100) / 100) as usize].to_vec();
-    let uffd_engine = |prefetch: Option<Arc<WorkingSet>>, record: bool| -> Arc<dyn Engine> {
-        Arc::new(CopyEngine::new(
-            file.clone(),
-            CopyEngineConfig {
+    let uffd_engine = |prefetch: Option<WorkingSet>, record: bool| -> Arc<dyn Engine> {
+        Arc::new(PagerEngine::new(
+            source.clone(),
+            PagerEngineConfig {
                 threads: config.threads,
                 record,
                 prefetch,
-                background_fill: false,
                 spin: config.spin,
+                ..PagerEngineConfig::default()
             },
         ))
     };
@@ -289,9 +292,8 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
             recorded.mismatched
         )));
     }
-    let ws = WorkingSet::read(&ws_path).map_err(setup("reading the recorded working set"))?;
+    let ws = WorkingSet::load(&ws_path).map_err(setup("reading the recorded working set"))?;
     let ws_file_bytes = std::fs::metadata(&ws_path).map(|m| m.len()).unwrap_or(0);
-    let ws = Arc::new(ws);
 
     // The measured runs touch the same set in another random order.
     shuffle(&mut working, 0xBEEF);
@@ -327,7 +329,7 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
     )?;
     Ok(BenchReport {
         size_mib: config.size_mib,
-        working_set_pages: ws.pages.len() as u64,
+        working_set_pages: ws.len() as u64,
         working_set_file_bytes: ws_file_bytes,
         prefetch_vs_on_demand: on_demand.seconds / prefetch.seconds,
         on_demand_vs_one_by_one: one_by_one.seconds / on_demand.seconds,

@@ -7,8 +7,8 @@
 //! - [`vmm`]: the VMM side, for any Rust VMM to hand its guest memory to a
 //!   server the way Firecracker does at restore;
 //! - [`server`]: the socket, one connection per VM, lifecycle and stats;
-//! - [`engine`]: how faults are served, behind the [`engine::Engine`] trait;
-//! - [`workingset`]: the recorded first-touch order, as a checked file;
+//! - [`engine`]: how faults are served, behind the [`engine::Engine`] trait
+//!   (the `uffd-pager` runtime; working sets use its file format);
 //! - [`bench`]: restore-to-done with prefetch, on demand, and one page at a time.
 
 pub mod bench;
@@ -19,4 +19,3 @@ pub mod server;
 pub mod signals;
 pub mod stats;
 pub mod vmm;
-pub mod workingset;

@@ -21,7 +21,7 @@ use rustix::process::{Pid, PidfdFlags};
 
 use crate::engine::{Engine, RunningVm};
 use crate::handshake::{self, Handshake, HandshakeError, HandshakePolicy};
-use crate::stats::{Refusal, ReportHeader, StatsLog, VmReport};
+use crate::stats::{Refusal, StatsLog, VmReport};
 
 /// What the server needs to know.
 #[derive(Debug, Clone)]
@@ -314,7 +314,7 @@ impl VmWorker {
             page_size,
             "serving VM"
         );
-        let mut vm = match self.engine.start(uffd, &regions) {
+        let mut vm = match self.engine.start(uffd, &regions, peer.pid) {
             Ok(vm) => vm,
             Err(e) => {
                 tracing::error!(vm = id, pid = peer.pid, "cannot serve the VM: {e}");
@@ -364,18 +364,17 @@ impl VmWorker {
         };
         vm.shutdown();
         let recorded = self.save_working_set(vm.as_ref(), peer.pid);
-        let report = vm.counters().report(
-            ReportHeader {
-                vm: id,
-                pid: peer.pid,
-                uid: peer.uid,
-                memory_bytes,
-                page_size,
-                elapsed: started.elapsed(),
-            },
-            ended.to_string(),
-            recorded,
-        );
+        let report = VmReport {
+            vm: id,
+            pid: peer.pid,
+            uid: peer.uid,
+            memory_bytes,
+            page_size,
+            seconds: started.elapsed().as_secs_f64(),
+            ended: ended.to_string(),
+            engine: vm.stats(),
+            recorded_pages: recorded,
+        };
         drop(vm);
         drop(stream);
         log_report(&report);
@@ -414,10 +413,10 @@ impl VmWorker {
                 .replace("{pid}", &pid.to_string())
                 .replace("{vm}", &self.id.to_string()),
         );
-        match ws.write(&path) {
+        match ws.save(&path) {
             Ok(()) => {
-                tracing::info!(vm = self.id, pages = ws.pages.len(), path = %path.display(), "working set written");
-                Some(ws.pages.len() as u64)
+                tracing::info!(vm = self.id, pages = ws.len(), path = %path.display(), "working set written");
+                Some(ws.len() as u64)
             }
             Err(e) => {
                 tracing::warn!(vm = self.id, "writing the working set failed: {e}");
@@ -433,16 +432,17 @@ fn log_report(r: &VmReport) {
         pid = r.pid,
         ended = %r.ended,
         seconds = format_args!("{:.3}", r.seconds),
-        faults = r.faults,
-        demand_mib = format_args!("{:.1}", r.demand_bytes as f64 / (1 << 20) as f64),
-        zero_pages = r.zero_pages,
-        prefetch_hits = r.prefetch_hits,
-        prefetch_misses = r.prefetch_misses,
-        removes = r.removes,
-        p50_us = format_args!("{:.1}", r.p50_us),
-        p90_us = format_args!("{:.1}", r.p90_us),
-        p99_us = format_args!("{:.1}", r.p99_us),
-        max_us = format_args!("{:.1}", r.max_us),
+        faults = r.engine.faults,
+        installed_mib = format_args!("{:.1}", r.engine.installed_bytes as f64 / (1 << 20) as f64),
+        zero_pages = r.engine.zero_pages,
+        prefetched_pages = r.engine.prefetched_pages,
+        prefetch_hits = r.engine.prefetch_hits,
+        removes = r.engine.removes,
+        poisoned = r.engine.poisoned,
+        p50_us = format_args!("{:.1}", r.engine.p50_us),
+        p90_us = format_args!("{:.1}", r.engine.p90_us),
+        p99_us = format_args!("{:.1}", r.engine.p99_us),
+        max_us = format_args!("{:.1}", r.engine.max_us),
         "VM done"
     );
 }

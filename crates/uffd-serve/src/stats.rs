@@ -85,33 +85,35 @@ impl LatencyHistogram {
     }
 }
 
-/// Counters of one VM, updated by its handler threads.
-#[derive(Debug, Default)]
-pub struct VmCounters {
-    /// Missing-page faults read from the userfaultfd.
-    pub faults: AtomicU64,
-    /// Faults on pages another thread or the prefetcher had just installed.
-    pub already_present: AtomicU64,
-    /// Bytes installed because a thread faulted on them.
-    pub demand_bytes: AtomicU64,
-    /// Zero pages installed (all-zero source pages, and removed pages).
-    pub zero_pages: AtomicU64,
-    /// Pages installed by the prefetcher before any fault on them.
-    pub prefetch_hits: AtomicU64,
-    /// Working-set pages a fault reached before the prefetcher did.
-    pub prefetch_misses: AtomicU64,
-    /// Bytes installed by prefetch and background fill.
-    pub prefetch_bytes: AtomicU64,
-    /// Pages installed by the background fill.
-    pub fill_pages: AtomicU64,
+/// What an engine reports about one VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EngineStats {
+    /// Missing-page fault messages read.
+    pub faults: u64,
+    /// Faults on pages already installed or being installed (answered with a wake).
+    pub duplicate_faults: u64,
+    /// Bytes installed, by faults and prefetch alike.
+    pub installed_bytes: u64,
+    /// Pages installed as zero pages (all-zero in the file, or removed).
+    pub zero_pages: u64,
+    /// Pages installed ahead of faults (working-set replay, fill, readahead).
+    pub prefetched_pages: u64,
+    /// Faults on pages a prefetch had installed or was installing.
+    pub prefetch_hits: u64,
     /// REMOVE events (balloon inflation).
-    pub removes: AtomicU64,
-    /// Bytes reported removed.
-    pub removed_bytes: AtomicU64,
-    /// Resolves that had to wait for pending events (EAGAIN).
-    pub retries: AtomicU64,
-    /// Demand-fault latency, from reading the message to the resolve returning.
-    pub latency: LatencyHistogram,
+    pub removes: u64,
+    /// Resolves that waited for pending events (EAGAIN).
+    pub eagain: u64,
+    /// Pages poisoned because the file could not provide them.
+    pub poisoned: u64,
+    /// Fault service time (message read to page installed), median, µs.
+    pub p50_us: f64,
+    /// 90th percentile, µs.
+    pub p90_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Maximum, µs.
+    pub max_us: f64,
 }
 
 /// A snapshot of one VM's statistics, for logs and `--stats-json`.
@@ -129,94 +131,13 @@ pub struct VmReport {
     pub page_size: u64,
     /// How long the VM was served.
     pub seconds: f64,
-    /// Why serving ended (`vmm-exited`, `shutdown`, `error: ...`).
+    /// Why serving ended (`vmm-exited`, `shutdown`).
     pub ended: String,
-    /// Missing-page faults.
-    pub faults: u64,
-    /// Faults already resolved by someone else when served.
-    pub already_present: u64,
-    /// Bytes installed on demand.
-    pub demand_bytes: u64,
-    /// Zero pages installed.
-    pub zero_pages: u64,
-    /// Working-set pages installed before they faulted.
-    pub prefetch_hits: u64,
-    /// Working-set pages that faulted first.
-    pub prefetch_misses: u64,
-    /// Bytes installed ahead of faults (prefetch + background fill).
-    pub prefetch_bytes: u64,
-    /// Pages installed by background fill.
-    pub fill_pages: u64,
-    /// REMOVE events.
-    pub removes: u64,
-    /// Bytes removed.
-    pub removed_bytes: u64,
-    /// EAGAIN retries.
-    pub retries: u64,
-    /// Fault latency percentiles, microseconds.
-    pub p50_us: f64,
-    /// 90th percentile.
-    pub p90_us: f64,
-    /// 99th percentile.
-    pub p99_us: f64,
-    /// Maximum.
-    pub max_us: f64,
+    /// The engine's counters.
+    #[serde(flatten)]
+    pub engine: EngineStats,
     /// Pages recorded in the working set, when recording.
     pub recorded_pages: Option<u64>,
-}
-
-impl VmCounters {
-    /// A report of the current values.
-    pub fn report(
-        &self,
-        header: ReportHeader,
-        ended: String,
-        recorded_pages: Option<u64>,
-    ) -> VmReport {
-        let l = |c: &AtomicU64| c.load(Relaxed);
-        VmReport {
-            vm: header.vm,
-            pid: header.pid,
-            uid: header.uid,
-            memory_bytes: header.memory_bytes,
-            page_size: header.page_size,
-            seconds: header.elapsed.as_secs_f64(),
-            ended,
-            faults: l(&self.faults),
-            already_present: l(&self.already_present),
-            demand_bytes: l(&self.demand_bytes),
-            zero_pages: l(&self.zero_pages),
-            prefetch_hits: l(&self.prefetch_hits),
-            prefetch_misses: l(&self.prefetch_misses),
-            prefetch_bytes: l(&self.prefetch_bytes),
-            fill_pages: l(&self.fill_pages),
-            removes: l(&self.removes),
-            removed_bytes: l(&self.removed_bytes),
-            retries: l(&self.retries),
-            p50_us: self.latency.quantile_us(0.50),
-            p90_us: self.latency.quantile_us(0.90),
-            p99_us: self.latency.quantile_us(0.99),
-            max_us: self.latency.max_us(),
-            recorded_pages,
-        }
-    }
-}
-
-/// The fixed facts about a VM a report starts with.
-#[derive(Debug, Clone, Copy)]
-pub struct ReportHeader {
-    /// Connection id.
-    pub vm: u64,
-    /// VMM pid.
-    pub pid: i32,
-    /// VMM uid.
-    pub uid: u32,
-    /// Guest memory size.
-    pub memory_bytes: u64,
-    /// Page size.
-    pub page_size: u64,
-    /// Time served.
-    pub elapsed: Duration,
 }
 
 /// Every VM's report, collected for `--stats-json`.

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use uffd_serve::engine::CopyEngineConfig;
+use uffd_serve::engine::PagerEngineConfig;
 use uffd_serve::stats::Refusal;
 use uffd_serve::vmm::send_with_fds;
 
@@ -33,7 +33,7 @@ fn setup(name: &str, allow_uid: Option<u32>) -> Option<Case> {
     let server = TestServer::start_with(
         dir.path("sock"),
         &mem,
-        CopyEngineConfig {
+        PagerEngineConfig {
             threads: 1,
             ..Default::default()
         },

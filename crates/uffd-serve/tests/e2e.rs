@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use uffd_serve::engine::CopyEngineConfig;
-use uffd_serve::workingset::WorkingSet;
+use uffd_pager::WorkingSet;
+use uffd_serve::engine::PagerEngineConfig;
 
 const MIB: u64 = 1 << 20;
 
@@ -23,7 +23,7 @@ fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
     let server = TestServer::start(
         dir.path("sock"),
         &mem,
-        CopyEngineConfig {
+        PagerEngineConfig {
             threads: 2,
             ..Default::default()
         },
@@ -38,15 +38,15 @@ fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
     let report = &server.wait_reports(1, Duration::from_secs(10))[0];
     assert_eq!(report.ended, "vmm-exited");
     assert!(
-        report.faults >= 8192,
+        report.engine.faults >= 8192,
         "every page faults once at least: {report:?}"
     );
     assert!(
-        report.removes > 0,
+        report.engine.removes > 0,
         "the balloon's MADV_DONTNEED must arrive as REMOVE: {report:?}"
     );
     assert!(
-        report.zero_pages > 0,
+        report.engine.zero_pages > 0,
         "zero pages and removed pages are served as zero pages: {report:?}"
     );
     assert_eq!(report.memory_bytes, 32 * MIB);
@@ -72,7 +72,7 @@ fn standin_vmm_on_2m_hugetlb_pages() {
     let server = TestServer::start(
         dir.path("sock"),
         &mem,
-        CopyEngineConfig {
+        PagerEngineConfig {
             threads: 2,
             ..Default::default()
         },
@@ -85,7 +85,7 @@ fn standin_vmm_on_2m_hugetlb_pages() {
     assert!(ok, "hugetlb stand-in VMM failed: {out}");
     let report = &server.wait_reports(1, Duration::from_secs(10))[0];
     assert_eq!(report.page_size, 2 * MIB);
-    assert!(report.removes > 0, "{report:?}");
+    assert!(report.engine.removes > 0, "{report:?}");
     drop(server);
     drop(reservation);
 }
@@ -101,7 +101,7 @@ fn several_vms_are_served_at_once_from_one_file() {
     let server = TestServer::start(
         dir.path("sock"),
         &mem,
-        CopyEngineConfig {
+        PagerEngineConfig {
             threads: 1,
             ..Default::default()
         },
@@ -141,7 +141,7 @@ fn recorded_working_set_is_prefetched_on_the_next_restore() {
         let server = TestServer::start_with(
             dir.path("sock"),
             &mem,
-            CopyEngineConfig {
+            PagerEngineConfig {
                 threads: 1,
                 record: true,
                 ..Default::default()
@@ -158,19 +158,19 @@ fn recorded_working_set_is_prefetched_on_the_next_restore() {
         let report = &server.wait_reports(1, Duration::from_secs(10))[0];
         assert!(report.recorded_pages.unwrap() > 0, "{report:?}");
     }
-    let ws = WorkingSet::read(&ws_path).unwrap();
-    assert_eq!(ws.page_size, 4096);
+    let ws = WorkingSet::load(&ws_path).unwrap();
+    assert_eq!(ws.page_size(), 4096);
     assert!(
-        ws.pages.len() >= 400,
+        ws.len() >= 400,
         "10% of 4096 pages touched first: {}",
-        ws.pages.len()
+        ws.len()
     );
     let server = TestServer::start(
         dir.path("sock2"),
         &mem,
-        CopyEngineConfig {
+        PagerEngineConfig {
             threads: 1,
-            prefetch: Some(std::sync::Arc::new(ws)),
+            prefetch: Some(ws),
             background_fill: true,
             ..Default::default()
         },
@@ -183,8 +183,8 @@ fn recorded_working_set_is_prefetched_on_the_next_restore() {
     assert!(ok, "{out}");
     let report = &server.wait_reports(1, Duration::from_secs(10))[0];
     assert!(
-        report.prefetch_hits + report.prefetch_misses > 0,
-        "working-set pages are either prefetched or fault first: {report:?}"
+        report.engine.prefetched_pages > 0,
+        "the working set (and the rest, by background fill) is installed ahead of faults: {report:?}"
     );
 }
 
@@ -199,7 +199,7 @@ fn shutdown_ends_a_connected_vm_and_returns() {
     let mut server = TestServer::start(
         dir.path("sock"),
         &mem,
-        CopyEngineConfig {
+        PagerEngineConfig {
             threads: 2,
             ..Default::default()
         },

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use uffd_serve::engine::{CopyEngine, CopyEngineConfig, Engine, MemoryFile};
+use uffd_pager::{FileMode, FileSource, PageSource};
+use uffd_serve::engine::{Engine, PagerEngine, PagerEngineConfig};
 use uffd_serve::server::{Server, ServerConfig, ServerHandle};
 use uffd_serve::stats::{Refusal, StatsLog, VmReport};
 
@@ -75,23 +76,25 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub fn start(socket: PathBuf, mem_file: &Path, config: CopyEngineConfig) -> TestServer {
+    pub fn start(socket: PathBuf, mem_file: &Path, config: PagerEngineConfig) -> TestServer {
         Self::start_with(socket, mem_file, config, None, None)
     }
 
     pub fn start_with(
         socket: PathBuf,
         mem_file: &Path,
-        config: CopyEngineConfig,
+        config: PagerEngineConfig,
         allow_uid: Option<u32>,
         record: Option<PathBuf>,
     ) -> TestServer {
-        let file = Arc::new(MemoryFile::open(mem_file).unwrap());
-        let engine: Arc<dyn Engine> = Arc::new(CopyEngine::new(file.clone(), config));
+        let source: Arc<dyn PageSource> =
+            Arc::new(FileSource::open(mem_file, FileMode::Mmap).unwrap());
+        let file_len = source.len();
+        let engine: Arc<dyn Engine> = Arc::new(PagerEngine::new(source, config));
         let server = Server::bind(
             ServerConfig {
                 socket: socket.clone(),
-                file_len: file.len(),
+                file_len,
                 allow_uid,
                 record,
                 stats_json: None,
@@ -226,6 +229,6 @@ pub fn good_vm_is_served(server: &TestServer, mem_file: &Path, finished_before: 
     assert!(ok, "the good VM was not served correctly: {out}");
     let reports = server.wait_reports(finished_before + 1, Duration::from_secs(10));
     let report = reports[finished_before].clone();
-    assert!(report.faults > 0, "{report:?}");
+    assert!(report.engine.faults > 0, "{report:?}");
     report
 }
