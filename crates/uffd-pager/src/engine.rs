@@ -794,6 +794,10 @@ struct Worker<'a> {
 struct Claim {
     span: Span,
     generation: u64,
+    /// Map every page now (handler claims: the faulting granule and its
+    /// readahead); the fill thread only writes through the alias for
+    /// [`Strategy::Continue`].
+    map_now: bool,
     /// Pages below this index were demanded (PRESENT afterwards); the rest
     /// are prefetched (PREFETCHED).
     demand_hi: usize,
@@ -805,7 +809,7 @@ impl<'a> Worker<'a> {
         // MOVE needs source pages that only this process maps: a forked
         // child must not share them.
         staging.advise(Advice::LinuxDontFork)?;
-        if shared.config.strategy == Strategy::Move {
+        if shared.config.strategy == Strategy::Move && shared.config.granule == BATCH_BYTES {
             // Whole 2 MiB granules then move as one huge page.
             let _ = staging.advise(Advice::LinuxHugepage);
         }
@@ -958,6 +962,7 @@ impl<'a> Worker<'a> {
         let claim = Claim {
             span: span.clone(),
             generation: table.generation,
+            map_now: true,
             demand_hi,
         };
         drop(table);
@@ -1149,8 +1154,15 @@ impl<'a> Worker<'a> {
                     is_zero(page)
                 })
         };
+        // A whole aligned huge page of data moves with one PMD update only
+        // if it moves in one piece: keep its zero pages in it.
+        let whole_huge_move = strategy == Strategy::Move
+            && content == Content::Data
+            && len == BATCH_BYTES
+            && span.addr_of(from) % BATCH_BYTES == 0
+            && claims.iter().all(|&c| c == state::CLAIMED);
         let kinds: Vec<u8> = (0..claims.len())
-            .map(|k| match (claims[k], zero_page(k)) {
+            .map(|k| match (claims[k], !whole_huge_move && zero_page(k)) {
                 (0, _) => 0,
                 (_, true) => 1,
                 (_, false) => 2,
@@ -1204,10 +1216,10 @@ impl<'a> Worker<'a> {
             let idx = from + k;
             let addr = span.addr_of(idx);
             let run = (end - k) as u64 * ps;
-            let demand = idx < claim.demand_hi;
+            let map = idx < claim.demand_hi || claim.map_now;
             // SAFETY: `src + k * ps` lies inside the `len` bytes read above.
             let data = unsafe { src.add(k * ps as usize) };
-            let result = self.install(target, addr, run, ps, kind == 1, data, demand);
+            let result = self.install(target, addr, run, ps, kind == 1, data, map);
             let done = match result {
                 Ok(Resolved::Complete {
                     installed,
@@ -1221,7 +1233,7 @@ impl<'a> Worker<'a> {
                         (_, Strategy::Continue) => &self.shared.counters.pages_continued,
                         _ => &self.shared.counters.pages_copied,
                     };
-                    if strategy != Strategy::Continue || demand || kind == 1 {
+                    if strategy != Strategy::Continue || map || kind == 1 {
                         Counters::add(counter, installed / ps);
                     }
                     end - k
@@ -1263,12 +1275,12 @@ impl<'a> Worker<'a> {
         ps: u64,
         zero: bool,
         data: *const u8,
-        demand: bool,
+        map: bool,
     ) -> Result<Resolved, uffd::Error> {
         let uffd = &target.uffd;
         match self.strategy() {
             Strategy::Continue => {
-                if !demand {
+                if !map {
                     // Background: the page cache has the content now; the
                     // first touch costs only a CONTINUE.
                     return Ok(Resolved::Complete {
@@ -1559,6 +1571,7 @@ fn fill_chunk(
     let claim = Claim {
         span,
         generation: table.generation,
+        map_now: false,
         demand_hi: lo,
     };
     drop(table);

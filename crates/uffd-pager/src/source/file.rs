@@ -84,6 +84,26 @@ impl FileSource {
         })
     }
 
+    /// Maps the whole file into this process's page tables now
+    /// (`MADV_POPULATE_READ`, which also reads it into the page cache), so
+    /// that serving a page later costs no fault in this process. Worth it
+    /// for a snapshot that serves many restores. Does nothing in
+    /// [`FileMode::Pread`].
+    pub fn populate(&self) -> io::Result<()> {
+        if let Some(map) = self.map {
+            // SAFETY: advice on our own read-only mapping; it changes no
+            // contents.
+            unsafe {
+                rustix::mm::madvise(
+                    map.as_ptr().cast::<c_void>(),
+                    self.len as usize,
+                    rustix::mm::Advice::LinuxPopulateRead,
+                )
+            }?;
+        }
+        Ok(())
+    }
+
     /// The mode the file is read in.
     pub fn mode(&self) -> FileMode {
         self.mode
