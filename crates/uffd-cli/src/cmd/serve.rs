@@ -123,6 +123,14 @@ struct BenchArgs {
     /// Handler spin time before sleeping, microseconds.
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
+    /// Bytes installed per fault by uffd's engine (the one-by-one baseline
+    /// always installs 4096).
+    #[arg(long, default_value_t = 4096)]
+    granule: u64,
+    /// Rounds of the measured restores (interleaved); each case reports its
+    /// median, which keeps load from other programs out of the ratios.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Directory for the snapshot file (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -220,6 +228,8 @@ fn run_bench(a: BenchArgs) -> CmdResult {
         vcpus: a.vcpus,
         threads: a.threads,
         spin: Duration::from_micros(a.spin_us),
+        rounds: a.rounds,
+        granule: a.granule,
         dir: a.dir,
         progress: true,
     })?;
