@@ -619,6 +619,10 @@ fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
         }
         shared.demand_active.fetch_add(1, Ordering::SeqCst);
         for (fault, started) in faults.drain(..) {
+            if shared.stopping() {
+                // Shutdown wakes every region; the rest fault again.
+                break;
+            }
             match worker.serve(target, fault, started) {
                 Step::Done | Step::Abandoned => {}
                 Step::Defer => deferred.push((fault, started)),

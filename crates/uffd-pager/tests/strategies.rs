@@ -247,7 +247,10 @@ fn many_threads_on_one_page_are_served_once() {
         return;
     }
     let uffd = open(Features::EVENT_REMOVE);
-    let memory = anon_registered(&uffd, 64 << 10);
+    // 64 KiB aligned, so the two touched pages share one granule.
+    let memory = Arc::new(AlignedAnon::new(64 << 10).unwrap());
+    uffd.register(memory.addr(), 64 << 10, RegisterMode::MISSING)
+        .unwrap();
     let (source, bytes) = pattern_source(64 << 10, 17);
     let pager = Pager::builder(source)
         .threads(2)
@@ -260,7 +263,10 @@ fn many_threads_on_one_page_are_served_once() {
         let readers: Vec<_> = (0..8)
             .map(|t| {
                 let m = Arc::clone(&m);
-                std::thread::spawn(move || m.read_byte((t % 2) * 4096 + 8))
+                // SAFETY: inside the 64 KiB mapping; a volatile read faults.
+                std::thread::spawn(move || unsafe {
+                    m.as_ptr().add((t % 2) * 4096 + 8).read_volatile()
+                })
             })
             .collect();
         readers

@@ -100,3 +100,23 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+/// Waits for child `pid` (bounded: kills it and fails after `LIMIT`).
+pub fn wait_child(pid: i32) -> i32 {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child; WNOHANG never blocks.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return status;
+        }
+        assert!(r == 0, "waitpid failed");
+        if std::time::Instant::now() > deadline {
+            // SAFETY: killing our own stuck child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("child {pid} is stuck after {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

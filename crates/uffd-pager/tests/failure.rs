@@ -1,0 +1,164 @@
+//! When the source cannot produce a page, the page is poisoned: a process
+//! reading it gets SIGBUS, never a zero page and never a hang. The target
+//! here is another process, as with a VMM: it sends its userfaultfd, the
+//! pager serves it remotely.
+
+mod common;
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use uffd::{Features, Mapping, MemoryKind, OpenOptions, RegisterMode, Uffd};
+use uffd_pager::{Content, FileMode, FileSource, PageSource, Pager, Region, SourceError};
+
+const PAGES: usize = 8;
+const BAD: usize = 3;
+
+/// Pages hold their index; page BAD fails with EIO every time.
+#[derive(Debug)]
+struct FailingSource;
+
+impl PageSource for FailingSource {
+    fn len(&self) -> u64 {
+        (PAGES * 4096) as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let bad = (BAD * 4096) as u64;
+        if offset <= bad && bad < offset + buf.len() as u64 {
+            return Err(SourceError::Transient {
+                offset,
+                len: buf.len() as u64,
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        for (i, page) in buf.chunks_mut(4096).enumerate() {
+            page.fill((offset / 4096) as u8 + i as u8 + 1);
+        }
+        Ok(Content::Data)
+    }
+    fn describe(&self) -> String {
+        "failing".into()
+    }
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    rustix::pipe::pipe().unwrap()
+}
+
+/// Forks a target process that registers `PAGES` pages of its own memory,
+/// hands over its userfaultfd, reads page 0 (expects `first_byte`) and then
+/// page BAD. Serves it with `source`; returns the child's wait status and
+/// the pager's poisoned list.
+fn run_remote_target(source: Arc<dyn PageSource>, first_byte: u8) -> Option<(i32, Vec<u64>)> {
+    if !uffd_available() || !features(Features::POISON).contains(Features::POISON) {
+        eprintln!("SKIP: no UFFDIO_POISON");
+        return None;
+    }
+    let (info_r, info_w) = pipe();
+    let (go_r, go_w) = pipe();
+    // SAFETY: no other thread of this test runs yet; the child makes its
+    // userfaultfd and mapping, talks over the pipes and exits with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let code = (|| {
+            let uffd = OpenOptions::new()
+                .non_blocking(true)
+                .features(Features::POISON)
+                .open()
+                .ok()?;
+            let m = Mapping::new(MemoryKind::Anon, PAGES * 4096).ok()?;
+            uffd.register(m.addr(), m.len() as u64, RegisterMode::MISSING)
+                .ok()?;
+            let mut msg = [0u8; 16];
+            msg[..8].copy_from_slice(&(uffd.as_raw_fd() as u64).to_ne_bytes());
+            msg[8..].copy_from_slice(&m.addr().to_ne_bytes());
+            rustix::io::write(&info_w, &msg).ok()?;
+            let mut go = [0u8; 1];
+            rustix::io::read(&go_r, &mut go).ok()?;
+            if m.read_byte(0) != first_byte {
+                return Some(2);
+            }
+            let _ = m.read_byte(BAD * 4096); // SIGBUS expected here
+            Some(3)
+        })()
+        .unwrap_or(4);
+        // SAFETY: leave without the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    drop(info_w);
+    let mut msg = [0u8; 16];
+    let n = rustix::io::read(&info_r, &mut msg).unwrap();
+    assert_eq!(
+        n,
+        16,
+        "the target process failed to set up (exit {})",
+        wait_child(pid)
+    );
+    let fd = u64::from_ne_bytes(msg[..8].try_into().unwrap()) as i32;
+    let addr = u64::from_ne_bytes(msg[8..].try_into().unwrap());
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let theirs =
+        rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+            .unwrap();
+    // SAFETY: a fresh fd we own (pidfd_getfd duplicated it into our table).
+    let theirs = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(theirs)) };
+    let uffd = Uffd::from_fd(theirs, Features::POISON).unwrap();
+    let pager = Pager::builder(source)
+        .source_retries(2)
+        .target_pid(pid)
+        .start(
+            uffd,
+            vec![Region::new(addr, (PAGES * 4096) as u64, 0, 4096)],
+        )
+        .unwrap();
+    rustix::io::write(&go_w, &[1]).unwrap();
+    let status = wait_child(pid);
+    assert!(
+        pager.wait_finished(Duration::from_secs(10)),
+        "the pager did not notice the exit"
+    );
+    let poisoned = pager.poisoned().iter().map(|p| p.address - addr).collect();
+    let stats = pager.shutdown();
+    eprintln!("{stats:?}");
+    Some((status, poisoned))
+}
+
+fn assert_sigbus(status: i32) {
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+        "the target should die of SIGBUS; status {status:#x} (exit code {} means: 2 wrong page 0, \
+         3 read a page that should be poisoned, 4 setup failed)",
+        libc::WEXITSTATUS(status)
+    );
+}
+
+#[test]
+fn an_io_error_poisons_the_page_and_the_reader_gets_sigbus() {
+    let Some((status, poisoned)) = run_remote_target(Arc::new(FailingSource), 1) else {
+        return;
+    };
+    assert_sigbus(status);
+    assert_eq!(poisoned, vec![(BAD * 4096) as u64]);
+}
+
+#[test]
+fn a_short_snapshot_file_poisons_the_missing_pages() {
+    // The file holds only BAD pages; page BAD and later lie past its end.
+    let path = std::env::temp_dir().join(format!("uffd-pager-short-{}", std::process::id()));
+    std::fs::write(&path, vec![9u8; BAD * 4096]).unwrap();
+    let source = Arc::new(FileSource::open(&path, FileMode::Pread).unwrap());
+    std::fs::remove_file(&path).unwrap();
+    let Some((status, poisoned)) = run_remote_target(source, 9) else {
+        return;
+    };
+    assert_sigbus(status);
+    assert_eq!(poisoned, vec![(BAD * 4096) as u64]);
+}
