@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod demo;
 pub mod probe;
+pub mod selftest;
 pub mod serve;
 
 /// What a subcommand returns: an exit code, or an error printed as `uffd: ...`.
