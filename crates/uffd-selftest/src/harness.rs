@@ -68,6 +68,8 @@ pub struct StressConfig {
     /// Number of bounces; every 16 consecutive bounces cover all mode
     /// combinations.
     pub bounces: u32,
+    /// Print a line per bounce on stderr.
+    pub progress: bool,
 }
 
 impl Default for StressConfig {
@@ -75,6 +77,7 @@ impl Default for StressConfig {
         StressConfig {
             mib: None,
             bounces: 16,
+            progress: false,
         }
     }
 }

@@ -211,6 +211,8 @@ pub fn reserve_hugepages(stress: &StressConfig) -> Result<HugepageReservation, S
         .map_err(|e| format!("cannot reserve {needed} huge pages of 2 MiB: {e}"))
 }
 
+static ONE_CASE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs one case on one memory type (with no huge-page reservation of its
 /// own: see [`run_one`]). Panics inside the case become FAILs.
 pub fn run_case(
@@ -224,6 +226,11 @@ pub fn run_case(
         seed,
         stress,
     };
+    // One case at a time per process: a fork by one case would hand its
+    // child to another case's EVENT_FORK handler (and both would fail).
+    let _alone = ONE_CASE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let start = Instant::now();
     let result = std::panic::catch_unwind(|| (case.run)(&env)).unwrap_or_else(|panic| {
         let msg = panic

@@ -72,7 +72,7 @@ impl StressOptions {
             seed: env.seed,
             toggle_wp: false,
             racing_only: false,
-            progress: false,
+            progress: env.stress.progress,
         }
     }
 }

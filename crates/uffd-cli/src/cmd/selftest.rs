@@ -92,6 +92,7 @@ pub fn run(args: Args) -> CmdResult {
         stress: StressConfig {
             mib: args.mib.map(|m| m as usize),
             bounces: args.bounces,
+            progress: args.stress,
         },
         stress_only: args.stress,
     };
@@ -122,8 +123,10 @@ pub fn run(args: Args) -> CmdResult {
         if args.json {
             eprintln!("[{done}/{total}] {}", r.line());
         } else {
-            println!("{}", r.line());
-            let _ = std::io::stdout().flush();
+            // A closed pipe (e.g. `| head`) must not abort the run.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", r.line());
+            let _ = out.flush();
         }
         reports.push(r.clone());
     });
@@ -134,9 +137,9 @@ pub fn run(args: Args) -> CmdResult {
             failed: summary.failed,
             skipped: summary.skipped,
         };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("{}", summary.line());
+        let _ = writeln!(std::io::stdout(), "{}", summary.line());
     }
     Ok(if summary.failed > 0 {
         ExitCode::from(1)

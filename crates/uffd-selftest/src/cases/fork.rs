@@ -412,7 +412,13 @@ fn wait_until_blocked(tid: &AtomicI32, released: &AtomicBool) -> Result<(), Stop
             let state = stat
                 .rsplit_once(')')
                 .and_then(|(_, rest)| rest.trim_start().chars().next());
-            if state == Some('D') {
+            // D, and (where wchan is readable) asleep in the event wait
+            // rather than on some lock on the way there.
+            let wchan =
+                std::fs::read_to_string(format!("/proc/self/task/{t}/wchan")).unwrap_or_default();
+            if state == Some('D')
+                && (wchan.is_empty() || wchan == "0" || wchan.contains("userfaultfd"))
+            {
                 return Ok(());
             }
         }

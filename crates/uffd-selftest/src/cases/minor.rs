@@ -330,13 +330,37 @@ pub fn continue_eexist(env: &Env) -> CaseResult {
         Some(Ok(Outcome::AlreadyPresent)) => {}
         other => fail!("CONTINUE of a mapped page gave {other:?}, expected AlreadyPresent"),
     }
+    // What the kernel itself wrote: errno EEXIST and mapped = -EEXIST.
+    let mut raw = uffd::sys::uffdio_continue {
+        range: uffd::sys::uffdio_range {
+            start: area.registered,
+            len: ps as u64,
+        },
+        mode: 0,
+        mapped: 0,
+    };
+    // SAFETY: UFFDIO_CONTINUE takes one uffdio_continue; the range is our
+    // registered, already mapped page.
+    let ret = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&uffd),
+            uffd::sys::UFFDIO_CONTINUE as libc::c_ulong,
+            &raw mut raw,
+        )
+    };
+    let errno = os_error().raw_os_error();
+    ensure!(
+        ret == -1 && errno == Some(libc::EEXIST) && raw.mapped == -i64::from(libc::EEXIST),
+        "raw CONTINUE of a mapped page: ret {ret}, errno {errno:?}, mapped {}; expected -1, EEXIST, -EEXIST",
+        raw.mapped
+    );
     ensure!(
         counters.minor() == pages as u64,
         "expected {pages} pages continued, got {}",
         counters.minor()
     );
     Ok(format!(
-        "AlreadyPresent on a mapped page; {} racing messages met EEXIST and were woken; all {pages} pages served",
+        "mapped = -EEXIST, reported as AlreadyPresent; {} racing messages met EEXIST and were woken; all {pages} pages served",
         counters.eexist()
     ))
 }
