@@ -145,6 +145,9 @@ impl Env {
     /// A non-blocking userfaultfd with exactly `features`, SKIPping when
     /// the kernel or the privileges do not allow it.
     pub fn open(&self, features: Features) -> Result<Uffd, Stop> {
+        // Registering MISSING on shmem or hugetlbfs needs the kernel to
+        // support it; asking for the capability bit gates the case.
+        let features = features | self.kind.missing_feature();
         self.require(features)?;
         match OpenOptions::new()
             .non_blocking(true)
@@ -509,9 +512,21 @@ pub fn guarded<T>(
     at: &AtomicU64,
     work: impl FnOnce() -> T,
 ) -> Result<T, Stop> {
+    guarded_within(STUCK_AFTER, what, uffd, ranges, at, work)
+}
+
+/// [`guarded`] with a chosen time limit.
+pub fn guarded_within<T>(
+    limit: Duration,
+    what: &str,
+    uffd: &Uffd,
+    ranges: &[(u64, u64)],
+    at: &AtomicU64,
+    work: impl FnOnce() -> T,
+) -> Result<T, Stop> {
     let (done, wait) = mpsc::channel::<()>();
     let stuck = std::thread::scope(|s| {
-        let watchdog = s.spawn(move || match wait.recv_timeout(STUCK_AFTER) {
+        let watchdog = s.spawn(move || match wait.recv_timeout(limit) {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let addr = at.load(Ordering::Relaxed);
                 for &(start, len) in ranges {
@@ -527,9 +542,9 @@ pub fn guarded<T>(
     });
     match stuck {
         (Some(addr), _) => fail!(
-            "{what}: a faulting thread was still asleep at {addr:#x} after {}s; \
+            "{what}: a faulting thread was still asleep at {addr:#x} after {:?}; \
              unregistered the range to release it",
-            STUCK_AFTER.as_secs()
+            limit
         ),
         (None, out) => Ok(out),
     }

@@ -60,6 +60,11 @@ pub struct StressOptions {
     pub racing_only: bool,
     /// Print a line per bounce on stderr.
     pub progress: bool,
+    /// A deliberately broken handler that answers MISSING faults with
+    /// zero pages instead of the source's contents: the run must then
+    /// report corruption (the negative control of the checker).
+    #[doc(hidden)]
+    pub sabotage_zero_fill: bool,
 }
 
 impl StressOptions {
@@ -73,6 +78,7 @@ impl StressOptions {
             toggle_wp: false,
             racing_only: false,
             progress: env.stress.progress,
+            sabotage_zero_fill: false,
         }
     }
 }
@@ -106,6 +112,7 @@ struct Shared {
     per_cpu: u64,
     wp: bool,
     kind: MemoryKind,
+    sabotage: bool,
     error: Mutex<Option<String>>,
     abort: AtomicBool,
     missing: AtomicU64,
@@ -206,6 +213,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, Stop> {
         per_cpu,
         wp,
         kind,
+        sabotage: opts.sabotage_zero_fill,
         error: Mutex::new(None),
         abort: AtomicBool::new(false),
         missing: AtomicU64::new(0),
@@ -541,7 +549,11 @@ fn handle(
                 .checked_sub(bounce.dst)
                 .filter(|o| *o < s.pages * s.ps)
                 .ok_or_else(|| format!("fault at {page:#x} outside dst"))?;
-            if copy_page(uffd, page, bounce.src + off, s.ps, s.wp)? {
+            if s.sabotage {
+                let _ = uffd.zeropage(page, s.ps, ZeropageMode::empty());
+                uffd.wake(page, s.ps).map_err(|e| e.to_string())?;
+                s.missing.fetch_add(1, Ordering::Relaxed);
+            } else if copy_page(uffd, page, bounce.src + off, s.ps, s.wp)? {
                 s.missing.fetch_add(1, Ordering::Relaxed);
             } else {
                 s.eexist.fetch_add(1, Ordering::Relaxed);

@@ -399,7 +399,11 @@ pub fn continue_fallocated(env: &Env) -> CaseResult {
             "fallocated page: CONTINUE mapped a zero page (Linux 6.18 behaviour)"
         }
         Err(e) if e.errno() == Some(Errno::FAULT) => {
-            "fallocated page: CONTINUE failed with EFAULT (behaviour of older kernels)"
+            ensure!(
+                !kernel_at_least(6, 18),
+                "CONTINUE of a fallocated page failed with EFAULT ({e}); Linux 6.18 maps it zeroed"
+            );
+            "fallocated page: CONTINUE failed with EFAULT (behaviour of kernels before 6.18)"
         }
         other => fail!("CONTINUE of a fallocated page: {other:?}"),
     };
@@ -413,6 +417,16 @@ pub fn continue_fallocated(env: &Env) -> CaseResult {
         "the written page does not show its contents"
     );
     Ok(format!("hole: EFAULT; {note}; written page: mapped"))
+}
+
+/// Whether the running kernel's release is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let got_major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let got_minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (got_major, got_minor) >= (major, minor)
 }
 
 /// (d) MADV_COLLAPSE on a minor-registered shmem range where only half the
