@@ -36,10 +36,12 @@ impl AsyncUffd {
         }
         // SAFETY: `Uffd` owns its fd, which stays open and is the same fd
         // for as long as the `Uffd` lives inside the `AsyncFd`.
-        let inner = unsafe { AsyncFd::register_with_interest(uffd, Interest::READABLE) }.map_err(|source| Error::Io {
-            what: "registering the userfaultfd with tokio".into(),
-            source: source.into(),
-        })?;
+        let inner = unsafe { AsyncFd::register_with_interest(uffd, Interest::READABLE) }.map_err(
+            |source| Error::Io {
+                what: "registering the userfaultfd with tokio".into(),
+                source: source.into(),
+            },
+        )?;
         Ok(AsyncUffd { inner })
     }
 
@@ -49,7 +51,10 @@ impl AsyncUffd {
     }
 
     /// Waits until at least one message is queued, then reads as many as fit.
-    pub async fn read_events<'b>(&self, buf: &'b mut EventBuffer) -> Result<&'b mut Vec<Event>, Error> {
+    pub async fn read_events<'b>(
+        &self,
+        buf: &'b mut EventBuffer,
+    ) -> Result<&'b mut Vec<Event>, Error> {
         loop {
             let mut guard = self.inner.readable().await.map_err(|source| Error::Io {
                 what: "waiting for userfaultfd messages".into(),

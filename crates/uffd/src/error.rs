@@ -132,7 +132,9 @@ pub enum Error {
     #[error("cannot open a userfaultfd: {}", list(.0))]
     Open(Vec<OpenFailure>),
     /// The kernel lacks features that were asked for.
-    #[error("the kernel does not support userfaultfd feature(s) {missing} (it supports {supported})")]
+    #[error(
+        "the kernel does not support userfaultfd feature(s) {missing} (it supports {supported})"
+    )]
     MissingFeatures {
         /// The requested features the kernel lacks.
         missing: Features,
@@ -170,6 +172,10 @@ pub enum Error {
     /// `read(2)` on the userfaultfd failed.
     #[error("reading userfaultfd messages failed: {}", errno_text(*.0))]
     Read(Errno),
+    /// `poll(2)` was used on a blocking userfaultfd, which the kernel
+    /// always answers with POLLERR.
+    #[error("poll on a blocking userfaultfd always fails (POLLERR); open it with OpenOptions::non_blocking(true)")]
+    PollNeedsNonBlocking,
     /// The kernel sent a message this crate does not understand.
     #[error("unknown userfaultfd message type {0:#x}")]
     UnknownEvent(u8),
@@ -220,9 +226,12 @@ impl Error {
     /// to skip with the reason instead of failing.
     pub fn is_denied(&self) -> bool {
         match self {
-            Error::Open(failures) => failures
-                .iter()
-                .all(|f| matches!(f.errno, Errno::PERM | Errno::ACCESS | Errno::NOSYS | Errno::NOENT)),
+            Error::Open(failures) => failures.iter().all(|f| {
+                matches!(
+                    f.errno,
+                    Errno::PERM | Errno::ACCESS | Errno::NOSYS | Errno::NOENT
+                )
+            }),
             Error::Api { errno, .. } => *errno == Errno::PERM,
             _ => false,
         }
@@ -366,7 +375,10 @@ mod tests {
             errno: Errno::FAULT,
         };
         let text = e.to_string();
-        assert!(text.starts_with("UFFDIO_CONTINUE on 0x1000+0x1000 failed: EFAULT"), "{text}");
+        assert!(
+            text.starts_with("UFFDIO_CONTINUE on 0x1000+0x1000 failed: EFAULT"),
+            "{text}"
+        );
         assert!(text.contains("alias"), "{text}");
         assert_eq!(e.errno(), Some(Errno::FAULT));
     }

@@ -278,7 +278,8 @@ mod tests {
     #[test]
     fn fault_kinds() {
         let kind = |flags| {
-            let Message::Pagefault(f) = decode(&msg(0x12, [flags, 0, 0]), Features::empty()).unwrap()
+            let Message::Pagefault(f) =
+                decode(&msg(0x12, [flags, 0, 0]), Features::empty()).unwrap()
             else {
                 unreachable!()
             };

@@ -103,7 +103,11 @@ impl Features {
 
 impl fmt::Display for Features {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_names(f, self.bits(), FEATURE_NAMES.iter().map(|(b, n)| (b.bits(), *n)))
+        write_names(
+            f,
+            self.bits(),
+            FEATURE_NAMES.iter().map(|(b, n)| (b.bits(), *n)),
+        )
     }
 }
 
@@ -185,7 +189,11 @@ impl Ioctls {
 
 impl fmt::Display for Ioctls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_names(f, self.bits(), IOCTL_NAMES.iter().map(|(b, n)| (b.bits(), *n)))
+        write_names(
+            f,
+            self.bits(),
+            IOCTL_NAMES.iter().map(|(b, n)| (b.bits(), *n)),
+        )
     }
 }
 
@@ -236,10 +244,16 @@ mod tests {
     fn features_match_linux_raw_sys() {
         use linux_raw_sys::general as g;
         assert_eq!(Features::MOVE.bits(), u64::from(g::UFFD_FEATURE_MOVE));
-        assert_eq!(Features::WP_ASYNC.bits(), u64::from(g::UFFD_FEATURE_WP_ASYNC));
+        assert_eq!(
+            Features::WP_ASYNC.bits(),
+            u64::from(g::UFFD_FEATURE_WP_ASYNC)
+        );
         assert_eq!(Features::POISON.bits(), u64::from(g::UFFD_FEATURE_POISON));
         assert_eq!(Features::SIGBUS.bits(), u64::from(g::UFFD_FEATURE_SIGBUS));
-        assert_eq!(Features::MINOR_SHMEM.bits(), u64::from(g::UFFD_FEATURE_MINOR_SHMEM));
+        assert_eq!(
+            Features::MINOR_SHMEM.bits(),
+            u64::from(g::UFFD_FEATURE_MINOR_SHMEM)
+        );
     }
 
     #[test]
@@ -247,7 +261,10 @@ mod tests {
         for (f, name) in Features::named() {
             assert_eq!(f.name(), Some(name));
             assert_eq!(Features::from_kernel_name(name), Some(f));
-            assert_eq!(Features::from_kernel_name(&format!("UFFD_FEATURE_{name}")), Some(f));
+            assert_eq!(
+                Features::from_kernel_name(&format!("UFFD_FEATURE_{name}")),
+                Some(f)
+            );
             assert_eq!(Features::from_kernel_name(&name.to_lowercase()), Some(f));
         }
         assert_eq!(Features::from_kernel_name("NOPE"), None);
@@ -256,14 +273,20 @@ mod tests {
 
     #[test]
     fn display_lists_names_and_unknown_bits() {
-        assert_eq!((Features::MOVE | Features::SIGBUS).to_string(), "SIGBUS|MOVE");
+        assert_eq!(
+            (Features::MOVE | Features::SIGBUS).to_string(),
+            "SIGBUS|MOVE"
+        );
         assert_eq!(Features::empty().to_string(), "(none)");
         assert_eq!(
             Features::from_bits_retain(Features::POISON.bits() | 1 << 40).to_string(),
             "POISON|0x10000000000"
         );
         assert_eq!((Ioctls::COPY | Ioctls::WAKE).to_string(), "WAKE|COPY");
-        assert_eq!((RegisterMode::MISSING | RegisterMode::WP).to_string(), "MISSING|WP");
+        assert_eq!(
+            (RegisterMode::MISSING | RegisterMode::WP).to_string(),
+            "MISSING|WP"
+        );
     }
 
     #[test]

@@ -293,14 +293,18 @@ impl Mapping {
         self.check(offset, data.len());
         // SAFETY: the range is inside the mapping (checked) and `data` is a
         // separate Rust slice, so they do not overlap.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len()) }
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        }
     }
 
     /// Copies from the mapping at `offset` into `buf` (may fault).
     pub fn read(&self, offset: usize, buf: &mut [u8]) {
         self.check(offset, buf.len());
         // SAFETY: as in `write`.
-        unsafe { core::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) }
+        unsafe {
+            core::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
+        }
     }
 
     /// Reads one byte at `offset` (may fault).
@@ -328,7 +332,9 @@ impl Mapping {
         self.check(offset, data.len());
         let alias = self.alias.expect("anonymous memory has no alias");
         // SAFETY: the alias has the same length as the mapping.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), alias.as_ptr().add(offset), data.len()) }
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), alias.as_ptr().add(offset), data.len())
+        }
     }
 
     /// Reads through the alias (file-backed kinds only).
@@ -339,12 +345,19 @@ impl Mapping {
         self.check(offset, buf.len());
         let alias = self.alias.expect("anonymous memory has no alias");
         // SAFETY: the alias has the same length as the mapping.
-        unsafe { core::ptr::copy_nonoverlapping(alias.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) }
+        unsafe {
+            core::ptr::copy_nonoverlapping(alias.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
+        }
     }
 
     /// `madvise(2)` on part of the mapping (e.g. `MADV_DONTNEED` to drop
     /// pages, which a REMOVE event reports).
-    pub fn advise(&self, offset: usize, len: usize, advice: rustix::mm::Advice) -> Result<(), Error> {
+    pub fn advise(
+        &self,
+        offset: usize,
+        len: usize,
+        advice: rustix::mm::Advice,
+    ) -> Result<(), Error> {
         self.check(offset, len);
         // SAFETY: the range is inside our mapping; advice only changes how
         // the kernel backs it, and callers that drop pages know they read
@@ -413,7 +426,10 @@ mod tests {
         for kind in MemoryKind::ALL {
             assert_eq!(kind.name().parse::<MemoryKind>(), Ok(kind));
         }
-        assert!("nope".parse::<MemoryKind>().unwrap_err().contains("shmem-private"));
+        assert!("nope"
+            .parse::<MemoryKind>()
+            .unwrap_err()
+            .contains("shmem-private"));
         assert_eq!(MemoryKind::Hugetlb.page_size(), 2 << 20);
         assert_eq!(MemoryKind::ShmemPrivate.page_size(), 4096);
     }

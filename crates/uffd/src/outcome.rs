@@ -120,7 +120,11 @@ mod tests {
         );
         // 2. The fill loop saw mmap_changing: the field holds -EAGAIN.
         assert_eq!(
-            Outcome::from_kernel(Err(Errno::AGAIN), -i64::from(Errno::AGAIN.raw_os_error()), LEN),
+            Outcome::from_kernel(
+                Err(Errno::AGAIN),
+                -i64::from(Errno::AGAIN.raw_os_error()),
+                LEN
+            ),
             Ok(Outcome::RetryAfterEvents)
         );
         // 3. Some pages were done before the kernel stopped.

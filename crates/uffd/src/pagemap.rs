@@ -76,14 +76,14 @@ impl Pagemap {
             let req = sys::RawIoctl::with_struct(sys::PAGEMAP_SCAN, &mut arg);
             // SAFETY: PAGEMAP_SCAN reads `arg` and writes up to `vec_len`
             // regions into `regions`, which outlives the call.
-            let n = unsafe { rustix::ioctl::ioctl(self.file.as_fd(), req) }.map_err(
-                |errno| Error::Ioctl {
+            let n = unsafe { rustix::ioctl::ioctl(self.file.as_fd(), req) }.map_err(|errno| {
+                Error::Ioctl {
                     op: Op::PagemapScan,
                     start: cursor,
                     len: end - cursor,
                     errno,
-                },
-            )?;
+                }
+            })?;
             out.extend(regions[..n as usize].iter().map(|r| (r.start, r.end)));
             if arg.walk_end <= cursor {
                 break;

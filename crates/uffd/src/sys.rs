@@ -176,7 +176,10 @@ mod tests {
         assert_eq!(UFFDIO_WAKE, published::UFFDIO_WAKE as Opcode);
         assert_eq!(UFFDIO_COPY, published::UFFDIO_COPY as Opcode);
         assert_eq!(UFFDIO_ZEROPAGE, published::UFFDIO_ZEROPAGE as Opcode);
-        assert_eq!(UFFDIO_WRITEPROTECT, published::UFFDIO_WRITEPROTECT as Opcode);
+        assert_eq!(
+            UFFDIO_WRITEPROTECT,
+            published::UFFDIO_WRITEPROTECT as Opcode
+        );
         assert_eq!(UFFDIO_CONTINUE, published::UFFDIO_CONTINUE as Opcode);
     }
 
@@ -197,7 +200,10 @@ mod tests {
         assert_eq!(u32::from(UFFD_EVENT_REMAP), g::UFFD_EVENT_REMAP);
         assert_eq!(u32::from(UFFD_EVENT_REMOVE), g::UFFD_EVENT_REMOVE);
         assert_eq!(u32::from(UFFD_EVENT_UNMAP), g::UFFD_EVENT_UNMAP);
-        assert_eq!(UFFDIO_REGISTER_MODE_MINOR, u64::from(g::UFFDIO_REGISTER_MODE_MINOR));
+        assert_eq!(
+            UFFDIO_REGISTER_MODE_MINOR,
+            u64::from(g::UFFDIO_REGISTER_MODE_MINOR)
+        );
         assert_eq!(UFFDIO_COPY_MODE_WP, u64::from(g::UFFDIO_COPY_MODE_WP));
         assert_eq!(UFFD_USER_MODE_ONLY, g::UFFD_USER_MODE_ONLY);
     }

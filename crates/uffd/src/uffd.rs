@@ -71,6 +71,13 @@ bitflags::bitflags! {
 /// so one `Uffd` can be shared by many handler threads (it is `Send + Sync`).
 /// Dropping it closes the fd, which unregisters every range: later faults
 /// there are served by the kernel as if no handler existed.
+///
+/// With the non-cooperative events (EVENT_REMOVE, EVENT_UNMAP, EVENT_REMAP,
+/// EVENT_FORK) the kernel makes `madvise`, `munmap`, `mremap` and `fork` of
+/// registered memory wait until the event has been read. A thread that both
+/// owns such a userfaultfd and unmaps registered memory (for example by
+/// dropping a [`crate::Mapping`]) must drop the userfaultfd first, or have
+/// another thread reading events, or it waits for itself forever.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
@@ -264,7 +271,11 @@ impl Uffd {
     /// turn into a crash).
     pub unsafe fn poison(&self, start: u64, len: u64, mode: PoisonMode) -> Result<Outcome, Error> {
         check_range(start, len)?;
-        self.require(Op::Poison, Features::POISON, "request Features::POISON when opening")?;
+        self.require(
+            Op::Poison,
+            Features::POISON,
+            "request Features::POISON when opening",
+        )?;
         let mut arg = sys::uffdio_poison {
             range: sys::uffdio_range { start, len },
             mode: mode.bits(),
@@ -292,7 +303,11 @@ impl Uffd {
         mode: MoveMode,
     ) -> Result<Outcome, Error> {
         check_range(dst, len)?;
-        self.require(Op::Move, Features::MOVE, "request Features::MOVE when opening")?;
+        self.require(
+            Op::Move,
+            Features::MOVE,
+            "request Features::MOVE when opening",
+        )?;
         let mut arg = sys::uffdio_move {
             dst,
             src: src as u64,
@@ -424,7 +439,12 @@ impl Uffd {
     }
 
     /// Waits until messages can be read or `timeout` passes; `Ok(false)` on
-    /// timeout. Fails if the fd reports an error (POLLERR: unusable).
+    /// timeout.
+    ///
+    /// The fd must be non-blocking: the kernel answers `poll(2)` on a
+    /// blocking userfaultfd with POLLERR (a fault can be resolved between
+    /// poll and read, so a blocking read could hang), which this reports as
+    /// [`Error::PollNeedsNonBlocking`].
     pub fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool, Error> {
         let timeout = timeout.map(|t| rustix::time::Timespec {
             tv_sec: t.as_secs() as i64,
@@ -437,6 +457,10 @@ impl Uffd {
                 Ok(_) => {
                     let revents = fds[0].revents();
                     if revents.contains(PollFlags::ERR) {
+                        let flags = rustix::fs::fcntl_getfl(&self.fd).map_err(Error::Read)?;
+                        if !flags.contains(rustix::fs::OFlags::NONBLOCK) {
+                            return Err(Error::PollNeedsNonBlocking);
+                        }
                         return Err(Error::Read(Errno::BADF));
                     }
                     return Ok(true);
