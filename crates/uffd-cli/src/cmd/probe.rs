@@ -37,6 +37,8 @@ struct Report {
     /// Memory types that could not be probed, with the reason.
     unavailable: BTreeMap<&'static str, String>,
     hugepages_free: u64,
+    /// Whether this process holds CAP_SYS_PTRACE, which EVENT_FORK needs.
+    can_ptrace: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -124,6 +126,7 @@ fn gather() -> Report {
         register: BTreeMap::new(),
         unavailable: BTreeMap::new(),
         hugepages_free: uffd::free_hugepages(),
+        can_ptrace: has_cap_sys_ptrace(),
     };
 
     let Some((path, user_mode_only)) = working else {
@@ -259,7 +262,12 @@ fn print_text(r: &Report) {
     println!("features    {supported} of {} supported", r.features.len());
     for (_, name) in Features::named() {
         let mark = if r.features[name] { "yes" } else { "no " };
-        println!("  {mark}  {name}");
+        let note = if name == "EVENT_FORK" && r.features[name] && !r.can_ptrace {
+            "  (needs CAP_SYS_PTRACE, which this process lacks)"
+        } else {
+            ""
+        };
+        println!("  {mark}  {name}{note}");
     }
     println!();
     println!("ioctls a registration advertises");
@@ -275,4 +283,16 @@ fn print_text(r: &Report) {
     for (kind, reason) in &r.unavailable {
         println!("  {kind}\n    unavailable: {reason}");
     }
+}
+
+/// CAP_SYS_PTRACE (bit 19) in the effective set, read from /proc.
+fn has_cap_sys_ptrace() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+            u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
 }
