@@ -513,9 +513,11 @@ fn validate(config: &Config, uffd: &Uffd, regions: &[Region]) -> Result<(), Page
             "at least one handler thread is needed".into(),
         ));
     }
-    if config.strategy == Strategy::Move && !uffd.features().contains(Features::MOVE) {
+    // The kernel gates MOVE on its own support, not on the fd's handshake.
+    let kernel_has_move = uffd::probe().map_or(true, |info| info.features.contains(Features::MOVE));
+    if config.strategy == Strategy::Move && !kernel_has_move {
         return Err(PagerError::Config(
-            "Strategy::Move needs a userfaultfd opened with Features::MOVE".into(),
+            "Strategy::Move needs a kernel with UFFDIO_MOVE (Linux 6.8)".into(),
         ));
     }
     if config.strategy == Strategy::CopyWp && !uffd.features().contains(Features::PAGEFAULT_FLAG_WP)
@@ -1385,11 +1387,6 @@ impl<'a> Worker<'a> {
         let addr = span.addr_of(from);
         let len = claims.len() as u64 * ps;
         error!(address = addr, error = %e, "source failed; poisoning the page");
-        if !target.uffd.features().contains(Features::POISON) {
-            error!("the userfaultfd lacks Features::POISON: the page stays missing and is retried");
-            self.release(target, claim, from, claims);
-            return Step::Done;
-        }
         let table = read(&target.table);
         if table.generation != claim.generation {
             drop(table);

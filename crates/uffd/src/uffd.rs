@@ -225,15 +225,11 @@ impl Uffd {
         mode: WriteProtectMode,
     ) -> Result<Outcome, Error> {
         check_range(start, len)?;
-        if !self
-            .features
-            .intersects(Features::PAGEFAULT_FLAG_WP | Features::WP_ASYNC)
-        {
-            return Err(Error::Unsupported {
-                op: Op::Writeprotect,
-                why: "request Features::PAGEFAULT_FLAG_WP (or WP_ASYNC) when opening",
-            });
-        }
+        require_kernel(
+            Op::Writeprotect,
+            Features::PAGEFAULT_FLAG_WP,
+            "the kernel has no userfaultfd write-protect (Linux 5.7)",
+        )?;
         let mut arg = sys::uffdio_writeprotect {
             range: sys::uffdio_range { start, len },
             mode: mode.bits(),
@@ -262,7 +258,8 @@ impl Uffd {
 
     /// `UFFDIO_POISON`: marks the missing pages of the range so that any
     /// access raises SIGBUS; the answer when a page's content cannot be
-    /// produced. Needs [`Features::POISON`].
+    /// produced. Needs a kernel with [`Features::POISON`]; the fd itself
+    /// need not have requested it.
     ///
     /// # Safety
     /// Any access to the range afterwards raises SIGBUS in the accessing
@@ -271,10 +268,10 @@ impl Uffd {
     /// turn into a crash).
     pub unsafe fn poison(&self, start: u64, len: u64, mode: PoisonMode) -> Result<Outcome, Error> {
         check_range(start, len)?;
-        self.require(
+        require_kernel(
             Op::Poison,
             Features::POISON,
-            "request Features::POISON when opening",
+            "the kernel has no UFFDIO_POISON (Linux 6.6)",
         )?;
         let mut arg = sys::uffdio_poison {
             range: sys::uffdio_range { start, len },
@@ -287,7 +284,8 @@ impl Uffd {
 
     /// `UFFDIO_MOVE`: moves the pages at `src` (anonymous, private,
     /// exclusive to this process) to the missing pages at `dst` without
-    /// copying them. Needs [`Features::MOVE`].
+    /// copying them. Needs a kernel with [`Features::MOVE`]; the fd itself
+    /// need not have requested it.
     ///
     /// # Safety
     /// - After the call the source pages are gone: `src..src+len` reads as
@@ -303,10 +301,10 @@ impl Uffd {
         mode: MoveMode,
     ) -> Result<Outcome, Error> {
         check_range(dst, len)?;
-        self.require(
+        require_kernel(
             Op::Move,
             Features::MOVE,
-            "request Features::MOVE when opening",
+            "the kernel has no UFFDIO_MOVE (Linux 6.8)",
         )?;
         let mut arg = sys::uffdio_move {
             dst,
@@ -471,14 +469,6 @@ impl Uffd {
         }
     }
 
-    fn require(&self, op: Op, feature: Features, why: &'static str) -> Result<(), Error> {
-        if self.features.contains(feature) {
-            Ok(())
-        } else {
-            Err(Error::Unsupported { op, why })
-        }
-    }
-
     fn ioctl<T>(&self, opcode: rustix::ioctl::Opcode, arg: &mut T) -> Result<(), Errno> {
         let req = sys::RawIoctl::with_struct(opcode, arg);
         // SAFETY: every caller pairs the opcode with the uAPI struct it
@@ -536,6 +526,20 @@ impl AsRawFd for Uffd {
 impl From<Uffd> for OwnedFd {
     fn from(uffd: Uffd) -> OwnedFd {
         uffd.fd
+    }
+}
+
+/// Fails with [`Error::Unsupported`] when the kernel lacks `feature`.
+///
+/// The kernel gates these ioctls on its own support, not on the features a
+/// fd asked for at the handshake (6.18 accepts POISON and MOVE on a fd that
+/// never requested them), so a fd adopted from a VMM that did not ask for
+/// them can still use them. The probe is cached; if it cannot run, the
+/// kernel is left to answer.
+fn require_kernel(op: Op, feature: Features, why: &'static str) -> Result<(), Error> {
+    match crate::probe() {
+        Ok(info) if !info.features.contains(feature) => Err(Error::Unsupported { op, why }),
+        _ => Ok(()),
     }
 }
 
