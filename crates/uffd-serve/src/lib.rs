@@ -19,3 +19,8 @@ pub mod server;
 pub mod signals;
 pub mod stats;
 pub mod vmm;
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
