@@ -19,9 +19,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Probe(cmd::probe::Args),
-    Selftest(cmd::selftest::Args),
     Demo(cmd::demo::Args),
     Bench(cmd::bench::Args),
+    Selftest(cmd::selftest::Args),
     Serve(cmd::serve::Args),
 }
 
@@ -29,9 +29,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(args) => cmd::probe::run(args),
-        Command::Selftest(args) => cmd::selftest::run(args),
         Command::Demo(args) => cmd::demo::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Selftest(args) => cmd::selftest::run(args),
         Command::Serve(args) => cmd::serve::run(args),
     };
     match result {

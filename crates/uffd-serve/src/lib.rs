@@ -9,7 +9,7 @@
 //! - [`server`]: the socket, one connection per VM, lifecycle and stats;
 //! - [`engine`]: how faults are served, behind the [`engine::Engine`] trait
 //!   (the `uffd-pager` runtime; working sets use its file format);
-//! - [`bench`]: restore-to-done with prefetch, on demand, and one page at a time.
+//! - [`bench`](mod@bench): restore-to-done with prefetch, on demand, and one page at a time.
 
 pub mod bench;
 pub mod engine;

@@ -22,7 +22,7 @@ use super::CmdResult;
 /// the step that failed; other VMs are not affected.
 ///
 /// Point Firecracker at it in the snapshot load request:
-///   "mem_backend": {"backend_type": "Uffd", "backend_path": "<socket>"}
+///   "mem_backend": {"backend_type": "Uffd", "backend_path": "/run/vm.uffd.sock"}
 ///
 /// Signals: SIGTERM or SIGINT stop accepting, end every VM's serving, write
 /// working sets and statistics, and exit. SIGUSR1 writes working sets now.
