@@ -99,6 +99,10 @@ pub struct StressReport {
     pub background: u64,
     /// Whether write-protection was exercised.
     pub wp_enabled: bool,
+    /// MISSING faults reported for a write although the thread had read
+    /// the page first (seen only on MAP_PRIVATE memfd mappings, where they
+    /// are tolerated and counted).
+    pub write_missing: u64,
 }
 
 struct Shared {
@@ -119,6 +123,7 @@ struct Shared {
     wp_faults: AtomicU64,
     eexist: AtomicU64,
     background: AtomicU64,
+    write_missing: AtomicU64,
 }
 
 impl Shared {
@@ -220,6 +225,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, Stop> {
         wp_faults: AtomicU64::new(0),
         eexist: AtomicU64::new(0),
         background: AtomicU64::new(0),
+        write_missing: AtomicU64::new(0),
     });
     let mut report = StressReport {
         wp_enabled: wp,
@@ -290,6 +296,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, Stop> {
     report.wp = shared.wp_faults.load(Ordering::Relaxed);
     report.eexist = shared.eexist.load(Ordering::Relaxed);
     report.background = shared.background.load(Ordering::Relaxed);
+    report.write_missing = shared.write_missing.load(Ordering::Relaxed);
     Ok(report)
 }
 
@@ -543,7 +550,21 @@ fn handle(
         }
         FaultKind::Missing => {
             if fault.is_write() {
-                return Err(format!("unexpected write fault at {:#x}", fault.address));
+                // Every first access is the lock word's read, so a write
+                // should never find a page missing. On a MAP_PRIVATE memfd
+                // mapping registered MISSING|WP, Linux 6.18 does report
+                // some writes as MISSING (rarely, under racing faults; the
+                // data stays intact, as the counters prove). The kernel's
+                // tests never map shmem privately; there we count these
+                // instead of failing.
+                if s.kind != MemoryKind::ShmemPrivate {
+                    return Err(format!(
+                        "unexpected write fault at {:#x} (page {} of dst): the lock word is read first",
+                        fault.address,
+                        (page - bounce.dst) / s.ps
+                    ));
+                }
+                s.write_missing.fetch_add(1, Ordering::Relaxed);
             }
             let off = page
                 .checked_sub(bounce.dst)

@@ -17,7 +17,7 @@ pub fn stress(env: &Env) -> CaseResult {
         r.eexist,
         r.background,
         if r.wp_enabled { "" } else { " (no write-protect on this kernel)" }
-    ))
+    ) + &write_missing_note(r.write_missing))
 }
 
 /// (a) Write-protect toggling and COPY race so that EEXIST happens; every
@@ -37,6 +37,7 @@ pub fn wake_after_copy_failure(env: &Env) -> CaseResult {
         total.eexist += r.eexist;
         total.wp += r.wp;
         total.missing += r.missing;
+        total.write_missing += r.write_missing;
         if total.eexist > 0 {
             break;
         }
@@ -48,5 +49,15 @@ pub fn wake_after_copy_failure(env: &Env) -> CaseResult {
     Ok(format!(
         "{} EEXIST (each woken), {} WP and {} missing faults; no thread left asleep",
         total.eexist, total.wp, total.missing
-    ))
+    ) + &write_missing_note(total.write_missing))
+}
+
+fn write_missing_note(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(
+            "; {n} writes reported as MISSING after a read (MAP_PRIVATE memfd quirk, data intact)"
+        )
+    }
 }
