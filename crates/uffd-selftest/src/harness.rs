@@ -142,15 +142,19 @@ impl Env {
         Ok(())
     }
 
-    /// A non-blocking userfaultfd with exactly `features`, SKIPping when
+    /// A non-blocking, user-mode-only userfaultfd with `features` (plus
+    /// the memory type's MISSING capability), SKIPping when
     /// the kernel or the privileges do not allow it.
     pub fn open(&self, features: Features) -> Result<Uffd, Stop> {
         // Registering MISSING on shmem or hugetlbfs needs the kernel to
         // support it; asking for the capability bit gates the case.
         let features = features | self.kind.missing_feature();
         self.require(features)?;
+        // User-mode-only, as the kernel's tests open it: no case lets the
+        // kernel itself touch registered memory, and it needs no privilege.
         match OpenOptions::new()
             .non_blocking(true)
+            .user_mode_only(true)
             .features(features)
             .open()
         {

@@ -62,6 +62,7 @@ fn sigbus_common(env: &Env, wp: bool) -> CaseResult {
         move || {
             let uffd = OpenOptions::new()
                 .non_blocking(true)
+                .user_mode_only(true)
                 .features(features - Features::EVENT_FORK)
                 .open()
                 .map_err(|e| e.to_string())?;
