@@ -47,6 +47,8 @@ pub struct Case {
     pub kinds: &'static [MemoryKind],
     /// The case itself.
     pub run: fn(&Env) -> CaseResult,
+    /// One line on what the case checks.
+    pub about: &'static str,
 }
 
 /// The memory-type label of handshake cases.

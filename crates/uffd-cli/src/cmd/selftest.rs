@@ -62,7 +62,8 @@ pub struct Args {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     bounces: u32,
 
-    /// List the cases and their memory types, run nothing.
+    /// List the selected cases, their memory types and what each checks;
+    /// run nothing.
     #[arg(long)]
     list: bool,
 }
@@ -99,11 +100,12 @@ pub fn run(args: Args) -> CmdResult {
     let selected = uffd_selftest::selected(&plan);
     if args.list {
         for (case, kind) in &selected {
-            println!(
+            let label = format!(
                 "{}/{}",
                 case.name,
                 kind.map_or(uffd_selftest::NO_KIND, MemoryKind::name)
             );
+            println!("{label:<40} {}", case.about);
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -41,50 +41,164 @@ const BASE_PAGES: &[MemoryKind] = &[Anon, Shmem, ShmemPrivate];
 const HUGE: &[MemoryKind] = &[Hugetlb, HugetlbPrivate];
 
 macro_rules! case {
-    ($name:literal, $kinds:expr, $f:path) => {
+    ($name:literal, $kinds:expr, $f:path, $about:literal) => {
         Case {
             name: $name,
             kinds: $kinds,
             run: $f,
+            about: $about,
         }
     };
 }
 
 /// Every case, in run order.
 pub const ALL: &[Case] = &[
-    case!("api-syscall", &[], api::via_syscall),
-    case!("api-dev", &[], api::via_dev),
-    case!("register-ioctls", EVERY, basic::register_ioctls),
-    case!("zeropage", EVERY, basic::zeropage),
-    case!("move", ANON, basic::move_pages),
-    case!("move-pmd", ANON, basic::move_pmd),
-    case!("move-pmd-split", ANON, basic::move_pmd_split),
-    case!("wp-fork", EVERY, wp::fork),
-    case!("wp-fork-with-event", EVERY, wp::fork_with_event),
-    case!("wp-fork-pin", EVERY, wp::fork_pin),
-    case!("wp-fork-pin-with-event", EVERY, wp::fork_pin_with_event),
-    case!("wp-unpopulated", ANON, wp::unpopulated),
-    case!("minor", MINOR, minor::minor),
-    case!("minor-wp", MINOR, minor::minor_wp),
-    case!("minor-collapse", SHMEM, minor::minor_collapse),
-    case!("sigbus", EVERY, fork::sigbus),
-    case!("sigbus-wp", EVERY, fork::sigbus_wp),
-    case!("events", EVERY, fork::events),
-    case!("events-wp", EVERY, fork::events_wp),
-    case!("poison", EVERY, fork::poison),
-    case!("mmap-changing", SHMEM, fork::mmap_changing),
-    case!("wp-mremap", EVERY, wp::mremap),
-    case!("wp-async", EVERY, wp::wp_async),
+    case!(
+        "api-syscall",
+        &[], api::via_syscall,
+        "UFFDIO_API through userfaultfd(2): api 0xAB and feature bit 63 refused, handshake once"
+    ),
+    case!(
+        "api-dev",
+        &[], api::via_dev,
+        "the same handshake through /dev/userfaultfd"
+    ),
+    case!(
+        "register-ioctls",
+        EVERY, basic::register_ioctls,
+        "all 8 MISSING/WP/MINOR combinations: EINVAL where invalid, the right ioctls advertised"
+    ),
+    case!(
+        "zeropage",
+        EVERY, basic::zeropage,
+        "ZEROPAGE maps zeros once (EEXIST after); EINVAL on hugetlb"
+    ),
+    case!(
+        "move",
+        ANON, basic::move_pages,
+        "MOVE one page per fault; the source becomes a hole"
+    ),
+    case!(
+        "move-pmd",
+        ANON, basic::move_pmd,
+        "MOVE a whole transparent huge page per fault"
+    ),
+    case!(
+        "move-pmd-split",
+        ANON, basic::move_pmd_split,
+        "MOVE a THP into a no-THP destination (split)"
+    ),
+    case!(
+        "wp-fork",
+        EVERY, wp::fork,
+        "the uffd-wp bit survives a zap and is dropped by fork without EVENT_FORK"
+    ),
+    case!(
+        "wp-fork-with-event",
+        EVERY, wp::fork_with_event,
+        "with EVENT_FORK the child keeps the uffd-wp bit"
+    ),
+    case!(
+        "wp-fork-pin",
+        EVERY, wp::fork_pin,
+        "wp-fork with the page long-term pinned (needs gup_test)"
+    ),
+    case!(
+        "wp-fork-pin-with-event",
+        EVERY, wp::fork_pin_with_event,
+        "wp-fork-pin with EVENT_FORK (needs gup_test)"
+    ),
+    case!(
+        "wp-unpopulated",
+        ANON, wp::unpopulated,
+        "WP_UNPOPULATED markers on empty anon pages"
+    ),
+    case!(
+        "minor",
+        MINOR, minor::minor,
+        "minor faults fixed through the alias, then CONTINUE (a second one gives EEXIST)"
+    ),
+    case!(
+        "minor-wp",
+        MINOR, minor::minor_wp,
+        "minor with CONTINUE_MODE_WP"
+    ),
+    case!(
+        "minor-collapse",
+        SHMEM, minor::minor_collapse,
+        "minor, then MADV_COLLAPSE: huge pages mapped, contents intact"
+    ),
+    case!(
+        "sigbus",
+        EVERY, fork::sigbus,
+        "UFFD_FEATURE_SIGBUS: the faulting thread resolves in its signal handler; a forked child gets SIGBUS"
+    ),
+    case!(
+        "sigbus-wp",
+        EVERY, fork::sigbus_wp,
+        "sigbus with write-protect faults"
+    ),
+    case!(
+        "events",
+        EVERY, fork::events,
+        "a forked child's faults across FORK, REMAP and REMOVE events"
+    ),
+    case!(
+        "events-wp",
+        EVERY, fork::events_wp,
+        "events with write-protect faults"
+    ),
+    case!(
+        "poison",
+        EVERY, fork::poison,
+        "POISON: poisoned pages raise SIGBUS, copied ones read zero"
+    ),
+    case!(
+        "mmap-changing",
+        SHMEM, fork::mmap_changing,
+        "a pending REMOVE event: every resolving ioctl gets EAGAIN and -EAGAIN in its field"
+    ),
+    case!(
+        "wp-mremap",
+        EVERY, wp::mremap,
+        "mremap without EVENT_REMAP leaves no stale uffd-wp bit (uffd-wp-mremap)"
+    ),
+    case!(
+        "wp-async",
+        EVERY, wp::wp_async,
+        "WP_ASYNC: no messages; PAGEMAP_SCAN reports written pages and re-protects them"
+    ),
     case!(
         "wake-after-copy-failure",
         BASE_PAGES,
-        project::wake_after_copy_failure
+        project::wake_after_copy_failure,
+        "WP toggling races COPY so EEXIST happens; every faulting thread is woken"
     ),
-    case!("continue-eexist", SHARED_FILE, minor::continue_eexist),
-    case!("continue-fallocated", SHMEM, minor::continue_fallocated),
-    case!("collapse-minor-contents", SHMEM, minor::collapse_contents),
-    case!("retry-after-events", SHMEM, fork::retry_after_events),
-    case!("stress", EVERY, project::stress),
+    case!(
+        "continue-eexist",
+        SHARED_FILE, minor::continue_eexist,
+        "CONTINUE on a mapped page gives -EEXIST (AlreadyPresent); the handler stays healthy"
+    ),
+    case!(
+        "continue-fallocated",
+        SHMEM, minor::continue_fallocated,
+        "CONTINUE on a fallocated, never written page (6.18: zero page) and on a hole (EFAULT)"
+    ),
+    case!(
+        "collapse-minor-contents",
+        SHMEM, minor::collapse_contents,
+        "MADV_COLLAPSE of a half-continued minor range keeps its contents"
+    ),
+    case!(
+        "retry-after-events",
+        SHMEM, fork::retry_after_events,
+        "a pending REMOVE: COPY, ZEROPAGE, CONTINUE, POISON, MOVE all give RetryAfterEvents"
+    ),
+    case!(
+        "stress",
+        EVERY, project::stress,
+        "uffd-stress: locking, handler and background threads per CPU, 16 bounce modes, counters verified"
+    ),
 ];
 
 /// The kernel tests' default fault handler (`uffd_handle_page_fault` plus
