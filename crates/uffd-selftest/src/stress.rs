@@ -142,7 +142,6 @@ struct Bounce {
     dst_alias: Option<u64>,
     mode: u32,
     number: u32,
-    sentinel_round: u64,
 }
 
 struct BounceState {
@@ -191,7 +190,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, Stop> {
     let uffd = env.open(features)?;
     let a = env.map((pages * ps) as usize)?;
     let b = env.map((pages * ps) as usize)?;
-    let sentinel = Mapping::new(MemoryKind::Anon, 4096 * threads * 2)?;
+    let sentinel = Mapping::new(MemoryKind::Anon, 4096 * threads)?;
     uffd.register(
         sentinel.addr(),
         sentinel.len() as u64,
@@ -254,7 +253,6 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, Stop> {
             },
             mode,
             number,
-            sentinel_round: u64::from(number % 2),
         };
         let started = Instant::now();
         one_bounce(&shared, bounce, opts, threads, dst)?;
@@ -398,7 +396,7 @@ fn one_bounce(
         let _ = s.uffd.unregister(bounce.dst, len);
         let _ = wait_all(&mut lockers, Instant::now() + Duration::from_secs(2));
     }
-    stop_handlers(s, &state, bounce, poll, handlers, threads);
+    stop_handlers(s, &state, poll, handlers, threads);
     if let Some(msg) = stuck {
         s.fail(msg);
     }
@@ -520,13 +518,7 @@ fn locking_thread(s: &Shared, st: &BounceState, bounce: Bounce, cpu: usize, seed
 
 /// Handles one stress event; `Ok(true)` when it was a sentinel (the
 /// blocking reader's shutdown request).
-fn handle(
-    s: &Shared,
-    st: &BounceState,
-    bounce: Bounce,
-    uffd: &Uffd,
-    event: Event,
-) -> Result<bool, String> {
+fn handle(s: &Shared, bounce: Bounce, uffd: &Uffd, event: Event) -> Result<bool, String> {
     let Event::Pagefault(fault) = event else {
         return Err(format!("unexpected event {event:?}"));
     };
@@ -541,7 +533,6 @@ fn handle(
             other => return Err(format!("ZEROPAGE of sentinel {page:#x}: {other:?}")),
         }
     }
-    let _ = st;
     let page = fault.page(s.ps);
     match fault.kind() {
         FaultKind::WriteProtect => {
@@ -588,7 +579,7 @@ fn handle(
 fn handler_thread(s: &Shared, st: &BounceState, bounce: Bounce, poll: bool) {
     let result = if poll {
         serve(&s.uffd, &st.stop, |u, e| {
-            handle(s, st, bounce, u, e).and_then(|sentinel| {
+            handle(s, bounce, u, e).and_then(|sentinel| {
                 if sentinel {
                     Err("a sentinel fault in poll mode".into())
                 } else {
@@ -608,7 +599,7 @@ fn handler_thread(s: &Shared, st: &BounceState, bounce: Bounce, poll: bool) {
             };
             let mut done = false;
             for event in pending.drain(..) {
-                match handle(s, st, bounce, &s.uffd, event) {
+                match handle(s, bounce, &s.uffd, event) {
                     Ok(true) => done = true,
                     Ok(false) => {}
                     Err(e) => {
@@ -632,7 +623,6 @@ fn handler_thread(s: &Shared, st: &BounceState, bounce: Bounce, poll: bool) {
 fn stop_handlers(
     s: &Arc<Shared>,
     st: &Arc<BounceState>,
-    bounce: Bounce,
     poll: bool,
     mut handlers: Vec<JoinHandle<()>>,
     threads: usize,
@@ -645,7 +635,7 @@ fn stop_handlers(
         return;
     }
     // One sentinel fault per blocking reader; each exits after one.
-    let base = s.sentinel.addr() + bounce.sentinel_round * (threads as u64) * 4096;
+    let base = s.sentinel.addr();
     let pokers: Vec<JoinHandle<()>> = (0..threads as u64)
         .map(|i| {
             let sh = Arc::clone(s);
@@ -747,7 +737,6 @@ fn background_thread(s: &Shared, st: &BounceState, bounce: Bounce, cpu: usize) {
     if let Err(e) = run() {
         s.fail(e);
     }
-    let _ = s.kind;
 }
 
 fn toggler_thread(s: &Shared, st: &BounceState, bounce: Bounce, seed: u64) {

@@ -55,7 +55,6 @@ fn sigbus_common(env: &Env, wp: bool) -> CaseResult {
     let uffd = env.open(features)?;
     let pages = env.nr_pages();
     let split = (pages as u64).div_ceil(2);
-    let kind = env.kind;
     let env_copy = *env;
     in_child(
         "sigbus: signal handler resolving in the faulting thread",
@@ -140,7 +139,6 @@ fn sigbus_common(env: &Env, wp: bool) -> CaseResult {
         forks.load(Ordering::Relaxed) == 1,
         "the handler saw no FORK event"
     );
-    let _ = kind;
     Ok(format!(
         "{split} faults answered in the signal handler{}; {split} SIGBUS in a forked child",
         if wp { " (each with a WP SIGBUS)" } else { "" }

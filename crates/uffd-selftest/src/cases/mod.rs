@@ -29,7 +29,7 @@ use uffd::{ContinueMode, Event, FaultKind, MemoryKind, Outcome, Uffd};
 use crate::harness::{copy_page, unprotect, Counters, Next};
 use crate::Case;
 
-use MemoryKind::{Anon, Hugetlb, HugetlbPrivate, Shmem, ShmemPrivate};
+use MemoryKind::{Anon, Hugetlb, Shmem, ShmemPrivate};
 
 const EVERY: &[MemoryKind] = &MemoryKind::ALL;
 const ANON: &[MemoryKind] = &[Anon];
@@ -37,8 +37,6 @@ const SHMEM: &[MemoryKind] = &[Shmem];
 const MINOR: &[MemoryKind] = &[Shmem, ShmemPrivate, Hugetlb];
 const SHARED_FILE: &[MemoryKind] = &[Shmem, Hugetlb];
 const BASE_PAGES: &[MemoryKind] = &[Anon, Shmem, ShmemPrivate];
-#[allow(dead_code)]
-const HUGE: &[MemoryKind] = &[Hugetlb, HugetlbPrivate];
 
 macro_rules! case {
     ($name:literal, $kinds:expr, $f:path, $about:literal) => {
