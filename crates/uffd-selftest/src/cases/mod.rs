@@ -11,7 +11,24 @@
 //!   the private mapping (a later write copies it), so the case is
 //!   meaningful there;
 //! - releasing pages drops the private copies (MADV_DONTNEED) and punches
-//!   the file, since MADV_REMOVE is refused on private mappings.
+//!   the file, since MADV_REMOVE is refused on private mappings;
+//! - in the stress bounce, a write reported as a MISSING fault after the
+//!   same thread read the page is counted, not failed: Linux 6.18 does
+//!   that now and then on MAP_PRIVATE memfd mappings registered
+//!   MISSING|WP (never on the other types); the counters, which catch any
+//!   lost data, stay exact.
+//!
+//! Other differences from the kernel's tests:
+//! - signal handlers only ever run in forked children; sigbus and poison
+//!   read in a forked child served through EVENT_FORK, so poison also
+//!   needs EVENT_FORK (CAP_SYS_PTRACE) here, and a SIGBUS that the kernel's
+//!   tests skip with siglongjmp maps a zero page over the faulting page;
+//! - every wait is bounded: a fault nobody resolves, a stuck child or a
+//!   handler that does not stop FAILs the case after [`STUCK_AFTER`]
+//!   instead of hanging the run;
+//! - areas are 8 MiB of base pages (8 huge pages) rather than 32 MiB.
+//!
+//! [`STUCK_AFTER`]: crate::harness::STUCK_AFTER
 
 #![allow(unsafe_code)]
 
