@@ -1,9 +1,9 @@
 //! Reserving 2 MiB huge pages for hugetlb mappings, and giving them back.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 
-use rustix::fs::FlockOperation;
+use rustix::fs::{FlockOperation, Mode, OFlags};
 
 use crate::error::Error;
 
@@ -46,12 +46,15 @@ impl HugepageReservation {
                 std::io::ErrorKind::Unsupported.into(),
             ));
         }
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK_PATH)
-            .map_err(|e| io_error(&format!("opening {LOCK_PATH}"), e))?;
+        // Read-only with O_CREAT, world-readable: flock needs no write access,
+        // so users other than the file's creator can take the lock too.
+        let lock = rustix::fs::open(
+            LOCK_PATH,
+            OFlags::CREATE | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map(File::from)
+        .map_err(|e| io_error(&format!("opening {LOCK_PATH}"), e.into()))?;
         rustix::fs::flock(&lock, FlockOperation::LockExclusive)
             .map_err(|e| io_error(&format!("locking {LOCK_PATH}"), e.into()))?;
         let free = free_hugepages();
