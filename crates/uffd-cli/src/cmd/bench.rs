@@ -16,7 +16,7 @@ use uffd_pager::{
 };
 
 use super::demo::{
-    kernel_baseline, make_snapshot, open_uffd, prepare_target, touch, verify, Order, PhaseResult,
+    kernel_fault_in, make_snapshot, open_uffd, prepare_target, touch, verify, Order, PhaseResult,
     Plan, ProgressLine, PLANS, SPIN,
 };
 use super::CmdResult;
@@ -45,6 +45,10 @@ pub struct Args {
     /// Percentage of zero pages in the snapshot.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u8).range(0..=100))]
     zero_percent: u8,
+    /// Rounds of every case, interleaved; each figure is the median over
+    /// the rounds (ratios: the median of each round's own ratio).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    rounds: u32,
     /// Print `{"cases": [...]}` as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -142,6 +146,250 @@ fn typical_handler(
     }
     progress.done(&format!("{label:<32} {:>8.0} MB/s", result.mb_per_s));
     Ok(result)
+}
+
+/// How the recycled-page cases install a page and evict it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recycle {
+    /// Fault: write the content into the staging page the eviction left
+    /// there, UFFDIO_MOVE it in. Evict: UFFDIO_MOVE every page back into
+    /// the staging pool. No page is allocated or freed in steady state.
+    Move,
+    /// As `Move`, but evict with MADV_DONTNEED and refill the staging pool
+    /// with MADV_POPULATE_WRITE (fresh pages, allocated in one batch off
+    /// the fault path).
+    MovePopulated,
+    /// Fault: UFFDIO_COPY (allocates a page). Evict: MADV_DONTNEED (frees it).
+    Copy,
+}
+
+/// Pages a fill installs per ioctl in [`recycled_cycle`] (64 KiB).
+const FILL_RUN_PAGES: usize = 16;
+
+/// One steady-state cycle of a region whose pages come and go: every page
+/// is installed, then the region is evicted. With `faults`, the workload
+/// faults every page in (random order) and a handler thread serves each
+/// fault with one 4 KiB ioctl; without, this thread fills the region
+/// itself in 64 KiB runs (no waiting thread: the install cost alone, as in
+/// a background fill). A first cycle (not timed) reaches the steady state;
+/// the second is timed, install plus eviction, and verified.
+fn recycled_cycle(
+    mode: Recycle,
+    faults: bool,
+    source: &Arc<FileSource>,
+    len: u64,
+    progress: &ProgressLine,
+) -> Result<PhaseResult, BoxError> {
+    let uffd = Arc::new(
+        OpenOptions::new()
+            .non_blocking(true)
+            .features(Features::MOVE)
+            .open()?,
+    );
+    let target = AlignedAnon::new(len as usize)?;
+    let pool = AlignedAnon::new(len as usize)?;
+    for m in [&target, &pool] {
+        // 4 KiB pages throughout; MOVE needs pages no child shares.
+        m.advise(rustix::mm::Advice::LinuxNoHugepage)?;
+        m.advise(rustix::mm::Advice::LinuxDontFork)?;
+    }
+    if mode != Recycle::Copy {
+        pool.advise(rustix::mm::Advice::LinuxPopulateWrite)?;
+        // UFFDIO_MOVE's destination must be registered on the same uffd
+        // (mm/userfaultfd.c, validate_move_areas): the pool is, for the
+        // evictions. It is never touched while it has holes.
+        uffd.register(pool.addr(), len, RegisterMode::MISSING)?;
+    }
+    uffd.register(target.addr(), len, RegisterMode::MISSING)?;
+    let pages = (len / 4096) as usize;
+    // Staging slots holding a page (slot i serves target page i).
+    let full = Arc::new(
+        (0..pages)
+            .map(|_| AtomicBool::new(mode != Recycle::Copy))
+            .collect::<Vec<_>>(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let uffd = Arc::clone(&uffd);
+        let source = Arc::clone(source);
+        let stop = Arc::clone(&stop);
+        let full = Arc::clone(&full);
+        let (tbase, pbase) = (target.addr(), pool.addr());
+        std::thread::spawn(move || -> Result<(), uffd::Error> {
+            let mut events = EventBuffer::new(64);
+            while !stop.load(Ordering::Relaxed) {
+                if !uffd.wait_readable(Some(Duration::from_millis(50)))? {
+                    continue;
+                }
+                for event in uffd.read_events(&mut events)?.drain(..) {
+                    let Event::Pagefault(fault) = event else {
+                        continue;
+                    };
+                    let page = fault.page(4096);
+                    let index = ((page - tbase) / 4096) as usize;
+                    let bytes = source
+                        .mapped(page - tbase, 4096)
+                        .expect("the snapshot is mapped");
+                    let outcome = if mode == Recycle::Copy {
+                        // SAFETY: 4 KiB of the read-only snapshot mapping into
+                        // registered memory nobody references.
+                        unsafe { uffd.copy(page, bytes.as_ptr(), 4096, CopyMode::empty())? }
+                    } else if full[index].swap(false, Ordering::Relaxed) {
+                        let slot = (pbase + index as u64 * 4096) as *mut u8;
+                        // SAFETY: the slot is a present page of our staging
+                        // pool (never a hole: `full` says so), not aliased.
+                        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot, 4096) };
+                        // SAFETY: moving our own exclusive staging page into
+                        // registered memory nobody references.
+                        unsafe { uffd.move_(page, slot, 4096, uffd::MoveMode::empty())? }
+                    } else {
+                        Outcome::AlreadyPresent
+                    };
+                    if outcome == Outcome::AlreadyPresent {
+                        uffd.wake(page, 4096)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+    let label = format!(
+        "{mode:?} recycled, {}",
+        if faults { "faults" } else { "fill" }
+    );
+    let mut timed = None;
+    for cycle in 0..2 {
+        let result = if faults {
+            touch(target.as_ptr(), 0, pages as u64, Order::Random, |n| {
+                progress.update(&label, n, pages as u64)
+            })
+        } else {
+            fill_recycled(mode, &uffd, &target, &pool, source, len)?
+        };
+        if cycle == 1 {
+            let bad = verify(&target, source, len);
+            if bad != 0 {
+                stop.store(true, Ordering::Relaxed);
+                return Err(format!("{label}: {bad} pages differ from the snapshot").into());
+            }
+        }
+        let evict = Instant::now();
+        match mode {
+            Recycle::Move => {
+                // SAFETY: every target page is present and ours; the pool
+                // is registered and empty (every slot moved out).
+                let r = unsafe {
+                    uffd.move_all(
+                        pool.addr(),
+                        target.as_ptr(),
+                        len,
+                        4096,
+                        uffd::MoveMode::empty(),
+                    )?
+                };
+                if !matches!(r, uffd::Resolved::Complete { .. }) {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(format!("{label}: evicting with MOVE: {r:?}").into());
+                }
+            }
+            Recycle::MovePopulated => {
+                target.advise(rustix::mm::Advice::LinuxDontNeed)?;
+                // Populating registered holes would raise missing faults
+                // for this handler to serve: unregister around it.
+                uffd.unregister(pool.addr(), len)?;
+                pool.advise(rustix::mm::Advice::LinuxPopulateWrite)?;
+                uffd.register(pool.addr(), len, RegisterMode::MISSING)?;
+            }
+            Recycle::Copy => target.advise(rustix::mm::Advice::LinuxDontNeed)?,
+        }
+        let evict_seconds = evict.elapsed().as_secs_f64();
+        for f in full.iter() {
+            f.store(mode != Recycle::Copy, Ordering::Relaxed);
+        }
+        if cycle == 1 {
+            let mut r = result;
+            r.seconds += evict_seconds;
+            r.mb_per_s = len as f64 / 1e6 / r.seconds;
+            timed = Some((r, result.mb_per_s, evict_seconds));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    handler
+        .join()
+        .map_err(|_| "the recycled-page handler panicked")??;
+    let (result, fault_in, evict_seconds) = timed.expect("two cycles ran");
+    progress.done(&format!(
+        "{label:<32} {:>8.0} MB/s per cycle (fault-in {fault_in:.0} MB/s, eviction {:.1} ms)",
+        result.mb_per_s,
+        evict_seconds * 1e3
+    ));
+    Ok(result)
+}
+
+/// Installs every page of `target` from this thread in runs of
+/// [`FILL_RUN_PAGES`]: COPY from the snapshot, or (MOVE modes) write the
+/// run into its staging slots and move them in.
+fn fill_recycled(
+    mode: Recycle,
+    uffd: &uffd::Uffd,
+    target: &AlignedAnon,
+    pool: &AlignedAnon,
+    source: &FileSource,
+    len: u64,
+) -> Result<PhaseResult, BoxError> {
+    let run = (FILL_RUN_PAGES * 4096) as u64;
+    let start = Instant::now();
+    let mut offset = 0;
+    while offset < len {
+        let n = run.min(len - offset);
+        let bytes = source
+            .mapped(offset, n as usize)
+            .ok_or("the snapshot is mapped")?;
+        let r = if mode == Recycle::Copy {
+            // SAFETY: `n` bytes of the read-only snapshot mapping into
+            // registered memory nobody references.
+            unsafe {
+                uffd.copy_all(
+                    target.addr() + offset,
+                    bytes.as_ptr(),
+                    n,
+                    4096,
+                    CopyMode::empty(),
+                )?
+            }
+        } else {
+            // SAFETY: the slots are present pages of our staging pool (the
+            // previous eviction or population left them), not aliased.
+            let slots = unsafe { pool.as_ptr().add(offset as usize) };
+            // SAFETY: as above; `n` bytes fit in the pool.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), slots, n as usize) };
+            // SAFETY: moving our own exclusive staging pages into
+            // registered memory nobody references.
+            unsafe {
+                uffd.move_all(
+                    target.addr() + offset,
+                    slots,
+                    n,
+                    4096,
+                    uffd::MoveMode::empty(),
+                )?
+            }
+        };
+        if !matches!(r, uffd::Resolved::Complete { .. }) {
+            return Err(format!("{mode:?} fill: {r:?}").into());
+        }
+        offset += n;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(PhaseResult {
+        pages: len / 4096,
+        seconds,
+        mb_per_s: len as f64 / 1e6 / seconds.max(1e-9),
+        p50_us: 0.0,
+        p90_us: 0.0,
+        p99_us: 0.0,
+        max_us: 0.0,
+    })
 }
 
 /// Runs `plan` with `order` into anonymous memory, verifies it.
@@ -247,6 +495,173 @@ fn pager_shmem_continue(
     Ok(result)
 }
 
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Per case, the median of every figure over the rounds. Ratios are the
+/// medians of each round's own ratios, so drift between rounds (other
+/// load on the machine) cancels out.
+fn medians(rounds: &[Vec<Case>]) -> Vec<Case> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|c| {
+            let same: Vec<&Case> = rounds
+                .iter()
+                .filter_map(|r| r.iter().find(|x| x.name == c.name))
+                .collect();
+            let m = |f: &dyn Fn(&Case) -> f64| median(same.iter().map(|x| f(x)).collect());
+            Case {
+                name: c.name.clone(),
+                mib: c.mib,
+                seconds: m(&|x| x.seconds),
+                mb_per_s: m(&|x| x.mb_per_s),
+                p50_us: m(&|x| x.p50_us),
+                p99_us: m(&|x| x.p99_us),
+                ratio_vs_kernel: m(&|x| x.ratio_vs_kernel),
+                ratio_vs_typical: m(&|x| x.ratio_vs_typical),
+                ratio_vs_copy: c
+                    .ratio_vs_copy
+                    .map(|_| m(&|x| x.ratio_vs_copy.unwrap_or(0.0))),
+                order: c.order,
+            }
+        })
+        .collect()
+}
+
+/// One round of every case, baselines first.
+fn bench_round(
+    path: &std::path::Path,
+    source: &Arc<FileSource>,
+    len: u64,
+    mib: u64,
+    have_move: bool,
+    progress: &ProgressLine,
+) -> Result<Vec<Case>, BoxError> {
+    let plan = |name: &str| *PLANS.iter().find(|p| p.name == name).expect("known plan");
+    let mut cases = Vec::new();
+    // The kernel faults in the whole file in the same order as the cases
+    // compared with it (the page cache is warm: the caller populated it).
+    let kernel_seq = kernel_fault_in(path, len, Order::Sequential)?;
+    let kernel_rand = kernel_fault_in(path, len, Order::Random)?;
+    progress.done(&format!(
+        "{:<32} {:>8.0} MB/s sequential, {:.0} MB/s random",
+        "kernel fault-in", kernel_seq.mb_per_s, kernel_rand.mb_per_s
+    ));
+    cases.push(case(
+        "kernel-sequential",
+        mib,
+        Order::Sequential,
+        &kernel_seq,
+    ));
+    cases.push(case("kernel-random", mib, Order::Random, &kernel_rand));
+
+    let typical_seq = typical_handler(source, len, Order::Sequential, progress)?;
+    cases.push(case(
+        "typical-sequential",
+        mib,
+        Order::Sequential,
+        &typical_seq,
+    ));
+    let typical_rand = typical_handler(source, len, Order::Random, progress)?;
+    cases.push(case("typical-random", mib, Order::Random, &typical_rand));
+
+    let r = pager_anon(
+        "random-4k",
+        plan("copy-4k"),
+        Order::Random,
+        source,
+        len,
+        progress,
+    )?;
+    cases.push(case("random-4k", mib, Order::Random, &r));
+    let r = pager_anon(
+        "sequential-readahead",
+        plan("readahead"),
+        Order::Sequential,
+        source,
+        len,
+        progress,
+    )?;
+    let copy_anon_64k = r;
+    cases.push(case("sequential-readahead", mib, Order::Sequential, &r));
+    let r = pager_anon(
+        "full-restore",
+        plan("fill"),
+        Order::Random,
+        source,
+        len,
+        progress,
+    )?;
+    cases.push(case("full-restore", mib, Order::Random, &r));
+
+    let copy_2m = Plan {
+        name: "copy-2m",
+        strategy: Strategy::Copy,
+        granule: 2 << 20,
+        prefetch: Prefetch::None,
+        fill: false,
+    };
+    let copy = pager_anon("copy-2m", copy_2m, Order::Sequential, source, len, progress)?;
+    cases.push(case("copy-2m", mib, Order::Sequential, &copy));
+    if have_move {
+        let mv = pager_anon(
+            "move-vs-copy",
+            plan("move-2m"),
+            Order::Sequential,
+            source,
+            len,
+            progress,
+        )?;
+        let mut c = case("move-vs-copy", mib, Order::Sequential, &mv);
+        c.ratio_vs_copy = Some(mv.mb_per_s / copy.mb_per_s.max(1e-9));
+        cases.push(c);
+    } else {
+        progress.done("move-vs-copy: skipped, this kernel has no UFFDIO_MOVE");
+    }
+    if have_move {
+        for (faults, kind) in [(true, "faults"), (false, "fill")] {
+            let order = if faults {
+                Order::Random
+            } else {
+                Order::Sequential
+            };
+            let copy = recycled_cycle(Recycle::Copy, faults, source, len, progress)?;
+            cases.push(case(&format!("copy-recycled-{kind}"), mib, order, &copy));
+            for (name, mode) in [
+                ("move-recycled", Recycle::Move),
+                ("move-populated", Recycle::MovePopulated),
+            ] {
+                let mv = recycled_cycle(mode, faults, source, len, progress)?;
+                let mut c = case(&format!("{name}-{kind}"), mib, order, &mv);
+                c.ratio_vs_copy = Some(mv.mb_per_s / copy.mb_per_s.max(1e-9));
+                cases.push(c);
+            }
+        }
+    }
+    let minor = pager_shmem_continue(
+        "minor-continue-shmem",
+        plan("readahead"),
+        source,
+        len,
+        progress,
+    )?;
+    let mut c = case("minor-continue-shmem", mib, Order::Sequential, &minor);
+    c.ratio_vs_copy = Some(minor.mb_per_s / copy_anon_64k.mb_per_s.max(1e-9));
+    cases.push(c);
+    Ok(cases)
+}
+
 /// Runs the benchmark.
 pub fn run(args: Args) -> CmdResult {
     if let Err(e) = uffd::probe() {
@@ -266,123 +681,33 @@ pub fn run(args: Args) -> CmdResult {
     // outside the timings.
     source.populate()?;
     let mib = args.mib;
-    let plan = |name: &str| *PLANS.iter().find(|p| p.name == name).expect("known plan");
 
-    let mut cases = Vec::new();
-    let (ks, _) = kernel_baseline(
-        &snapshot.path,
-        len,
-        (Order::Sequential, Order::Sequential),
-        &progress,
-    )?;
-    let (_, kr) = kernel_baseline(
-        &snapshot.path,
-        len,
-        (Order::Random, Order::Random),
-        &progress,
-    )?;
-    let (kernel_seq, kernel_rand) = (ks, kr);
-    progress.done(&format!(
-        "{:<32} {:>8.0} MB/s sequential, {:.0} MB/s random (half the file each)",
-        "kernel fault-in", kernel_seq.mb_per_s, kernel_rand.mb_per_s
-    ));
-    cases.push(case(
-        "kernel-sequential",
-        mib / 2,
-        Order::Sequential,
-        &kernel_seq,
-    ));
-    cases.push(case("kernel-random", mib / 2, Order::Random, &kernel_rand));
-
-    let typical_seq = typical_handler(&source, len, Order::Sequential, &progress)?;
-    cases.push(case(
-        "typical-sequential",
-        mib,
-        Order::Sequential,
-        &typical_seq,
-    ));
-    let typical_rand = typical_handler(&source, len, Order::Random, &progress)?;
-    cases.push(case("typical-random", mib, Order::Random, &typical_rand));
-
-    let r = pager_anon(
-        "random-4k",
-        plan("copy-4k"),
-        Order::Random,
-        &source,
-        len,
-        &progress,
-    )?;
-    cases.push(case("random-4k", mib, Order::Random, &r));
-    let r = pager_anon(
-        "sequential-readahead",
-        plan("readahead"),
-        Order::Sequential,
-        &source,
-        len,
-        &progress,
-    )?;
-    let copy_anon_64k = r;
-    cases.push(case("sequential-readahead", mib, Order::Sequential, &r));
-    let r = pager_anon(
-        "full-restore",
-        plan("fill"),
-        Order::Random,
-        &source,
-        len,
-        &progress,
-    )?;
-    cases.push(case("full-restore", mib, Order::Random, &r));
-
-    let copy_2m = Plan {
-        name: "copy-2m",
-        strategy: Strategy::Copy,
-        granule: 2 << 20,
-        prefetch: Prefetch::None,
-        fill: false,
-    };
-    let copy = pager_anon(
-        "copy-2m",
-        copy_2m,
-        Order::Sequential,
-        &source,
-        len,
-        &progress,
-    )?;
-    cases.push(case("copy-2m", mib, Order::Sequential, &copy));
-    if have_move {
-        let mv = pager_anon(
-            "move-vs-copy",
-            plan("move-2m"),
-            Order::Sequential,
-            &source,
-            len,
-            &progress,
-        )?;
-        let mut c = case("move-vs-copy", mib, Order::Sequential, &mv);
-        c.ratio_vs_copy = Some(mv.mb_per_s / copy.mb_per_s.max(1e-9));
-        cases.push(c);
-    } else {
-        progress.done("move-vs-copy: skipped, this kernel has no UFFDIO_MOVE");
-    }
-    let minor = pager_shmem_continue(
-        "minor-continue-shmem",
-        plan("readahead"),
-        &source,
-        len,
-        &progress,
-    )?;
-    let mut c = case("minor-continue-shmem", mib, Order::Sequential, &minor);
-    c.ratio_vs_copy = Some(minor.mb_per_s / copy_anon_64k.mb_per_s.max(1e-9));
-    cases.push(c);
-
-    for c in &mut cases {
-        let (k, t) = match c.order {
-            Order::Sequential => (&kernel_seq, &typical_seq),
-            Order::Random => (&kernel_rand, &typical_rand),
+    let mut rounds: Vec<Vec<Case>> = Vec::new();
+    for round in 0..args.rounds {
+        progress.done(&format!("round {} of {}", round + 1, args.rounds));
+        let mut cases = bench_round(&snapshot.path, &source, len, mib, have_move, &progress)?;
+        let find = |cases: &[Case], name: &str| {
+            cases
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.mb_per_s)
+                .unwrap_or(0.0)
         };
-        c.ratio_vs_kernel = c.mb_per_s / k.mb_per_s.max(1e-9);
-        c.ratio_vs_typical = c.mb_per_s / t.mb_per_s.max(1e-9);
+        let kernel_seq = find(&cases, "kernel-sequential");
+        let kernel_rand = find(&cases, "kernel-random");
+        let typical_seq = find(&cases, "typical-sequential");
+        let typical_rand = find(&cases, "typical-random");
+        for c in &mut cases {
+            let (k, t) = match c.order {
+                Order::Sequential => (kernel_seq, typical_seq),
+                Order::Random => (kernel_rand, typical_rand),
+            };
+            c.ratio_vs_kernel = c.mb_per_s / k.max(1e-9);
+            c.ratio_vs_typical = c.mb_per_s / t.max(1e-9);
+        }
+        rounds.push(cases);
     }
+    let cases = medians(&rounds);
     if args.json {
         println!("{}", serde_json::json!({ "cases": cases }));
     } else {

@@ -361,43 +361,69 @@ struct KernelReport {
 
 /// The kernel's own fault-in of the file (MAP_PRIVATE, read): the
 /// baseline. Returns (sequential over the first half, random over the
-/// second half).
+/// second half), the same split as the pager's workload in `run_plan`.
+/// The caller warms the page cache first ([`FileSource::populate`]), so
+/// the kernel and the pager read the same cached pages.
 pub(crate) fn kernel_baseline(
     path: &Path,
     len: u64,
     orders: (Order, Order),
     progress: &ProgressLine,
 ) -> std::io::Result<(PhaseResult, PhaseResult)> {
-    let file = File::open(path)?;
-    // Warm the page cache (a restore server's snapshot is usually cached).
-    let _ = rustix::fs::fadvise(
-        &file,
-        0,
-        std::num::NonZeroU64::new(len),
-        rustix::fs::Advice::WillNeed,
-    );
-    // SAFETY: a fresh private read-only mapping of our own file.
-    let map = unsafe {
-        rustix::mm::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            rustix::mm::ProtFlags::READ,
-            rustix::mm::MapFlags::PRIVATE,
-            &file,
-            0,
-        )
-    }?;
+    let map = PrivateFileMap::new(path, len)?;
     let half = len / 4096 / 2;
-    let base = map.cast::<u8>().cast_const();
-    let first = touch(base, 0, half, orders.0, |n| {
+    let first = touch(map.base(), 0, half, orders.0, |n| {
         progress.update("kernel fault-in", n, half * 2)
     });
-    let second = touch(base, half, len / 4096 - half, orders.1, |n| {
+    let second = touch(map.base(), half, len / 4096 - half, orders.1, |n| {
         progress.update("kernel fault-in", half + n, half * 2)
     });
-    // SAFETY: unmapping the mapping made above; nothing refers to it.
-    unsafe { rustix::mm::munmap(map, len as usize) }?;
     Ok((first, second))
+}
+
+/// The kernel's fault-in of the whole file in one order, on a fresh
+/// private mapping (the page cache warmed by the caller).
+pub(crate) fn kernel_fault_in(path: &Path, len: u64, order: Order) -> std::io::Result<PhaseResult> {
+    let map = PrivateFileMap::new(path, len)?;
+    Ok(touch(map.base(), 0, len / 4096, order, |_| {}))
+}
+
+/// A read-only MAP_PRIVATE mapping of a file, unmapped on drop.
+struct PrivateFileMap {
+    ptr: *mut std::ffi::c_void,
+    len: usize,
+}
+
+impl PrivateFileMap {
+    fn new(path: &Path, len: u64) -> std::io::Result<PrivateFileMap> {
+        let file = File::open(path)?;
+        // SAFETY: a fresh private read-only mapping of our own file.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::PRIVATE,
+                &file,
+                0,
+            )
+        }?;
+        Ok(PrivateFileMap {
+            ptr,
+            len: len as usize,
+        })
+    }
+
+    fn base(&self) -> *const u8 {
+        self.ptr.cast::<u8>().cast_const()
+    }
+}
+
+impl Drop for PrivateFileMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in `new`; nothing refers to it.
+        let _ = unsafe { rustix::mm::munmap(self.ptr, self.len) };
+    }
 }
 
 /// Counts pages of `target` that differ from the file.
@@ -520,6 +546,11 @@ pub fn run(args: Args) -> CmdResult {
         snapshot.path.display(),
         t.elapsed().as_secs_f64()
     ));
+    let source = Arc::new(FileSource::open(&snapshot.path, FileMode::Mmap)?);
+    // A restore server maps its snapshot once for all VMs: pay that here,
+    // outside the timings. It also warms the page cache for the kernel's
+    // baseline, so both read the same cached pages.
+    source.populate()?;
     let (ks, kr) = kernel_baseline(
         &snapshot.path,
         len,
@@ -531,10 +562,6 @@ pub fn run(args: Args) -> CmdResult {
         args.mib,
         ks.seconds + kr.seconds
     ));
-    let source = Arc::new(FileSource::open(&snapshot.path, FileMode::Mmap)?);
-    // A restore server maps its snapshot once for all VMs: pay that here,
-    // outside the timings.
-    source.populate()?;
     let mut reports = Vec::new();
     for plan in plans {
         reports.push(run_plan(
