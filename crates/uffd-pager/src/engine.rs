@@ -596,9 +596,27 @@ fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     let mut events = EventBuffer::new(128);
     let mut faults: Vec<(Pagefault, Instant)> = Vec::with_capacity(128);
     let mut deferred: Vec<(Pagefault, Instant)> = Vec::new();
+    let spin_budget = match shared.config.wait {
+        WaitMode::Spin(budget) => Some(budget),
+        WaitMode::Block => None,
+    };
+    // Low-latency mode spins on the non-blocking read itself (no poll
+    // before it), so a fault costs one read and its resolving ioctl; this
+    // is when the spin started finding nothing.
+    let mut idle_since: Option<Instant> = None;
     while !shared.stopping() && !target.gone.load(Ordering::Relaxed) {
-        if deferred.is_empty() && !wait_for_messages(shared, target) {
-            continue;
+        if deferred.is_empty() {
+            let spinning = match (spin_budget, idle_since) {
+                (Some(_), None) => true,
+                (Some(budget), Some(since)) => since.elapsed() < budget,
+                (None, _) => false,
+            };
+            if !spinning {
+                idle_since = None;
+                if !wait_for_messages(shared, target) {
+                    continue;
+                }
+            }
         }
         let read = match drain(shared, target, &mut events, &mut faults) {
             Ok(n) => n,
@@ -608,6 +626,14 @@ fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
                 break;
             }
         };
+        if read == 0 && deferred.is_empty() {
+            if spin_budget.is_some() && idle_since.is_none() {
+                idle_since = Some(Instant::now());
+            }
+            std::hint::spin_loop();
+            continue;
+        }
+        idle_since = None;
         if !deferred.is_empty() {
             if read == 0 {
                 // The pending event is being applied by another thread, or
@@ -640,23 +666,6 @@ fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
 
 /// Waits until messages may be readable; false when stopping or gone.
 fn wait_for_messages(shared: &Shared, target: &Target) -> bool {
-    if let WaitMode::Spin(budget) = shared.config.wait {
-        let until = Instant::now() + budget;
-        loop {
-            let mut fds = [PollFd::new(&target.uffd, PollFlags::IN)];
-            let zero = rustix::time::Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            if matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0) {
-                return true;
-            }
-            if shared.stopping() || Instant::now() >= until {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-    }
     let pidfd = shared.pidfd.as_ref().filter(|_| target.watch_pid);
     let mut fds = vec![
         PollFd::new(&target.uffd, PollFlags::IN),
