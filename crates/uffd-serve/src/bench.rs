@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::{Mapping, MemoryKind};
 
-use crate::engine::{Engine, MemoryFile, OneByOneEngine, PagerEngine, PagerEngineConfig};
+use crate::engine::{Engine, OneByOneEngine, PagerEngine, PagerEngineConfig};
 use crate::server::{Server, ServerConfig};
 use crate::stats::VmReport;
 use crate::vmm::HandOver;
@@ -147,7 +147,7 @@ struct Restore {
 fn restore(
     dir: &Path,
     name: &str,
-    file: &Arc<MemoryFile>,
+    file_len: u64,
     engine: Arc<dyn Engine>,
     record: Option<PathBuf>,
     pages: &[u64],
@@ -157,7 +157,7 @@ fn restore(
     let server = Server::bind(
         ServerConfig {
             socket: socket.clone(),
-            file_len: file.len(),
+            file_len,
             allow_uid: None,
             record,
             stats_json: None,
@@ -169,11 +169,11 @@ fn restore(
     let handle = server.handle();
     let stats = server.stats();
     let runner = std::thread::spawn(move || server.run());
-    let guest = Mapping::new(MemoryKind::Anon, file.len() as usize)
-        .map_err(setup("mapping guest memory"))?;
+    let guest =
+        Mapping::new(MemoryKind::Anon, file_len as usize).map_err(setup("mapping guest memory"))?;
     let started = Instant::now();
     let handed = HandOver::new(&socket)
-        .region(guest.addr(), file.len(), 0, 4096)
+        .region(guest.addr(), file_len, 0, 4096)
         .send()
         .map_err(setup("handing guest memory over"));
     let handed = match handed {
@@ -261,7 +261,6 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
     let snapshot = dir.join("snapshot.mem");
     say(&format!("writing a {} MiB snapshot", config.size_mib));
     write_snapshot(&snapshot, size)?;
-    let file = Arc::new(MemoryFile::open(&snapshot).map_err(setup("opening the snapshot"))?);
     let source: Arc<dyn PageSource> = Arc::new(
         FileSource::open(&snapshot, FileMode::Mmap).map_err(setup("opening the snapshot"))?,
     );
@@ -293,7 +292,7 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
     let recorded = restore(
         dir,
         "record",
-        &file,
+        source.len(),
         uffd_engine(None, true, config.spin),
         Some(ws_path.clone()),
         &working,
@@ -319,7 +318,7 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
         runs[0].push(restore(
             dir,
             "prefetch",
-            &file,
+            source.len(),
             uffd_engine(Some(ws.clone()), false, Duration::ZERO),
             None,
             &working,
@@ -329,7 +328,7 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
         runs[1].push(restore(
             dir,
             "on-demand",
-            &file,
+            source.len(),
             uffd_engine(None, false, config.spin),
             None,
             &working,
@@ -341,8 +340,8 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
         runs[2].push(restore(
             dir,
             "one-by-one",
-            &file,
-            Arc::new(OneByOneEngine::new(file.clone())),
+            source.len(),
+            Arc::new(OneByOneEngine::new(source.clone())),
             None,
             &working,
             config.vcpus,

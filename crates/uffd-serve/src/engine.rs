@@ -10,14 +10,12 @@
 
 #![allow(unsafe_code)]
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
-use rustix::mm::{MapFlags, ProtFlags};
 use uffd::{CopyMode, Event, EventBuffer, Uffd};
 use uffd_pager::{PageSource, Pager, Strategy, WaitMode, WorkingSet};
 
@@ -59,67 +57,6 @@ pub trait RunningVm: Send {
     /// Stops every thread, waking any fault still waiting, and closes the
     /// server's copy of the userfaultfd.
     fn shutdown(&mut self);
-}
-
-/// The memory snapshot file, mapped read-only and shared by every VM.
-#[derive(Debug)]
-pub struct MemoryFile {
-    addr: usize,
-    len: u64,
-    _file: std::fs::File,
-}
-
-// SAFETY: the mapping is read-only and lives as long as this value; it is
-// only read through raw pointers handed to the kernel or copied from.
-unsafe impl Send for MemoryFile {}
-// SAFETY: as above.
-unsafe impl Sync for MemoryFile {}
-
-impl MemoryFile {
-    /// Opens and maps `path`.
-    pub fn open(path: &Path) -> std::io::Result<MemoryFile> {
-        let file = std::fs::File::open(path)?;
-        let len = file.metadata()?.len();
-        if len == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the memory file is empty",
-            ));
-        }
-        // SAFETY: a fresh read-only shared mapping of a file we opened; no
-        // Rust reference into it is ever created. The file must not be
-        // truncated meanwhile (as for any snapshot server).
-        let addr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                ProtFlags::READ,
-                MapFlags::SHARED,
-                &file,
-                0,
-            )
-        }?;
-        Ok(MemoryFile {
-            addr: addr as usize,
-            len,
-            _file: file,
-        })
-    }
-
-    /// The file's length.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Always false: empty files are refused.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    fn ptr(&self, offset: u64) -> *const u8 {
-        debug_assert!(offset < self.len);
-        (self.addr + offset as usize) as *const u8
-    }
 }
 
 /// Settings of the pager engine.
@@ -280,13 +217,14 @@ impl RunningVm for PagerVm {
 /// no zero-page detection, no wake after EEXIST.
 #[derive(Debug)]
 pub struct OneByOneEngine {
-    file: Arc<MemoryFile>,
+    source: Arc<dyn PageSource>,
 }
 
 impl OneByOneEngine {
-    /// A baseline engine serving from `file`.
-    pub fn new(file: Arc<MemoryFile>) -> Self {
-        Self { file }
+    /// A baseline engine serving from `source`, as the example does from
+    /// its mmap of the memory file.
+    pub fn new(source: Arc<dyn PageSource>) -> Self {
+        Self { source }
     }
 }
 
@@ -319,11 +257,11 @@ impl Engine for OneByOneEngine {
         let counters = Arc::new(BaselineCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let gone = Arc::new(AtomicBool::new(false));
-        let (c, s, g, file, regions) = (
+        let (c, s, g, source, regions) = (
             counters.clone(),
             stop.clone(),
             gone.clone(),
-            self.file.clone(),
+            self.source.clone(),
             regions.to_vec(),
         );
         let thread = std::thread::Builder::new()
@@ -352,17 +290,20 @@ impl Engine for OneByOneEngine {
                             continue;
                         };
                         c.faults.fetch_add(1, Relaxed);
-                        // SAFETY: the source lies inside the file mapping
-                        // (checked at the handshake); the destination is
-                        // the VMM's registered memory.
-                        let out = unsafe {
-                            uffd.copy(
-                                page,
-                                file.ptr(r.file_offset(page)),
-                                PAGE_4K,
-                                CopyMode::empty(),
-                            )
+                        let offset = r.file_offset(page);
+                        let mut scratch = [0u8; PAGE_4K as usize];
+                        let bytes = match source.mapped(offset, PAGE_4K as usize) {
+                            Some(mapped) => mapped,
+                            None => match source.read_at(offset, &mut scratch) {
+                                Ok(_) => &scratch[..],
+                                Err(_) => continue,
+                            },
                         };
+                        // SAFETY: `bytes` is a live 4 KiB slice (the source's
+                        // mapping or `scratch`); the destination is the VMM's
+                        // registered memory.
+                        let out =
+                            unsafe { uffd.copy(page, bytes.as_ptr(), PAGE_4K, CopyMode::empty()) };
                         match out {
                             Ok(uffd::Outcome::TargetGone) => g.store(true, Relaxed),
                             Ok(_) => {
