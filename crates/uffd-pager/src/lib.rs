@@ -40,6 +40,7 @@ mod config;
 mod engine;
 mod mem;
 mod region;
+mod sigbus;
 pub mod source;
 mod stats;
 mod workingset;
@@ -50,6 +51,10 @@ pub use engine::{
 };
 pub use mem::AlignedAnon;
 pub use region::Region;
+pub use sigbus::{
+    sigbus_handler_installed, SigbusError, SigbusPager, SigbusPagerBuilder, SigbusStats,
+    SignalSafeSource, MAX_SIGBUS_GRANULE,
+};
 pub use source::{
     Content, FileMode, FileSource, LayeredSource, MemorySource, PageSource, SourceError, ZeroSource,
 };

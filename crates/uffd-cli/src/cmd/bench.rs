@@ -16,8 +16,8 @@ use uffd_pager::{
 };
 
 use super::demo::{
-    kernel_fault_in, make_snapshot, open_uffd, prepare_target, touch, verify, Order, PhaseResult,
-    Plan, ProgressLine, PLANS, SPIN,
+    kernel_fault_in, make_snapshot, open_uffd, prepare_target, start_sigbus, touch, verify, Order,
+    PhaseResult, Plan, ProgressLine, PLANS, SPIN,
 };
 use super::CmdResult;
 
@@ -27,7 +27,9 @@ use super::CmdResult;
 /// kernel-sequential / kernel-random (baseline: mmap MAP_PRIVATE of the file,
 /// warm page cache), typical-sequential / typical-random (baseline: poll,
 /// read one message, one 4 KiB UFFDIO_COPY, one thread), random-4k,
-/// sequential-readahead, full-restore (background fill while random
+/// random-4k-sigbus (no handler thread: the faulting thread gets SIGBUS
+/// and copies its own 4 KiB page in the signal handler, so it never sleeps
+/// and is never woken; memory of this process only), sequential-readahead, full-restore (background fill while random
 /// touches run; time until every page is present), copy-2m and
 /// move-vs-copy (UFFDIO_MOVE of 2 MiB huge pages from a recycled staging
 /// buffer vs COPY of the same granules), copy-anon-64k and
@@ -392,6 +394,38 @@ fn fill_recycled(
     })
 }
 
+/// SIGBUS mode: the touching thread serves its own faults in a signal
+/// handler, `granule` bytes per fault; verified like the others.
+fn pager_sigbus(
+    name: &str,
+    granule: u64,
+    order: Order,
+    source: &Arc<FileSource>,
+    len: u64,
+    progress: &ProgressLine,
+) -> Result<PhaseResult, BoxError> {
+    let target = AlignedAnon::new(len as usize)?;
+    let pager = start_sigbus(&target, source, granule)?;
+    let pages = len / 4096;
+    let result = touch(target.as_ptr(), 0, pages, order, |n| {
+        progress.update(name, n, pages)
+    });
+    let stats = pager.shutdown();
+    let bad = verify(&target, source, len);
+    if bad != 0 || stats.failed != 0 {
+        return Err(format!(
+            "{name}: {bad} pages differ from the snapshot, {} faults failed",
+            stats.failed
+        )
+        .into());
+    }
+    progress.done(&format!(
+        "{name:<32} {:>8.0} MB/s  ({} faults, handler p50 {:.1} µs)",
+        result.mb_per_s, stats.faults, stats.latency.p50_us
+    ));
+    Ok(result)
+}
+
 /// Runs `plan` with `order` into anonymous memory, verifies it.
 fn pager_anon(
     name: &str,
@@ -585,6 +619,15 @@ fn bench_round(
         progress,
     )?;
     cases.push(case("random-4k", mib, Order::Random, &r));
+    let r = pager_sigbus(
+        "random-4k-sigbus",
+        4096,
+        Order::Random,
+        source,
+        len,
+        progress,
+    )?;
+    cases.push(case("random-4k-sigbus", mib, Order::Random, &r));
     let r = pager_anon(
         "sequential-readahead",
         plan("readahead"),
@@ -611,6 +654,7 @@ fn bench_round(
         granule: 2 << 20,
         prefetch: Prefetch::None,
         fill: false,
+        sigbus: false,
     };
     let copy = pager_anon("copy-2m", copy_2m, Order::Sequential, source, len, progress)?;
     cases.push(case("copy-2m", mib, Order::Sequential, &copy));

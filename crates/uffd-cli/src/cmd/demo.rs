@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::{Features, OpenOptions, RegisterMode};
 use uffd_pager::{
-    AlignedAnon, FileMode, FileSource, Histogram, PageSource, Pager, Prefetch, Region, Stats,
-    Strategy, WaitMode,
+    AlignedAnon, FileMode, FileSource, Histogram, PageSource, Pager, Prefetch, Region, SigbusPager,
+    SignalSafeSource, Stats, Strategy, WaitMode,
 };
 
 use super::CmdResult;
@@ -32,7 +32,10 @@ use super::CmdResult;
 /// Strategies: copy-4k (one 4 KiB UFFDIO_COPY per fault), readahead (64 KiB
 /// granules plus an adaptive window up to 2 MiB), move-2m (UFFDIO_MOVE of
 /// whole 2 MiB huge pages from a recycled staging buffer), fill (readahead
-/// plus a background thread filling everything, demand faults first).
+/// plus a background thread filling everything, demand faults first),
+/// sigbus (no handler thread: the faulting thread gets SIGBUS and installs
+/// the page itself in its signal handler, one 4 KiB UFFDIO_COPY; for memory
+/// of this process only, so a VMM's remote userfaultfd cannot use it).
 ///
 /// Exit status: 0 when every byte matched, 1 on a mismatch or error.
 #[derive(Debug, clap::Args)]
@@ -40,11 +43,12 @@ pub struct Args {
     /// Snapshot size in MiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(4..=65536))]
     mib: u64,
-    /// Strategies to run, comma separated: copy-4k, readahead, move-2m, fill.
+    /// Strategies to run, comma separated: copy-4k, readahead, move-2m,
+    /// fill, sigbus.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "copy-4k,readahead,move-2m,fill"
+        default_value = "copy-4k,readahead,move-2m,fill,sigbus"
     )]
     strategy: Vec<String>,
     /// Handler threads per userfaultfd.
@@ -69,15 +73,20 @@ pub(crate) struct Plan {
     pub granule: u64,
     pub prefetch: Prefetch,
     pub fill: bool,
+    /// Served by the faulting thread itself in a SIGBUS handler
+    /// ([`SigbusPager`]) instead of handler threads; `strategy` and
+    /// `prefetch` do not apply, `granule` does.
+    pub sigbus: bool,
 }
 
-pub(crate) const PLANS: [Plan; 4] = [
+pub(crate) const PLANS: [Plan; 5] = [
     Plan {
         name: "copy-4k",
         strategy: Strategy::Copy,
         granule: 4096,
         prefetch: Prefetch::None,
         fill: false,
+        sigbus: false,
     },
     Plan {
         name: "readahead",
@@ -85,6 +94,7 @@ pub(crate) const PLANS: [Plan; 4] = [
         granule: 64 << 10,
         prefetch: Prefetch::Readahead { max_bytes: 2 << 20 },
         fill: false,
+        sigbus: false,
     },
     Plan {
         name: "move-2m",
@@ -92,6 +102,7 @@ pub(crate) const PLANS: [Plan; 4] = [
         granule: 2 << 20,
         prefetch: Prefetch::None,
         fill: false,
+        sigbus: false,
     },
     Plan {
         name: "fill",
@@ -99,6 +110,15 @@ pub(crate) const PLANS: [Plan; 4] = [
         granule: 64 << 10,
         prefetch: Prefetch::Readahead { max_bytes: 2 << 20 },
         fill: true,
+        sigbus: false,
+    },
+    Plan {
+        name: "sigbus",
+        strategy: Strategy::Copy,
+        granule: 4096,
+        prefetch: Prefetch::None,
+        fill: false,
+        sigbus: true,
     },
 ];
 
@@ -461,6 +481,9 @@ fn run_plan(
     progress: &ProgressLine,
 ) -> Result<StrategyReport, Box<dyn std::error::Error + Send + Sync>> {
     let len = snapshot.len;
+    if plan.sigbus {
+        return run_sigbus_plan(plan, snapshot, source, progress);
+    }
     let uffd = open_uffd(plan.strategy)?;
     let target = AlignedAnon::new(len as usize)?;
     prepare_target(&target, plan.strategy)?;
@@ -513,6 +536,80 @@ fn run_plan(
     })
 }
 
+/// Starts a SIGBUS-mode pager over all of `target`, served from `source`
+/// by the faulting threads themselves.
+pub(crate) fn start_sigbus(
+    target: &AlignedAnon,
+    source: &Arc<FileSource>,
+    granule: u64,
+) -> Result<SigbusPager, uffd_pager::SigbusError> {
+    let region = Region::new(target.addr(), target.len() as u64, 0, 4096);
+    // SAFETY: `target` is a fresh anonymous mapping of this process that
+    // outlives the pager (callers shut it down first) and that nothing
+    // reads before the pager fills it.
+    unsafe {
+        SigbusPager::builder(SignalSafeSource::file(Arc::clone(source)))
+            .granule(granule)
+            .start(vec![region])
+    }
+}
+
+/// [`run_plan`] for a SIGBUS-mode plan: same workload, same checks.
+fn run_sigbus_plan(
+    plan: Plan,
+    snapshot: &Snapshot,
+    source: &Arc<FileSource>,
+    progress: &ProgressLine,
+) -> Result<StrategyReport, Box<dyn std::error::Error + Send + Sync>> {
+    let len = snapshot.len;
+    let target = AlignedAnon::new(len as usize)?;
+    let started = Instant::now();
+    let pager = start_sigbus(&target, source, plan.granule)?;
+    let pages = len / 4096;
+    let half = pages / 2;
+    let label = format!("{} restore", plan.name);
+    let sequential = touch(target.as_ptr(), 0, half, Order::Sequential, |n| {
+        progress.update(&label, n, pages)
+    });
+    let faults_sequential = pager.stats().faults;
+    let random = touch(target.as_ptr(), half, pages - half, Order::Random, |n| {
+        progress.update(&label, half + n, pages)
+    });
+    let total_seconds = started.elapsed().as_secs_f64();
+    let s = pager.shutdown();
+    let mismatched_pages = verify(&target, source, len);
+    progress.done(&format!(
+        "{:<10} restored {} MiB in {:.2}s, {} faults, {} mismatched pages",
+        plan.name,
+        len >> 20,
+        total_seconds,
+        s.faults,
+        mismatched_pages
+    ));
+    if s.failed != 0 {
+        return Err(format!("{}: {} faults could not be served", plan.name, s.failed).into());
+    }
+    let stats = Stats {
+        faults_missing: s.faults,
+        pages_copied: s.pages_copied,
+        pages_zero: s.pages_zero,
+        eexist: s.eexist,
+        eagain: s.eagain,
+        latency: s.latency,
+        ..Stats::default()
+    };
+    Ok(StrategyReport {
+        strategy: plan.name,
+        sequential,
+        random,
+        faults_sequential,
+        faults_random: s.faults - faults_sequential,
+        total_seconds,
+        mismatched_pages,
+        stats,
+    })
+}
+
 /// Runs the demo.
 pub fn run(args: Args) -> CmdResult {
     let plans: Vec<Plan> = args
@@ -525,7 +622,7 @@ pub fn run(args: Args) -> CmdResult {
                 .copied()
                 .ok_or_else(|| {
                     format!(
-                        "unknown strategy {name:?}; expected copy-4k, readahead, move-2m or fill"
+                        "unknown strategy {name:?}; expected copy-4k, readahead, move-2m, fill or sigbus"
                     )
                 })
         })

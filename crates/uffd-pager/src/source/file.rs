@@ -109,8 +109,9 @@ impl FileSource {
         self.mode
     }
 
-    /// True if `offset..end` lies entirely in holes.
-    fn is_hole(&self, offset: u64, end: u64) -> bool {
+    /// True if `offset..end` lies entirely in holes. Async-signal-safe: a
+    /// binary search of an immutable vector.
+    pub(crate) fn is_hole(&self, offset: u64, end: u64) -> bool {
         // The first extent that ends after `offset`.
         let i = self.data.partition_point(|&(_, e)| e <= offset);
         match self.data.get(i) {
@@ -136,6 +137,23 @@ impl FileSource {
                 Err(errno) => {
                     return Err(SourceError::from_io(offset, buf.len() as u64, errno.into()))
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` with `pread(2)` only: no
+    /// allocation, no lock, errno untouched (raw system calls), so the
+    /// SIGBUS handler can call it. EINTR is retried; end of file is
+    /// `Errno::NXIO`.
+    pub(crate) fn pread_signal_safe(&self, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(&self.file, &mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(Errno::NXIO),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => continue,
+                Err(errno) => return Err(errno),
             }
         }
         Ok(())
