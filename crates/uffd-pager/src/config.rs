@@ -93,6 +93,7 @@ pub(crate) struct Config {
     pub record: bool,
     pub source_retries: u32,
     pub detect_zero_pages: bool,
+    pub content_in_place: bool,
     pub target_pid: Option<i32>,
     pub name: String,
 }
@@ -110,6 +111,7 @@ impl Default for Config {
             record: false,
             source_retries: 3,
             detect_zero_pages: true,
+            content_in_place: false,
             target_pid: None,
             name: "pager".into(),
         }

@@ -178,6 +178,17 @@ impl PagerBuilder {
         self
     }
 
+    /// [`Strategy::Continue`] only: the page cache of the regions' file
+    /// already holds the content (the snapshot *is* that shmem/tmpfs file,
+    /// or something else filled it), so a fault is answered with
+    /// `UFFDIO_CONTINUE` alone: nothing is read from the source and nothing
+    /// is written through the alias (except zeros for pages a REMOVE event
+    /// dropped). Zero-copy restore; default off.
+    pub fn content_in_place(mut self, on: bool) -> Self {
+        self.config.content_in_place = on;
+        self
+    }
+
     /// The target's process id: its exit (seen through a pidfd) stops the
     /// handlers as if an ioctl had returned ESRCH.
     pub fn target_pid(mut self, pid: i32) -> Self {
@@ -490,6 +501,12 @@ fn validate(config: &Config, uffd: &Uffd, regions: &[Region]) -> Result<(), Page
             len: r.len,
             why,
         })?;
+        if config.content_in_place && config.strategy != Strategy::Continue {
+            return Err(PagerError::Config(
+                "content_in_place needs Strategy::Continue (a MINOR-registered shmem or hugetlbfs region)"
+                    .into(),
+            ));
+        }
         if config.strategy == Strategy::Continue && r.alias().is_none() {
             return Err(PagerError::Config(
                 "Strategy::Continue needs an alias mapping for every region (Region::with_alias)"
@@ -1113,8 +1130,15 @@ impl<'a> Worker<'a> {
         let all_zero_claims = claims.iter().all(|&c| c == state::CLAIMED_ZERO);
         let strategy = self.strategy();
         // Where the bytes end up before the ioctl.
+        let in_place = self.shared.config.content_in_place;
         let fetched = if all_zero_claims {
             Ok((Content::Zero, std::ptr::null::<u8>()))
+        } else if in_place {
+            // The page cache holds the content already: map it as it is.
+            let alias = span
+                .alias_of(from)
+                .expect("validated: Continue has an alias");
+            Ok((Content::Data, alias.cast_const()))
         } else if strategy == Strategy::Continue {
             let alias = span
                 .alias_of(from)
@@ -1160,7 +1184,7 @@ impl<'a> Worker<'a> {
         let zero_page = |k: usize| -> bool {
             claims[k] == state::CLAIMED_ZERO
                 || content == Content::Zero
-                || (self.shared.config.detect_zero_pages && {
+                || (self.shared.config.detect_zero_pages && !in_place && {
                     // SAFETY: `src` holds `len` readable bytes (the source's
                     // mapping, the alias or the staging buffer).
                     let page = unsafe {
@@ -1195,10 +1219,12 @@ impl<'a> Worker<'a> {
                     }
                 }
             }
-            Counters::add(
-                &self.shared.counters.pages_written_through_alias,
-                kinds.iter().filter(|&&k| k == 2).count() as u64,
-            );
+            if !in_place {
+                Counters::add(
+                    &self.shared.counters.pages_written_through_alias,
+                    kinds.iter().filter(|&&k| k == 2).count() as u64,
+                );
+            }
         }
 
         // Install under the read lock, after checking no event overtook us.
@@ -1302,6 +1328,32 @@ impl<'a> Worker<'a> {
                         installed: len,
                         existing: 0,
                     });
+                }
+                let result = uffd.continue_all(addr, len, ps, ContinueMode::empty());
+                let hole = matches!(
+                    result,
+                    Err(uffd::Error::Ioctl {
+                        errno: uffd::Errno::FAULT,
+                        ..
+                    })
+                );
+                if !(hole && self.shared.config.content_in_place) {
+                    return result;
+                }
+                // Content in place, but the run has holes (pages not in the
+                // page cache: CONTINUE fails with EFAULT). A hole reads as
+                // zeros: allocate it as such with an atomic OR of zero into
+                // one byte through the alias, which leaves pages that exist
+                // unchanged, then map the run again.
+                for page in 0..(len / ps) as usize {
+                    // SAFETY: in place, `data` is the run's alias address
+                    // (writable, shared, mapped for the pager's life by
+                    // `Region::with_alias`'s contract); an atomic OR of 0
+                    // never changes a byte, even under a concurrent writer.
+                    unsafe {
+                        let byte = data.cast_mut().add(page * ps as usize);
+                        std::sync::atomic::AtomicU8::from_ptr(byte).fetch_or(0, Ordering::Relaxed);
+                    }
                 }
                 uffd.continue_all(addr, len, ps, ContinueMode::empty())
             }

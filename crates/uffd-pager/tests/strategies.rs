@@ -140,6 +140,94 @@ fn minor_continue_on_shmem_through_the_alias() {
     assert!(stats.faults_minor > 0, "{stats:?}");
 }
 
+/// A source that must never be read (content in place).
+#[derive(Debug)]
+struct UnreadableSource(u64);
+
+impl uffd_pager::PageSource for UnreadableSource {
+    fn len(&self) -> u64 {
+        self.0
+    }
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<uffd_pager::Content, uffd_pager::SourceError> {
+        Err(uffd_pager::SourceError::Failed {
+            offset,
+            len: buf.len() as u64,
+            source: std::io::Error::other("content_in_place must not read the source"),
+        })
+    }
+    fn describe(&self) -> String {
+        "unreadable".into()
+    }
+}
+
+#[test]
+fn minor_continue_with_content_in_place_maps_without_copying() {
+    if !uffd_available() {
+        return;
+    }
+    let uffd = open(Features::MINOR_SHMEM);
+    if !uffd.features().contains(Features::MINOR_SHMEM) {
+        eprintln!("SKIP: no MINOR_SHMEM");
+        return;
+    }
+    let memory = Arc::new(Mapping::new(MemoryKind::Shmem, LEN).unwrap());
+    // The snapshot is already in the memfd's page cache, zero pages included.
+    let mut bytes = pattern(LEN, 21);
+    for page in bytes.chunks_mut(4096).step_by(3) {
+        page.fill(0);
+    }
+    memory.write_alias(0, &bytes);
+    // Holes inside readahead windows: 64 KiB at 1 MiB and one page at 2 MiB
+    // + 8 KiB are not in the page cache and must read as zeros.
+    for (at, len) in [(1 << 20, 64 << 10), ((2 << 20) + 8192, 4096)] {
+        bytes[at..at + len].fill(0);
+        rustix::fs::fallocate(
+            memory.file().unwrap(),
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            at as u64,
+            len as u64,
+        )
+        .unwrap();
+    }
+    uffd.register(memory.addr(), LEN as u64, RegisterMode::MINOR)
+        .unwrap();
+    // SAFETY: the alias lives as long as `memory`, which outlives the pager,
+    // and is not referenced while the pager runs.
+    let region = unsafe {
+        Region::new(memory.addr(), LEN as u64, 0, 4096).with_alias(memory.alias_ptr().unwrap())
+    };
+    let pager = Pager::builder(Arc::new(UnreadableSource(LEN as u64)))
+        .strategy(Strategy::Continue)
+        .content_in_place(true)
+        .granule(64 << 10)
+        .prefetch(Prefetch::Readahead { max_bytes: 2 << 20 })
+        .start(uffd, vec![region])
+        .unwrap();
+    assert_same(&read_all(&memory, "reading shmem"), &bytes, "in place");
+    let stats = pager.shutdown();
+    assert!(stats.pages_continued > 0, "{stats:?}");
+    assert_eq!(stats.pages_written_through_alias, 0, "{stats:?}");
+    assert_eq!(stats.poisoned, 0, "{stats:?}");
+}
+
+#[test]
+fn content_in_place_needs_continue() {
+    if !uffd_available() {
+        return;
+    }
+    let memory = AlignedAnon::new(1 << 20).unwrap();
+    let uffd = open(Features::empty());
+    let (source, _) = pattern_source(1 << 20, 1);
+    let r = Pager::builder(source)
+        .content_in_place(true)
+        .start(uffd, vec![Region::new(memory.addr(), 1 << 20, 0, 4096)]);
+    assert!(r.is_err(), "content_in_place with Copy must be refused");
+}
+
 #[test]
 fn hugetlb_2m_pages_by_copy_and_by_continue() {
     if !uffd_available() {
