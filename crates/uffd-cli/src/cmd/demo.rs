@@ -31,7 +31,8 @@ use super::CmdResult;
 ///
 /// Strategies: copy-4k (one 4 KiB UFFDIO_COPY per fault), readahead (64 KiB
 /// granules plus an adaptive window up to 2 MiB), move-2m (UFFDIO_MOVE of
-/// whole 2 MiB huge pages from a recycled staging buffer), fill (readahead
+/// whole 2 MiB huge pages from a staging buffer; each move takes the
+/// buffer's pages, so the next fault allocates fresh ones), fill (readahead
 /// plus a background thread filling everything, demand faults first),
 /// sigbus (no handler thread: the faulting thread gets SIGBUS and installs
 /// the page itself in its signal handler, one 4 KiB UFFDIO_COPY; for memory
