@@ -47,7 +47,8 @@ mod workingset;
 
 pub use config::{Prefetch, Strategy, WaitMode, BATCH_BYTES};
 pub use engine::{
-    register, Pager, PagerBuilder, PagerError, PoisonedPage, Progress, ShutdownHandle,
+    register, Detached, Pager, PagerBuilder, PagerError, PoisonedPage, Progress, RegisteredRange,
+    ShutdownHandle, StillRegistered,
 };
 pub use mem::AlignedAnon;
 pub use region::Region;
