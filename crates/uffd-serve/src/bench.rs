@@ -162,6 +162,7 @@ fn restore(
             record,
             stats_json: None,
             handshake_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
         },
         engine,
     )

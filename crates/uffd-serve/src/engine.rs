@@ -20,7 +20,7 @@ use uffd::{CopyMode, Event, EventBuffer, Uffd};
 use uffd_pager::{PageSource, Pager, Strategy, WaitMode, WorkingSet};
 
 use crate::protocol::{Region, PAGE_4K};
-use crate::stats::{EngineStats, LatencyHistogram};
+use crate::stats::{DrainReport, EngineStats, LatencyHistogram, RegisteredRange};
 
 /// Why an engine could not start serving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,21 @@ pub trait RunningVm: Send {
     /// Stops every thread, waking any fault still waiting, and closes the
     /// server's copy of the userfaultfd.
     fn shutdown(&mut self);
+    /// For a VM that runs on after the server stops: makes it independent
+    /// of the server (every page installed, every range unregistered)
+    /// within `timeout`, then shuts down as [`RunningVm::shutdown`] does.
+    /// The default only shuts down and says so.
+    fn detach(&mut self, timeout: Duration) -> DrainReport {
+        let _ = timeout;
+        self.shutdown();
+        DrainReport {
+            outcome: "not-supported".into(),
+            installed_pages: 0,
+            unregistered_bytes: 0,
+            still_registered: Vec::new(),
+            poisoned_pages: 0,
+        }
+    }
 }
 
 /// Settings of the pager engine.
@@ -208,6 +223,51 @@ impl RunningVm for PagerVm {
                 self.last_working_set = Some(pager.working_set());
             }
             self.last = engine_stats(&pager.shutdown());
+        }
+    }
+    fn detach(&mut self, timeout: Duration) -> DrainReport {
+        let Some(pager) = self.pager.take() else {
+            return DrainReport {
+                outcome: "already-stopped".into(),
+                installed_pages: 0,
+                unregistered_bytes: 0,
+                still_registered: Vec::new(),
+                poisoned_pages: 0,
+            };
+        };
+        if self.record {
+            self.last_working_set = Some(pager.working_set());
+        }
+        let (outcome, detached) = match pager.detach(timeout) {
+            Ok(d) => ("released", d),
+            Err(uffd_pager::PagerError::DetachIncomplete(d)) => ("incomplete", *d),
+            Err(e) => {
+                // Not produced by today's pager; reported rather than trusted.
+                tracing::error!("the drain failed: {e}");
+                return DrainReport {
+                    outcome: format!("failed: {e}"),
+                    installed_pages: 0,
+                    unregistered_bytes: 0,
+                    still_registered: Vec::new(),
+                    poisoned_pages: 0,
+                };
+            }
+        };
+        self.last = engine_stats(&detached.stats);
+        DrainReport {
+            outcome: outcome.into(),
+            installed_pages: detached.installed_pages,
+            unregistered_bytes: detached.unregistered_bytes,
+            still_registered: detached
+                .still_registered
+                .iter()
+                .map(|r| RegisteredRange {
+                    start: r.start,
+                    len: r.len,
+                    why: r.why.to_string(),
+                })
+                .collect(),
+            poisoned_pages: detached.poisoned.len() as u64,
         }
     }
 }

@@ -21,7 +21,7 @@ use rustix::process::{Pid, PidfdFlags};
 
 use crate::engine::{Engine, RunningVm};
 use crate::handshake::{self, Handshake, HandshakeError, HandshakePolicy};
-use crate::stats::{Refusal, StatsLog, VmReport};
+use crate::stats::{DrainReport, Refusal, StatsLog, VmReport};
 
 /// What the server needs to know.
 #[derive(Debug, Clone)]
@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub stats_json: Option<PathBuf>,
     /// How long a peer may take to send its handshake.
     pub handshake_timeout: Duration,
+    /// At shutdown, how long each VM still running may take to become
+    /// independent of the server (every page installed, every range
+    /// unregistered; see [`RunningVm::detach`]).
+    pub drain_timeout: Duration,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -84,8 +88,10 @@ struct Control {
 }
 
 impl ServerHandle {
-    /// Stops accepting, ends every VM's serving (threads joined, working
-    /// sets and statistics written) and makes [`Server::run`] return.
+    /// Stops accepting, drains every VM still running (every page installed
+    /// and every range unregistered, so it runs on without the server; see
+    /// [`RunningVm::detach`]), writes working sets and statistics, and makes
+    /// [`Server::run`] return.
     pub fn shutdown(&self) {
         self.inner.stop.store(true, SeqCst);
         let _ = rustix::io::write(&self.inner.wake, &1u64.to_ne_bytes());
@@ -219,6 +225,7 @@ impl Server {
                             live: self.live.clone(),
                             record: self.config.record.clone(),
                             stats_json: self.config.stats_json.clone(),
+                            drain_timeout: self.config.drain_timeout,
                         };
                         match std::thread::Builder::new()
                             .name(format!("uffd-vm-{id}"))
@@ -276,6 +283,7 @@ struct VmWorker {
     live: Arc<Mutex<HashMap<u64, LiveVm>>>,
     record: Option<PathBuf>,
     stats_json: Option<PathBuf>,
+    drain_timeout: Duration,
 }
 
 impl VmWorker {
@@ -362,7 +370,17 @@ impl VmWorker {
                 }
             }
         };
-        vm.shutdown();
+        // A VM still running when the server stops keeps its own copy of
+        // the userfaultfd: closing ours would leave its next missing page
+        // waiting forever. Make it independent first.
+        let drain = if ended == "shutdown" && !vm.is_finished() {
+            let drain = vm.detach(self.drain_timeout);
+            log_drain(id, peer.pid, &drain);
+            Some(drain)
+        } else {
+            vm.shutdown();
+            None
+        };
         let recorded = self.save_working_set(vm.as_ref(), peer.pid);
         let report = VmReport {
             vm: id,
@@ -374,6 +392,7 @@ impl VmWorker {
             ended: ended.to_string(),
             engine: vm.stats(),
             recorded_pages: recorded,
+            drain,
         };
         drop(vm);
         drop(stream);
@@ -423,6 +442,47 @@ impl VmWorker {
                 None
             }
         }
+    }
+}
+
+fn log_drain(vm: u64, pid: i32, d: &DrainReport) {
+    match d.outcome.as_str() {
+        "released" => tracing::info!(
+            vm,
+            pid,
+            installed_pages = d.installed_pages,
+            unregistered_mib =
+                format_args!("{:.1}", d.unregistered_bytes as f64 / (1 << 20) as f64),
+            poisoned_pages = d.poisoned_pages,
+            "released: every page installed and unregistered; the VM runs on without the server"
+        ),
+        "incomplete" => {
+            for r in &d.still_registered {
+                tracing::error!(
+                    vm,
+                    pid,
+                    start = format_args!("{:#x}", r.start),
+                    len = r.len,
+                    why = %r.why,
+                    "range stays registered with no server: the VM will wait on a fault there"
+                );
+            }
+            tracing::error!(
+                vm,
+                pid,
+                installed_pages = d.installed_pages,
+                unregistered_mib =
+                    format_args!("{:.1}", d.unregistered_bytes as f64 / (1 << 20) as f64),
+                ranges = d.still_registered.len(),
+                "drain incomplete"
+            );
+        }
+        other => tracing::warn!(
+            vm,
+            pid,
+            outcome = other,
+            "serving stopped without a drain: the VM waits on its next missing page"
+        ),
     }
 }
 

@@ -138,6 +138,38 @@ pub struct VmReport {
     pub engine: EngineStats,
     /// Pages recorded in the working set, when recording.
     pub recorded_pages: Option<u64>,
+    /// What the server's drain did for a VM still running when the server
+    /// stopped (absent when the VMM had exited).
+    pub drain: Option<DrainReport>,
+}
+
+/// How a VM still running at server shutdown was left.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DrainReport {
+    /// `released`: every page installed and every range unregistered, the
+    /// VM runs on without the server. `incomplete`: `still_registered`
+    /// ranges depend on a handler that is gone (a fault there waits).
+    /// `not-supported`: the engine only stopped serving (baseline engine).
+    pub outcome: String,
+    /// Pages installed during the drain (fill and faults served meanwhile).
+    pub installed_pages: u64,
+    /// Bytes unregistered.
+    pub unregistered_bytes: u64,
+    /// Ranges left registered, and why.
+    pub still_registered: Vec<RegisteredRange>,
+    /// Pages poisoned (the file could not provide them): SIGBUS when read.
+    pub poisoned_pages: u64,
+}
+
+/// A range of the VMM's memory left registered by the drain.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegisteredRange {
+    /// Start address in the VMM.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Why its pages were not installed.
+    pub why: String,
 }
 
 /// Every VM's report, collected for `--stats-json`.

@@ -188,14 +188,19 @@ fn recorded_working_set_is_prefetched_on_the_next_restore() {
     );
 }
 
+/// The server stops (as on SIGTERM) while a VM that has touched only a tenth
+/// of its memory runs on, holding its own copy of the userfaultfd as
+/// Firecracker does. The drain installs every other page and unregisters
+/// the memory, so the VM then reads every byte correctly with no server at
+/// all (a page left missing and registered would hang it: bounded wait).
 #[test]
-fn shutdown_ends_a_connected_vm_and_returns() {
+fn shutdown_drains_a_running_vm_which_then_verifies_every_byte_without_the_server() {
     if uffd_denied() {
         return;
     }
     let dir = Scratch::new("e2e-stop");
     let mem = dir.path("mem");
-    memory_file(&mem, 4 * MIB);
+    memory_file(&mem, 8 * MIB);
     let mut server = TestServer::start(
         dir.path("sock"),
         &mem,
@@ -204,16 +209,49 @@ fn shutdown_ends_a_connected_vm_and_returns() {
             ..Default::default()
         },
     );
-    let guest = uffd::Mapping::new(uffd::MemoryKind::Anon, (4 * MIB) as usize).unwrap();
-    let handed = uffd_serve::vmm::HandOver::new(&server.socket)
-        .region(guest.addr(), 4 * MIB, 0, 4096)
-        .send()
+    let mut child = standin(&server.socket, &mem)
+        .args([
+            "--threads",
+            "2",
+            "--touch-percent",
+            "10",
+            "--balloon-every",
+            "13",
+            "--pause-before-verify",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    // One page served, so the VM is live.
-    assert_eq!(guest.read_byte(4096), 1u64.to_le_bytes()[0]);
+    let line = read_line(
+        &mut child,
+        "the stand-in VMM's touch phase",
+        Duration::from_secs(60),
+    );
+    assert_eq!(line.trim(), "touched");
     server.stop();
     let reports = server.stats.reports();
     assert_eq!(reports.len(), 1);
-    assert_eq!(reports[0].ended, "shutdown");
-    drop(handed);
+    let report = &reports[0];
+    assert_eq!(report.ended, "shutdown");
+    let drain = report.drain.as_ref().expect("a running VM is drained");
+    assert_eq!(drain.outcome, "released", "{drain:?}");
+    assert!(drain.still_registered.is_empty(), "{drain:?}");
+    assert_eq!(drain.unregistered_bytes, 8 * MIB, "{drain:?}");
+    assert!(
+        drain.installed_pages > 0,
+        "nine tenths of the pages were missing: {drain:?}"
+    );
+    // The server is gone; the VM verifies every byte now.
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"verify\n").unwrap();
+    let (ok, out) = finish(
+        child,
+        "the stand-in VMM after the server stopped",
+        Duration::from_secs(60),
+    );
+    assert!(
+        ok,
+        "the VM did not read its memory correctly without the server: {out}"
+    );
+    assert!(out.contains("\"mismatched_pages\":0"), "{out}");
 }

@@ -24,8 +24,12 @@ use super::CmdResult;
 /// Point Firecracker at it in the snapshot load request:
 ///   "mem_backend": {"backend_type": "Uffd", "backend_path": "/run/vm.uffd.sock"}
 ///
-/// Signals: SIGTERM or SIGINT stop accepting, end every VM's serving, write
-/// working sets and statistics, and exit. SIGUSR1 writes working sets now.
+/// Signals: SIGTERM or SIGINT stop accepting and drain every VM still
+/// running: its missing pages are installed from the file and its memory is
+/// unregistered, so it runs on without the server (bounded by
+/// --drain-timeout; ranges not installed in time stay registered and are
+/// logged). Then working sets and statistics are written and the server
+/// exits. SIGUSR1 writes working sets now.
 ///
 /// Examples:
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --record vm.ws
@@ -97,6 +101,12 @@ struct ServeArgs {
     /// How long a VMM may take to send its handshake, in milliseconds.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     handshake_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, how long each VM still running may take to be
+    /// drained: every page not yet installed is installed and its memory
+    /// unregistered, so it runs on without the server. Ranges not installed
+    /// in time stay registered (logged as errors): a VM touching them waits.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    drain_timeout: u64,
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -210,6 +220,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
             record: a.record,
             stats_json: a.stats_json,
             handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
+            drain_timeout: Duration::from_secs(a.drain_timeout),
         },
         engine,
     )?;

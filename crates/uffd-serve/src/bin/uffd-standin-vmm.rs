@@ -12,9 +12,14 @@
 //! Prints one JSON line and exits 0 when every byte matched, 1 on a
 //! mismatch, 2 when it could not set up.
 //!
+//! `--pause-before-verify` prints `touched` on its own line after step 4 and
+//! waits for a line on stdin before verifying: a test stops the server
+//! meanwhile and checks that the guest runs on without it.
+//!
 //! ```text
 //! uffd-standin-vmm --socket S --mem-file F [--size BYTES] [--regions N]
 //!     [--threads N] [--hugetlb] [--balloon-every N] [--touch-percent P]
+//!     [--pause-before-verify]
 //! ```
 
 use std::os::unix::fs::FileExt;
@@ -34,6 +39,7 @@ struct Options {
     hugetlb: bool,
     balloon_every: u64,
     touch_percent: u64,
+    pause_before_verify: bool,
 }
 
 fn parse() -> Result<Options, String> {
@@ -46,6 +52,7 @@ fn parse() -> Result<Options, String> {
         hugetlb: false,
         balloon_every: 0,
         touch_percent: 100,
+        pause_before_verify: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -60,6 +67,7 @@ fn parse() -> Result<Options, String> {
             "--hugetlb" => o.hugetlb = true,
             "--balloon-every" => o.balloon_every = number(value()?)?,
             "--touch-percent" => o.touch_percent = number(value()?)?.clamp(1, 100),
+            "--pause-before-verify" => o.pause_before_verify = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -153,6 +161,19 @@ fn run() -> Result<bool, String> {
                 .map_err(|e| format!("balloon MADV_DONTNEED: {e}"))?;
             ballooned += 1;
         }
+    }
+
+    if o.pause_before_verify {
+        use std::io::{BufRead, Write};
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "touched")
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("writing to stdout: {e}"))?;
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| format!("waiting on stdin: {e}"))?;
     }
 
     // Verify every byte, from several threads.

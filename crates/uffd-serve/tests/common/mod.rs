@@ -99,6 +99,7 @@ impl TestServer {
                 record,
                 stats_json: None,
                 handshake_timeout: Duration::from_secs(2),
+                drain_timeout: Duration::from_secs(10),
             },
             engine,
         )
@@ -209,6 +210,30 @@ pub fn finish(mut child: Child, what: &str, limit: Duration) -> (bool, String) {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads one line of a child's stdout (bounded: kills it and fails naming
+/// `what` if none arrives in `limit`).
+pub fn read_line(child: &mut Child, what: &str, limit: Duration) -> String {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send((line, reader.into_inner()));
+    });
+    match rx.recv_timeout(limit) {
+        Ok((line, stdout)) => {
+            child.stdout = Some(stdout);
+            line
+        }
+        Err(_) => {
+            let _ = child.kill();
+            panic!("stuck: {what} printed nothing within {limit:?}");
+        }
     }
 }
 
