@@ -363,8 +363,8 @@ impl SigbusPagerBuilder {
 }
 
 /// A pager in SIGBUS mode: faults of its regions are served by the
-/// faulting thread itself, in a SIGBUS handler. See the [module
-/// documentation](self) for how it works and its limits.
+/// faulting thread itself, in a SIGBUS handler. How it works and its
+/// limits are described at the top of this crate's `src/sigbus.rs`.
 ///
 /// Dropping it shuts it down like [`SigbusPager::shutdown`].
 pub struct SigbusPager {
