@@ -1,7 +1,8 @@
 //! SIGBUS mode: faulting threads serve their own faults in a SIGBUS
-//! handler. Each test runs in its own process (nextest), which owns the
-//! process-wide SIGBUS disposition; tests that must die re-run this test
-//! binary as a child process.
+//! handler. The SIGBUS disposition is process-wide: under nextest each test
+//! has its own process, and under plain `cargo test` the tests of this file
+//! take `DISPOSITION` so they never overlap. Tests that must die re-run this
+//! test binary as a child process.
 
 mod common;
 
@@ -17,6 +18,13 @@ use uffd_pager::{
 };
 
 const CHILD_ENV: &str = "UFFD_PAGER_SIGBUS_CHILD";
+
+/// Held by every test here that installs or checks the SIGBUS disposition.
+static DISPOSITION: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn own_disposition() -> std::sync::MutexGuard<'static, ()> {
+    DISPOSITION.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn sigbus_available() -> bool {
     if !uffd_available() {
@@ -121,6 +129,7 @@ fn serve_from_threads(source: SignalSafeSource, want: &[u8], granule: u64) {
 
 #[test]
 fn memory_source_many_threads() {
+    let _disposition = own_disposition();
     if !sigbus_available() {
         return;
     }
@@ -131,6 +140,7 @@ fn memory_source_many_threads() {
 
 #[test]
 fn file_mmap_source_granules() {
+    let _disposition = own_disposition();
     if !sigbus_available() {
         return;
     }
@@ -142,6 +152,7 @@ fn file_mmap_source_granules() {
 
 #[test]
 fn file_pread_source_granules() {
+    let _disposition = own_disposition();
     if !sigbus_available() {
         return;
     }
@@ -154,6 +165,7 @@ fn file_pread_source_granules() {
 
 #[test]
 fn zero_source() {
+    let _disposition = own_disposition();
     if !sigbus_available() {
         return;
     }
@@ -163,6 +175,7 @@ fn zero_source() {
 
 #[test]
 fn handler_uninstalled_on_shutdown() {
+    let _disposition = own_disposition();
     if !sigbus_available() {
         return;
     }
@@ -307,6 +320,7 @@ fn child_body(mode: &str) {
 
 #[test]
 fn genuine_sigbus_outside_ranges_kills() {
+    let _disposition = own_disposition();
     if let Ok(mode) = std::env::var(CHILD_ENV) {
         child_body(&mode);
         return;
@@ -321,6 +335,7 @@ fn genuine_sigbus_outside_ranges_kills() {
 
 #[test]
 fn unproducible_page_kills_not_zero() {
+    let _disposition = own_disposition();
     if let Ok(mode) = std::env::var(CHILD_ENV) {
         child_body(&mode);
         return;
