@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use uffd::{Features, Mapping, MemoryKind, OpenOptions, RegisterMode, Uffd};
+use uffd::{Features, Mapping, Uffd};
 use uffd_pager::{
     Content, PageSource, Pager, PagerError, Region, RegisteredRange, SourceError, StillRegistered,
 };
@@ -265,84 +265,39 @@ fn a_page_the_source_cannot_produce_stays_poisoned_after_detach() {
         eprintln!("SKIP: no UFFDIO_POISON");
         return;
     }
-    let (info_r, info_w) = rustix::pipe::pipe().unwrap();
     let (go_r, go_w) = rustix::pipe::pipe().unwrap();
     let (touched_r, touched_w) = rustix::pipe::pipe().unwrap();
-    // SAFETY: no other thread of this test runs yet; the child only maps,
-    // makes its userfaultfd, talks over the pipes and leaves with _exit.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        let code = (|| {
-            // Like Firecracker: EVENT_REMOVE only; POISON works on any
-            // userfaultfd of a kernel that has it.
-            let uffd = OpenOptions::new()
-                .non_blocking(true)
-                .features(Features::EVENT_REMOVE)
-                .open()
-                .ok()?;
-            let m = Mapping::new(MemoryKind::Anon, PAGES * 4096).ok()?;
-            uffd.register(m.addr(), m.len() as u64, RegisterMode::MISSING)
-                .ok()?;
-            let mut msg = [0u8; 16];
-            msg[..8].copy_from_slice(&(uffd.as_raw_fd() as u64).to_ne_bytes());
-            msg[8..].copy_from_slice(&m.addr().to_ne_bytes());
-            rustix::io::write(&info_w, &msg).ok()?;
-            let mut go = [0u8; 1];
-            rustix::io::read(&go_r, &mut go).ok()?;
-            for p in 0..4 {
-                if m.read_byte(p * 4096) != p as u8 + 1 {
+    // Like Firecracker: EVENT_REMOVE only; POISON works on any userfaultfd
+    // of a kernel that has it.
+    let RemoteTarget { pid, uffd, addr } = fork_target(PAGES, Features::EVENT_REMOVE, |m| {
+        let mut go = [0u8; 1];
+        rustix::io::read(&go_r, &mut go).ok()?;
+        for p in 0..4 {
+            if m.read_byte(p * 4096) != p as u8 + 1 {
+                return Some(2);
+            }
+        }
+        rustix::io::write(&touched_w, &[1]).ok()?;
+        rustix::io::read(&go_r, &mut go).ok()?;
+        // The pager is gone now; our copy of the userfaultfd is open.
+        for p in (0..PAGES).filter(|&p| p != BAD) {
+            for at in [0, 2048, 4095] {
+                if m.read_byte(p * 4096 + at) != p as u8 + 1 {
                     return Some(2);
                 }
             }
-            rustix::io::write(&touched_w, &[1]).ok()?;
-            rustix::io::read(&go_r, &mut go).ok()?;
-            // The pager is gone now; our copy of the userfaultfd is open.
-            for p in (0..PAGES).filter(|&p| p != BAD) {
-                for at in [0, 2048, 4095] {
-                    if m.read_byte(p * 4096 + at) != p as u8 + 1 {
-                        return Some(2);
-                    }
-                }
-            }
-            // Unregistered: a dropped page reads as zero (still registered,
-            // the REMOVE would wait for a reader that is gone: a hang).
-            m.advise(5 * 4096, 4096, rustix::mm::Advice::LinuxDontNeed)
-                .ok()?;
-            if m.read_byte(5 * 4096) != 0 {
-                return Some(5);
-            }
-            let _ = m.read_byte(BAD * 4096); // SIGBUS expected here
-            drop(uffd);
-            Some(3)
-        })()
-        .unwrap_or(4);
-        // SAFETY: leave without running the parent's destructors.
-        unsafe { libc::_exit(code) };
-    }
-    drop(info_w);
+        }
+        // Unregistered: a dropped page reads as zero (still registered,
+        // the REMOVE would wait for a reader that is gone: a hang).
+        m.advise(5 * 4096, 4096, rustix::mm::Advice::LinuxDontNeed)
+            .ok()?;
+        if m.read_byte(5 * 4096) != 0 {
+            return Some(5);
+        }
+        let _ = m.read_byte(BAD * 4096); // SIGBUS expected here
+        Some(3)
+    });
     drop(touched_w);
-    let mut msg = [0u8; 16];
-    let n = rustix::io::read(&info_r, &mut msg).unwrap();
-    assert_eq!(
-        n,
-        16,
-        "the target failed to set up (status {})",
-        wait_child(pid)
-    );
-    let fd = u64::from_ne_bytes(msg[..8].try_into().unwrap()) as i32;
-    let addr = u64::from_ne_bytes(msg[8..].try_into().unwrap());
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(pid).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    let theirs =
-        rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
-            .unwrap();
-    // SAFETY: a fresh fd we own (pidfd_getfd duplicated it into our table).
-    let theirs = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(theirs)) };
-    let uffd = Uffd::from_fd(theirs, Features::EVENT_REMOVE).unwrap();
     let pager = Pager::builder(Arc::new(FailingSource))
         .source_retries(0)
         .target_pid(pid)

@@ -6,12 +6,12 @@
 mod common;
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use uffd::{Features, Mapping, MemoryKind, OpenOptions, RegisterMode, Uffd};
+use uffd::Features;
 use uffd_pager::{Content, FileMode, FileSource, PageSource, Pager, Region, SourceError};
 
 const PAGES: usize = 8;
@@ -57,60 +57,16 @@ fn run_remote_target(source: Arc<dyn PageSource>, first_byte: u8) -> Option<(i32
         eprintln!("SKIP: no UFFDIO_POISON");
         return None;
     }
-    let (info_r, info_w) = pipe();
     let (go_r, go_w) = pipe();
-    // SAFETY: no other thread of this test runs yet; the child makes its
-    // userfaultfd and mapping, talks over the pipes and exits with _exit.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        let code = (|| {
-            let uffd = OpenOptions::new()
-                .non_blocking(true)
-                .features(Features::POISON)
-                .open()
-                .ok()?;
-            let m = Mapping::new(MemoryKind::Anon, PAGES * 4096).ok()?;
-            uffd.register(m.addr(), m.len() as u64, RegisterMode::MISSING)
-                .ok()?;
-            let mut msg = [0u8; 16];
-            msg[..8].copy_from_slice(&(uffd.as_raw_fd() as u64).to_ne_bytes());
-            msg[8..].copy_from_slice(&m.addr().to_ne_bytes());
-            rustix::io::write(&info_w, &msg).ok()?;
-            let mut go = [0u8; 1];
-            rustix::io::read(&go_r, &mut go).ok()?;
-            if m.read_byte(0) != first_byte {
-                return Some(2);
-            }
-            let _ = m.read_byte(BAD * 4096); // SIGBUS expected here
-            Some(3)
-        })()
-        .unwrap_or(4);
-        // SAFETY: leave without the parent's destructors.
-        unsafe { libc::_exit(code) };
-    }
-    drop(info_w);
-    let mut msg = [0u8; 16];
-    let n = rustix::io::read(&info_r, &mut msg).unwrap();
-    assert_eq!(
-        n,
-        16,
-        "the target process failed to set up (exit {})",
-        wait_child(pid)
-    );
-    let fd = u64::from_ne_bytes(msg[..8].try_into().unwrap()) as i32;
-    let addr = u64::from_ne_bytes(msg[8..].try_into().unwrap());
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(pid).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    let theirs =
-        rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
-            .unwrap();
-    // SAFETY: a fresh fd we own (pidfd_getfd duplicated it into our table).
-    let theirs = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(theirs)) };
-    let uffd = Uffd::from_fd(theirs, Features::POISON).unwrap();
+    let RemoteTarget { pid, uffd, addr } = fork_target(PAGES, Features::POISON, |m| {
+        let mut go = [0u8; 1];
+        rustix::io::read(&go_r, &mut go).ok()?;
+        if m.read_byte(0) != first_byte {
+            return Some(2);
+        }
+        let _ = m.read_byte(BAD * 4096); // SIGBUS expected here
+        Some(3)
+    });
     let pager = Pager::builder(source)
         .source_retries(2)
         .target_pid(pid)

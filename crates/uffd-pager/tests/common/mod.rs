@@ -1,6 +1,7 @@
 //! Helpers shared by the pager's integration tests.
 #![allow(dead_code)]
 
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,4 +120,76 @@ pub fn wait_child(pid: i32) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A target process that made its own userfaultfd, as a VMM does, and
+/// handed it over: `uffd` is this process's copy of it.
+pub struct RemoteTarget {
+    /// The target's pid (wait for it with [`wait_child`]).
+    pub pid: i32,
+    /// Our copy of the target's userfaultfd.
+    pub uffd: Uffd,
+    /// Where the target's registered mapping starts, in its address space.
+    pub addr: u64,
+}
+
+/// Forks a target process that opens a userfaultfd with `features`, maps
+/// `pages` anonymous pages, registers them MISSING, sends the fd number and
+/// the address over a pipe, then runs `body` on its mapping and exits with
+/// the code `body` returns (4 when the setup or `body` fails). This process
+/// takes the userfaultfd with pidfd_open + pidfd_getfd.
+///
+/// Call it while no other thread of the test runs: the child runs `body`
+/// after a fork, so `body` must only touch memory, pipes and the mapping.
+pub fn fork_target(
+    pages: usize,
+    features: Features,
+    body: impl FnOnce(&Mapping) -> Option<i32>,
+) -> RemoteTarget {
+    let (info_r, info_w) = rustix::pipe::pipe().unwrap();
+    // SAFETY: the caller runs no other thread; the child only maps, makes
+    // its userfaultfd, runs `body` (memory and pipes) and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let code = (|| {
+            let uffd = OpenOptions::new()
+                .non_blocking(true)
+                .features(features)
+                .open()
+                .ok()?;
+            let m = Mapping::new(MemoryKind::Anon, pages * 4096).ok()?;
+            uffd.register(m.addr(), m.len() as u64, RegisterMode::MISSING)
+                .ok()?;
+            let mut msg = [0u8; 16];
+            msg[..8].copy_from_slice(&(uffd.as_raw_fd() as u64).to_ne_bytes());
+            msg[8..].copy_from_slice(&m.addr().to_ne_bytes());
+            rustix::io::write(&info_w, &msg).ok()?;
+            body(&m)
+        })()
+        .unwrap_or(4);
+        // SAFETY: leave without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    drop(info_w);
+    let mut msg = [0u8; 16];
+    let n = rustix::io::read(&info_r, &mut msg).unwrap();
+    assert_eq!(
+        n,
+        16,
+        "the target process failed to set up (status {})",
+        wait_child(pid)
+    );
+    let fd = u64::from_ne_bytes(msg[..8].try_into().unwrap()) as i32;
+    let addr = u64::from_ne_bytes(msg[8..].try_into().unwrap());
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let theirs =
+        rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+            .unwrap();
+    let uffd = Uffd::from_fd(theirs, features).unwrap();
+    RemoteTarget { pid, uffd, addr }
 }
