@@ -6,7 +6,6 @@
 mod common;
 
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +17,16 @@ use uffd_pager::{
 
 const LEN: usize = 1 << 20;
 
-/// A second copy of the userfaultfd, as the VMM keeps one: while it is
-/// open, a fault on a missing page in a registered range waits for a
-/// handler instead of being served by the kernel.
-fn vmm_copy(uffd: &Uffd) -> Uffd {
+/// The pager's userfaultfd (EVENT_REMOVE) with `LEN` anonymous bytes
+/// registered MISSING, and a second copy of it, as the VMM keeps one: while
+/// that copy is open, a fault on a missing page in a registered range waits
+/// for a handler instead of being served by the kernel.
+fn registered_with_vmm_copy() -> (Uffd, Uffd, Arc<Mapping>) {
+    let uffd = open(Features::EVENT_REMOVE);
     let fd = uffd.as_fd().try_clone_to_owned().expect("dup userfaultfd");
-    Uffd::from_fd(fd, uffd.features()).expect("the copy is a userfaultfd")
+    let ours = Uffd::from_fd(fd, uffd.features()).expect("the copy is a userfaultfd");
+    let memory = anon_registered(&uffd, LEN);
+    (uffd, ours, memory)
 }
 
 fn dont_need(memory: &Arc<Mapping>, page: usize, pages: usize) {
@@ -39,9 +42,7 @@ fn detach_installs_every_page_and_the_target_reads_them_with_no_handler() {
     if !uffd_available() {
         return;
     }
-    let uffd = open(Features::EVENT_REMOVE);
-    let ours = vmm_copy(&uffd);
-    let memory = anon_registered(&uffd, LEN);
+    let (uffd, ours, memory) = registered_with_vmm_copy();
     let (source, bytes) = pattern_source(LEN, 41);
     let pager = Pager::builder(source)
         .threads(2)
@@ -91,47 +92,13 @@ fn detach_installs_every_page_and_the_target_reads_them_with_no_handler() {
     drop(ours);
 }
 
-/// Pages below `open_below` are served at once; the rest wait for `gate`
-/// (at most 10 s).
-#[derive(Debug)]
-struct GatedSource {
-    gate: AtomicBool,
-    open_below: u64,
-}
-
-impl PageSource for GatedSource {
-    fn len(&self) -> u64 {
-        LEN as u64
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
-        if offset + buf.len() as u64 > self.open_below {
-            for _ in 0..10_000 {
-                if self.gate.load(Ordering::SeqCst) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        buf.fill(0x5A);
-        Ok(Content::Data)
-    }
-    fn describe(&self) -> String {
-        "gated".into()
-    }
-}
-
 #[test]
 fn pages_not_installed_by_the_deadline_stay_registered_and_are_reported() {
     if !uffd_available() {
         return;
     }
-    let uffd = open(Features::EVENT_REMOVE);
-    let ours = vmm_copy(&uffd);
-    let memory = anon_registered(&uffd, LEN);
-    let source = Arc::new(GatedSource {
-        gate: AtomicBool::new(false),
-        open_below: 4 * 4096,
-    });
+    let (uffd, ours, memory) = registered_with_vmm_copy();
+    let source = Arc::new(GatedSource::new(LEN as u64, 4 * 4096));
     let pager = Pager::builder(Arc::clone(&source) as Arc<dyn PageSource>)
         .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
         .unwrap();
@@ -145,7 +112,7 @@ fn pages_not_installed_by_the_deadline_stay_registered_and_are_reported() {
     let result = bounded("detach with a blocked source", move || {
         pager.detach(Duration::from_millis(300))
     });
-    source.gate.store(true, Ordering::SeqCst);
+    source.open();
     let Err(PagerError::DetachIncomplete(detached)) = result else {
         panic!("a blocked source cannot detach completely: {result:?}");
     };
@@ -175,13 +142,8 @@ fn detach_completes_faults_pending_when_it_is_called() {
     if !uffd_available() {
         return;
     }
-    let uffd = open(Features::EVENT_REMOVE);
-    let ours = vmm_copy(&uffd);
-    let memory = anon_registered(&uffd, LEN);
-    let source = Arc::new(GatedSource {
-        gate: AtomicBool::new(false),
-        open_below: 0,
-    });
+    let (uffd, ours, memory) = registered_with_vmm_copy();
+    let source = Arc::new(GatedSource::new(LEN as u64, 0));
     let pager = Pager::builder(Arc::clone(&source) as Arc<dyn PageSource>)
         .threads(2)
         .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
@@ -192,19 +154,11 @@ fn detach_completes_faults_pending_when_it_is_called() {
             std::thread::spawn(move || m.read_byte(t * 8 * 4096 + 1))
         })
         .collect();
-    let mut seen = false;
-    for _ in 0..10_000 {
-        if pager.stats().faults_missing >= 2 {
-            seen = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(seen, "the readers' faults never reached the pager");
+    wait_for_missing_faults(&pager, 2);
     // Faults are pending (their source reads wait at the gate) when the
     // detach starts; the gate opens while it runs.
     let detach = std::thread::spawn(move || pager.detach(Duration::from_secs(30)));
-    source.gate.store(true, Ordering::SeqCst);
+    source.open();
     let detached = bounded("detach with pending faults", move || detach.join().unwrap())
         .expect("complete detach");
     assert_eq!(detached.unregistered_bytes, LEN as u64);

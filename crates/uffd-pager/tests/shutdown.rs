@@ -2,39 +2,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use uffd::Features;
-use uffd_pager::{Content, PageSource, Pager, Region, SourceError};
-
-/// A source that holds every read until it is released (or 10 s pass), so
-/// faults stay pending while the test shuts the pager down.
-#[derive(Debug, Default)]
-struct GatedSource {
-    open: AtomicBool,
-}
-
-impl PageSource for GatedSource {
-    fn len(&self) -> u64 {
-        1 << 20
-    }
-    fn read_at(&self, _offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
-        for _ in 0..10_000 {
-            if self.open.load(Ordering::SeqCst) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        buf.fill(0x5A);
-        Ok(Content::Data)
-    }
-    fn describe(&self) -> String {
-        "gated".into()
-    }
-}
+use uffd_pager::{PageSource, Pager, Region};
 
 #[test]
 fn shutdown_wakes_every_waiter() {
@@ -43,7 +15,7 @@ fn shutdown_wakes_every_waiter() {
     }
     let uffd = open(Features::EVENT_REMOVE);
     let memory = anon_registered(&uffd, 1 << 20);
-    let source = Arc::new(GatedSource::default());
+    let source = Arc::new(GatedSource::new(1 << 20, 0));
     let pager = Pager::builder(Arc::clone(&source) as Arc<dyn PageSource>)
         .threads(2)
         .start(uffd, vec![Region::new(memory.addr(), 1 << 20, 0, 4096)])
@@ -55,25 +27,13 @@ fn shutdown_wakes_every_waiter() {
         })
         .collect();
     // Wait (bounded) until the pager has seen the faults.
-    let mut seen = false;
-    for _ in 0..10_000 {
-        if pager.stats().faults_missing >= 2 {
-            seen = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(
-        seen,
-        "the readers' faults never reached the pager: {:?}",
-        pager.stats()
-    );
+    wait_for_missing_faults(&pager, 2);
     // Shut down from another thread's handle, with faults still pending;
     // the gate opens so the reads in progress can finish.
     let handle = pager.shutdown_handle();
     handle.request();
     assert!(handle.is_requested());
-    source.open.store(true, Ordering::SeqCst);
+    source.open();
     bounded("shutdown with pending faults", move || pager.shutdown());
     let values = bounded("readers after shutdown", move || {
         readers

@@ -127,6 +127,15 @@ fn serve_from_threads(source: SignalSafeSource, want: &[u8], granule: u64) {
     assert!(!sigbus_handler_installed());
 }
 
+/// `serve_from_threads` over a 4 MiB snapshot file (named for `name`) read
+/// with `mode`, served in `granule`s.
+fn serve_snapshot_file(name: &str, mode: FileMode, granule: u64) {
+    let mut bytes = snapshot_bytes(4 << 20);
+    let file = SnapshotFile::new(name, &mut bytes);
+    let source = Arc::new(FileSource::open(&file.path, mode).unwrap());
+    serve_from_threads(SignalSafeSource::file(source), &bytes, granule);
+}
+
 #[test]
 fn memory_source_many_threads() {
     let _disposition = own_disposition();
@@ -144,10 +153,7 @@ fn file_mmap_source_granules() {
     if !sigbus_available() {
         return;
     }
-    let mut bytes = snapshot_bytes(4 << 20);
-    let file = SnapshotFile::new("mmap", &mut bytes);
-    let source = Arc::new(FileSource::open(&file.path, FileMode::Mmap).unwrap());
-    serve_from_threads(SignalSafeSource::file(source), &bytes, 64 << 10);
+    serve_snapshot_file("mmap", FileMode::Mmap, 64 << 10);
 }
 
 #[test]
@@ -157,10 +163,7 @@ fn file_pread_source_granules() {
         return;
     }
     // Four threads, two scratch buffers: some faults use the stack page.
-    let mut bytes = snapshot_bytes(4 << 20);
-    let file = SnapshotFile::new("pread", &mut bytes);
-    let source = Arc::new(FileSource::open(&file.path, FileMode::Pread).unwrap());
-    serve_from_threads(SignalSafeSource::file(source), &bytes, 16 << 10);
+    serve_snapshot_file("pread", FileMode::Pread, 16 << 10);
 }
 
 #[test]

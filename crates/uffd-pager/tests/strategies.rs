@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use uffd::{Features, Mapping, MemoryKind, RegisterMode};
+use uffd::{Features, Mapping, MemoryKind, RegisterMode, Uffd};
 use uffd_pager::{AlignedAnon, MemorySource, Pager, Prefetch, Region, Strategy, WaitMode};
 
 const LEN: usize = 4 << 20;
@@ -101,17 +101,28 @@ fn move_from_staging() {
     }
 }
 
-#[test]
-fn minor_continue_on_shmem_through_the_alias() {
+/// A MINOR_SHMEM userfaultfd and a `LEN`-byte shmem mapping, not yet
+/// registered; None (after saying why) when either is not available.
+fn minor_shmem() -> Option<(Uffd, Arc<Mapping>)> {
     if !uffd_available() {
-        return;
+        return None;
     }
     let uffd = open(Features::MINOR_SHMEM);
     if !uffd.features().contains(Features::MINOR_SHMEM) {
         eprintln!("SKIP: no MINOR_SHMEM");
-        return;
+        return None;
     }
-    let memory = Arc::new(Mapping::new(MemoryKind::Shmem, LEN).unwrap());
+    Some((
+        uffd,
+        Arc::new(Mapping::new(MemoryKind::Shmem, LEN).unwrap()),
+    ))
+}
+
+#[test]
+fn minor_continue_on_shmem_through_the_alias() {
+    let Some((uffd, memory)) = minor_shmem() else {
+        return;
+    };
     // Put every page in the page cache (zeroed) so that each first access
     // is a minor fault.
     rustix::fs::fallocate(
@@ -166,15 +177,9 @@ impl uffd_pager::PageSource for UnreadableSource {
 
 #[test]
 fn minor_continue_with_content_in_place_maps_without_copying() {
-    if !uffd_available() {
+    let Some((uffd, memory)) = minor_shmem() else {
         return;
-    }
-    let uffd = open(Features::MINOR_SHMEM);
-    if !uffd.features().contains(Features::MINOR_SHMEM) {
-        eprintln!("SKIP: no MINOR_SHMEM");
-        return;
-    }
-    let memory = Arc::new(Mapping::new(MemoryKind::Shmem, LEN).unwrap());
+    };
     // The snapshot is already in the memfd's page cache, zero pages included.
     let mut bytes = pattern(LEN, 21);
     for page in bytes.chunks_mut(4096).step_by(3) {

@@ -2,12 +2,13 @@
 #![allow(dead_code)]
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use uffd::{Features, Mapping, MemoryKind, OpenOptions, RegisterMode, Uffd};
-use uffd_pager::{MemorySource, PageSource};
+use uffd_pager::{Content, MemorySource, PageSource, Pager, SourceError};
 
 /// How long any wait in a test may take before it fails naming what is stuck.
 pub const LIMIT: Duration = Duration::from_secs(30);
@@ -55,6 +56,71 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub fn pattern_source(len: usize, seed: u64) -> (Arc<dyn PageSource>, Vec<u8>) {
     let bytes = pattern(len, seed);
     (Arc::new(MemorySource::new(bytes.clone())), bytes)
+}
+
+/// A source of `len` bytes of 0x5A whose reads reaching `open_below` or
+/// past it wait until [`GatedSource::open`] (or 10 s pass), so faults stay
+/// pending while a test shuts the pager down or detaches it.
+#[derive(Debug)]
+pub struct GatedSource {
+    gate: AtomicBool,
+    len: u64,
+    open_below: u64,
+}
+
+impl GatedSource {
+    /// A closed gate over `len` bytes; reads wholly below `open_below` pass.
+    pub fn new(len: u64, open_below: u64) -> GatedSource {
+        GatedSource {
+            gate: AtomicBool::new(false),
+            len,
+            open_below,
+        }
+    }
+
+    /// Lets every waiting and later read through.
+    pub fn open(&self) {
+        self.gate.store(true, Ordering::SeqCst);
+    }
+}
+
+impl PageSource for GatedSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        if offset + buf.len() as u64 > self.open_below {
+            for _ in 0..10_000 {
+                if self.gate.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        buf.fill(0x5A);
+        Ok(Content::Data)
+    }
+    fn describe(&self) -> String {
+        "gated".into()
+    }
+}
+
+/// Waits (about 10 s at most) until `pager` has seen `count` missing
+/// faults; fails naming the readers otherwise.
+pub fn wait_for_missing_faults(pager: &Pager, count: u64) {
+    let mut seen = false;
+    for _ in 0..10_000 {
+        if pager.stats().faults_missing >= count {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        seen,
+        "the readers' faults never reached the pager: {:?}",
+        pager.stats()
+    );
 }
 
 /// Runs `f` on another thread and waits at most `LIMIT` for it; a panic
