@@ -5,11 +5,13 @@
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use uffd::{
-    CopyMode, Event, EventBuffer, Features, Mapping, MemoryKind, OpenOptions, Outcome, RegisterMode,
+    CopyMode, Event, EventBuffer, Features, Mapping, MemoryKind, OpenOptions, Outcome,
+    RegisterMode, Uffd,
 };
 use uffd_pager::{
     AlignedAnon, FileMode, FileSource, PageSource, Pager, Prefetch, Region, Strategy, WaitMode,
@@ -110,6 +112,45 @@ fn case(name: &str, mib: u64, order: Order, p: &PhaseResult) -> Case {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Spawns the handler thread of a hand-written case: until `stop`, it
+/// polls `uffd` (50 ms at a time), reads up to `batch` messages and serves
+/// each page fault with `install(uffd, page, the snapshot's 4 KiB for that
+/// page)`, where the snapshot's offset is the page's offset from `base`,
+/// and wakes the faulting threads when the page was already present.
+fn spawn_fault_handler(
+    uffd: &Arc<Uffd>,
+    source: &Arc<FileSource>,
+    base: u64,
+    batch: usize,
+    stop: &Arc<AtomicBool>,
+    mut install: impl FnMut(&Uffd, u64, &[u8]) -> Result<Outcome, uffd::Error> + Send + 'static,
+) -> JoinHandle<Result<(), uffd::Error>> {
+    let uffd = Arc::clone(uffd);
+    let source = Arc::clone(source);
+    let stop = Arc::clone(stop);
+    std::thread::spawn(move || {
+        let mut events = EventBuffer::new(batch);
+        while !stop.load(Ordering::Relaxed) {
+            if !uffd.wait_readable(Some(Duration::from_millis(50)))? {
+                continue;
+            }
+            for event in uffd.read_events(&mut events)?.drain(..) {
+                let Event::Pagefault(fault) = event else {
+                    continue;
+                };
+                let page = fault.page(4096);
+                let bytes = source
+                    .mapped(page - base, 4096)
+                    .expect("the snapshot is mapped");
+                if install(&uffd, page, bytes)? == Outcome::AlreadyPresent {
+                    uffd.wake(page, 4096)?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// A handler written like the common public examples: one thread, poll,
 /// read one message, one 4 KiB UFFDIO_COPY from the mapped snapshot.
 fn typical_handler(
@@ -123,37 +164,11 @@ fn typical_handler(
     uffd.register(target.addr(), len, RegisterMode::MISSING)?;
     let base = target.addr();
     let stop = Arc::new(AtomicBool::new(false));
-    let handler = {
-        let uffd = Arc::clone(&uffd);
-        let source = Arc::clone(source);
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || -> Result<(), uffd::Error> {
-            let mut one = EventBuffer::new(1);
-            while !stop.load(Ordering::Relaxed) {
-                if !uffd.wait_readable(Some(Duration::from_millis(50)))? {
-                    continue;
-                }
-                for event in uffd.read_events(&mut one)?.drain(..) {
-                    let Event::Pagefault(fault) = event else {
-                        continue;
-                    };
-                    let page = fault.page(4096);
-                    let src = source
-                        .mapped(page - base, 4096)
-                        .expect("the snapshot is mapped")
-                        .as_ptr();
-                    // SAFETY: `src` is 4 KiB of the read-only snapshot
-                    // mapping; `page` is registered memory nobody references.
-                    if unsafe { uffd.copy(page, src, 4096, CopyMode::empty())? }
-                        == Outcome::AlreadyPresent
-                    {
-                        uffd.wake(page, 4096)?;
-                    }
-                }
-            }
-            Ok(())
-        })
-    };
+    let handler = spawn_fault_handler(&uffd, source, base, 1, &stop, move |uffd, page, bytes| {
+        // SAFETY: `bytes` is 4 KiB of the read-only snapshot mapping;
+        // `page` is registered memory nobody references.
+        unsafe { uffd.copy(page, bytes.as_ptr(), 4096, CopyMode::empty()) }
+    });
     let pages = len / 4096;
     let label = format!("typical handler {}", order.name());
     let result = touch(target.as_ptr(), 0, pages, order, |n| {
@@ -233,47 +248,25 @@ fn recycled_cycle(
     );
     let stop = Arc::new(AtomicBool::new(false));
     let handler = {
-        let uffd = Arc::clone(&uffd);
-        let source = Arc::clone(source);
-        let stop = Arc::clone(&stop);
         let full = Arc::clone(&full);
         let (tbase, pbase) = (target.addr(), pool.addr());
-        std::thread::spawn(move || -> Result<(), uffd::Error> {
-            let mut events = EventBuffer::new(64);
-            while !stop.load(Ordering::Relaxed) {
-                if !uffd.wait_readable(Some(Duration::from_millis(50)))? {
-                    continue;
-                }
-                for event in uffd.read_events(&mut events)?.drain(..) {
-                    let Event::Pagefault(fault) = event else {
-                        continue;
-                    };
-                    let page = fault.page(4096);
-                    let index = ((page - tbase) / 4096) as usize;
-                    let bytes = source
-                        .mapped(page - tbase, 4096)
-                        .expect("the snapshot is mapped");
-                    let outcome = if mode == Recycle::Copy {
-                        // SAFETY: 4 KiB of the read-only snapshot mapping into
-                        // registered memory nobody references.
-                        unsafe { uffd.copy(page, bytes.as_ptr(), 4096, CopyMode::empty())? }
-                    } else if full[index].swap(false, Ordering::Relaxed) {
-                        let slot = (pbase + index as u64 * 4096) as *mut u8;
-                        // SAFETY: the slot is a present page of our staging
-                        // pool (never a hole: `full` says so), not aliased.
-                        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot, 4096) };
-                        // SAFETY: moving our own exclusive staging page into
-                        // registered memory nobody references.
-                        unsafe { uffd.move_(page, slot, 4096, uffd::MoveMode::empty())? }
-                    } else {
-                        Outcome::AlreadyPresent
-                    };
-                    if outcome == Outcome::AlreadyPresent {
-                        uffd.wake(page, 4096)?;
-                    }
-                }
+        spawn_fault_handler(&uffd, source, tbase, 64, &stop, move |uffd, page, bytes| {
+            let index = ((page - tbase) / 4096) as usize;
+            if mode == Recycle::Copy {
+                // SAFETY: 4 KiB of the read-only snapshot mapping into
+                // registered memory nobody references.
+                unsafe { uffd.copy(page, bytes.as_ptr(), 4096, CopyMode::empty()) }
+            } else if full[index].swap(false, Ordering::Relaxed) {
+                let slot = (pbase + index as u64 * 4096) as *mut u8;
+                // SAFETY: the slot is a present page of our staging
+                // pool (never a hole: `full` says so), not aliased.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot, 4096) };
+                // SAFETY: moving our own exclusive staging page into
+                // registered memory nobody references.
+                unsafe { uffd.move_(page, slot, 4096, uffd::MoveMode::empty()) }
+            } else {
+                Ok(Outcome::AlreadyPresent)
             }
-            Ok(())
         })
     };
     let label = format!(
@@ -496,6 +489,48 @@ fn pager_anon(
     Ok(result)
 }
 
+/// The shmem CONTINUE cases' userfaultfd (MINOR_SHMEM, EVENT_REMOVE) and a
+/// shmem mapping of `len` bytes, not registered yet.
+fn shmem_minor(len: u64) -> Result<(Uffd, Mapping), BoxError> {
+    let uffd = OpenOptions::new()
+        .non_blocking(true)
+        .features(Features::MINOR_SHMEM | Features::EVENT_REMOVE)
+        .open()?;
+    let memory = Mapping::new(MemoryKind::Shmem, len as usize)?;
+    Ok((uffd, memory))
+}
+
+/// Registers the first `len` bytes of the shmem `memory` MINOR on `uffd` and starts a
+/// CONTINUE pager over it that writes through its alias, or with
+/// `content_in_place` only maps what the page cache holds.
+///
+/// # Safety
+/// `memory` must outlive the returned pager (shut it down first), and
+/// nothing else may reference the alias while the pager runs.
+unsafe fn start_continue(
+    name: &str,
+    plan: Plan,
+    source: &Arc<FileSource>,
+    uffd: Uffd,
+    memory: &Mapping,
+    len: u64,
+    content_in_place: bool,
+) -> Result<Pager, BoxError> {
+    uffd.register(memory.addr(), len, RegisterMode::MINOR)?;
+    let alias = memory.alias_ptr().ok_or("shmem has an alias")?;
+    // SAFETY: the caller keeps `memory` (and so its alias) alive until the
+    // pager is shut down, and nothing else references the alias meanwhile.
+    let region = unsafe { Region::new(memory.addr(), len, 0, 4096).with_alias(alias) };
+    Ok(Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
+        .name(name)
+        .strategy(Strategy::Continue)
+        .content_in_place(content_in_place)
+        .granule(plan.granule)
+        .prefetch(plan.prefetch)
+        .wait(WaitMode::Spin(SPIN))
+        .start(uffd, vec![region])?)
+}
+
 /// MINOR + CONTINUE on shmem: the pager writes each granule through the
 /// alias and maps it.
 fn pager_shmem_continue(
@@ -505,26 +540,13 @@ fn pager_shmem_continue(
     len: u64,
     progress: &ProgressLine,
 ) -> Result<PhaseResult, BoxError> {
-    let uffd = OpenOptions::new()
-        .non_blocking(true)
-        .features(Features::MINOR_SHMEM | Features::EVENT_REMOVE)
-        .open()?;
-    let memory = Mapping::new(MemoryKind::Shmem, len as usize)?;
+    let (uffd, memory) = shmem_minor(len)?;
     let file = memory.file().ok_or("shmem has a file")?;
     // Every page in the page cache: each first access is a minor fault.
     rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len)?;
-    uffd.register(memory.addr(), len, RegisterMode::MINOR)?;
-    let alias = memory.alias_ptr().ok_or("shmem has an alias")?;
-    // SAFETY: the alias lives as long as `memory`, which outlives the pager
-    // (shut down below), and nothing else references it meanwhile.
-    let region = unsafe { Region::new(memory.addr(), len, 0, 4096).with_alias(alias) };
-    let pager = Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
-        .name(name)
-        .strategy(Strategy::Continue)
-        .granule(plan.granule)
-        .prefetch(plan.prefetch)
-        .wait(WaitMode::Spin(SPIN))
-        .start(uffd, vec![region])?;
+    // SAFETY: `memory` outlives the pager (shut down below), and nothing
+    // else references its alias meanwhile.
+    let pager = unsafe { start_continue(name, plan, source, uffd, &memory, len, false)? };
     let pages = len / 4096;
     let result = touch(memory.as_ptr(), 0, pages, Order::Sequential, |n| {
         progress.update(name, n, pages)
@@ -565,28 +587,14 @@ fn pager_tmpfs_continue(
     len: u64,
     progress: &ProgressLine,
 ) -> Result<PhaseResult, BoxError> {
-    let uffd = OpenOptions::new()
-        .non_blocking(true)
-        .features(Features::MINOR_SHMEM | Features::EVENT_REMOVE)
-        .open()?;
-    let memory = Mapping::new(MemoryKind::Shmem, len as usize)?;
+    let (uffd, memory) = shmem_minor(len)?;
     let snapshot = source
         .mapped(0, len as usize)
         .ok_or("the snapshot is mapped")?;
     memory.write_alias(0, snapshot);
-    uffd.register(memory.addr(), len, RegisterMode::MINOR)?;
-    let alias = memory.alias_ptr().ok_or("shmem has an alias")?;
-    // SAFETY: the alias lives as long as `memory`, which outlives the pager
-    // (shut down below), and nothing else references it meanwhile.
-    let region = unsafe { Region::new(memory.addr(), len, 0, 4096).with_alias(alias) };
-    let pager = Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
-        .name(name)
-        .strategy(Strategy::Continue)
-        .content_in_place(true)
-        .granule(plan.granule)
-        .prefetch(plan.prefetch)
-        .wait(WaitMode::Spin(SPIN))
-        .start(uffd, vec![region])?;
+    // SAFETY: `memory` outlives the pager (shut down below), and nothing
+    // else references its alias meanwhile.
+    let pager = unsafe { start_continue(name, plan, source, uffd, &memory, len, true)? };
     let pages = len / 4096;
     let result = touch(memory.as_ptr(), 0, pages, Order::Sequential, |n| {
         progress.update(name, n, pages)

@@ -474,6 +474,38 @@ pub(crate) fn verify(target: &AlignedAnon, source: &FileSource, len: u64) -> u64
     bad
 }
 
+/// The demo's workload on the first `len` bytes of `target`: the first
+/// half of the pages in order, then the second half in random order.
+/// Returns both phases and `faults()` as read between them (the faults the
+/// sequential half took).
+fn restore_workload(
+    name: &str,
+    target: &AlignedAnon,
+    len: u64,
+    progress: &ProgressLine,
+    faults: impl Fn() -> u64,
+) -> (PhaseResult, u64, PhaseResult) {
+    let pages = len / 4096;
+    let half = pages / 2;
+    let label = format!("{name} restore");
+    let sequential = touch(target.as_ptr(), 0, half, Order::Sequential, |n| {
+        progress.update(&label, n, pages)
+    });
+    let faults_sequential = faults();
+    let random = touch(target.as_ptr(), half, pages - half, Order::Random, |n| {
+        progress.update(&label, half + n, pages)
+    });
+    (sequential, faults_sequential, random)
+}
+
+/// The progress line closing one restore.
+fn restored_line(name: &str, len: u64, seconds: f64, faults: u64, mismatched_pages: u64) -> String {
+    format!(
+        "{name:<10} restored {} MiB in {seconds:.2}s, {faults} faults, {mismatched_pages} mismatched pages",
+        len >> 20
+    )
+}
+
 fn run_plan(
     plan: Plan,
     snapshot: &Snapshot,
@@ -499,16 +531,10 @@ fn run_plan(
         .threads(threads)
         .wait(WaitMode::Spin(SPIN))
         .start(uffd, vec![Region::new(target.addr(), len, 0, 4096)])?;
-    let pages = len / 4096;
-    let half = pages / 2;
-    let label = format!("{} restore", plan.name);
-    let sequential = touch(target.as_ptr(), 0, half, Order::Sequential, |n| {
-        progress.update(&label, n, pages)
-    });
-    let faults_sequential = pager.stats().faults_missing;
-    let random = touch(target.as_ptr(), half, pages - half, Order::Random, |n| {
-        progress.update(&label, half + n, pages)
-    });
+    let (sequential, faults_sequential, random) =
+        restore_workload(plan.name, &target, len, progress, || {
+            pager.stats().faults_missing
+        });
     if plan.fill {
         // Everything is present once the workload has touched every page;
         // the fill thread only has to notice.
@@ -517,13 +543,12 @@ fn run_plan(
     let total_seconds = started.elapsed().as_secs_f64();
     let stats = pager.shutdown();
     let mismatched_pages = verify(&target, source, len);
-    progress.done(&format!(
-        "{:<10} restored {} MiB in {:.2}s, {} faults, {} mismatched pages",
+    progress.done(&restored_line(
         plan.name,
-        len >> 20,
+        len,
         total_seconds,
         stats.faults_missing,
-        mismatched_pages
+        mismatched_pages,
     ));
     Ok(StrategyReport {
         strategy: plan.name,
@@ -566,26 +591,17 @@ fn run_sigbus_plan(
     let target = AlignedAnon::new(len as usize)?;
     let started = Instant::now();
     let pager = start_sigbus(&target, source, plan.granule)?;
-    let pages = len / 4096;
-    let half = pages / 2;
-    let label = format!("{} restore", plan.name);
-    let sequential = touch(target.as_ptr(), 0, half, Order::Sequential, |n| {
-        progress.update(&label, n, pages)
-    });
-    let faults_sequential = pager.stats().faults;
-    let random = touch(target.as_ptr(), half, pages - half, Order::Random, |n| {
-        progress.update(&label, half + n, pages)
-    });
+    let (sequential, faults_sequential, random) =
+        restore_workload(plan.name, &target, len, progress, || pager.stats().faults);
     let total_seconds = started.elapsed().as_secs_f64();
     let s = pager.shutdown();
     let mismatched_pages = verify(&target, source, len);
-    progress.done(&format!(
-        "{:<10} restored {} MiB in {:.2}s, {} faults, {} mismatched pages",
+    progress.done(&restored_line(
         plan.name,
-        len >> 20,
+        len,
         total_seconds,
         s.faults,
-        mismatched_pages
+        mismatched_pages,
     ));
     if s.failed != 0 {
         return Err(format!("{}: {} faults could not be served", plan.name, s.failed).into());
