@@ -27,9 +27,7 @@ fn setup(name: &str, allow_uid: Option<u32>) -> Option<Case> {
     if uffd_denied() {
         return None;
     }
-    let dir = Scratch::new(name);
-    let mem = dir.path("mem");
-    memory_file(&mem, FILE_LEN);
+    let (dir, mem) = scratch_with_memory(name, FILE_LEN);
     let server = TestServer::start_with(
         dir.path("sock"),
         &mem,

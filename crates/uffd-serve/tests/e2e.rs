@@ -17,9 +17,7 @@ fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
     if uffd_denied() {
         return;
     }
-    let dir = Scratch::new("e2e");
-    let mem = dir.path("mem");
-    memory_file(&mem, 32 * MIB);
+    let (dir, mem) = scratch_with_memory("e2e", 32 * MIB);
     let server = TestServer::start(
         dir.path("sock"),
         &mem,
@@ -66,9 +64,7 @@ fn standin_vmm_on_2m_hugetlb_pages() {
             return;
         }
     };
-    let dir = Scratch::new("e2e-huge");
-    let mem = dir.path("mem");
-    memory_file(&mem, 8 * MIB);
+    let (dir, mem) = scratch_with_memory("e2e-huge", 8 * MIB);
     let server = TestServer::start(
         dir.path("sock"),
         &mem,
@@ -95,9 +91,7 @@ fn several_vms_are_served_at_once_from_one_file() {
     if uffd_denied() {
         return;
     }
-    let dir = Scratch::new("e2e-many");
-    let mem = dir.path("mem");
-    memory_file(&mem, 16 * MIB);
+    let (dir, mem) = scratch_with_memory("e2e-many", 16 * MIB);
     let server = TestServer::start(
         dir.path("sock"),
         &mem,
@@ -133,9 +127,7 @@ fn recorded_working_set_is_prefetched_on_the_next_restore() {
     if uffd_denied() {
         return;
     }
-    let dir = Scratch::new("e2e-ws");
-    let mem = dir.path("mem");
-    memory_file(&mem, 16 * MIB);
+    let (dir, mem) = scratch_with_memory("e2e-ws", 16 * MIB);
     let ws_path = dir.path("ws");
     {
         let server = TestServer::start_with(
@@ -198,9 +190,7 @@ fn shutdown_drains_a_running_vm_which_then_verifies_every_byte_without_the_serve
     if uffd_denied() {
         return;
     }
-    let dir = Scratch::new("e2e-stop");
-    let mem = dir.path("mem");
-    memory_file(&mem, 8 * MIB);
+    let (dir, mem) = scratch_with_memory("e2e-stop", 8 * MIB);
     let mut server = TestServer::start(
         dir.path("sock"),
         &mem,

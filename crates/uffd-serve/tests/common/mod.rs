@@ -67,6 +67,15 @@ pub fn memory_file(path: &Path, len: u64) {
     std::fs::write(path, data).unwrap();
 }
 
+/// A scratch directory for test `name` holding a memory file `mem` of
+/// `len` bytes (see [`memory_file`]); returns both.
+pub fn scratch_with_memory(name: &str, len: u64) -> (Scratch, PathBuf) {
+    let dir = Scratch::new(name);
+    let mem = dir.path("mem");
+    memory_file(&mem, len);
+    (dir, mem)
+}
+
 /// A server running on its own thread; shut down (and joined) on drop.
 pub struct TestServer {
     pub socket: PathBuf,
