@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use uffd::{
-    CopyMode, Event, EventBuffer, Features, Mapping, MemoryKind, OpenOptions, Outcome,
-    RegisterMode, Uffd,
+    CopyMode, Event, EventBuffer, Features, Mapping, MemoryKind, Outcome, RegisterMode, Uffd,
 };
 use uffd_pager::{
     AlignedAnon, FileMode, FileSource, PageSource, Pager, Prefetch, Region, Strategy, WaitMode,
@@ -159,7 +158,7 @@ fn typical_handler(
     order: Order,
     progress: &ProgressLine,
 ) -> Result<PhaseResult, BoxError> {
-    let uffd = Arc::new(OpenOptions::new().non_blocking(true).open()?);
+    let uffd = Arc::new(super::in_process_uffd().non_blocking(true).open()?);
     let target = AlignedAnon::new(len as usize)?;
     uffd.register(target.addr(), len, RegisterMode::MISSING)?;
     let base = target.addr();
@@ -219,7 +218,7 @@ fn recycled_cycle(
     progress: &ProgressLine,
 ) -> Result<PhaseResult, BoxError> {
     let uffd = Arc::new(
-        OpenOptions::new()
+        super::in_process_uffd()
             .non_blocking(true)
             .features(Features::MOVE)
             .open()?,
@@ -492,7 +491,7 @@ fn pager_anon(
 /// The shmem CONTINUE cases' userfaultfd (MINOR_SHMEM, EVENT_REMOVE) and a
 /// shmem mapping of `len` bytes, not registered yet.
 fn shmem_minor(len: u64) -> Result<(Uffd, Mapping), BoxError> {
-    let uffd = OpenOptions::new()
+    let uffd = super::in_process_uffd()
         .non_blocking(true)
         .features(Features::MINOR_SHMEM | Features::EVENT_REMOVE)
         .open()?;

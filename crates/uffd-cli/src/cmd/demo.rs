@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use uffd::{Features, OpenOptions, RegisterMode};
+use uffd::{Features, RegisterMode};
 use uffd_pager::{
     AlignedAnon, FileMode, FileSource, Histogram, PageSource, Pager, Prefetch, Region, SigbusPager,
     SignalSafeSource, Stats, Strategy, WaitMode,
@@ -335,7 +335,7 @@ pub(crate) fn open_uffd(strategy: Strategy) -> Result<uffd::Uffd, uffd::Error> {
     if strategy == Strategy::Move {
         features |= Features::MOVE;
     }
-    OpenOptions::new()
+    super::in_process_uffd()
         .non_blocking(true)
         .features(features)
         .open()
