@@ -1403,11 +1403,17 @@ impl<'a> Worker<'a> {
             && len == BATCH_BYTES
             && span.addr_of(from) % BATCH_BYTES == 0
             && claims.iter().all(|&c| c == state::CLAIMED);
+        // Unclaimed pages (present already, or not selected by a sparse
+        // replay window) are never scanned.
         let kinds: Vec<u8> = (0..claims.len())
-            .map(|k| match (claims[k], !whole_huge_move && zero_page(k)) {
-                (0, _) => 0,
-                (_, true) => 1,
-                (_, false) => 2,
+            .map(|k| {
+                if claims[k] == 0 {
+                    0
+                } else if !whole_huge_move && zero_page(k) {
+                    1
+                } else {
+                    2
+                }
             })
             .collect();
         if strategy == Strategy::Continue {
@@ -1711,38 +1717,9 @@ fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
         }
     };
     if let Some(ws) = &shared.config.replay {
-        for (offset, count) in ws.runs() {
-            let mut at = offset;
-            let end = offset + count * ws.page_size();
-            let mut retries = 0;
-            while at < end {
-                if !fill_wait_turn(shared, target, None) {
-                    return finish();
-                }
-                let table = read(&target.table);
-                let Some((span, i)) = table.by_source(at) else {
-                    at += ws.page_size();
-                    continue;
-                };
-                let span = span.clone();
-                let batch = ((BATCH_BYTES / span.page_size) as usize).max(1);
-                let want = ((end - at).div_ceil(span.page_size) as usize).max(1);
-                let hi = (i + want.min(batch)).min(span.index_end());
-                match fill_chunk(&mut worker, target, table, span.clone(), i, hi) {
-                    Step::Gone => {
-                        shared.mark_gone(target);
-                        return finish();
-                    }
-                    Step::Defer | Step::Abandoned if retries < 100 => {
-                        retries += 1;
-                        std::thread::sleep(Duration::from_micros(50));
-                    }
-                    _ => {
-                        retries = 0;
-                        at += (hi - i) as u64 * span.page_size;
-                    }
-                }
-            }
+        if replay(&mut worker, shared, target, ws) == FillEnd::Gone {
+            shared.mark_gone(target);
+            return finish();
         }
     }
     if shared.config.background_fill {
@@ -1755,6 +1732,53 @@ fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
         }
     }
     finish();
+}
+
+/// Installs the recorded pages of `ws` in file order, one window of up to
+/// [`BATCH_BYTES`] at a time: the source is read front to back, and each
+/// window costs one claim pass and one install pass however sparse the
+/// recorded pages are in it (only they are claimed). Demand faults keep
+/// priority between windows.
+fn replay(worker: &mut Worker<'_>, shared: &Shared, target: &Target, ws: &WorkingSet) -> FillEnd {
+    let mut pages = ws.pages().to_vec();
+    pages.sort_unstable();
+    pages.dedup();
+    let mut selected: Vec<bool> = Vec::new();
+    let mut k = 0;
+    let mut retries = 0;
+    while k < pages.len() {
+        if !fill_wait_turn(shared, target, None) {
+            return FillEnd::Stopped;
+        }
+        let table = read(&target.table);
+        let Some((span, lo)) = table.by_source(pages[k]) else {
+            k += 1;
+            continue;
+        };
+        let span = span.clone();
+        let batch = ((BATCH_BYTES / span.page_size) as usize).max(1);
+        let hi = (lo + batch).min(span.index_end());
+        let window_end = span.source_of(hi);
+        selected.clear();
+        selected.resize(hi - lo, false);
+        let mut next = k;
+        while next < pages.len() && pages[next] < window_end {
+            selected[((pages[next] - span.source_of(lo)) / span.page_size) as usize] = true;
+            next += 1;
+        }
+        match fill_chunk(worker, target, table, span, lo, hi, Some(&selected)) {
+            Step::Gone => return FillEnd::Gone,
+            Step::Defer | Step::Abandoned if retries < 100 => {
+                retries += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            _ => {
+                retries = 0;
+                k = next;
+            }
+        }
+    }
+    FillEnd::Done
 }
 
 /// Why [`fill_missing`] returned.
@@ -1814,7 +1838,7 @@ fn fill_missing(
             let batch = ((BATCH_BYTES / span.page_size) as usize).max(1);
             // Stay aligned to the batch so huge-page moves stay possible.
             let hi = ((i / batch + 1) * batch).min(span.index_end());
-            match fill_chunk(worker, target, table, span, i, hi) {
+            match fill_chunk(worker, target, table, span, i, hi, None) {
                 Step::Gone => return FillEnd::Gone,
                 Step::Defer | Step::Abandoned if retries < 100 => {
                     retries += 1;
@@ -1966,7 +1990,8 @@ fn fill_wait_turn(shared: &Shared, target: &Target, deadline: Option<Instant>) -
 }
 
 /// Claims and installs the missing pages `lo..hi` of `span` (found under
-/// `table`, which is released before reading the source).
+/// `table`, which is released before reading the source); with `selected`,
+/// only the pages it marks.
 fn fill_chunk(
     worker: &mut Worker<'_>,
     target: &Target,
@@ -1974,12 +1999,14 @@ fn fill_chunk(
     span: Span,
     lo: usize,
     hi: usize,
+    selected: Option<&[bool]>,
 ) -> Step {
     worker.claims.clear();
     let mut any = false;
     for i in lo..hi {
+        let wanted = selected.map_or(true, |s| s[i - lo]);
         // Removed (ballooned) pages stay unpopulated.
-        let c = if span.states.get(i) == state::MISSING {
+        let c = if wanted && span.states.get(i) == state::MISSING {
             span.states.claim(i).unwrap_or(0)
         } else {
             0
