@@ -2,7 +2,7 @@
 //! UNREGISTER, affects) a real fault. Skips with the reason when
 //! userfaultfd is denied to this process.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -61,12 +61,25 @@ fn in_thread<T: Send + 'static>(access: impl FnOnce() -> T + Send + 'static) -> 
     rx
 }
 
-struct Shared(std::sync::Arc<Mapping>);
+/// A mapping of `pages` pages, shareable with a faulting thread.
+fn shared(kind: MemoryKind, pages: usize) -> Arc<Mapping> {
+    Arc::new(Mapping::new(kind, pages * PAGE_SIZE).expect("mapping memory"))
+}
 
-fn shared(kind: MemoryKind, pages: usize) -> Shared {
-    Shared(std::sync::Arc::new(
-        Mapping::new(kind, pages * PAGE_SIZE).expect("mapping memory"),
-    ))
+/// Registers all of `mem` in `mode`, starts a thread reading the byte at
+/// `offset`, and returns that thread's result channel and the fault it
+/// raised (the thread stays blocked until the test resolves it).
+fn blocked_read(
+    uffd: &Uffd,
+    mem: &Arc<Mapping>,
+    mode: RegisterMode,
+    offset: usize,
+) -> (mpsc::Receiver<u8>, uffd::Pagefault) {
+    uffd.register(mem.addr(), mem.len() as u64, mode).unwrap();
+    let reader = Arc::clone(mem);
+    let done = in_thread(move || reader.read_byte(offset));
+    let fault = next_fault(uffd, &mut EventBuffer::default());
+    (done, fault)
 }
 
 #[test]
@@ -205,15 +218,10 @@ fn copy_resolves_a_missing_fault_and_eexist_is_reported() {
         return;
     };
     let mem = shared(MemoryKind::Anon, 2);
-    uffd.register(mem.0.addr(), 2 * PAGE, RegisterMode::MISSING)
-        .unwrap();
-    let reader = mem.0.clone();
-    let done = in_thread(move || reader.read_byte(PAGE_SIZE + 100));
-    let mut buf = EventBuffer::new(8);
-    let fault = next_fault(&uffd, &mut buf);
+    let (done, fault) = blocked_read(&uffd, &mem, RegisterMode::MISSING, PAGE_SIZE + 100);
     assert_eq!(fault.kind(), FaultKind::Missing);
     assert!(!fault.is_write());
-    assert_eq!(fault.page(PAGE), mem.0.addr() + PAGE);
+    assert_eq!(fault.page(PAGE), mem.addr() + PAGE);
     assert!(fault.thread_id.is_some_and(|tid| tid > 0));
     let src = [0x5Au8; PAGE_SIZE];
     // SAFETY: `src` is live for the call; the destination is registered
@@ -229,7 +237,7 @@ fn copy_resolves_a_missing_fault_and_eexist_is_reported() {
     // SAFETY: as above.
     let all = unsafe {
         uffd.copy_all(
-            mem.0.addr(),
+            mem.addr(),
             src.as_ptr().cast(),
             PAGE,
             PAGE,
@@ -245,15 +253,8 @@ fn copy_resolves_a_missing_fault_and_eexist_is_reported() {
     );
     let src2 = [1u8; 2 * PAGE_SIZE];
     // SAFETY: as above.
-    let all = unsafe {
-        uffd.copy_all(
-            mem.0.addr(),
-            src2.as_ptr(),
-            2 * PAGE,
-            PAGE,
-            CopyMode::empty(),
-        )
-    };
+    let all =
+        unsafe { uffd.copy_all(mem.addr(), src2.as_ptr(), 2 * PAGE, PAGE, CopyMode::empty()) };
     assert_eq!(
         all.unwrap(),
         Resolved::Complete {
@@ -269,11 +270,7 @@ fn zeropage_resolves_a_fault_with_zeros() {
         return;
     };
     let mem = shared(MemoryKind::Anon, 1);
-    uffd.register(mem.0.addr(), PAGE, RegisterMode::MISSING)
-        .unwrap();
-    let reader = mem.0.clone();
-    let done = in_thread(move || reader.read_byte(7));
-    let fault = next_fault(&uffd, &mut EventBuffer::default());
+    let (done, fault) = blocked_read(&uffd, &mem, RegisterMode::MISSING, 7);
     let outcome = uffd.zeropage(fault.page(PAGE), PAGE, ZeropageMode::empty());
     assert_eq!(outcome.unwrap(), Outcome::Complete { bytes: PAGE });
     assert_eq!(done.recv_timeout(BOUND).unwrap(), 0);
@@ -285,14 +282,14 @@ fn writeprotect_catches_a_write_and_unprotect_lets_it_finish() {
         return;
     };
     let mem = shared(MemoryKind::Anon, 1);
-    mem.0.write_byte(0, 1);
+    mem.write_byte(0, 1);
     let ioctls = uffd
-        .register(mem.0.addr(), PAGE, RegisterMode::MISSING | RegisterMode::WP)
+        .register(mem.addr(), PAGE, RegisterMode::MISSING | RegisterMode::WP)
         .unwrap();
     assert!(ioctls.contains(Ioctls::WRITEPROTECT));
-    let protect = uffd.write_protect(mem.0.addr(), PAGE, WriteProtectMode::WP);
+    let protect = uffd.write_protect(mem.addr(), PAGE, WriteProtectMode::WP);
     assert_eq!(protect.unwrap(), Outcome::Complete { bytes: PAGE });
-    let writer = mem.0.clone();
+    let writer = Arc::clone(&mem);
     let done = in_thread(move || writer.write_byte(9, 42));
     let fault = next_fault(&uffd, &mut EventBuffer::default());
     assert_eq!(fault.kind(), FaultKind::WriteProtect);
@@ -300,8 +297,8 @@ fn writeprotect_catches_a_write_and_unprotect_lets_it_finish() {
     let unprotect = uffd.write_protect(fault.page(PAGE), PAGE, WriteProtectMode::empty());
     assert_eq!(unprotect.unwrap(), Outcome::Complete { bytes: PAGE });
     done.recv_timeout(BOUND).unwrap();
-    assert_eq!(mem.0.read_byte(9), 42);
-    assert_eq!(mem.0.read_byte(0), 1);
+    assert_eq!(mem.read_byte(9), 42);
+    assert_eq!(mem.read_byte(0), 1);
 }
 
 #[test]
@@ -310,15 +307,11 @@ fn continue_maps_a_page_cache_page_written_through_the_alias() {
         return;
     };
     let mem = shared(MemoryKind::Shmem, 1);
-    mem.0.write_alias(0, &[3u8; PAGE_SIZE]);
-    uffd.register(mem.0.addr(), PAGE, RegisterMode::MINOR)
-        .unwrap();
-    let reader = mem.0.clone();
-    let done = in_thread(move || reader.read_byte(11));
-    let fault = next_fault(&uffd, &mut EventBuffer::default());
+    mem.write_alias(0, &[3u8; PAGE_SIZE]);
+    let (done, fault) = blocked_read(&uffd, &mem, RegisterMode::MINOR, 11);
     assert_eq!(fault.kind(), FaultKind::Minor);
     // Fix the content through the alias before mapping it.
-    mem.0.write_alias(11, &[77]);
+    mem.write_alias(11, &[77]);
     let outcome = uffd.continue_(fault.page(PAGE), PAGE, ContinueMode::empty());
     assert_eq!(outcome.unwrap(), Outcome::Complete { bytes: PAGE });
     assert_eq!(done.recv_timeout(BOUND).unwrap(), 77);
@@ -337,11 +330,7 @@ fn move_resolves_a_fault_without_copying() {
         .advise(0, PAGE_SIZE, rustix::mm::Advice::LinuxDontFork)
         .unwrap();
     staging.write(0, &[0xC3; PAGE_SIZE]);
-    uffd.register(mem.0.addr(), PAGE, RegisterMode::MISSING)
-        .unwrap();
-    let reader = mem.0.clone();
-    let done = in_thread(move || reader.read_byte(4095));
-    let fault = next_fault(&uffd, &mut EventBuffer::default());
+    let (done, fault) = blocked_read(&uffd, &mem, RegisterMode::MISSING, 4095);
     // SAFETY: the staging page is ours, exclusive, and not referenced; after
     // the move it is only read through `read_byte`, which tolerates holes.
     let outcome =
@@ -395,11 +384,7 @@ fn dontwake_leaves_the_thread_asleep_until_wake() {
         return;
     };
     let mem = shared(MemoryKind::Anon, 1);
-    uffd.register(mem.0.addr(), PAGE, RegisterMode::MISSING)
-        .unwrap();
-    let reader = mem.0.clone();
-    let done = in_thread(move || reader.read_byte(0));
-    let fault = next_fault(&uffd, &mut EventBuffer::default());
+    let (done, fault) = blocked_read(&uffd, &mem, RegisterMode::MISSING, 0);
     let outcome = uffd.zeropage(fault.page(PAGE), PAGE, ZeropageMode::DONTWAKE);
     assert_eq!(outcome.unwrap(), Outcome::Complete { bytes: PAGE });
     assert!(
@@ -416,12 +401,8 @@ fn unregister_releases_a_waiting_thread_to_the_kernel() {
         return;
     };
     let mem = shared(MemoryKind::Anon, 1);
-    uffd.register(mem.0.addr(), PAGE, RegisterMode::MISSING)
-        .unwrap();
-    let reader = mem.0.clone();
-    let done = in_thread(move || reader.read_byte(5));
-    let _fault = next_fault(&uffd, &mut EventBuffer::default());
-    uffd.unregister(mem.0.addr(), PAGE).unwrap();
+    let (done, _fault) = blocked_read(&uffd, &mem, RegisterMode::MISSING, 5);
+    uffd.unregister(mem.addr(), PAGE).unwrap();
     // UNREGISTER wakes the waiter, which retries and gets the kernel's zero page.
     assert_eq!(done.recv_timeout(BOUND).unwrap(), 0);
 }
@@ -445,7 +426,7 @@ fn poison_makes_the_faulting_access_raise_sigbus() {
                 .open()
                 .unwrap();
             let mem = shared(MemoryKind::Anon, 1);
-            uffd.register(mem.0.addr(), PAGE, RegisterMode::MISSING)
+            uffd.register(mem.addr(), PAGE, RegisterMode::MISSING)
                 .unwrap();
             let handler = thread::spawn(move || {
                 let fault = next_fault(&uffd, &mut EventBuffer::default());
@@ -455,7 +436,7 @@ fn poison_makes_the_faulting_access_raise_sigbus() {
                 assert_eq!(outcome.unwrap(), Outcome::Complete { bytes: PAGE });
                 thread::sleep(BOUND);
             });
-            mem.0.read_byte(0);
+            mem.read_byte(0);
             drop(handler);
         });
         // Reaching here means the access did not raise SIGBUS.
@@ -494,30 +475,30 @@ fn pending_remove_event_makes_resolves_retry_after_events() {
         return;
     };
     let mem = shared(MemoryKind::Anon, 2);
-    mem.0.write_byte(0, 1);
-    uffd.register(mem.0.addr(), 2 * PAGE, RegisterMode::MISSING)
+    mem.write_byte(0, 1);
+    uffd.register(mem.addr(), 2 * PAGE, RegisterMode::MISSING)
         .unwrap();
     // MADV_DONTNEED blocks until the REMOVE event is read; meanwhile every
     // resolve must come back as "drain events, then retry".
-    let advisor = mem.0.clone();
+    let advisor = Arc::clone(&mem);
     let advised = in_thread(move || {
         advisor
             .advise(0, PAGE_SIZE, rustix::mm::Advice::LinuxDontNeed)
             .map_err(|e| e.to_string())
     });
     assert!(uffd.wait_readable(Some(BOUND)).unwrap(), "no REMOVE event");
-    let outcome = uffd.zeropage(mem.0.addr() + PAGE, PAGE, ZeropageMode::empty());
+    let outcome = uffd.zeropage(mem.addr() + PAGE, PAGE, ZeropageMode::empty());
     assert_eq!(outcome.unwrap(), Outcome::RetryAfterEvents);
-    let resolved = uffd.zeropage_all(mem.0.addr() + PAGE, PAGE, PAGE, ZeropageMode::empty());
+    let resolved = uffd.zeropage_all(mem.addr() + PAGE, PAGE, PAGE, ZeropageMode::empty());
     assert_eq!(resolved.unwrap(), Resolved::RetryAfterEvents { done: 0 });
     let mut buf = EventBuffer::default();
     let events = uffd.read_events(&mut buf).unwrap();
     assert!(
-        matches!(events.as_slice(), [Event::Remove { start, end }] if *start == mem.0.addr() && *end == mem.0.addr() + PAGE),
+        matches!(events.as_slice(), [Event::Remove { start, end }] if *start == mem.addr() && *end == mem.addr() + PAGE),
         "{events:?}"
     );
     advised.recv_timeout(BOUND).unwrap().unwrap();
-    let outcome = uffd.zeropage(mem.0.addr() + PAGE, PAGE, ZeropageMode::empty());
+    let outcome = uffd.zeropage(mem.addr() + PAGE, PAGE, ZeropageMode::empty());
     assert_eq!(outcome.unwrap(), Outcome::Complete { bytes: PAGE });
 }
 
@@ -611,11 +592,11 @@ fn many_faults_are_read_with_one_read() {
         return;
     };
     let mem = shared(MemoryKind::Anon, 4);
-    uffd.register(mem.0.addr(), 4 * PAGE, RegisterMode::MISSING)
+    uffd.register(mem.addr(), 4 * PAGE, RegisterMode::MISSING)
         .unwrap();
     let readers: Vec<_> = (0..4)
         .map(|i| {
-            let m = mem.0.clone();
+            let m = Arc::clone(&mem);
             in_thread(move || m.read_byte(i * PAGE_SIZE))
         })
         .collect();
@@ -634,7 +615,7 @@ fn many_faults_are_read_with_one_read() {
         }
     }
     assert_eq!(pages.len(), 4, "every faulting thread reported");
-    let resolved = uffd.zeropage_all(mem.0.addr(), 4 * PAGE, PAGE, ZeropageMode::empty());
+    let resolved = uffd.zeropage_all(mem.addr(), 4 * PAGE, PAGE, ZeropageMode::empty());
     assert_eq!(
         resolved.unwrap(),
         Resolved::Complete {
@@ -664,9 +645,9 @@ fn async_stream_delivers_faults() {
             uffd::AsyncUffd::new(OpenOptions::new().non_blocking(true).open().unwrap()).unwrap();
         let mem = shared(MemoryKind::Anon, 1);
         uffd.get_ref()
-            .register(mem.0.addr(), PAGE, RegisterMode::MISSING)
+            .register(mem.addr(), PAGE, RegisterMode::MISSING)
             .unwrap();
-        let reader = mem.0.clone();
+        let reader = Arc::clone(&mem);
         let done = in_thread(move || reader.read_byte(1));
         let mut events = uffd.events(8);
         let event = tokio::time::timeout(BOUND, events.next())
