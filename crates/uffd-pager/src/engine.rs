@@ -228,8 +228,9 @@ impl PagerBuilder {
         self
     }
 
-    /// Prefetch a recorded working set first, in large batches, in the
-    /// order it was touched.
+    /// Prefetch a recorded working set first: its pages are installed in
+    /// file order, a window of up to 2 MiB per pass (only the recorded pages
+    /// of each window), while demand faults keep priority.
     pub fn replay(mut self, working_set: Option<WorkingSet>) -> Self {
         self.config.replay = working_set;
         self
