@@ -26,7 +26,10 @@ use super::CmdResult;
 ///
 /// Cases (each on a fresh mapping of the same snapshot file):
 /// kernel-sequential / kernel-random (baseline: mmap MAP_PRIVATE of the file,
-/// warm page cache), typical-sequential / typical-random (baseline: poll,
+/// warm page cache), kernel-anon-first-write (reference: the kernel
+/// allocating and zeroing fresh anonymous pages, one write per page, no
+/// userfaultfd: the floor under any restore into private anonymous memory),
+/// typical-sequential / typical-random (baseline: poll,
 /// read one message, one 4 KiB UFFDIO_COPY, one thread), random-4k,
 /// random-4k-sigbus (no handler thread: the faulting thread gets SIGBUS
 /// and copies its own 4 KiB page in the signal handler, so it never sleeps
@@ -670,6 +673,28 @@ fn medians(rounds: &[Vec<Case>]) -> Vec<Case> {
         .collect()
 }
 
+/// The kernel serving fresh anonymous memory: one write per page in order,
+/// so every page is allocated and zeroed, as it must be for any private
+/// copy of restored memory (COPY into anonymous memory pays this too).
+fn kernel_anon_first_write(len: u64) -> Result<PhaseResult, BoxError> {
+    let memory = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
+    let pages = len / 4096;
+    let start = std::time::Instant::now();
+    for page in 0..pages {
+        memory.write_byte((page * 4096) as usize, 1);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(PhaseResult {
+        pages,
+        seconds,
+        mb_per_s: len as f64 / 1e6 / seconds.max(1e-9),
+        p50_us: 0.0,
+        p90_us: 0.0,
+        p99_us: 0.0,
+        max_us: 0.0,
+    })
+}
+
 /// One round of every case, baselines first.
 fn bench_round(
     path: &std::path::Path,
@@ -696,6 +721,19 @@ fn bench_round(
         &kernel_seq,
     ));
     cases.push(case("kernel-random", mib, Order::Random, &kernel_rand));
+    // What any private copy of restored memory costs at least: the kernel
+    // allocating and zeroing fresh anonymous pages, no userfaultfd involved.
+    let anon = kernel_anon_first_write(len)?;
+    progress.done(&format!(
+        "{:<32} {:>8.0} MB/s",
+        "kernel anon first write", anon.mb_per_s
+    ));
+    cases.push(case(
+        "kernel-anon-first-write",
+        mib,
+        Order::Sequential,
+        &anon,
+    ));
 
     let typical_seq = typical_handler(source, len, Order::Sequential, progress)?;
     cases.push(case(
