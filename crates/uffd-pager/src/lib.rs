@@ -14,21 +14,27 @@
 //! When the source cannot produce a page, the page is poisoned: access
 //! raises SIGBUS, never a silent zero page and never a hang.
 //!
-//! ```no_run
+//! ```
 //! use std::sync::Arc;
-//! use uffd_pager::{FileMode, FileSource, Pager, Prefetch, Region, Strategy};
+//! use uffd::{Mapping, MemoryKind, OpenOptions, RegisterMode};
+//! use uffd_pager::{MemorySource, Pager, Prefetch, Region, Strategy};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let (uffd, guest_addr, guest_len): (uffd::Uffd, u64, u64) = unimplemented!();
-//! // The VMM sent `uffd` and said guest memory at `guest_addr` comes from
-//! // offset 0 of the snapshot.
-//! let source = Arc::new(FileSource::open("mem.snap", FileMode::Mmap)?);
-//! let pager = Pager::builder(source)
+//! # if let Err(e) = uffd::probe() { if e.is_denied() { return Ok(()); } }
+//! // A 1 MiB "snapshot" served lazily into fresh memory of this process.
+//! // (A server would get `uffd` and the regions from a VMM instead.)
+//! let snapshot: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+//! let memory = Mapping::new(MemoryKind::Anon, snapshot.len())?;
+//! let uffd = OpenOptions::new().user_mode_only(true).open()?;
+//! let regions = vec![Region::new(memory.addr(), memory.len() as u64, 0, 4096)];
+//! uffd_pager::register(&uffd, &regions, RegisterMode::MISSING)?;
+//! let pager = Pager::builder(Arc::new(MemorySource::new(snapshot.clone())))
 //!     .strategy(Strategy::Copy)
 //!     .prefetch(Prefetch::Readahead { max_bytes: 2 << 20 })
-//!     .background_fill(true)
-//!     .start(uffd, vec![Region::new(guest_addr, guest_len, 0, 4096)])?;
-//! pager.wait_finished(std::time::Duration::from_secs(3600));
+//!     .start(uffd, regions)?;
+//! let mut restored = vec![0u8; snapshot.len()];
+//! memory.read(0, &mut restored); // faults, served by the pager
+//! assert_eq!(restored, snapshot);
 //! println!("{:?}", pager.shutdown());
 //! # Ok(())
 //! # }
