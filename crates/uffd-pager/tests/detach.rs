@@ -223,7 +223,7 @@ fn a_page_the_source_cannot_produce_stays_poisoned_after_detach() {
     let (touched_r, touched_w) = rustix::pipe::pipe().unwrap();
     // Like Firecracker: EVENT_REMOVE only; POISON works on any userfaultfd
     // of a kernel that has it.
-    let RemoteTarget { pid, uffd, addr } = fork_target(PAGES, Features::EVENT_REMOVE, |m| {
+    let Some(RemoteTarget { pid, uffd, addr }) = fork_target(PAGES, Features::EVENT_REMOVE, |m| {
         let mut go = [0u8; 1];
         rustix::io::read(&go_r, &mut go).ok()?;
         for p in 0..4 {
@@ -250,7 +250,9 @@ fn a_page_the_source_cannot_produce_stays_poisoned_after_detach() {
         }
         let _ = m.read_byte(BAD * 4096); // SIGBUS expected here
         Some(3)
-    });
+    }) else {
+        return;
+    };
     drop(touched_w);
     let pager = Pager::builder(Arc::new(FailingSource))
         .source_retries(0)

@@ -66,7 +66,7 @@ fn run_remote_target(source: Arc<dyn PageSource>, first_byte: u8) -> Option<(i32
         }
         let _ = m.read_byte(BAD * 4096); // SIGBUS expected here
         Some(3)
-    });
+    })?;
     let pager = Pager::builder(source)
         .source_retries(2)
         .target_pid(pid)

@@ -32,13 +32,45 @@ pub fn features(wanted: Features) -> Features {
         .unwrap_or(Features::empty())
 }
 
-/// A userfaultfd with `wanted` features (those the kernel has).
-pub fn open(wanted: Features) -> Uffd {
+/// Options for the tests' own userfaultfds, with `wanted` features (those
+/// the kernel has). The memory is this process's and only user-space code
+/// touches it, so user-mode-only suffices, which needs no privilege.
+fn options(wanted: Features) -> OpenOptions {
     OpenOptions::new()
         .non_blocking(true)
+        .user_mode_only(true)
         .features(features(wanted))
-        .open()
-        .expect("open userfaultfd")
+}
+
+/// A userfaultfd with `wanted` features (those the kernel has).
+pub fn open(wanted: Features) -> Uffd {
+    options(wanted).open().expect("open userfaultfd")
+}
+
+/// Like [`open`], but `None` (after saying why) when this process may not
+/// have those features, e.g. EVENT_FORK without CAP_SYS_PTRACE.
+pub fn try_open(wanted: Features) -> Option<Uffd> {
+    match options(wanted).open() {
+        Ok(uffd) => Some(uffd),
+        Err(e) if e.is_denied() => {
+            eprintln!("SKIP: a userfaultfd with {wanted} is denied here: {e}");
+            None
+        }
+        Err(e) => panic!("open userfaultfd: {e}"),
+    }
+}
+
+/// Whether this process may open a userfaultfd that catches kernel-mode
+/// faults too, as a VMM does; says why not.
+pub fn kernel_faults_allowed() -> bool {
+    match OpenOptions::new().open() {
+        Ok(_) => true,
+        Err(e) if e.is_denied() => {
+            eprintln!("SKIP: a VMM-style userfaultfd (kernel faults caught) is denied here: {e}");
+            false
+        }
+        Err(e) => panic!("open userfaultfd: {e}"),
+    }
 }
 
 /// Deterministic page contents: every 8-byte word holds its source offset
@@ -207,11 +239,15 @@ pub struct RemoteTarget {
 ///
 /// Call it while no other thread of the test runs: the child runs `body`
 /// after a fork, so `body` must only touch memory, pipes and the mapping.
+/// `None` (after saying why) where such a userfaultfd is denied.
 pub fn fork_target(
     pages: usize,
     features: Features,
     body: impl FnOnce(&Mapping) -> Option<i32>,
-) -> RemoteTarget {
+) -> Option<RemoteTarget> {
+    if !kernel_faults_allowed() {
+        return None;
+    }
     let (info_r, info_w) = rustix::pipe::pipe().unwrap();
     // SAFETY: the caller runs no other thread; the child only maps, makes
     // its userfaultfd, runs `body` (memory and pipes) and leaves with _exit.
@@ -257,5 +293,5 @@ pub fn fork_target(
         rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
             .unwrap();
     let uffd = Uffd::from_fd(theirs, features).unwrap();
-    RemoteTarget { pid, uffd, addr }
+    Some(RemoteTarget { pid, uffd, addr })
 }
