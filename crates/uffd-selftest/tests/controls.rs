@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use uffd::{Features, Mapping, MemoryKind, RegisterMode, Uffd};
+use uffd::{Mapping, MemoryKind, OpenOptions, RegisterMode};
 use uffd_selftest::harness::{guarded_within, Stop};
 use uffd_selftest::stress::{self, StressOptions};
 
@@ -45,7 +45,8 @@ fn watchdog_names_a_fault_nobody_resolves() {
     if !usable() {
         return;
     }
-    let uffd = Uffd::new(Features::empty()).unwrap();
+    // User-mode-only, like the selftest cases: no privilege needed.
+    let uffd = OpenOptions::new().user_mode_only(true).open().unwrap();
     let m = Mapping::new(MemoryKind::Anon, 4096).unwrap();
     uffd.register(m.addr(), 4096, RegisterMode::MISSING)
         .unwrap();

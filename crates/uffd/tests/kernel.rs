@@ -17,12 +17,14 @@ const PAGE: u64 = PAGE_SIZE as u64;
 const BOUND: Duration = Duration::from_secs(10);
 
 /// Opens a userfaultfd with `features`, or explains why the test is skipped.
+/// User-mode-only: the tests touch their memory from user space only, and
+/// so run without privilege too.
 fn open(features: Features) -> Option<Uffd> {
-    match OpenOptions::new()
+    let options = OpenOptions::new()
         .non_blocking(true)
-        .features(features)
-        .open()
-    {
+        .user_mode_only(true)
+        .features(features);
+    match options.open() {
         Ok(uffd) => Some(uffd),
         Err(e) if e.is_denied() => {
             eprintln!("SKIP: userfaultfd denied here: {e}");
@@ -422,6 +424,7 @@ fn poison_makes_the_faulting_access_raise_sigbus() {
         let code = std::panic::catch_unwind(|| {
             let uffd = OpenOptions::new()
                 .non_blocking(true)
+                .user_mode_only(true)
                 .features(Features::POISON)
                 .open()
                 .unwrap();
@@ -641,8 +644,14 @@ fn async_stream_delivers_faults() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let uffd =
-            uffd::AsyncUffd::new(OpenOptions::new().non_blocking(true).open().unwrap()).unwrap();
+        let uffd = uffd::AsyncUffd::new(
+            OpenOptions::new()
+                .non_blocking(true)
+                .user_mode_only(true)
+                .open()
+                .unwrap(),
+        )
+        .unwrap();
         let mem = shared(MemoryKind::Anon, 1);
         uffd.get_ref()
             .register(mem.addr(), PAGE, RegisterMode::MISSING)
