@@ -18,10 +18,11 @@
 //!
 //! ```
 //! # fn main() -> Result<(), uffd::Error> {
-//! use uffd::{CopyMode, Event, EventBuffer, Mapping, MemoryKind, RegisterMode, Resolved, Uffd};
+//! use uffd::{CopyMode, Event, EventBuffer, Mapping, MemoryKind, RegisterMode, Resolved};
 //!
 //! # if let Err(e) = uffd::probe() { if e.is_denied() { return Ok(()); } }
-//! let uffd = Uffd::new(uffd::Features::empty())?;
+//! // User-mode-only: this process's own accesses are caught, no privilege needed.
+//! let uffd = uffd::OpenOptions::new().user_mode_only(true).open()?;
 //! let memory = Mapping::new(MemoryKind::Anon, 4 * 4096)?;
 //! uffd.register(memory.addr(), memory.len() as u64, RegisterMode::MISSING)?;
 //!
