@@ -80,6 +80,6 @@ pub use open::{api, open_with, probe, probe_with, raw_api, ApiInfo, OpenMethod, 
 pub use outcome::{Outcome, Resolved};
 pub use pagemap::Pagemap;
 pub use uffd::{
-    is_userfaultfd, ContinueMode, CopyMode, MoveMode, PoisonMode, Uffd, WriteProtectMode,
-    ZeropageMode,
+    answers_like_userfaultfd, is_userfaultfd, ContinueMode, CopyMode, MoveMode, PoisonMode, Uffd,
+    WriteProtectMode, ZeropageMode,
 };

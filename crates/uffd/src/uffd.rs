@@ -543,12 +543,30 @@ fn require_kernel(op: Op, feature: Features, why: &'static str) -> Result<(), Er
     }
 }
 
-/// True if `fd` refers to a userfaultfd (its anon inode is named so).
+/// True if `fd` refers to a userfaultfd.
+///
+/// Asks `/proc/self/fd` for the anon inode's name; where `/proc` is not
+/// mounted (some containers), asks the fd itself: `UFFDIO_WAKE` of an empty
+/// range is EINVAL on a userfaultfd (initialised or not) and ENOTTY on files,
+/// pipes, sockets and the other anon inodes.
 pub fn is_userfaultfd(fd: impl AsFd) -> bool {
-    let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
-    std::fs::read_link(link)
-        .map(|target| target.as_os_str() == "anon_inode:[userfaultfd]")
-        .unwrap_or(false)
+    let fd = fd.as_fd();
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    match std::fs::read_link(link) {
+        Ok(target) => target.as_os_str() == "anon_inode:[userfaultfd]",
+        Err(_) => answers_like_userfaultfd(fd),
+    }
+}
+
+/// The `/proc`-free test of [`is_userfaultfd`]: an empty `UFFDIO_WAKE`.
+#[doc(hidden)]
+pub fn answers_like_userfaultfd(fd: BorrowedFd<'_>) -> bool {
+    let mut empty = sys::uffdio_range { start: 0, len: 0 };
+    let req = sys::RawIoctl::with_struct(sys::UFFDIO_WAKE, &mut empty);
+    // SAFETY: UFFDIO_WAKE only reads a `struct uffdio_range`, which `empty`
+    // is; an empty range wakes nothing even on a userfaultfd.
+    let result = unsafe { rustix::ioctl::ioctl(fd, req) };
+    result == Err(Errno::INVAL)
 }
 
 fn check_range(start: u64, len: u64) -> Result<(), Error> {

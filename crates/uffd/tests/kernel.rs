@@ -119,6 +119,30 @@ fn opens_through_the_syscall_and_the_device() {
 }
 
 #[test]
+fn userfaultfds_are_told_apart_from_other_fds_without_proc_too() {
+    use std::os::fd::AsFd;
+    let (Some(ready), Ok(fresh)) = (
+        open(Features::empty()),
+        uffd::open_with(OpenPath::Syscall, 1 | rustix::fs::OFlags::CLOEXEC.bits()),
+    ) else {
+        return eprintln!("SKIP: userfaultfd denied here");
+    };
+    // Both the /proc answer and the ioctl answer, for a handshaken and a
+    // fresh userfaultfd, and for fds that are not one.
+    for fd in [ready.as_fd(), fresh.as_fd()] {
+        assert!(uffd::is_userfaultfd(fd));
+        assert!(uffd::answers_like_userfaultfd(fd));
+    }
+    let (r, w) = rustix::pipe::pipe().unwrap();
+    let event = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    let file = std::fs::File::open("/proc/self/status").unwrap();
+    for fd in [r.as_fd(), w.as_fd(), event.as_fd(), file.as_fd()] {
+        assert!(!uffd::is_userfaultfd(fd));
+        assert!(!uffd::answers_like_userfaultfd(fd));
+    }
+}
+
+#[test]
 fn probe_reports_features_and_missing_ones_by_name() {
     let info = match uffd::probe() {
         Ok(info) => info,
