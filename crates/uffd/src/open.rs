@@ -223,6 +223,14 @@ pub fn probe() -> Result<ApiInfo, Error> {
     Ok(*PROBED.get_or_init(|| info))
 }
 
+static KERNEL_FEATURES: OnceLock<Option<Features>> = OnceLock::new();
+
+/// The kernel's features for per-ioctl checks: probed once, and `None` for
+/// good when the probe cannot run here, so a hot path never retries it.
+pub(crate) fn kernel_features() -> Option<Features> {
+    *KERNEL_FEATURES.get_or_init(|| probe().ok().map(|info| info.features))
+}
+
 /// What the kernel supports, probed through a throwaway fd opened with
 /// `options` (its features are ignored), without caching.
 pub fn probe_with(options: OpenOptions) -> Result<ApiInfo, Error> {

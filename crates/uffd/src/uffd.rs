@@ -534,11 +534,11 @@ impl From<Uffd> for OwnedFd {
 /// The kernel gates these ioctls on its own support, not on the features a
 /// fd asked for at the handshake (6.18 accepts POISON and MOVE on a fd that
 /// never requested them), so a fd adopted from a VMM that did not ask for
-/// them can still use them. The probe is cached; if it cannot run, the
-/// kernel is left to answer.
+/// them can still use them. The probe runs once per process; if it cannot
+/// run, the kernel is left to answer.
 fn require_kernel(op: Op, feature: Features, why: &'static str) -> Result<(), Error> {
-    match crate::probe() {
-        Ok(info) if !info.features.contains(feature) => Err(Error::Unsupported { op, why }),
+    match crate::open::kernel_features() {
+        Some(kernel) if !kernel.contains(feature) => Err(Error::Unsupported { op, why }),
         _ => Ok(()),
     }
 }
