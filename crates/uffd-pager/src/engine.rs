@@ -1335,6 +1335,9 @@ impl<'a> Worker<'a> {
         let strategy = self.strategy();
         // Where the bytes end up before the ioctl.
         let in_place = self.shared.config.content_in_place;
+        // True when `src` is the source's own mapping, which only the
+        // kernel may read (see `MappedBytes`).
+        let mut from_mapping = false;
         let fetched = if all_zero_claims {
             Ok((Content::Zero, std::ptr::null::<u8>()))
         } else if in_place {
@@ -1359,13 +1362,10 @@ impl<'a> Worker<'a> {
             .mapped(offset, len as usize)
             .filter(|_| strategy != Strategy::Move)
         {
+            from_mapping = true;
             Ok((Content::Data, bytes.as_ptr()))
         } else {
-            // SAFETY: the staging buffer is this worker's own memory, 2 MiB
-            // long (a claim never exceeds BATCH_BYTES), and no other
-            // reference to it exists.
-            let buf =
-                unsafe { std::slice::from_raw_parts_mut(self.staging.as_ptr(), len as usize) };
+            let buf = self.staging_for(len);
             self.read_source(offset, buf)
                 .map(|c| (c, self.staging.as_ptr().cast_const()))
         };
@@ -1388,14 +1388,18 @@ impl<'a> Worker<'a> {
         let zero_page = |k: usize| -> bool {
             claims[k] == state::CLAIMED_ZERO
                 || content == Content::Zero
-                || (self.shared.config.detect_zero_pages && !in_place && {
-                    // SAFETY: `src` holds `len` readable bytes (the source's
-                    // mapping, the alias or the staging buffer).
-                    let page = unsafe {
-                        std::slice::from_raw_parts(src.add(k * ps as usize), ps as usize)
-                    };
-                    is_zero(page)
-                })
+                || (self.shared.config.detect_zero_pages
+                    && !in_place
+                    && if from_mapping {
+                        self.shared.source.is_known_zero(offset + k as u64 * ps, ps)
+                    } else {
+                        // SAFETY: `src` holds `len` readable bytes (the alias
+                        // or the staging buffer, both this pager's memory).
+                        let page = unsafe {
+                            std::slice::from_raw_parts(src.add(k * ps as usize), ps as usize)
+                        };
+                        is_zero(page)
+                    })
         };
         // A whole aligned huge page of data moves with one PMD update only
         // if it moves in one piece: keep its zero pages in it.
@@ -1503,6 +1507,26 @@ impl<'a> Worker<'a> {
                     return Step::Defer;
                 }
                 Ok(Resolved::TargetGone) => return Step::Gone,
+                Err(e) if from_mapping && e.errno() == Some(rustix::io::Errno::FAULT) => {
+                    // The kernel could not read the source's mapping: the
+                    // file lost these bytes (it shrank). Ask it again the
+                    // way that reports why; pages it cannot produce are
+                    // poisoned, never left to re-fault forever.
+                    drop(table);
+                    let rest = &claims[k..];
+                    let run_offset = span.source_of(from + k);
+                    let buf = self.staging_for(rest.len() as u64 * ps);
+                    return match self.read_source(run_offset, buf) {
+                        Err(source_error) => {
+                            self.poison(target, claim, from + k, rest, &source_error)
+                        }
+                        Ok(_) => {
+                            // Readable again (the file grew back): retry.
+                            self.release(target, claim, from + k, rest);
+                            Step::Abandoned
+                        }
+                    };
+                }
                 Err(e) => {
                     warn!(error = %e, address = addr, "installing pages failed; waking the waiters");
                     drop(table);
@@ -1625,6 +1649,16 @@ impl<'a> Worker<'a> {
             .fetch_add(pages as u64, Ordering::Relaxed);
     }
 
+    /// The first `len` bytes of this worker's staging buffer.
+    #[allow(clippy::mut_from_ref)]
+    fn staging_for(&self, len: u64) -> &mut [u8] {
+        assert!(len <= BATCH_BYTES, "a claim never exceeds BATCH_BYTES");
+        // SAFETY: the staging buffer is this worker's own memory, BATCH_BYTES
+        // long; only this worker's thread uses it, one read at a time, and
+        // the slice does not outlive the read-and-install it serves.
+        unsafe { std::slice::from_raw_parts_mut(self.staging.as_ptr(), len as usize) }
+    }
+
     fn read_source(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
         let mut attempt = 0;
         loop {
@@ -1657,7 +1691,7 @@ impl<'a> Worker<'a> {
         let ps = span.page_size;
         let addr = span.addr_of(from);
         let len = claims.len() as u64 * ps;
-        error!(address = addr, error = %e, "source failed; poisoning the page");
+        error!(address = addr, error = %e, source = %self.shared.source.describe(), "source failed; poisoning the page");
         let table = read(&target.table);
         if table.generation != claim.generation {
             drop(table);

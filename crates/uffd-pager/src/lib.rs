@@ -63,7 +63,8 @@ pub use sigbus::{
     SignalSafeSource, MAX_SIGBUS_GRANULE,
 };
 pub use source::{
-    Content, FileMode, FileSource, LayeredSource, MemorySource, PageSource, SourceError, ZeroSource,
+    Content, FileMode, FileSource, LayeredSource, MappedBytes, MemorySource, PageSource,
+    SourceError, ZeroSource,
 };
 pub use stats::{Histogram, LatencySummary, Stats};
 pub use workingset::{WorkingSet, WorkingSetError};

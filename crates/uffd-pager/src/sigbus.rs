@@ -46,7 +46,7 @@ use std::time::Duration;
 use serde::Serialize;
 use uffd::{CopyMode, Features, Outcome, RegisterMode, Uffd, ZeropageMode};
 
-use crate::source::{is_zero, FileSource, MemorySource};
+use crate::source::{is_zero, FileSource, MappedBytes, MemorySource};
 use crate::stats::{Histogram, LatencySummary};
 use crate::{AlignedAnon, PageSource, Region};
 
@@ -670,7 +670,9 @@ impl Shared {
                 let offset = region.offset + (start - region.start);
                 // Regions were checked against the source's length at start.
                 match m.mapped(offset, (end - start) as usize) {
-                    Some(bytes) => self.copy_or_zero(start, bytes),
+                    Some(bytes) => self.copy_or_zero(start, bytes, |i| {
+                        m.is_known_zero(offset + i as u64 * PAGE, PAGE)
+                    }),
                     None => false,
                 }
             }
@@ -679,7 +681,11 @@ impl Shared {
                 if f.is_hole(offset, offset + (end - start)) {
                     self.zero(start, end)
                 } else if let Some(bytes) = f.mapped(offset, (end - start) as usize) {
-                    self.copy_or_zero(start, bytes)
+                    // Zero pages were found at open: the mapping itself is
+                    // only read by the kernel.
+                    self.copy_or_zero(start, bytes, |i| {
+                        f.is_known_zero(offset + i as u64 * PAGE, PAGE)
+                    })
                 } else {
                     self.pread_and_copy(f, region, page, start, end)
                 }
@@ -705,38 +711,47 @@ impl Shared {
             Some(buf) => {
                 let bytes = &mut buf.bytes[..(end - start) as usize];
                 let offset = region.offset + (start - region.start);
-                file.pread_signal_safe(offset, bytes).is_ok() && self.copy_or_zero(start, bytes)
+                file.pread_signal_safe(offset, bytes).is_ok()
+                    && self.copy_or_zero(start, MappedBytes::new(bytes), |i| {
+                        is_zero(&bytes[i * PAGE as usize..(i + 1) * PAGE as usize])
+                    })
             }
             None => {
                 // Every scratch buffer is busy: one page via the stack.
                 let mut one = [0u8; PAGE as usize];
                 let offset = region.offset + (page - region.start);
-                file.pread_signal_safe(offset, &mut one).is_ok() && self.copy_or_zero(page, &one)
+                file.pread_signal_safe(offset, &mut one).is_ok()
+                    && self.copy_or_zero(page, MappedBytes::new(&one), |_| is_zero(&one))
             }
         }
     }
 
-    /// Installs `bytes` at `start`, page by page runs: all-zero pages as
-    /// zero pages when detection is on, the rest with COPY.
-    fn copy_or_zero(&self, start: u64, bytes: &[u8]) -> bool {
+    /// Installs `bytes` at `start`, page by page runs: zero pages (as
+    /// `is_zero_page(i)` tells for page `i`) as zero pages when detection is
+    /// on, the rest with COPY.
+    fn copy_or_zero(
+        &self,
+        start: u64,
+        bytes: MappedBytes<'_>,
+        is_zero_page: impl Fn(usize) -> bool,
+    ) -> bool {
+        let pages = bytes.len() / PAGE as usize;
         if !self.detect_zero_pages {
-            return self.copy(start, bytes);
+            return self.copy(start, bytes, 0, pages);
         }
         // Runs of equal zero-ness, each with one ioctl.
-        let pages = bytes.len() / PAGE as usize;
-        let page_bytes = |i: usize| &bytes[i * PAGE as usize..(i + 1) * PAGE as usize];
         let mut i = 0;
         while i < pages {
-            let zero = is_zero(page_bytes(i));
+            let zero = is_zero_page(i);
             let mut j = i + 1;
-            while j < pages && is_zero(page_bytes(j)) == zero {
+            while j < pages && is_zero_page(j) == zero {
                 j += 1;
             }
             let at = start + i as u64 * PAGE;
             let ok = if zero {
                 self.zero(at, start + j as u64 * PAGE)
             } else {
-                self.copy(at, &bytes[i * PAGE as usize..j * PAGE as usize])
+                self.copy(at, bytes, i, j)
             };
             if !ok {
                 return false;
@@ -746,9 +761,14 @@ impl Shared {
         true
     }
 
-    fn copy(&self, start: u64, bytes: &[u8]) -> bool {
-        self.resolve(start, bytes.len() as u64, true, |at, len| {
-            let src = bytes[(at - start) as usize..].as_ptr();
+    /// Copies pages `first..end` of `bytes` to `start` (the address of
+    /// page `first`).
+    fn copy(&self, start: u64, bytes: MappedBytes<'_>, first: usize, end: usize) -> bool {
+        let len = (end - first) as u64 * PAGE;
+        self.resolve(start, len, true, |at, len| {
+            let skip = first * PAGE as usize + (at - start) as usize;
+            debug_assert!(skip + len as usize <= bytes.len());
+            let src = bytes.as_ptr().wrapping_add(skip);
             // SAFETY: `src..src + len` lies in `bytes` (a read-only mapping,
             // an in-memory source or a scratch buffer this handler owns);
             // `at..at + len` is missing memory of a registered region of this

@@ -47,7 +47,10 @@ fn zero_source() {
 fn memory_source() {
     let bytes = pattern(LEN, 41);
     let source = MemorySource::new(bytes.clone());
-    assert_eq!(source.mapped(4096, 10).unwrap(), &bytes[4096..4106]);
+    let mapped = source.mapped(4096, 10).unwrap();
+    assert_eq!(mapped.as_ptr(), source.bytes()[4096..].as_ptr());
+    assert_eq!(mapped.len(), 10);
+    assert!(!source.is_known_zero(0, 4096));
     if !uffd_available() {
         return;
     }
@@ -83,6 +86,15 @@ fn file_source_pread_and_mmap() {
         assert_eq!(source.read_at(0, &mut buf).unwrap(), Content::Data);
         assert_eq!(&buf[..], &bytes[..4096]);
         assert_eq!(source.mapped(0, 4096).is_some(), mode == FileMode::Mmap);
+        // The hole is known zero in both modes; the explicit zero page
+        // only where the file was scanned at open (mmap mode).
+        assert!(source.is_known_zero(64 * 4096, 64 * 4096));
+        assert_eq!(
+            source.is_known_zero(200 * 4096, 4096),
+            mode == FileMode::Mmap
+        );
+        assert!(!source.is_known_zero(0, 4096));
+        assert!(!source.is_known_zero(199 * 4096, 8192));
         if !uffd_available() {
             return;
         }
@@ -127,4 +139,40 @@ fn layered_source_prefers_the_overlay() {
     }
     let (got, _) = serve(Arc::new(source), 64 << 10);
     assert_same(&got, &want, "layered source");
+}
+
+#[test]
+fn a_file_that_shrinks_reports_its_real_size() {
+    for mode in [FileMode::Pread, FileMode::Mmap] {
+        let path =
+            std::env::temp_dir().join(format!("uffd-pager-shrink-{mode:?}-{}", std::process::id()));
+        std::fs::write(&path, pattern(LEN, 47)).unwrap();
+        let source = FileSource::open(&path, mode).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(8192)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mut buf = vec![0u8; 4096];
+        match source.read_at(16384, &mut buf) {
+            Err(uffd_pager::SourceError::OutOfRange { offset, size, .. }) => {
+                assert_eq!((offset, size), (16384, 8192), "{mode:?}");
+            }
+            other => panic!("{mode:?}: a read past the new end gave {other:?}"),
+        }
+        // What is left still reads.
+        assert_eq!(source.read_at(4096, &mut buf).unwrap(), Content::Data);
+    }
+}
+
+#[test]
+fn only_regular_files_are_sources() {
+    let dir = std::env::temp_dir();
+    for mode in [FileMode::Pread, FileMode::Mmap] {
+        let e = FileSource::open(&dir, mode).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
 }

@@ -355,7 +355,7 @@ impl Engine for OneByOneEngine {
                         let bytes = match source.mapped(offset, PAGE_4K as usize) {
                             Some(mapped) => mapped,
                             None => match source.read_at(offset, &mut scratch) {
-                                Ok(_) => &scratch[..],
+                                Ok(_) => uffd_pager::MappedBytes::new(&scratch[..]),
                                 Err(_) => continue,
                             },
                         };

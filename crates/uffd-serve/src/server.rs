@@ -59,6 +59,15 @@ pub enum ServerError {
     /// Something already listens there.
     #[error("{0} is in use by a running server")]
     InUse(PathBuf),
+    /// Something that is not a socket is at the socket path. It is never
+    /// removed: a mistyped `--socket` must not delete a snapshot.
+    #[error("{path} exists and is {what}, not a socket: refusing to replace it (choose another --socket path, or remove it yourself)")]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there ("a regular file", "a directory", ...).
+        what: &'static str,
+    },
     /// Creating the control eventfd failed.
     #[error("creating the server's control eventfd failed: {0}")]
     Control(rustix::io::Errno),
@@ -135,12 +144,7 @@ impl Server {
     /// server that died, refusing one that still answers).
     pub fn bind(config: ServerConfig, engine: Arc<dyn Engine>) -> Result<Server, ServerError> {
         let path = &config.socket;
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ServerError::InUse(path.clone()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
+        remove_stale_socket(path)?;
         let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
             path: path.clone(),
             source,
@@ -251,7 +255,7 @@ impl Server {
         for w in workers {
             let _ = w.join();
         }
-        let _ = std::fs::remove_file(&self.config.socket);
+        remove_own_socket(&self.config.socket);
         write_stats(&self.stats, self.config.stats_json.as_deref())?;
         tracing::info!(
             served = self.stats.reports().len(),
@@ -259,6 +263,54 @@ impl Server {
             "stopped"
         );
         Ok(())
+    }
+}
+
+/// Removes a socket file left by a server that died, so that binding can
+/// succeed. Only a socket that nobody answers on is removed; anything else
+/// at the path (a file, a directory, a live server's socket) is refused.
+fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::FileTypeExt;
+    let file_type = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta.file_type(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServerError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !file_type.is_socket() {
+        let what = if file_type.is_file() {
+            "a regular file"
+        } else if file_type.is_dir() {
+            "a directory"
+        } else if file_type.is_symlink() {
+            "a symbolic link"
+        } else {
+            "a special file"
+        };
+        return Err(ServerError::NotASocket {
+            path: path.to_path_buf(),
+            what,
+        });
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(ServerError::InUse(path.to_path_buf()));
+    }
+    std::fs::remove_file(path).map_err(|source| ServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Removes the socket this server listened on, and nothing else: if the
+/// path was replaced by something other than a socket meanwhile, it stays.
+fn remove_own_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
     }
 }
 

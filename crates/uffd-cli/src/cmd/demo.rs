@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::{Features, RegisterMode};
 use uffd_pager::{
-    AlignedAnon, FileMode, FileSource, Histogram, PageSource, Pager, Prefetch, Region, SigbusPager,
-    SignalSafeSource, Stats, Strategy, WaitMode,
+    AlignedAnon, Content, FileMode, FileSource, Histogram, PageSource, Pager, Prefetch, Region,
+    SigbusPager, SignalSafeSource, Stats, Strategy, WaitMode,
 };
 
 use super::CmdResult;
@@ -454,12 +454,13 @@ pub(crate) fn verify(target: &AlignedAnon, source: &FileSource, len: u64) -> u64
     let mut offset = 0;
     while offset < len {
         let n = (2u64 << 20).min(len - offset) as usize;
-        let want: &[u8] = match source.mapped(offset, n) {
-            Some(bytes) => bytes,
-            None => {
-                let _ = source.read_at(offset, &mut buf[..n]);
+        // A zero result may leave the buffer as it was.
+        let want: &[u8] = match source.read_at(offset, &mut buf[..n]) {
+            Ok(Content::Zero) => {
+                buf[..n].fill(0);
                 &buf[..n]
             }
+            _ => &buf[..n],
         };
         // SAFETY: `offset + n` lies inside the target mapping, fully
         // installed by now; nothing writes it concurrently.

@@ -186,8 +186,15 @@ fn run_server(a: ServeArgs) -> CmdResult {
     };
     let source: Arc<dyn PageSource> = Arc::new(
         FileSource::open(&mem_file, file_mode)
-            .map_err(|e| format!("cannot open the memory file {}: {e}", mem_file.display()))?,
+            .map_err(|e| format!("cannot serve the memory file: {e}"))?,
     );
+    if source.is_empty() {
+        return Err(format!(
+            "the memory file {} is empty: no VM could be restored from it (is it the snapshot's memory file, not its state file?)",
+            mem_file.display()
+        )
+        .into());
+    }
     let prefetch = match &a.prefetch {
         Some(path) => {
             let ws = WorkingSet::load(path)

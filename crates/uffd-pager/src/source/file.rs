@@ -11,7 +11,7 @@ use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 use rustix::mm::{MapFlags, ProtFlags};
 
-use super::{check_bounds, Content, PageSource, SourceError};
+use super::{check_bounds, is_zero, Content, MappedBytes, PageSource, SourceError};
 
 /// How a [`FileSource`] reads the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,16 +20,21 @@ pub enum FileMode {
     /// and any file system.
     Pread,
     /// Map the file read-only and let the kernel copy straight from the
-    /// page cache (one copy instead of two). The file must not shrink
-    /// while the source lives: reading a truncated part raises SIGBUS.
+    /// page cache (one copy instead of two). Only the kernel reads the
+    /// mapping, so a file that shrinks while served costs no signal: the
+    /// copy fails with `EFAULT`, a `pread(2)` finds the real size, and the
+    /// pages that are gone are poisoned. Opening reads the file once to
+    /// find its zero pages.
     Mmap,
 }
 
 /// A memory snapshot file.
 ///
 /// Holes (sparse regions found with `SEEK_DATA`/`SEEK_HOLE`) are reported
-/// as [`Content::Zero`] without reading; the engine also detects all-zero
-/// pages in data it read and maps zero pages for them.
+/// as [`Content::Zero`] without reading. In [`FileMode::Mmap`] the zero
+/// pages among the data are found once at open (the mapping itself is
+/// never read here); in [`FileMode::Pread`] the engine finds them in the
+/// bytes it reads.
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
@@ -40,7 +45,13 @@ pub struct FileSource {
     /// Sorted, disjoint `[start, end)` ranges that hold data; everything
     /// else is a hole.
     data: Vec<(u64, u64)>,
+    /// One bit per 4 KiB page of the file: set when the page is data that
+    /// reads as all zero (mmap mode only; empty otherwise).
+    zero_pages: Vec<u64>,
 }
+
+/// Granularity of [`FileSource`]'s zero-page map.
+const ZERO_MAP_PAGE: u64 = 4096;
 
 // SAFETY: the mapping is read-only, owned by this struct and only read
 // through shared references; the fd is thread-safe.
@@ -49,11 +60,22 @@ unsafe impl Send for FileSource {}
 unsafe impl Sync for FileSource {}
 
 impl FileSource {
-    /// Opens `path` for reading in the given mode.
+    /// Opens `path` for reading in the given mode. Anything but a regular
+    /// file (a directory, a FIFO, a device) is refused with
+    /// `InvalidInput`; the error names the path.
     pub fn open(path: impl AsRef<Path>, mode: FileMode) -> io::Result<FileSource> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path)?;
-        let len = file.metadata()?.len();
+        let shown = path.display().to_string();
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{shown}: {e}"));
+        let file = File::open(&path).map_err(named)?;
+        let meta = file.metadata().map_err(named)?;
+        if !meta.file_type().is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{shown} is not a regular file (a memory snapshot must be one)"),
+            ));
+        }
+        let len = meta.len();
         let data = data_extents(&file, len);
         let map = match mode {
             FileMode::Pread => None,
@@ -70,18 +92,60 @@ impl FileSource {
                         &file,
                         0,
                     )
-                }?;
+                }
+                .map_err(|e| named(e.into()))?;
                 NonNull::new(ptr.cast::<u8>())
             }
         };
-        Ok(FileSource {
+        let mut source = FileSource {
             path,
             file,
             len,
             mode,
             map,
             data,
-        })
+            zero_pages: Vec::new(),
+        };
+        if source.map.is_some() {
+            source.zero_pages = source.find_zero_pages().map_err(named)?;
+        }
+        Ok(source)
+    }
+
+    /// Reads every data extent once with `pread(2)` and marks the pages
+    /// that are all zero, so the engine can map zero pages without reading
+    /// the mapping.
+    fn find_zero_pages(&self) -> io::Result<Vec<u64>> {
+        let pages = self.len.div_ceil(ZERO_MAP_PAGE);
+        let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+        let mut buf = vec![0u8; 1 << 20];
+        for &(start, end) in &self.data {
+            // Extents need not be page aligned; only whole pages count.
+            let mut at = start.next_multiple_of(ZERO_MAP_PAGE);
+            let end = end - end % ZERO_MAP_PAGE;
+            while at < end {
+                let n = (end - at).min(buf.len() as u64) as usize;
+                match self.pread_all(at, &mut buf[..n]) {
+                    Ok(()) => {}
+                    // Shrunk while we scanned: what is gone is not zero.
+                    Err(SourceError::OutOfRange { .. }) => return Ok(bits),
+                    Err(e) => return Err(io::Error::other(e.to_string())),
+                }
+                for (i, page) in buf[..n].chunks_exact(ZERO_MAP_PAGE as usize).enumerate() {
+                    if is_zero(page) {
+                        let p = at / ZERO_MAP_PAGE + i as u64;
+                        bits[(p / 64) as usize] |= 1 << (p % 64);
+                    }
+                }
+                at += n as u64;
+            }
+        }
+        Ok(bits)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Maps the whole file into this process's page tables now
@@ -126,11 +190,14 @@ impl FileSource {
             let at = offset + done as u64;
             match rustix::io::pread(&self.file, &mut buf[done..], at) {
                 Ok(0) => {
+                    // The file is shorter than when it was opened: report
+                    // its size now, not where this read stopped.
+                    let size = self.file.metadata().map_or(at, |m| m.len());
                     return Err(SourceError::OutOfRange {
                         offset,
                         len: buf.len() as u64,
-                        size: at,
-                    })
+                        size,
+                    });
                 }
                 Ok(n) => done += n,
                 Err(Errno::INTR) => continue,
@@ -171,19 +238,36 @@ impl PageSource for FileSource {
         if self.is_hole(offset, offset + len) {
             return Ok(Content::Zero);
         }
-        match self.mapped(offset, buf.len()) {
-            Some(bytes) => buf.copy_from_slice(bytes),
-            None => self.pread_all(offset, buf)?,
-        }
+        // Never a copy from the mapping: a read of a page the file lost
+        // would raise SIGBUS in this process.
+        self.pread_all(offset, buf)?;
         Ok(Content::Data)
     }
 
-    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+    fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
         let map = self.map?;
         check_bounds(offset, len as u64, self.len).ok()?;
-        // SAFETY: inside the read-only mapping of `self.len` bytes, which
-        // lives as long as `self`.
-        Some(unsafe { std::slice::from_raw_parts(map.as_ptr().add(offset as usize), len) })
+        // SAFETY: `offset + len <= self.len`, the mapping's length, so the
+        // pointer stays inside the mapping, which lives as long as `self`.
+        let ptr = unsafe { map.add(offset as usize) };
+        Some(MappedBytes::from_mapping(ptr, len))
+    }
+
+    fn is_known_zero(&self, offset: u64, len: u64) -> bool {
+        let Ok(()) = check_bounds(offset, len, self.len) else {
+            return false;
+        };
+        if self.is_hole(offset, offset + len) {
+            return true;
+        }
+        if self.zero_pages.is_empty() || offset % ZERO_MAP_PAGE != 0 || len % ZERO_MAP_PAGE != 0 {
+            return false;
+        }
+        let first = offset / ZERO_MAP_PAGE;
+        (first..first + len / ZERO_MAP_PAGE).all(|p| {
+            self.zero_pages[(p / 64) as usize] & (1 << (p % 64)) != 0
+                || self.is_hole(p * ZERO_MAP_PAGE, (p + 1) * ZERO_MAP_PAGE)
+        })
     }
 
     fn advise(&self, offset: u64, len: u64) {

@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::{Content, PageSource, SourceError};
+use super::{Content, MappedBytes, PageSource, SourceError};
 
 /// Bytes in the overlay's ranges come from the overlay, all others from the
 /// base: a diff snapshot (only the pages dirtied since the base) over the
@@ -105,11 +105,20 @@ impl PageSource for LayeredSource {
         Ok(Content::Data)
     }
 
-    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+    fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
         match self.pieces(offset, offset + len as u64)[..] {
             [(_, overlay)] => self.layer(overlay).mapped(offset, len),
             _ => None,
         }
+    }
+
+    fn is_known_zero(&self, offset: u64, len: u64) -> bool {
+        self.pieces(offset, offset + len)
+            .iter()
+            .all(|(range, overlay)| {
+                self.layer(*overlay)
+                    .is_known_zero(range.start, range.end - range.start)
+            })
     }
 
     fn advise(&self, offset: u64, len: u64) {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{check_bounds, Content, PageSource, SourceError};
+use super::{check_bounds, is_zero, Content, MappedBytes, PageSource, SourceError};
 
 /// Bytes held in this process (a snapshot already downloaded, a test
 /// pattern). COPY reads straight from the buffer.
@@ -28,6 +28,12 @@ impl MemorySource {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    fn slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let start = usize::try_from(offset).ok()?;
+        let len = usize::try_from(len).ok()?;
+        self.bytes.get(start..start.checked_add(len)?)
+    }
 }
 
 impl PageSource for MemorySource {
@@ -42,9 +48,12 @@ impl PageSource for MemorySource {
         Ok(Content::Data)
     }
 
-    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        let start = usize::try_from(offset).ok()?;
-        self.bytes.get(start..start.checked_add(len)?)
+    fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
+        self.slice(offset, len as u64).map(MappedBytes::new)
+    }
+
+    fn is_known_zero(&self, offset: u64, len: u64) -> bool {
+        self.slice(offset, len).is_some_and(is_zero)
     }
 
     fn describe(&self) -> String {

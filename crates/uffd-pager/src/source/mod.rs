@@ -120,9 +120,21 @@ pub trait PageSource: Send + Sync + fmt::Debug {
     /// this process (a memory buffer, an mmap of a file), so the engine can
     /// hand them to the kernel without an intermediate copy. `None` when
     /// not available; the engine then calls [`PageSource::read_at`].
-    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+    ///
+    /// The engine never reads these bytes itself (see [`MappedBytes`]); it
+    /// learns which of them are zero from [`PageSource::is_known_zero`].
+    fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
         let _ = (offset, len);
         None
+    }
+
+    /// True when every byte of `offset..offset + len` is known to be zero
+    /// without reading it (a file's hole, a zero page found when the source
+    /// was opened). The engine maps zero pages for such ranges. The default
+    /// knows nothing.
+    fn is_known_zero(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
     }
 
     /// A hint that `offset..offset + len` will probably be read soon; a
@@ -139,6 +151,59 @@ pub trait PageSource: Send + Sync + fmt::Debug {
 
     /// A short description for logs and reports.
     fn describe(&self) -> String;
+}
+
+/// Bytes of a source mapped in this process, to be handed to the kernel
+/// (`UFFDIO_COPY` reads them) and never read by this process's own code.
+///
+/// A file mapping loses its pages when the file shrinks: a read of them in
+/// user space raises SIGBUS, which would kill the whole server, while the
+/// kernel copying from them reports `EFAULT`, which the engine turns into a
+/// re-read with `pread(2)` and, for bytes that are gone, a poisoned page.
+/// So this type offers the address, not a slice.
+#[derive(Debug, Clone, Copy)]
+pub struct MappedBytes<'a> {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    _source: std::marker::PhantomData<&'a [u8]>,
+}
+
+impl<'a> MappedBytes<'a> {
+    /// Bytes of memory that stays mapped (not necessarily readable) for
+    /// `'a`. Taking a slice's address is always fine.
+    pub fn new(bytes: &'a [u8]) -> MappedBytes<'a> {
+        MappedBytes {
+            ptr: std::ptr::NonNull::from(bytes).cast(),
+            len: bytes.len(),
+            _source: std::marker::PhantomData,
+        }
+    }
+
+    /// A mapping at `ptr` of `len` bytes that its owner keeps mapped for
+    /// `'a`. Nothing is read here; the caller only promises the address
+    /// range stays reserved, so a kernel copy from it faults cleanly.
+    pub(crate) fn from_mapping(ptr: std::ptr::NonNull<u8>, len: usize) -> MappedBytes<'a> {
+        MappedBytes {
+            ptr,
+            len,
+            _source: std::marker::PhantomData,
+        }
+    }
+
+    /// The first byte's address, for an ioctl.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr().cast_const()
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// Checks that `offset..offset + len` lies inside a source of `size` bytes.

@@ -26,6 +26,10 @@ impl PageSource for ZeroSource {
         Ok(Content::Zero)
     }
 
+    fn is_known_zero(&self, offset: u64, len: u64) -> bool {
+        check_bounds(offset, len, self.len).is_ok()
+    }
+
     fn describe(&self) -> String {
         format!("zero ({} bytes)", self.len)
     }

@@ -99,8 +99,18 @@ impl TestServer {
         allow_uid: Option<u32>,
         record: Option<PathBuf>,
     ) -> TestServer {
-        let source: Arc<dyn PageSource> =
-            Arc::new(FileSource::open(mem_file, FileMode::Mmap).unwrap());
+        Self::start_in_mode(socket, mem_file, FileMode::Mmap, config, allow_uid, record)
+    }
+
+    pub fn start_in_mode(
+        socket: PathBuf,
+        mem_file: &Path,
+        mode: FileMode,
+        config: PagerEngineConfig,
+        allow_uid: Option<u32>,
+        record: Option<PathBuf>,
+    ) -> TestServer {
+        let source: Arc<dyn PageSource> = Arc::new(FileSource::open(mem_file, mode).unwrap());
         let file_len = source.len();
         let engine: Arc<dyn Engine> = Arc::new(PagerEngine::new(source, config));
         let server = Server::bind(
