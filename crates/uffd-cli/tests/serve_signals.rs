@@ -168,7 +168,7 @@ fn sigusr1_records_and_sigterm_drains_a_running_vm_which_runs_on_without_the_ser
         Duration::from_secs(30),
         || working_set.exists(),
     );
-    let ws = uffd_pager::WorkingSet::load(&working_set).unwrap();
+    let ws = uffd_pager::WorkingSet::load(&working_set, 8 << 20).unwrap();
     assert!(!ws.is_empty(), "the VM touched pages before SIGUSR1");
 
     signal(&server.0, Signal::TERM);

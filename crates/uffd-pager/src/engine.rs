@@ -463,6 +463,7 @@ impl Pager {
             self.shared.record_page_size,
             lock(&self.shared.recorded).clone(),
         )
+        .with_source_len(self.shared.source.len())
     }
 
     /// Pages poisoned because the source failed.

@@ -90,7 +90,7 @@ fn working_set_is_recorded_saved_and_replayed() {
     assert_eq!(recorded.pages(), &want[..]);
     let path = std::env::temp_dir().join(format!("uffd-pager-ws-{}", std::process::id()));
     recorded.save(&path).unwrap();
-    let loaded = WorkingSet::load(&path).unwrap();
+    let loaded = WorkingSet::load(&path, LEN as u64).unwrap();
     std::fs::remove_file(&path).unwrap();
     assert_eq!(loaded, recorded);
     // Replay into a restore at another address.

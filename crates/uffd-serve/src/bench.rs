@@ -305,7 +305,7 @@ fn run_in(config: &BenchConfig, dir: &Path) -> Result<BenchReport, BenchError> {
             recorded.mismatched
         )));
     }
-    let ws = WorkingSet::load(&ws_path).map_err(setup("reading the recorded working set"))?;
+    let ws = WorkingSet::load(&ws_path, size).map_err(setup("reading the recorded working set"))?;
     let ws_file_bytes = std::fs::metadata(&ws_path).map(|m| m.len()).unwrap_or(0);
 
     // The measured runs touch the same set in another random order.

@@ -150,7 +150,7 @@ fn recorded_working_set_is_prefetched_on_the_next_restore() {
         let report = &server.wait_reports(1, Duration::from_secs(10))[0];
         assert!(report.recorded_pages.unwrap() > 0, "{report:?}");
     }
-    let ws = WorkingSet::load(&ws_path).unwrap();
+    let ws = WorkingSet::load(&ws_path, 16 * MIB).unwrap();
     assert_eq!(ws.page_size(), 4096);
     assert!(
         ws.len() >= 400,

@@ -246,6 +246,37 @@ fn adopt(message: Message, features: Features) -> Event {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any 32 bytes the kernel (or a corrupted read) hands over decode
+        /// to a message or to UnknownEvent, never a panic; the fields are
+        /// the words at their offsets.
+        #[test]
+        fn any_message_decodes_or_is_unknown(
+            raw in proptest::array::uniform32(proptest::prelude::any::<u8>()),
+            thread_id in proptest::prelude::any::<bool>(),
+        ) {
+            let features = if thread_id { Features::THREAD_ID } else { Features::empty() };
+            let word = |i: usize| u64::from_ne_bytes(raw[8 + 8 * i..16 + 8 * i].try_into().unwrap());
+            match decode(&raw, features) {
+                Ok(Message::Pagefault(f)) => {
+                    proptest::prop_assert_eq!(raw[0], sys::UFFD_EVENT_PAGEFAULT);
+                    proptest::prop_assert_eq!(f.address, word(1));
+                    proptest::prop_assert_eq!(f.thread_id.is_some(), thread_id);
+                    let _ = (f.kind(), f.page(4096), f.page(2 << 20));
+                }
+                Ok(Message::Remap { from, to, len }) => {
+                    proptest::prop_assert_eq!((from, to, len), (word(0), word(1), word(2)));
+                }
+                Ok(Message::Remove { start, end } | Message::Unmap { start, end }) => {
+                    proptest::prop_assert_eq!((start, end), (word(0), word(1)));
+                }
+                Ok(Message::Fork { .. }) => proptest::prop_assert_eq!(raw[0], sys::UFFD_EVENT_FORK),
+                Err(Error::UnknownEvent(e)) => proptest::prop_assert_eq!(e, raw[0]),
+                Err(other) => proptest::prop_assert!(false, "unexpected {other:?}"),
+            }
+        }
+    }
+
     fn msg(event: u8, words: [u64; 3]) -> [u8; 32] {
         let mut raw = [0u8; 32];
         raw[0] = event;

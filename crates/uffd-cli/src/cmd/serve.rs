@@ -197,7 +197,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
     }
     let prefetch = match &a.prefetch {
         Some(path) => {
-            let ws = WorkingSet::load(path)
+            let ws = WorkingSet::load(path, source.len())
                 .map_err(|e| format!("--prefetch {}: {e}", path.display()))?;
             tracing::info!(pages = ws.len(), path = %path.display(), "working set loaded");
             Some(ws)
