@@ -163,6 +163,7 @@ fn restore(
             stats_json: None,
             handshake_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
+            max_connections: crate::server::default_max_connections(),
         },
         engine,
     )

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,6 +42,25 @@ pub struct ServerConfig {
     /// independent of the server (every page installed, every range
     /// unregistered; see [`RunningVm::detach`]).
     pub drain_timeout: Duration,
+    /// Connections handled at once (handshaking or served). One more is
+    /// accepted and closed at once with a refusal (step
+    /// `too-many-connections`), so idle peers cannot exhaust threads or
+    /// file descriptors. See [`default_max_connections`].
+    pub max_connections: usize,
+}
+
+/// File descriptors one VM holds while served: its connection, the
+/// userfaultfd, a pidfd, the pager's eventfds, with headroom.
+pub const FDS_PER_VM: u64 = 8;
+
+/// The default connection cap: 256, or fewer if the file-descriptor limit
+/// (`RLIMIT_NOFILE`, `ulimit -n`) would run out first at [`FDS_PER_VM`]
+/// descriptors per VM, keeping 32 for the server itself.
+pub fn default_max_connections() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    (soft.saturating_sub(32) / FDS_PER_VM).clamp(1, 256) as usize
 }
 
 /// Why the server could not start or stopped with an error.
@@ -197,25 +216,66 @@ impl Server {
     pub fn run(&self) -> Result<(), ServerError> {
         let mut next_id = 1u64;
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
-        tracing::info!(socket = %self.config.socket.display(), engine = self.engine.name(), "listening");
+        let active = Arc::new(AtomicUsize::new(0));
+        // After an accept error (EMFILE, ENFILE, ENOMEM...) the listener
+        // stays readable: wait this long before trying again.
+        let mut backoff = Duration::ZERO;
+        let mut accept_errors = RateLimited::new(Duration::from_secs(5));
+        let mut over_cap = RateLimited::new(Duration::from_secs(5));
+        tracing::info!(
+            socket = %self.config.socket.display(),
+            engine = self.engine.name(),
+            max_connections = self.config.max_connections,
+            "listening"
+        );
         while !self.handle.is_stopping() {
             {
-                let mut fds = [
-                    PollFd::new(&self.listener, PollFlags::IN),
-                    PollFd::new(&self.handle.inner.wake, PollFlags::IN),
-                ];
-                let ts = rustix::time::Timespec {
-                    tv_sec: 1,
-                    tv_nsec: 0,
+                let wake = PollFd::new(&self.handle.inner.wake, PollFlags::IN);
+                let listener = PollFd::new(&self.listener, PollFlags::IN);
+                let timeout = if backoff.is_zero() {
+                    Duration::from_secs(1)
+                } else {
+                    backoff
                 };
-                let _ = rustix::event::poll(&mut fds, Some(&ts));
+                let ts = rustix::time::Timespec {
+                    tv_sec: timeout.as_secs() as i64,
+                    tv_nsec: timeout.subsec_nanos().into(),
+                };
+                if backoff.is_zero() {
+                    let _ = rustix::event::poll(&mut [listener, wake], Some(&ts));
+                } else {
+                    let _ = rustix::event::poll(&mut [wake], Some(&ts));
+                }
             }
             workers.retain(|w| !w.is_finished());
             loop {
                 match self.listener.accept() {
                     Ok((stream, _)) => {
+                        backoff = Duration::ZERO;
                         let id = next_id;
                         next_id += 1;
+                        if active.load(SeqCst) >= self.config.max_connections {
+                            let pid = handshake::peer_of(&stream).ok().map(|p| p.pid);
+                            let limit = self.config.max_connections;
+                            if let Some(suppressed) = over_cap.allow() {
+                                tracing::warn!(
+                                    vm = id,
+                                    pid,
+                                    max_connections = limit,
+                                    suppressed,
+                                    "connection refused: the server is at --max-connections"
+                                );
+                            }
+                            self.stats.refuse(Refusal {
+                                step: "too-many-connections",
+                                reason: format!(
+                                    "{limit} connections are handled already (--max-connections)"
+                                ),
+                                pid,
+                            });
+                            continue;
+                        }
+                        let slot = ActiveSlot::take(&active);
                         let vm = VmWorker {
                             id,
                             policy: HandshakePolicy {
@@ -233,8 +293,10 @@ impl Server {
                         };
                         match std::thread::Builder::new()
                             .name(format!("uffd-vm-{id}"))
-                            .spawn(move || vm.run(stream))
-                        {
+                            .spawn(move || {
+                                let _slot = slot;
+                                vm.run(stream)
+                            }) {
                             Ok(w) => workers.push(w),
                             Err(e) => tracing::error!(
                                 vm = id,
@@ -245,7 +307,21 @@ impl Server {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        tracing::warn!("accept failed: {e}");
+                        backoff =
+                            (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        if let Some(suppressed) = accept_errors.allow() {
+                            tracing::warn!(
+                                suppressed,
+                                retry_in_ms = backoff.as_millis() as u64,
+                                active = active.load(SeqCst),
+                                "accept failed: {e}{}",
+                                if e.raw_os_error() == Some(libc::EMFILE) {
+                                    " (raise `ulimit -n` or lower --max-connections)"
+                                } else {
+                                    ""
+                                }
+                            );
+                        }
                         break;
                     }
                 }
@@ -258,11 +334,60 @@ impl Server {
         remove_own_socket(&self.config.socket);
         write_stats(&self.stats, self.config.stats_json.as_deref())?;
         tracing::info!(
-            served = self.stats.reports().len(),
-            refused = self.stats.refusals().len(),
+            served = self.stats.totals().vms,
+            refused = self.stats.totals().refused,
             "stopped"
         );
         Ok(())
+    }
+}
+
+/// Counts one connection slot for as long as it lives, also when the
+/// thread that holds it panics.
+struct ActiveSlot(Arc<AtomicUsize>);
+
+impl ActiveSlot {
+    fn take(active: &Arc<AtomicUsize>) -> ActiveSlot {
+        active.fetch_add(1, SeqCst);
+        ActiveSlot(active.clone())
+    }
+}
+
+impl Drop for ActiveSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Lets one log line through per `every`, counting the ones held back.
+struct RateLimited {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn new(every: Duration) -> RateLimited {
+        RateLimited {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be
+    /// logged now.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 

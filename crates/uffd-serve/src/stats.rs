@@ -172,11 +172,41 @@ pub struct RegisteredRange {
     pub why: String,
 }
 
-/// Every VM's report, collected for `--stats-json`.
+/// How many finished VMs and refusals [`StatsLog`] keeps in full; older
+/// ones live on only in the totals, so a server that runs for months does
+/// not grow with every VM it served.
+pub const KEPT_REPORTS: usize = 256;
+
+/// Every VM's report, collected for `--stats-json`: the last
+/// [`KEPT_REPORTS`] in full, and totals since the server started.
 #[derive(Debug, Default)]
 pub struct StatsLog {
-    reports: Mutex<Vec<VmReport>>,
-    refused: Mutex<Vec<Refusal>>,
+    inner: Mutex<LogInner>,
+}
+
+#[derive(Debug, Default)]
+struct LogInner {
+    reports: std::collections::VecDeque<VmReport>,
+    refused: std::collections::VecDeque<Refusal>,
+    totals: Totals,
+}
+
+/// Counts since the server started, kept however many reports were
+/// dropped from the ring.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Totals {
+    /// VMs served to the end.
+    pub vms: u64,
+    /// Connections refused.
+    pub refused: u64,
+    /// Refusals by step.
+    pub refused_by_step: std::collections::BTreeMap<&'static str, u64>,
+    /// Faults served, over every VM.
+    pub faults: u64,
+    /// Bytes installed, over every VM.
+    pub installed_bytes: u64,
+    /// Pages poisoned, over every VM.
+    pub poisoned_pages: u64,
 }
 
 /// A refused connection, for `--stats-json`.
@@ -191,47 +221,87 @@ pub struct Refusal {
 }
 
 impl StatsLog {
+    fn inner(&self) -> std::sync::MutexGuard<'_, LogInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Adds a finished VM.
     pub fn push(&self, report: VmReport) {
-        self.reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(report);
+        let mut inner = self.inner();
+        let t = &mut inner.totals;
+        t.vms += 1;
+        t.faults += report.engine.faults;
+        t.installed_bytes += report.engine.installed_bytes;
+        t.poisoned_pages += report.engine.poisoned;
+        if inner.reports.len() == KEPT_REPORTS {
+            inner.reports.pop_front();
+        }
+        inner.reports.push_back(report);
     }
 
     /// Adds a refused connection.
     pub fn refuse(&self, refusal: Refusal) {
-        self.refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(refusal);
+        let mut inner = self.inner();
+        inner.totals.refused += 1;
+        *inner
+            .totals
+            .refused_by_step
+            .entry(refusal.step)
+            .or_default() += 1;
+        if inner.refused.len() == KEPT_REPORTS {
+            inner.refused.pop_front();
+        }
+        inner.refused.push_back(refusal);
     }
 
-    /// Finished VMs so far.
+    /// The last finished VMs (at most [`KEPT_REPORTS`]), oldest first.
     pub fn reports(&self) -> Vec<VmReport> {
-        self.reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner().reports.iter().cloned().collect()
     }
 
-    /// Refused connections so far.
+    /// The last refused connections (at most [`KEPT_REPORTS`]).
     pub fn refusals(&self) -> Vec<Refusal> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner().refused.iter().cloned().collect()
     }
 
-    /// `{"vms": [...], "refused": [...]}`.
+    /// Totals since the start.
+    pub fn totals(&self) -> Totals {
+        self.inner().totals.clone()
+    }
+
+    /// `{"totals": {...}, "vms": [...], "refused": [...]}`.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({ "vms": self.reports(), "refused": self.refusals() })
+        let inner = self.inner();
+        serde_json::json!({
+            "totals": inner.totals,
+            "vms": inner.reports,
+            "refused": inner.refused,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_keeps_the_last_reports_and_every_total() {
+        let log = StatsLog::default();
+        for i in 0..(KEPT_REPORTS as u64 + 10) {
+            log.refuse(Refusal {
+                step: if i % 2 == 0 { "no-fd" } else { "timeout" },
+                reason: format!("r{i}"),
+                pid: None,
+            });
+        }
+        let kept = log.refusals();
+        assert_eq!(kept.len(), KEPT_REPORTS);
+        assert_eq!(kept[0].reason, "r10");
+        let totals = log.totals();
+        assert_eq!(totals.refused, KEPT_REPORTS as u64 + 10);
+        assert_eq!(totals.refused_by_step["no-fd"], KEPT_REPORTS as u64 / 2 + 5);
+        assert_eq!(log.to_json()["totals"]["refused"], KEPT_REPORTS as u64 + 10);
+    }
 
     #[test]
     fn buckets_are_monotonic_and_tight() {

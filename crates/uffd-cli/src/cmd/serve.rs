@@ -107,6 +107,11 @@ struct ServeArgs {
     /// in time stay registered (logged as errors): a VM touching them waits.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     drain_timeout: u64,
+    /// Connections handled at once, handshaking or served; one more is
+    /// accepted, logged and closed at once. Default: 256, or fewer when
+    /// `ulimit -n` would run out first (8 descriptors per VM).
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -228,6 +233,11 @@ fn run_server(a: ServeArgs) -> CmdResult {
             stats_json: a.stats_json,
             handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
             drain_timeout: Duration::from_secs(a.drain_timeout),
+            max_connections: match a.max_connections {
+                Some(0) => return Err("--max-connections must be at least 1".into()),
+                Some(n) => n,
+                None => uffd_serve::server::default_max_connections(),
+            },
         },
         engine,
     )?;

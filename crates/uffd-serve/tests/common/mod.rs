@@ -122,6 +122,7 @@ impl TestServer {
                 stats_json: None,
                 handshake_timeout: Duration::from_secs(2),
                 drain_timeout: Duration::from_secs(10),
+                max_connections: uffd_serve::server::default_max_connections(),
             },
             engine,
         )
@@ -137,30 +138,30 @@ impl TestServer {
         }
     }
 
-    /// Waits (bounded) until `n` VMs have finished; their reports.
+    /// Waits (bounded) until `n` VMs have finished; the reports kept (the
+    /// last `KEPT_REPORTS`).
     pub fn wait_reports(&self, n: usize, limit: Duration) -> Vec<VmReport> {
         let deadline = Instant::now() + limit;
         loop {
-            let reports = self.stats.reports();
-            if reports.len() >= n {
-                return reports;
+            let done = self.stats.totals().vms;
+            if done >= n as u64 {
+                return self.stats.reports();
             }
             assert!(
                 Instant::now() < deadline,
-                "stuck: only {} of {n} VMs finished within {limit:?}",
-                reports.len()
+                "stuck: only {done} of {n} VMs finished within {limit:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Waits (bounded) for the `n`-th refused connection.
+    /// Waits (bounded) for the `n`-th refused connection (`n` at most
+    /// `KEPT_REPORTS`).
     pub fn wait_refusal(&self, n: usize, limit: Duration) -> Refusal {
         let deadline = Instant::now() + limit;
         loop {
-            let refusals = self.stats.refusals();
-            if refusals.len() >= n {
-                return refusals[n - 1].clone();
+            if self.stats.totals().refused >= n as u64 {
+                return self.stats.refusals()[n - 1].clone();
             }
             assert!(
                 Instant::now() < deadline,
