@@ -29,7 +29,10 @@ fn json_names_every_feature_and_open_path() {
         "exit status follows openability"
     );
     if !any_open {
-        return eprintln!("SKIP: userfaultfd denied here; the report explains: {text}");
+        return uffd_testkit::skip(
+            uffd_testkit::Need::Userfaultfd,
+            format_args!("userfaultfd denied here; the report explains: {text}"),
+        );
     }
     // The kernel's own answer decides what the report must say.
     let supported = uffd::probe().unwrap().features;
@@ -50,7 +53,10 @@ fn json_names_every_feature_and_open_path() {
 #[test]
 fn unprivileged_user_gets_an_explanation_not_a_panic() {
     if !rustix::process::getuid().is_root() {
-        return eprintln!("SKIP: needs root to switch to an unprivileged user");
+        return uffd_testkit::skip(
+            uffd_testkit::Need::Root,
+            format_args!("needs root to switch to an unprivileged user"),
+        );
     }
     let setpriv = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -58,7 +64,10 @@ fn unprivileged_user_gets_an_explanation_not_a_panic() {
         .arg("probe")
         .output();
     let Ok(out) = setpriv else {
-        return eprintln!("SKIP: setpriv is not installed");
+        return uffd_testkit::skip(
+            uffd_testkit::Need::Tool,
+            format_args!("setpriv is not installed"),
+        );
     };
     let text = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);

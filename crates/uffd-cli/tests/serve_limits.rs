@@ -5,24 +5,16 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use uffd_testkit::Scratch;
 
 fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("uffd-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("mem"), vec![1u8; 1 << 20]).unwrap();
-    Scratch(dir)
+    let dir = Scratch::new(name);
+    std::fs::write(dir.path("mem"), vec![1u8; 1 << 20]).unwrap();
+    dir
 }
 
 /// `uffd serve` with at most 64 open files, idle peers allowed a minute.
@@ -80,8 +72,8 @@ fn flood(mut server: Child, dir: &Path, n: usize, hold: Duration) -> String {
 fn out_of_file_descriptors_backs_off_and_rate_limits_the_log() {
     let dir = scratch("emfile");
     // A cap above what 64 descriptors allow, so accept(2) runs out first.
-    let server = serve_with_64_fds(&dir.0, "--max-connections 200");
-    let log = flood(server, &dir.0, 80, Duration::from_secs(3));
+    let server = serve_with_64_fds(dir.dir(), "--max-connections 200");
+    let log = flood(server, dir.dir(), 80, Duration::from_secs(3));
     let failures = log.matches("accept failed").count();
     assert!(
         (1..=3).contains(&failures),
@@ -97,8 +89,8 @@ fn out_of_file_descriptors_backs_off_and_rate_limits_the_log() {
 #[test]
 fn the_default_cap_follows_the_descriptor_limit_and_refuses_the_rest() {
     let dir = scratch("cap");
-    let server = serve_with_64_fds(&dir.0, "");
-    let log = flood(server, &dir.0, 40, Duration::from_secs(2));
+    let server = serve_with_64_fds(dir.dir(), "");
+    let log = flood(server, dir.dir(), 40, Duration::from_secs(2));
     // 64 descriptors: (64 - 32) / 8 = 4 connections at once.
     assert!(log.contains("max_connections=4"), "{log}");
     assert!(

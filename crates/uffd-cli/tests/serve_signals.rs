@@ -10,19 +10,6 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
 
-/// Skips (returns true) when userfaultfd is denied here.
-fn uffd_denied() -> bool {
-    // The stand-in VMM opens its userfaultfd as Firecracker does, catching
-    // kernel faults too.
-    match uffd::OpenOptions::new().open() {
-        Err(e) if e.is_denied() => {
-            eprintln!("SKIP: a VMM-style userfaultfd is denied here: {e}");
-            true
-        }
-        _ => false,
-    }
-}
-
 /// The stand-in VMM binary of the uffd-serve package. Cargo exposes
 /// `CARGO_BIN_EXE_*` only for this package's own binaries, so it is built
 /// (a no-op when up to date) with the cargo that builds this test, in the
@@ -56,21 +43,6 @@ fn standin_vmm() -> PathBuf {
         .expect("cargo reported no uffd-standin-vmm executable")
 }
 
-/// Every 4 KiB page holds its index and a pattern; every 4th is all zero.
-fn memory_file(path: &Path, len: usize) {
-    let mut data = vec![0u8; len];
-    for (i, page) in data.chunks_mut(4096).enumerate() {
-        if i % 4 == 3 {
-            continue;
-        }
-        for (j, b) in page.iter_mut().enumerate() {
-            *b = (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8 | 1;
-        }
-        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    }
-    std::fs::write(path, data).unwrap();
-}
-
 /// Polls `done` every 20 ms; fails naming `what` after `limit`.
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -97,7 +69,7 @@ fn signal(child: &Child, signal: Signal) {
 
 #[test]
 fn sigusr1_records_and_sigterm_drains_a_running_vm_which_runs_on_without_the_server() {
-    if uffd_denied() {
+    if !uffd_testkit::vmm_uffd() {
         return;
     }
     let standin = standin_vmm();
@@ -109,7 +81,7 @@ fn sigusr1_records_and_sigterm_drains_a_running_vm_which_runs_on_without_the_ser
         dir.join("stats.json"),
         dir.join("server.log"),
     );
-    memory_file(&mem, 8 << 20);
+    uffd_testkit::snapshot_file(&mem, 8 << 20);
     let mut server = Reaped(
         Command::new(env!("CARGO_BIN_EXE_uffd"))
             .arg("serve")

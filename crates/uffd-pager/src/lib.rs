@@ -20,7 +20,7 @@
 //! use uffd_pager::{MemorySource, Pager, Prefetch, Region, Strategy};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # if let Err(e) = uffd::probe() { if e.is_denied() { return Ok(()); } }
+//! # if let Err(e) = uffd::probe() { if e.is_denied() && std::env::var("UFFD_REQUIRE").as_deref() != Ok("1") { return Ok(()); } }
 //! // A 1 MiB "snapshot" served lazily into fresh memory of this process.
 //! // (A server would get `uffd` and the regions from a VMM instead.)
 //! let snapshot: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use uffd::{Features, Mapping, Uffd};
-use uffd_pager::{
-    Content, PageSource, Pager, PagerError, Region, RegisteredRange, SourceError, StillRegistered,
-};
+use uffd_pager::{PageSource, Pager, PagerError, Region, RegisteredRange, StillRegistered};
+use uffd_testkit::FailingSource;
 
 const LEN: usize = 1 << 20;
 
@@ -39,7 +38,7 @@ fn dont_need(memory: &Arc<Mapping>, page: usize, pages: usize) {
 
 #[test]
 fn detach_installs_every_page_and_the_target_reads_them_with_no_handler() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let (uffd, ours, memory) = registered_with_vmm_copy();
@@ -94,7 +93,7 @@ fn detach_installs_every_page_and_the_target_reads_them_with_no_handler() {
 
 #[test]
 fn pages_not_installed_by_the_deadline_stay_registered_and_are_reported() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let (uffd, ours, memory) = registered_with_vmm_copy();
@@ -139,7 +138,7 @@ fn pages_not_installed_by_the_deadline_stay_registered_and_are_reported() {
 
 #[test]
 fn detach_completes_faults_pending_when_it_is_called() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let (uffd, ours, memory) = registered_with_vmm_copy();
@@ -181,33 +180,6 @@ fn detach_completes_faults_pending_when_it_is_called() {
 const PAGES: usize = 64;
 const BAD: usize = 40;
 
-/// Page i holds i + 1; page BAD fails with EIO every time.
-#[derive(Debug)]
-struct FailingSource;
-
-impl PageSource for FailingSource {
-    fn len(&self) -> u64 {
-        (PAGES * 4096) as u64
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
-        let bad = (BAD * 4096) as u64;
-        if offset <= bad && bad < offset + buf.len() as u64 {
-            return Err(SourceError::Failed {
-                offset,
-                len: buf.len() as u64,
-                source: std::io::Error::from_raw_os_error(libc::EIO),
-            });
-        }
-        for (i, page) in buf.chunks_mut(4096).enumerate() {
-            page.fill((offset / 4096) as u8 + i as u8 + 1);
-        }
-        Ok(Content::Data)
-    }
-    fn describe(&self) -> String {
-        "failing".into()
-    }
-}
-
 /// A separate target process, as a VMM: it keeps its userfaultfd, touches
 /// a few pages, and after the detach checks every page with no handler
 /// left: each good page holds its bytes, and the page the source could not
@@ -215,8 +187,11 @@ impl PageSource for FailingSource {
 /// never a zero page).
 #[test]
 fn a_page_the_source_cannot_produce_stays_poisoned_after_detach() {
-    if !uffd_available() || !features(Features::POISON).contains(Features::POISON) {
-        eprintln!("SKIP: no UFFDIO_POISON");
+    if !uffd_testkit::user_uffd() || !features(Features::POISON).contains(Features::POISON) {
+        uffd_testkit::skip(
+            uffd_testkit::Need::Feature,
+            format_args!("no UFFDIO_POISON"),
+        );
         return;
     }
     let (go_r, go_w) = rustix::pipe::pipe().unwrap();
@@ -254,14 +229,18 @@ fn a_page_the_source_cannot_produce_stays_poisoned_after_detach() {
         return;
     };
     drop(touched_w);
-    let pager = Pager::builder(Arc::new(FailingSource))
-        .source_retries(0)
-        .target_pid(pid)
-        .start(
-            uffd,
-            vec![Region::new(addr, (PAGES * 4096) as u64, 0, 4096)],
-        )
-        .unwrap();
+    let pager = Pager::builder(Arc::new(FailingSource {
+        pages: PAGES,
+        bad: BAD,
+        transient: false,
+    }))
+    .source_retries(0)
+    .target_pid(pid)
+    .start(
+        uffd,
+        vec![Region::new(addr, (PAGES * 4096) as u64, 0, 4096)],
+    )
+    .unwrap();
     rustix::io::write(&go_w, &[1]).unwrap();
     let mut touched = [0u8; 1];
     let n = rustix::io::read(&touched_r, &mut touched).unwrap();

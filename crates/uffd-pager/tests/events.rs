@@ -10,7 +10,7 @@ const LEN: usize = 1 << 20;
 
 #[test]
 fn removed_pages_read_as_zero_afterwards() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::EVENT_REMOVE);
@@ -38,12 +38,12 @@ fn removed_pages_read_as_zero_afterwards() {
 
 #[test]
 fn unmapped_ranges_are_no_longer_served() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::EVENT_UNMAP);
     if !uffd.features().contains(Features::EVENT_UNMAP) {
-        eprintln!("SKIP: no EVENT_UNMAP");
+        uffd_testkit::skip(uffd_testkit::Need::Feature, format_args!("no EVENT_UNMAP"));
         return;
     }
     // A raw mapping: part of it is unmapped by the test.
@@ -71,12 +71,12 @@ fn unmapped_ranges_are_no_longer_served() {
 
 #[test]
 fn remapped_ranges_keep_their_source_offsets() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::EVENT_REMAP);
     if !uffd.features().contains(Features::EVENT_REMAP) {
-        eprintln!("SKIP: no EVENT_REMAP");
+        uffd_testkit::skip(uffd_testkit::Need::Feature, format_args!("no EVENT_REMAP"));
         return;
     }
     let old = uffd_pager::AlignedAnon::new(LEN).unwrap();
@@ -121,14 +121,17 @@ fn remapped_ranges_keep_their_source_offsets() {
 
 #[test]
 fn a_forked_child_is_served_through_its_own_userfaultfd() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let Some(uffd) = try_open(Features::EVENT_FORK | Features::EVENT_REMOVE) else {
         return;
     };
     if !uffd.features().contains(Features::EVENT_FORK) {
-        eprintln!("SKIP: the kernel has no EVENT_FORK");
+        uffd_testkit::skip(
+            uffd_testkit::Need::Feature,
+            format_args!("the kernel has no EVENT_FORK"),
+        );
         return;
     }
     let memory = anon_registered(&uffd, LEN);

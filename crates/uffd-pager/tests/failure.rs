@@ -5,44 +5,17 @@
 
 mod common;
 
-use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use uffd::Features;
-use uffd_pager::{Content, FileMode, FileSource, PageSource, Pager, Region, SourceError};
+use uffd_pager::{FileMode, FileSource, PageSource, Pager, Region};
+use uffd_testkit::FailingSource;
 
 const PAGES: usize = 8;
 const BAD: usize = 3;
-
-/// Pages hold their index; page BAD fails with EIO every time.
-#[derive(Debug)]
-struct FailingSource;
-
-impl PageSource for FailingSource {
-    fn len(&self) -> u64 {
-        (PAGES * 4096) as u64
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
-        let bad = (BAD * 4096) as u64;
-        if offset <= bad && bad < offset + buf.len() as u64 {
-            return Err(SourceError::Transient {
-                offset,
-                len: buf.len() as u64,
-                source: io::Error::from_raw_os_error(libc::EIO),
-            });
-        }
-        for (i, page) in buf.chunks_mut(4096).enumerate() {
-            page.fill((offset / 4096) as u8 + i as u8 + 1);
-        }
-        Ok(Content::Data)
-    }
-    fn describe(&self) -> String {
-        "failing".into()
-    }
-}
 
 fn pipe() -> (OwnedFd, OwnedFd) {
     rustix::pipe::pipe().unwrap()
@@ -53,8 +26,8 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 /// page BAD. Serves it with `source`; returns the child's wait status and
 /// the pager's poisoned list.
 fn run_remote_target(source: Arc<dyn PageSource>, first_byte: u8) -> Option<(i32, Vec<u64>)> {
-    if !uffd_available() || !features(Features::POISON).contains(Features::POISON) {
-        eprintln!("SKIP: no UFFDIO_POISON");
+    if !uffd_testkit::user_uffd() || !features(Features::POISON).contains(Features::POISON) {
+        uffd_testkit::skip(uffd_testkit::Need::Feature, "no UFFDIO_POISON");
         return None;
     }
     let (go_r, go_w) = pipe();
@@ -98,7 +71,14 @@ fn assert_sigbus(status: i32) {
 
 #[test]
 fn an_io_error_poisons_the_page_and_the_reader_gets_sigbus() {
-    let Some((status, poisoned)) = run_remote_target(Arc::new(FailingSource), 1) else {
+    let Some((status, poisoned)) = run_remote_target(
+        Arc::new(FailingSource {
+            pages: PAGES,
+            bad: BAD,
+            transient: true,
+        }),
+        1,
+    ) else {
         return;
     };
     assert_sigbus(status);

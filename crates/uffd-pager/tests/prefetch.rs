@@ -13,7 +13,7 @@ const LEN: usize = 8 << 20;
 
 #[test]
 fn sequential_readahead_needs_fewer_faults_than_pages() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::EVENT_REMOVE);
@@ -36,7 +36,7 @@ fn sequential_readahead_needs_fewer_faults_than_pages() {
 
 #[test]
 fn background_fill_installs_everything() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::EVENT_REMOVE);
@@ -63,7 +63,7 @@ fn background_fill_installs_everything() {
 
 #[test]
 fn working_set_is_recorded_saved_and_replayed() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let (source, bytes) = pattern_source(LEN, 71);

@@ -10,7 +10,7 @@ use uffd_pager::{PageSource, Pager, Region};
 
 #[test]
 fn shutdown_wakes_every_waiter() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::EVENT_REMOVE);

@@ -27,11 +27,14 @@ fn own_disposition() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn sigbus_available() -> bool {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return false;
     }
     if !features(Features::SIGBUS).contains(Features::SIGBUS) {
-        eprintln!("SKIP: the kernel has no userfaultfd SIGBUS feature");
+        uffd_testkit::skip(
+            uffd_testkit::Need::Feature,
+            format_args!("the kernel has no userfaultfd SIGBUS feature"),
+        );
         return false;
     }
     true

@@ -35,7 +35,7 @@ fn zero_source() {
         source.read_at(LEN as u64, &mut buf),
         Err(SourceError::OutOfRange { .. })
     ));
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let (got, zero) = serve(Arc::new(source), 64 << 10);
@@ -51,7 +51,7 @@ fn memory_source() {
     assert_eq!(mapped.as_ptr(), source.bytes()[4096..].as_ptr());
     assert_eq!(mapped.len(), 10);
     assert!(!source.is_known_zero(0, 4096));
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let (got, _) = serve(Arc::new(source), 4096);
@@ -95,7 +95,7 @@ fn file_source_pread_and_mmap() {
         );
         assert!(!source.is_known_zero(0, 4096));
         assert!(!source.is_known_zero(199 * 4096, 8192));
-        if !uffd_available() {
+        if !uffd_testkit::user_uffd() {
             return;
         }
         let (got, zero) = serve(Arc::new(source), 64 << 10);
@@ -134,7 +134,7 @@ fn layered_source_prefers_the_overlay() {
     over_zero.read_at(0, &mut buf).unwrap();
     assert!(buf[..4096].iter().all(|&b| b == 0));
     assert_eq!(&buf[4096..8192], &overlay[4096..8192]);
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let (got, _) = serve(Arc::new(source), 64 << 10);

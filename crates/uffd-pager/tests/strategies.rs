@@ -11,7 +11,7 @@ use uffd_pager::{AlignedAnon, MemorySource, Pager, Prefetch, Region, Strategy, W
 const LEN: usize = 4 << 20;
 
 fn copy_with_granule(granule: u64) {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::EVENT_REMOVE);
@@ -46,7 +46,7 @@ fn copy_2m_granules() {
 
 #[test]
 fn zero_pages_are_mapped_without_copying() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::empty());
@@ -68,8 +68,8 @@ fn zero_pages_are_mapped_without_copying() {
 
 #[test]
 fn move_from_staging() {
-    if !uffd_available() || !features(Features::MOVE).contains(Features::MOVE) {
-        eprintln!("SKIP: no UFFDIO_MOVE");
+    if !uffd_testkit::user_uffd() || !features(Features::MOVE).contains(Features::MOVE) {
+        uffd_testkit::skip(uffd_testkit::Need::Feature, format_args!("no UFFDIO_MOVE"));
         return;
     }
     for granule in [4096u64, 64 << 10, 2 << 20] {
@@ -104,12 +104,12 @@ fn move_from_staging() {
 /// A MINOR_SHMEM userfaultfd and a `LEN`-byte shmem mapping, not yet
 /// registered; None (after saying why) when either is not available.
 fn minor_shmem() -> Option<(Uffd, Arc<Mapping>)> {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return None;
     }
     let uffd = open(Features::MINOR_SHMEM);
     if !uffd.features().contains(Features::MINOR_SHMEM) {
-        eprintln!("SKIP: no MINOR_SHMEM");
+        uffd_testkit::skip(uffd_testkit::Need::Feature, format_args!("no MINOR_SHMEM"));
         return None;
     }
     Some((
@@ -221,7 +221,7 @@ fn minor_continue_with_content_in_place_maps_without_copying() {
 
 #[test]
 fn content_in_place_needs_continue() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let memory = AlignedAnon::new(1 << 20).unwrap();
@@ -235,13 +235,13 @@ fn content_in_place_needs_continue() {
 
 #[test]
 fn hugetlb_2m_pages_by_copy_and_by_continue() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let reservation = match uffd::HugepageReservation::reserve(4) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("SKIP: {e}");
+            uffd_testkit::skip(uffd_testkit::Need::Hugetlb, e);
             return;
         }
     };
@@ -298,12 +298,15 @@ fn hugetlb_2m_pages_by_copy_and_by_continue() {
 
 #[test]
 fn copy_wp_tracks_dirty_pages() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::PAGEFAULT_FLAG_WP);
     if !uffd.features().contains(Features::PAGEFAULT_FLAG_WP) {
-        eprintln!("SKIP: no write-protect support");
+        uffd_testkit::skip(
+            uffd_testkit::Need::Feature,
+            format_args!("no write-protect support"),
+        );
         return;
     }
     let memory = Arc::new(Mapping::new(MemoryKind::Anon, LEN).unwrap());
@@ -336,7 +339,7 @@ fn copy_wp_tracks_dirty_pages() {
 
 #[test]
 fn many_threads_on_one_page_are_served_once() {
-    if !uffd_available() {
+    if !uffd_testkit::user_uffd() {
         return;
     }
     let uffd = open(Features::EVENT_REMOVE);

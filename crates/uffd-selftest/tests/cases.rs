@@ -2,7 +2,8 @@
 //! as `uffd selftest`. A failure names the case, the memory type and the
 //! seed, with the command that replays it; set `UFFD_SELFTEST_SEED` to
 //! change the seed. Cases that cannot run here (no userfaultfd, a missing
-//! kernel feature, no huge pages) print the reason and return.
+//! kernel feature, no huge pages) print the reason and return, or fail
+//! under `UFFD_REQUIRE=1` (see uffd-testkit).
 
 use uffd::MemoryKind;
 use uffd_selftest::{run_one, Status};
@@ -18,7 +19,16 @@ fn check(name: &str, kind: Option<MemoryKind>) {
     let report = run_one(name, kind, seed());
     match report.status {
         Status::Pass => eprintln!("{}", report.line()),
-        Status::Skip => eprintln!("skipped: {}", report.line()),
+        // Under UFFD_REQUIRE=1 a skip fails, unless UFFD_ALLOW_SKIP names
+        // what it lacked (this kernel may have no gup_test, for instance).
+        Status::Skip => {
+            let need = if report.line().contains("gup_test") {
+                uffd_testkit::Need::GupTest
+            } else {
+                uffd_testkit::Need::Feature
+            };
+            uffd_testkit::skip(need, report.line())
+        }
         Status::Fail => panic!("{} (seed {})", report.line(), seed()),
     }
 }

@@ -24,7 +24,7 @@ struct Case {
 }
 
 fn setup(name: &str, allow_uid: Option<u32>) -> Option<Case> {
-    if uffd_denied() {
+    if !uffd_testkit::vmm_uffd() {
         return None;
     }
     let (dir, mem) = scratch_with_memory(name, FILE_LEN);
@@ -258,7 +258,10 @@ fn empty_region_list_is_refused() {
 fn peer_of_another_uid_is_refused() {
     // Only root can run a peer as another user.
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIP: needs root to connect as another user");
+        uffd_testkit::skip(
+            uffd_testkit::Need::Root,
+            format_args!("needs root to connect as another user"),
+        );
         return;
     }
     let Some(case) = setup("uid", Some(0)) else {

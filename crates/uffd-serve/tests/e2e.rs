@@ -14,7 +14,7 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
-    if uffd_denied() {
+    if !uffd_testkit::vmm_uffd() {
         return;
     }
     let (dir, mem) = scratch_with_memory("e2e", 32 * MIB);
@@ -52,14 +52,17 @@ fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
 
 #[test]
 fn standin_vmm_on_2m_hugetlb_pages() {
-    if uffd_denied() {
+    if !uffd_testkit::vmm_uffd() {
         return;
     }
     let reservation = match uffd::HugepageReservation::reserve(8) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!(
-                "SKIP: cannot reserve 8 huge pages (4 for the guest, 4 for its alias mapping): {e}"
+            uffd_testkit::skip(
+                uffd_testkit::Need::Hugetlb,
+                format_args!(
+                    "cannot reserve 8 huge pages (4 for the guest, 4 for its alias mapping): {e}"
+                ),
             );
             return;
         }
@@ -88,7 +91,7 @@ fn standin_vmm_on_2m_hugetlb_pages() {
 
 #[test]
 fn several_vms_are_served_at_once_from_one_file() {
-    if uffd_denied() {
+    if !uffd_testkit::vmm_uffd() {
         return;
     }
     let (dir, mem) = scratch_with_memory("e2e-many", 16 * MIB);
@@ -124,7 +127,7 @@ fn several_vms_are_served_at_once_from_one_file() {
 
 #[test]
 fn recorded_working_set_is_prefetched_on_the_next_restore() {
-    if uffd_denied() {
+    if !uffd_testkit::vmm_uffd() {
         return;
     }
     let (dir, mem) = scratch_with_memory("e2e-ws", 16 * MIB);
@@ -187,7 +190,7 @@ fn recorded_working_set_is_prefetched_on_the_next_restore() {
 /// all (a page left missing and registered would hang it: bounded wait).
 #[test]
 fn shutdown_drains_a_running_vm_which_then_verifies_every_byte_without_the_server() {
-    if uffd_denied() {
+    if !uffd_testkit::vmm_uffd() {
         return;
     }
     let (dir, mem) = scratch_with_memory("e2e-stop", 8 * MIB);

@@ -27,7 +27,10 @@ fn open(features: Features) -> Option<Uffd> {
     match options.open() {
         Ok(uffd) => Some(uffd),
         Err(e) if e.is_denied() => {
-            eprintln!("SKIP: userfaultfd denied here: {e}");
+            uffd_testkit::skip(
+                uffd_testkit::Need::Userfaultfd,
+                format_args!("userfaultfd denied here: {e}"),
+            );
             None
         }
         Err(e) => panic!("opening a userfaultfd: {e}"),
@@ -88,7 +91,7 @@ fn blocked_read(
 fn polling_a_blocking_fd_is_explained() {
     let uffd = match OpenOptions::new().open() {
         Ok(uffd) => uffd,
-        Err(e) if e.is_denied() => return eprintln!("SKIP: {e}"),
+        Err(e) if e.is_denied() => return uffd_testkit::skip(uffd_testkit::Need::KernelFaults, e),
         Err(e) => panic!("{e}"),
     };
     let err = uffd.wait_readable(Some(Duration::ZERO)).unwrap_err();
@@ -112,7 +115,9 @@ fn opens_through_the_syscall_and_the_device() {
                     .contains(Ioctls::REGISTER | Ioctls::UNREGISTER));
                 assert!(uffd::is_userfaultfd(&uffd));
             }
-            Err(e) if e.is_denied() => eprintln!("SKIP {path}: {e}"),
+            Err(e) if e.is_denied() => {
+                uffd_testkit::skip(uffd_testkit::Need::Userfaultfd, format_args!("{path}: {e}"))
+            }
             Err(e) => panic!("{path}: {e}"),
         }
     }
@@ -125,7 +130,10 @@ fn userfaultfds_are_told_apart_from_other_fds_without_proc_too() {
         open(Features::empty()),
         uffd::open_with(OpenPath::Syscall, 1 | rustix::fs::OFlags::CLOEXEC.bits()),
     ) else {
-        return eprintln!("SKIP: userfaultfd denied here");
+        return uffd_testkit::skip(
+            uffd_testkit::Need::Userfaultfd,
+            format_args!("userfaultfd denied here"),
+        );
     };
     // Both the /proc answer and the ioctl answer, for a handshaken and a
     // fresh userfaultfd, and for fds that are not one.
@@ -146,7 +154,7 @@ fn userfaultfds_are_told_apart_from_other_fds_without_proc_too() {
 fn probe_reports_features_and_missing_ones_by_name() {
     let info = match uffd::probe() {
         Ok(info) => info,
-        Err(e) if e.is_denied() => return eprintln!("SKIP: {e}"),
+        Err(e) if e.is_denied() => return uffd_testkit::skip(uffd_testkit::Need::KernelFaults, e),
         Err(e) => panic!("{e}"),
     };
     assert!(info.ioctls.contains(Ioctls::API | Ioctls::REGISTER));
@@ -174,7 +182,10 @@ fn handshake_rejects_bad_api_unknown_bits_and_a_second_call() {
         let fd = match uffd::open_with(path, flags) {
             Ok(fd) => fd,
             Err(e) => {
-                eprintln!("SKIP {path}: {e:?}");
+                uffd_testkit::skip(
+                    uffd_testkit::Need::Userfaultfd,
+                    format_args!("{path}: {e:?}"),
+                );
                 continue;
             }
         };
@@ -388,7 +399,10 @@ fn poison_and_move_work_on_a_fd_that_did_not_request_them() {
     };
     let kernel = uffd::probe().unwrap().features;
     if !kernel.contains(Features::POISON | Features::MOVE) {
-        return eprintln!("SKIP: kernel lacks POISON or MOVE: {kernel}");
+        return uffd_testkit::skip(
+            uffd_testkit::Need::Feature,
+            format_args!("kernel lacks POISON or MOVE: {kernel}"),
+        );
     }
     let mem = Mapping::new(MemoryKind::Anon, 2 * PAGE_SIZE).unwrap();
     uffd.register(mem.addr(), 2 * PAGE, RegisterMode::MISSING)

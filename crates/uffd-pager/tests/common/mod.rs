@@ -13,18 +13,6 @@ use uffd_pager::{Content, MemorySource, PageSource, Pager, SourceError};
 /// How long any wait in a test may take before it fails naming what is stuck.
 pub const LIMIT: Duration = Duration::from_secs(30);
 
-/// Returns false (after saying why) when userfaultfd is not available.
-pub fn uffd_available() -> bool {
-    match uffd::probe() {
-        Ok(_) => true,
-        Err(e) if e.is_denied() => {
-            eprintln!("SKIP: userfaultfd is denied here: {e}");
-            false
-        }
-        Err(e) => panic!("probing userfaultfd failed: {e}"),
-    }
-}
-
 /// The supported subset of `wanted`.
 pub fn features(wanted: Features) -> Features {
     uffd::probe()
@@ -53,21 +41,11 @@ pub fn try_open(wanted: Features) -> Option<Uffd> {
     match options(wanted).open() {
         Ok(uffd) => Some(uffd),
         Err(e) if e.is_denied() => {
-            eprintln!("SKIP: a userfaultfd with {wanted} is denied here: {e}");
+            uffd_testkit::skip(
+                uffd_testkit::Need::Root,
+                format_args!("a userfaultfd with {wanted} is denied here: {e}"),
+            );
             None
-        }
-        Err(e) => panic!("open userfaultfd: {e}"),
-    }
-}
-
-/// Whether this process may open a userfaultfd that catches kernel-mode
-/// faults too, as a VMM does; says why not.
-pub fn kernel_faults_allowed() -> bool {
-    match OpenOptions::new().open() {
-        Ok(_) => true,
-        Err(e) if e.is_denied() => {
-            eprintln!("SKIP: a VMM-style userfaultfd (kernel faults caught) is denied here: {e}");
-            false
         }
         Err(e) => panic!("open userfaultfd: {e}"),
     }
@@ -245,7 +223,7 @@ pub fn fork_target(
     features: Features,
     body: impl FnOnce(&Mapping) -> Option<i32>,
 ) -> Option<RemoteTarget> {
-    if !kernel_faults_allowed() {
+    if !uffd_testkit::vmm_uffd() {
         return None;
     }
     let (info_r, info_w) = rustix::pipe::pipe().unwrap();

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,60 +15,7 @@ use uffd_serve::engine::{Engine, PagerEngine, PagerEngineConfig};
 use uffd_serve::server::{Server, ServerConfig, ServerHandle};
 use uffd_serve::stats::{Refusal, StatsLog, VmReport};
 
-/// Skips the test (returns true) when the userfaultfd a VMM opens is denied
-/// here: the stand-in VMM opens it as Firecracker does, catching kernel
-/// faults too, which needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1
-/// or access to /dev/userfaultfd.
-pub fn uffd_denied() -> bool {
-    match uffd::OpenOptions::new().open() {
-        Err(e) if e.is_denied() => {
-            eprintln!("SKIP: a VMM-style userfaultfd is denied here: {e}");
-            true
-        }
-        _ => false,
-    }
-}
-
-/// A scratch directory removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "uffd-serve-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Writes a memory file of `len` bytes: every 4 KiB page holds its index and
-/// a pattern, except every 4th page, which is all zero.
-pub fn memory_file(path: &Path, len: u64) {
-    let mut data = vec![0u8; len as usize];
-    for (i, page) in data.chunks_mut(4096).enumerate() {
-        if i % 4 == 3 {
-            continue;
-        }
-        for (j, b) in page.iter_mut().enumerate() {
-            *b = (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8 | 1;
-        }
-        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    }
-    std::fs::write(path, data).unwrap();
-}
+pub use uffd_testkit::{snapshot_file as memory_file, Scratch};
 
 /// A scratch directory for test `name` holding a memory file `mem` of
 /// `len` bytes (see [`memory_file`]); returns both.

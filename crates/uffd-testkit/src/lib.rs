@@ -1,0 +1,248 @@
+//! What the workspace's tests share, so each concept has one home:
+//!
+//! - [`skip`]: a test that cannot run here says why and returns, and with
+//!   `UFFD_REQUIRE=1` it fails instead, so a machine where everything is
+//!   available (CI) cannot go green having asserted nothing. Skips carry
+//!   the [`Need`] they lack; `UFFD_ALLOW_SKIP=gup-test,...` names needs
+//!   this machine is known not to have.
+//! - The availability checks every test starts with: [`user_uffd`],
+//!   [`vmm_uffd`].
+//! - [`Scratch`] directories, [`snapshot_file`] and [`page_pattern`]
+//!   (the memory file every server test restores from),
+//!   [`FailingSource`].
+
+#![deny(unsafe_code)]
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use uffd_pager::{Content, PageSource, SourceError};
+
+/// What a skipped test lacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Any userfaultfd (denied by sysctl, seccomp or permissions).
+    Userfaultfd,
+    /// A userfaultfd that catches kernel-mode faults, as a VMM opens it.
+    KernelFaults,
+    /// A kernel feature or ioctl.
+    Feature,
+    /// Root (to switch users, reserve huge pages, create namespaces).
+    Root,
+    /// Reserved huge pages.
+    Hugetlb,
+    /// A program the test runs (setpriv, mkswap...).
+    Tool,
+    /// The kernel's gup_test debugfs file (CONFIG_GUP_TEST).
+    GupTest,
+}
+
+impl Need {
+    /// The name `UFFD_ALLOW_SKIP` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Need::Userfaultfd => "userfaultfd",
+            Need::KernelFaults => "kernel-faults",
+            Need::Feature => "feature",
+            Need::Root => "root",
+            Need::Hugetlb => "hugetlb",
+            Need::Tool => "tool",
+            Need::GupTest => "gup-test",
+        }
+    }
+}
+
+/// True when `UFFD_REQUIRE=1`: skipping is a failure.
+pub fn required() -> bool {
+    std::env::var("UFFD_REQUIRE").is_ok_and(|v| v == "1")
+}
+
+fn allowed(need: Need) -> bool {
+    std::env::var("UFFD_ALLOW_SKIP")
+        .is_ok_and(|list| list.split(',').any(|n| n.trim() == need.name()))
+}
+
+/// Reports that the calling test cannot run here, for `reason`. Prints
+/// `SKIP (need): reason`; under `UFFD_REQUIRE=1` it panics instead, unless
+/// `UFFD_ALLOW_SKIP` names `need`. Callers return right after.
+#[track_caller]
+pub fn skip(need: Need, reason: impl Display) {
+    if required() && !allowed(need) {
+        panic!(
+            "UFFD_REQUIRE=1, but this test would skip ({}): {reason}",
+            need.name()
+        );
+    }
+    eprintln!("SKIP ({}): {reason}", need.name());
+}
+
+/// True when this process may open a user-mode-only userfaultfd (the
+/// tests that touch only their own memory need no more); otherwise skips.
+#[track_caller]
+pub fn user_uffd() -> bool {
+    match uffd::probe() {
+        Ok(_) => true,
+        Err(e) if e.is_denied() => {
+            skip(
+                Need::Userfaultfd,
+                format_args!("userfaultfd is denied here: {e}"),
+            );
+            false
+        }
+        Err(e) => panic!("probing userfaultfd failed: {e}"),
+    }
+}
+
+/// True when this process may open a userfaultfd that catches kernel-mode
+/// faults too, as a VMM (Firecracker, the stand-in VMM) does; otherwise
+/// skips with the kernel's reason.
+#[track_caller]
+pub fn vmm_uffd() -> bool {
+    match uffd::OpenOptions::new().open() {
+        Ok(_) => true,
+        Err(e) if e.is_denied() => {
+            skip(
+                Need::KernelFaults,
+                format_args!("a VMM-style userfaultfd is denied here: {e}"),
+            );
+            false
+        }
+        Err(e) => panic!("opening a userfaultfd failed: {e}"),
+    }
+}
+
+/// True when running as root; otherwise skips saying what for.
+#[track_caller]
+pub fn root(what: &str) -> bool {
+    if rustix_is_root() {
+        return true;
+    }
+    skip(Need::Root, format_args!("needs root to {what}"));
+    false
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A scratch directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A fresh, empty directory whose name contains `name`.
+    pub fn new(name: &str) -> Scratch {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "uffd-test-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+        Scratch(dir)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// `name` inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The contents of page `index` of [`snapshot_file`]: its index in the
+/// first 8 bytes and a pattern, except every 4th page, which is all zero.
+pub fn page_pattern(index: usize, page: &mut [u8]) {
+    if index % 4 == 3 {
+        page.fill(0);
+        return;
+    }
+    for (j, b) in page.iter_mut().enumerate() {
+        *b = (index.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8 | 1;
+    }
+    page[..8].copy_from_slice(&(index as u64).to_le_bytes());
+}
+
+/// Writes a memory snapshot of `len` bytes made of [`page_pattern`] pages.
+pub fn snapshot_file(path: &Path, len: u64) {
+    let mut data = vec![0u8; len as usize];
+    for (i, page) in data.chunks_mut(4096).enumerate() {
+        page_pattern(i, page);
+    }
+    std::fs::write(path, data).expect("writing the snapshot file");
+}
+
+/// A source of `pages` 4 KiB pages where page `i` holds the byte `i + 1`,
+/// except page `bad`, whose every read fails: transiently (the engine
+/// retries, then gives up) or for good (EIO).
+#[derive(Debug, Clone, Copy)]
+pub struct FailingSource {
+    /// Pages in the source.
+    pub pages: usize,
+    /// The page that cannot be read.
+    pub bad: usize,
+    /// Whether the failure claims to be transient.
+    pub transient: bool,
+}
+
+impl PageSource for FailingSource {
+    fn len(&self) -> u64 {
+        (self.pages * 4096) as u64
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let len = buf.len() as u64;
+        let bad = (self.bad * 4096) as u64;
+        if offset <= bad && bad < offset + len {
+            let source = std::io::Error::from_raw_os_error(5); // EIO
+            return Err(if self.transient {
+                SourceError::Transient {
+                    offset,
+                    len,
+                    source,
+                }
+            } else {
+                SourceError::Failed {
+                    offset,
+                    len,
+                    source,
+                }
+            });
+        }
+        for (i, page) in buf.chunks_mut(4096).enumerate() {
+            page.fill((offset / 4096) as u8 + i as u8 + 1);
+        }
+        Ok(Content::Data)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "failing (page {} of {}, {})",
+            self.bad,
+            self.pages,
+            if self.transient {
+                "transient"
+            } else {
+                "permanent"
+            }
+        )
+    }
+}
