@@ -17,6 +17,7 @@ use uffd::{
 };
 
 use crate::config::{Config, BATCH_BYTES};
+use crate::handover::{PageKind, PagerState, SpanState, StateError};
 use crate::mem::AlignedAnon;
 use crate::region::{state, PageStates, Region, Span, Table};
 use crate::source::{is_zero, Content, PageSource, SourceError};
@@ -48,6 +49,9 @@ pub enum PagerError {
     /// anyway; a fault there waits for a handler that no longer exists).
     #[error("{}", .0.describe_incomplete())]
     DetachIncomplete(Box<Detached>),
+    /// A handed-over state does not describe valid memory.
+    #[error(transparent)]
+    State(StateError),
     /// Creating a buffer, eventfd, pidfd or thread failed.
     #[error("{what}: {source}")]
     Io {
@@ -288,7 +292,33 @@ impl PagerBuilder {
     /// (see [`register`] for this process's own memory). The fd is made
     /// non-blocking.
     pub fn start(self, uffd: Uffd, regions: Vec<Region>) -> Result<Pager, PagerError> {
-        Pager::start(self.source, self.config, uffd, regions)
+        Pager::start(self.source, self.config, uffd, regions, None)
+    }
+
+    /// Carries on where another pager stopped ([`Pager::hand_over`], maybe
+    /// in another process): serves `uffd` for the memory `state` describes,
+    /// never installing a page that is present, keeping removed pages zero
+    /// and poisoned ones poisoned, and continuing its recording.
+    ///
+    /// The previous pager may have read a fault and stopped before serving
+    /// it; every range is woken at start, so such a thread faults again and
+    /// this pager sees it. Regions with an alias ([`Strategy::Continue`])
+    /// cannot be resumed: the alias is another process's address.
+    pub fn resume(self, uffd: Uffd, state: PagerState) -> Result<Pager, PagerError> {
+        let regions = state
+            .spans
+            .iter()
+            .enumerate()
+            .map(|(i, span)| span.region(i))
+            .collect::<Result<Vec<Region>, StateError>>()
+            .map_err(PagerError::State)?;
+        let pager = Pager::start(self.source, self.config, uffd, regions, Some(state))?;
+        for target in lock(&pager.shared.targets).iter() {
+            for span in &read(&target.table).spans {
+                let _ = target.uffd.wake(span.start, span.len);
+            }
+        }
+        Ok(pager)
     }
 }
 
@@ -381,6 +411,7 @@ impl Pager {
         config: Config,
         uffd: Uffd,
         regions: Vec<Region>,
+        resumed: Option<PagerState>,
     ) -> Result<Pager, PagerError> {
         validate(&config, &uffd, &regions)?;
         rustix::fs::fcntl_setfl(&uffd, rustix::fs::OFlags::NONBLOCK)
@@ -402,6 +433,16 @@ impl Pager {
         let record_page_size = regions.iter().map(|r| r.page_size).min().unwrap_or(4096);
         let track_dirty = config.strategy == Strategy::CopyWp;
         let table = Table::new(&regions, track_dirty);
+        let (mut installed, mut recorded) = (0, Vec::new());
+        if let Some(state) = resumed {
+            for span in &state.spans {
+                if let Some(t) = table.spans.iter().find(|t| t.start == span.start) {
+                    span.apply(&t.states);
+                }
+            }
+            installed = state.count(PageKind::Present);
+            recorded = state.recorded;
+        }
         let needs_fill = config.background_fill || config.replay.is_some();
         let shared = Arc::new(Shared {
             config,
@@ -414,14 +455,14 @@ impl Pager {
             targets: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             demand_active: AtomicUsize::new(0),
-            recorded: Mutex::new(Vec::new()),
+            recorded: Mutex::new(recorded),
             poisoned: Mutex::new(Vec::new()),
             fill_done: Mutex::new(!needs_fill),
             fill_cv: Condvar::new(),
             live_targets: Mutex::new(0),
             live_cv: Condvar::new(),
             total_pages,
-            installed_pages: AtomicU64::new(0),
+            installed_pages: AtomicU64::new(installed),
             pidfd,
             record_page_size,
             next_id: AtomicUsize::new(0),
@@ -659,6 +700,45 @@ impl Pager {
             }
             Err(PagerError::DetachIncomplete(Box::new(detached)))
         }
+    }
+
+    /// Stops serving without leaving the target without a handler: the
+    /// threads stop, every waiting fault is woken (it faults again and
+    /// waits in the kernel's queue), and the target's userfaultfd comes back
+    /// with the state a [`PagerBuilder::resume`] needs, to carry on here or
+    /// in another process. Nothing is unregistered or installed.
+    ///
+    /// Only the target the pager was started with is handed over; forked
+    /// children it adopted are shut down as by [`Pager::shutdown`].
+    pub fn hand_over(self) -> Result<(Uffd, PagerState), PagerError> {
+        let target = lock(&self.shared.targets)
+            .first()
+            .cloned()
+            .ok_or_else(|| PagerError::Config("the pager has no target to hand over".into()))?;
+        let fd = rustix::io::fcntl_dupfd_cloexec(&target.uffd, 0)
+            .map_err(|e| io_err("duplicating the userfaultfd")(e.into()))?;
+        let uffd = Uffd::from_fd(fd, target.uffd.features())?;
+        self.stop_and_join();
+        let table = read(&target.table);
+        let spans = table
+            .spans
+            .iter()
+            .map(|span| {
+                let region = Region::new(span.start, span.len, span.offset, span.page_size);
+                SpanState::capture(region, &span.states, span.first)
+            })
+            .collect();
+        let state = PagerState {
+            spans,
+            recorded: lock(&self.shared.recorded).clone(),
+        };
+        info!(
+            pager = %self.shared.config.name,
+            present = state.count(PageKind::Present),
+            removed = state.count(PageKind::Removed),
+            "handed over"
+        );
+        Ok((uffd, state))
     }
 
     fn stop_and_join(&self) {

@@ -44,6 +44,7 @@
 
 mod config;
 mod engine;
+mod handover;
 mod mem;
 mod region;
 mod sigbus;
@@ -56,6 +57,7 @@ pub use engine::{
     register, Detached, Pager, PagerBuilder, PagerError, PoisonedPage, Progress, RegisteredRange,
     ShutdownHandle, StillRegistered,
 };
+pub use handover::{PageKind, PagerState, SpanState, StateError};
 pub use mem::AlignedAnon;
 pub use region::Region;
 pub use sigbus::{
