@@ -185,3 +185,250 @@ fn sigusr1_records_and_sigterm_drains_a_running_vm_which_runs_on_without_the_ser
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `uffd serve` of `mem` on `socket` logging to `log`, with `extra` args
+/// and environment.
+fn serve(mem: &Path, socket: &Path, log: &Path, extra: &[&str], env: &[(&str, &str)]) -> Reaped {
+    Reaped(
+        Command::new(env!("CARGO_BIN_EXE_uffd"))
+            .arg("serve")
+            .arg("--mem-file")
+            .arg(mem)
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .envs(env.iter().copied())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn log_of(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// Waits (bounded) for the child to exit; its status.
+fn exit_of(child: &mut Reaped, what: &str) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_for(what, Duration::from_secs(60), || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
+
+/// True when process `pid` is stopped (state T in /proc/PID/stat).
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|rest| rest.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+/// Where the old server is stopped before it is killed, or none.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kill {
+    Never,
+    At(&'static str),
+}
+
+/// Three VMs fault through a takeover; `kill` says whether the old server
+/// is SIGKILLed at a step after the new one holds the userfaultfds. Every
+/// VM must verify every byte (ballooned pages zero), and the new server
+/// must serve a fresh VM afterwards and hand everything on again.
+fn takeover_while_vms_fault(kill: Kill) {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let standin = standin_vmm();
+    let dir =
+        uffd_testkit::Scratch::new(&format!("takeover-{kill:?}").replace([' ', '(', ')', '"'], ""));
+    let (mem, socket) = (dir.path("mem"), dir.path("sock"));
+    uffd_testkit::snapshot_file(&mem, 16 << 20);
+    let env: Vec<(&str, &str)> = match kill {
+        Kill::Never => vec![],
+        Kill::At(step) => vec![("UFFD_TAKEOVER_PAUSE_AT", step)],
+    };
+    let (old_log, new_log, third_log) = (
+        dir.path("old.log"),
+        dir.path("new.log"),
+        dir.path("third.log"),
+    );
+    let mut old = serve(&mem, &socket, &old_log, &["--threads", "1"], &env);
+    wait_for(
+        "the first server listening",
+        Duration::from_secs(30),
+        || socket.exists(),
+    );
+    let vm = |pace: &str| {
+        Reaped(
+            Command::new(&standin)
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--mem-file")
+                .arg(&mem)
+                .args(["--threads", "2", "--pace-us", pace, "--balloon-every", "9"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    // 4,096 pages each, 2 threads, 400 us apart: about a second of faults.
+    let mut vms: Vec<Reaped> = (0..3).map(|_| vm("400")).collect();
+    wait_for(
+        "the first server serving 3 VMs",
+        Duration::from_secs(30),
+        || log_of(&old_log).matches("serving VM").count() == 3,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let mut new = serve(
+        &mem,
+        &socket,
+        &new_log,
+        &["--takeover", "--threads", "2"],
+        &[],
+    );
+    match kill {
+        Kill::Never => {
+            let status = exit_of(&mut old, "the old server exiting after the takeover");
+            assert!(status.success(), "{status:?}: {}", log_of(&old_log));
+        }
+        Kill::At(step) => {
+            let pid = old.0.id();
+            wait_for(
+                &format!("the old server stopping at {step}"),
+                Duration::from_secs(30),
+                || is_stopped(pid),
+            );
+            signal(&old.0, Signal::KILL);
+            let _ = exit_of(&mut old, "the old server dying of SIGKILL");
+        }
+    }
+    for (i, vm) in vms.iter_mut().enumerate() {
+        let status = exit_of(vm, &format!("VM {i} finishing through the takeover"));
+        let mut out = String::new();
+        std::io::Read::read_to_string(vm.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        assert!(
+            status.success() && out.contains("\"mismatched_pages\":0"),
+            "VM {i}: {status:?} {out}\nold: {}\nnew: {}",
+            log_of(&old_log),
+            log_of(&new_log)
+        );
+    }
+    let new_text = log_of(&new_log);
+    assert!(
+        new_text.contains("took over") && new_text.contains("vms=3"),
+        "{new_text}"
+    );
+    // The VMs were still faulting: the new server served each of them.
+    let served_here = new_text
+        .lines()
+        .filter(|l| l.contains("VM done"))
+        .filter(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("faults="))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+        .count();
+    assert_eq!(
+        served_here, 3,
+        "not every VM faulted after the takeover:\n{new_text}"
+    );
+    // The VMM socket is the new server's now: a fresh VM is served.
+    let mut fresh = vm("0");
+    let status = exit_of(&mut fresh, "a VM started after the takeover");
+    assert!(status.success(), "{}", log_of(&new_log));
+    // And the new server can be taken over in turn.
+    wait_for(
+        "the new server's takeover socket",
+        Duration::from_secs(30),
+        || {
+            log_of(&new_log).contains("listening")
+                && std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        },
+    );
+    let mut third = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_uffd"))
+            .args(["serve", "--takeover"])
+            .arg("--mem-file")
+            .arg(&mem)
+            .arg("--socket")
+            .arg(&socket)
+            .stderr(std::fs::File::create(&third_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = exit_of(&mut new, "the second server handing over to a third");
+    assert!(
+        status.success(),
+        "{}\n{}",
+        log_of(&new_log),
+        log_of(&third_log)
+    );
+    signal(&third.0, Signal::TERM);
+    let status = exit_of(&mut third, "the third server stopping");
+    assert!(status.success(), "{}", log_of(&third_log));
+    assert!(!socket.exists(), "the last server left its socket behind");
+}
+
+#[test]
+fn takeover_hands_every_faulting_vm_to_the_new_server() {
+    takeover_while_vms_fault(Kill::Never);
+}
+
+#[test]
+fn old_server_killed_after_sending_every_vm_leaves_no_vm_hung() {
+    takeover_while_vms_fault(Kill::At("sent-all"));
+}
+
+#[test]
+fn old_server_killed_after_the_new_one_adopted_leaves_no_vm_hung() {
+    takeover_while_vms_fault(Kill::At("adopted"));
+}
+
+#[test]
+fn takeover_of_another_memory_file_is_refused_and_changes_nothing() {
+    let dir = uffd_testkit::Scratch::new("takeover-other");
+    let (mem, other, socket) = (dir.path("mem"), dir.path("other"), dir.path("sock"));
+    uffd_testkit::snapshot_file(&mem, 1 << 20);
+    uffd_testkit::snapshot_file(&other, 1 << 20);
+    let mut old = serve(&mem, &socket, &dir.path("old.log"), &[], &[]);
+    wait_for("the server listening", Duration::from_secs(30), || {
+        socket.exists()
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args(["serve", "--takeover"])
+        .arg("--mem-file")
+        .arg(&other)
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another memory file"), "{err}");
+    assert!(
+        old.0.try_wait().unwrap().is_none(),
+        "the running server stopped"
+    );
+    // Nothing to take over from: a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args(["serve", "--takeover"])
+        .arg("--mem-file")
+        .arg(&mem)
+        .arg("--socket")
+        .arg(dir.path("nobody"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no server to take over"));
+    signal(&old.0, Signal::TERM);
+    assert!(exit_of(&mut old, "the server stopping").success());
+}

@@ -164,6 +164,7 @@ fn restore(
             handshake_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             max_connections: crate::server::default_max_connections(),
+            source_identity: None,
         },
         engine,
     )

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 use uffd::{CopyMode, Event, EventBuffer, Uffd};
-use uffd_pager::{PageSource, Pager, Strategy, WaitMode, WorkingSet};
+use uffd_pager::{PageSource, Pager, PagerState, Strategy, WaitMode, WorkingSet};
 
 use crate::protocol::{Region, PAGE_4K};
 use crate::stats::{DrainReport, EngineStats, LatencyHistogram, RegisteredRange};
@@ -44,6 +44,26 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         regions: &[Region],
         pid: i32,
     ) -> Result<Box<dyn RunningVm>, EngineError>;
+    /// Whether [`RunningVm::hand_over`] and [`Engine::resume`] work, so that
+    /// a new server can take its VMs over.
+    fn can_hand_over(&self) -> bool {
+        false
+    }
+    /// Carries on serving a VM another server handed over: its userfaultfd
+    /// and what that server's pager knew (see [`RunningVm::hand_over`]).
+    fn resume(
+        &self,
+        uffd: Uffd,
+        pid: i32,
+        page_size: u64,
+        state: PagerState,
+    ) -> Result<Box<dyn RunningVm>, EngineError> {
+        let _ = (uffd, pid, page_size, state);
+        Err(EngineError::Start(format!(
+            "the {} engine cannot take VMs over",
+            self.name()
+        )))
+    }
 }
 
 /// One VM being served.
@@ -57,6 +77,13 @@ pub trait RunningVm: Send {
     /// Stops every thread, waking any fault still waiting, and closes the
     /// server's copy of the userfaultfd.
     fn shutdown(&mut self);
+    /// Stops serving without leaving the VM without a handler, for a new
+    /// server to carry on ([`Engine::resume`]): the userfaultfd (a copy)
+    /// and the pager's state. `None` when the engine cannot, or the VM was
+    /// stopped already.
+    fn hand_over(&mut self) -> Option<(Uffd, PagerState)> {
+        None
+    }
     /// For a VM that runs on after the server stops: makes it independent
     /// of the server (every page installed, every range unregistered)
     /// within `timeout`, then shuts down as [`RunningVm::shutdown`] does.
@@ -156,7 +183,43 @@ impl Engine for PagerEngine {
         regions: &[Region],
         pid: i32,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
-        let page_size = regions[0].page_size;
+        let pager = self.builder(regions[0].page_size, pid).start(
+            uffd,
+            regions
+                .iter()
+                .map(|r| uffd_pager::Region::new(r.base, r.size, r.offset, r.page_size))
+                .collect(),
+        )?;
+        Ok(self.running(pager))
+    }
+
+    fn can_hand_over(&self) -> bool {
+        true
+    }
+
+    fn resume(
+        &self,
+        uffd: Uffd,
+        pid: i32,
+        page_size: u64,
+        state: PagerState,
+    ) -> Result<Box<dyn RunningVm>, EngineError> {
+        let pager = self.builder(page_size, pid).resume(uffd, state)?;
+        Ok(self.running(pager))
+    }
+}
+
+impl PagerEngine {
+    fn running(&self, pager: Pager) -> Box<dyn RunningVm> {
+        Box::new(PagerVm {
+            pager: Some(pager),
+            record: self.config.record,
+            last: EngineStats::default(),
+            last_working_set: None,
+        })
+    }
+
+    fn builder(&self, page_size: u64, pid: i32) -> uffd_pager::PagerBuilder {
         let replay = match &self.config.prefetch {
             Some(ws) if ws.page_size() != page_size => {
                 tracing::warn!(
@@ -173,7 +236,7 @@ impl Engine for PagerEngine {
         } else {
             WaitMode::Spin(self.config.spin)
         };
-        let pager = Pager::builder(self.source.clone())
+        Pager::builder(self.source.clone())
             .strategy(Strategy::Copy)
             .granule(self.config.granule.max(page_size))
             .threads(self.config.threads.max(1))
@@ -183,19 +246,6 @@ impl Engine for PagerEngine {
             .record(self.config.record)
             .target_pid(pid)
             .name(format!("vm-{pid}"))
-            .start(
-                uffd,
-                regions
-                    .iter()
-                    .map(|r| uffd_pager::Region::new(r.base, r.size, r.offset, r.page_size))
-                    .collect(),
-            )?;
-        Ok(Box::new(PagerVm {
-            pager: Some(pager),
-            record: self.config.record,
-            last: EngineStats::default(),
-            last_working_set: None,
-        }))
     }
 }
 
@@ -223,6 +273,17 @@ impl RunningVm for PagerVm {
                 self.last_working_set = Some(pager.working_set());
             }
             self.last = engine_stats(&pager.shutdown());
+        }
+    }
+    fn hand_over(&mut self) -> Option<(Uffd, PagerState)> {
+        let pager = self.pager.take()?;
+        self.last = engine_stats(&pager.stats());
+        match pager.hand_over() {
+            Ok(handed) => Some(handed),
+            Err(e) => {
+                tracing::error!("handing the VM over failed: {e}");
+                None
+            }
         }
     }
     fn detach(&mut self, timeout: Duration) -> DrainReport {

@@ -18,6 +18,7 @@ pub mod protocol;
 pub mod server;
 pub mod signals;
 pub mod stats;
+pub mod takeover;
 pub mod vmm;
 
 /// The README's examples, compiled and run as doc tests.

@@ -8,20 +8,23 @@
 //! life: Firecracker closes it right after the handshake.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use rustix::io::Errno;
 use rustix::process::{Pid, PidfdFlags};
 
 use crate::engine::{Engine, RunningVm};
-use crate::handshake::{self, Handshake, HandshakeError, HandshakePolicy};
+use crate::handshake::{self, Handshake, HandshakeError, HandshakePolicy, Peer};
 use crate::stats::{DrainReport, Refusal, StatsLog, VmReport};
+use crate::takeover::{self, Packet, TakeoverError};
 
 /// What the server needs to know.
 #[derive(Debug, Clone)]
@@ -42,6 +45,10 @@ pub struct ServerConfig {
     /// independent of the server (every page installed, every range
     /// unregistered; see [`RunningVm::detach`]).
     pub drain_timeout: Duration,
+    /// The memory file's identity ([`uffd_pager::FileSource::identity`]): a
+    /// takeover is accepted only by a server serving the same file. `None`
+    /// refuses takeovers (and cannot take over).
+    pub source_identity: Option<String>,
     /// Connections handled at once (handshaking or served). One more is
     /// accepted and closed at once with a refusal (step
     /// `too-many-connections`), so idle peers cannot exhaust threads or
@@ -90,6 +97,9 @@ pub enum ServerError {
     /// Creating the control eventfd failed.
     #[error("creating the server's control eventfd failed: {0}")]
     Control(rustix::io::Errno),
+    /// Taking the VMs over from the running server failed.
+    #[error(transparent)]
+    Takeover(#[from] TakeoverError),
     /// Writing the statistics failed.
     #[error("writing {path} failed: {source}")]
     Stats {
@@ -111,6 +121,9 @@ pub struct ServerHandle {
 #[derive(Debug)]
 struct Control {
     stop: AtomicBool,
+    /// A new server takes the VMs over: every worker hands its VM over
+    /// instead of draining it.
+    handing_over: AtomicBool,
     record_generation: AtomicU64,
     wake: OwnedFd,
 }
@@ -134,17 +147,41 @@ impl ServerHandle {
     pub fn is_stopping(&self) -> bool {
         self.inner.stop.load(SeqCst)
     }
+
+    fn is_handing_over(&self) -> bool {
+        self.inner.handing_over.load(SeqCst)
+    }
 }
 
 /// A bound server.
 #[derive(Debug)]
 pub struct Server {
     listener: UnixListener,
+    /// `<socket>.takeover`, where a new server asks for the VMs; `None`
+    /// until the server it took over from has gone.
+    takeover: Mutex<Option<OwnedFd>>,
+    /// The server this one took over from, until it closes its end.
+    predecessor: Mutex<Option<OwnedFd>>,
     config: ServerConfig,
     engine: Arc<dyn Engine>,
     handle: ServerHandle,
     stats: Arc<StatsLog>,
     live: Arc<Mutex<HashMap<u64, LiveVm>>>,
+    active: Arc<AtomicUsize>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    handed: (Sender<HandedVm>, Mutex<Receiver<HandedVm>>),
+    next_id: AtomicU64,
+}
+
+/// A VM a worker stopped serving for a new server to carry on.
+struct HandedVm {
+    id: u64,
+    peer: Peer,
+    page_size: u64,
+    memory_bytes: u64,
+    uffd: uffd::Uffd,
+    pidfd: OwnedFd,
+    state: uffd_pager::PagerState,
 }
 
 /// What the server shows about a VM being served.
@@ -174,22 +211,200 @@ impl Server {
                 path: path.clone(),
                 source,
             })?;
+        let takeover = bind_takeover(path)?;
+        Server::new(listener, Some(takeover), config, engine)
+    }
+
+    fn new(
+        listener: UnixListener,
+        takeover: Option<OwnedFd>,
+        config: ServerConfig,
+        engine: Arc<dyn Engine>,
+    ) -> Result<Server, ServerError> {
         let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(ServerError::Control)?;
+        let (tx, rx) = std::sync::mpsc::channel();
         Ok(Server {
             listener,
+            takeover: Mutex::new(takeover),
+            predecessor: Mutex::new(None),
             config,
             engine,
             handle: ServerHandle {
                 inner: Arc::new(Control {
                     stop: AtomicBool::new(false),
+                    handing_over: AtomicBool::new(false),
                     record_generation: AtomicU64::new(0),
                     wake,
                 }),
             },
             stats: Arc::new(StatsLog::default()),
             live: Arc::new(Mutex::new(HashMap::new())),
+            active: Arc::new(AtomicUsize::new(0)),
+            workers: Mutex::new(Vec::new()),
+            handed: (tx, Mutex::new(rx)),
+            next_id: AtomicU64::new(1),
         })
+    }
+
+    /// Takes every VM over from the server running on `config.socket`
+    /// (see [`crate::takeover`]): its listening socket, and each VM's
+    /// userfaultfd and pager state, served here from now on. The old server
+    /// exits once this one has them all.
+    pub fn take_over(config: ServerConfig, engine: Arc<dyn Engine>) -> Result<Server, ServerError> {
+        if !engine.can_hand_over() {
+            return Err(TakeoverError::Refused(format!(
+                "the {} engine cannot take VMs over",
+                engine.name()
+            ))
+            .into());
+        }
+        let path = takeover::takeover_path(&config.socket);
+        let conn = takeover::connect(&path)?;
+        let source = config.source_identity.clone().ok_or_else(|| {
+            TakeoverError::Refused("this server does not know its memory file's identity".into())
+        })?;
+        let request = Packet::Request(takeover::Request {
+            version: takeover::VERSION,
+            source,
+        });
+        takeover::send(&conn, &request, &[], "sending the request")?;
+        let (reply, mut fds) =
+            takeover::recv(&conn, takeover::STEP_TIMEOUT, "waiting for the answer")?;
+        let listener = match (reply, fds.len()) {
+            (Packet::Accepted, 1) => UnixListener::from(fds.remove(0)),
+            (Packet::Refused { reason }, _) => return Err(TakeoverError::Refused(reason).into()),
+            (other, n) => {
+                return Err(TakeoverError::Protocol {
+                    step: "waiting for the answer",
+                    problem: format!(
+                        "expected the listening socket, got {other:?} with {n} descriptors"
+                    ),
+                }
+                .into())
+            }
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ServerError::Bind {
+                path: config.socket.clone(),
+                source,
+            })?;
+        let server = Server::new(listener, None, config, engine)?;
+        let mut adopted = 0u64;
+        loop {
+            let (packet, fds) = match takeover::recv(&conn, takeover::STEP_TIMEOUT, "receiving VMs")
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(
+                        adopted,
+                        "the old server stopped before handing every VM over ({e}); any VM it did not send has no handler now"
+                    );
+                    break;
+                }
+            };
+            match packet {
+                Packet::Vm(header) => match server.adopt(&header, fds) {
+                    Ok(()) => adopted += 1,
+                    Err(e) => tracing::error!(
+                        vm = header.vm,
+                        pid = header.pid,
+                        "cannot carry on serving the VM: {e}"
+                    ),
+                },
+                Packet::Done { vms } => {
+                    if vms != adopted {
+                        tracing::error!(
+                            sent = vms,
+                            adopted,
+                            "some handed-over VMs could not be served"
+                        );
+                    }
+                    if let Err(e) = takeover::send(
+                        &conn,
+                        &Packet::Adopted { vms: adopted },
+                        &[],
+                        "acknowledging",
+                    ) {
+                        tracing::warn!("{e}");
+                    }
+                    break;
+                }
+                other => {
+                    tracing::error!(
+                        ?other,
+                        "unexpected takeover packet; stopping the takeover here"
+                    );
+                    break;
+                }
+            }
+        }
+        tracing::info!(vms = adopted, "took over");
+        *lock(&server.predecessor) = Some(conn);
+        Ok(server)
+    }
+
+    /// Starts serving a VM another server handed over.
+    fn adopt(&self, header: &takeover::VmHeader, fds: Vec<OwnedFd>) -> Result<(), String> {
+        let [uffd, pidfd, state]: [OwnedFd; 3] = fds
+            .try_into()
+            .map_err(|fds: Vec<OwnedFd>| format!("expected 3 descriptors, got {}", fds.len()))?;
+        if header.page_size != crate::protocol::PAGE_4K
+            && header.page_size != crate::protocol::PAGE_2M
+        {
+            return Err(format!("unsupported page size {}", header.page_size));
+        }
+        let state = takeover::read_state(state, header).map_err(|e| e.to_string())?;
+        let uffd = uffd::Uffd::from_fd(uffd, uffd::Features::EVENT_REMOVE)
+            .map_err(|e| format!("not a userfaultfd: {e}"))?;
+        let vm = self
+            .engine
+            .resume(uffd, header.pid, header.page_size, state)
+            .map_err(|e| e.to_string())?;
+        let id = self.next_id.fetch_add(1, SeqCst);
+        let peer = Peer {
+            pid: header.pid,
+            uid: header.uid,
+            gid: 0,
+        };
+        tracing::info!(
+            vm = id,
+            previous_vm = header.vm,
+            pid = header.pid,
+            "serving a handed-over VM"
+        );
+        let worker = self.worker(id);
+        let slot = ActiveSlot::take(&self.active);
+        let (page_size, memory_bytes) = (header.page_size, header.memory_bytes);
+        let thread = std::thread::Builder::new()
+            .name(format!("uffd-vm-{id}"))
+            .spawn(move || {
+                let _slot = slot;
+                worker.serve(peer, pidfd, vm, page_size, memory_bytes);
+            })
+            .map_err(|e| format!("cannot start a thread for the VM: {e}"))?;
+        lock(&self.workers).push(thread);
+        Ok(())
+    }
+
+    fn worker(&self, id: u64) -> VmWorker {
+        VmWorker {
+            id,
+            policy: HandshakePolicy {
+                allow_uid: self.config.allow_uid,
+                file_len: self.config.file_len,
+                timeout: self.config.handshake_timeout,
+            },
+            engine: self.engine.clone(),
+            handle: self.handle.clone(),
+            stats: self.stats.clone(),
+            live: self.live.clone(),
+            record: self.config.record.clone(),
+            stats_json: self.config.stats_json.clone(),
+            drain_timeout: self.config.drain_timeout,
+            handed: self.handed.0.clone(),
+        }
     }
 
     /// A handle to stop the server or request recordings.
@@ -212,11 +427,9 @@ impl Server {
             .collect()
     }
 
-    /// Accepts and serves connections until [`ServerHandle::shutdown`].
+    /// Accepts and serves connections until [`ServerHandle::shutdown`], or
+    /// until a new server took every VM over (see [`crate::takeover`]).
     pub fn run(&self) -> Result<(), ServerError> {
-        let mut next_id = 1u64;
-        let mut workers: Vec<JoinHandle<()>> = Vec::new();
-        let active = Arc::new(AtomicUsize::new(0));
         // After an accept error (EMFILE, ENFILE, ENOMEM...) the listener
         // stays readable: wait this long before trying again.
         let mut backoff = Duration::ZERO;
@@ -228,81 +441,31 @@ impl Server {
             max_connections = self.config.max_connections,
             "listening"
         );
+        let mut handed_over = false;
         while !self.handle.is_stopping() {
-            {
-                let wake = PollFd::new(&self.handle.inner.wake, PollFlags::IN);
-                let listener = PollFd::new(&self.listener, PollFlags::IN);
-                let timeout = if backoff.is_zero() {
-                    Duration::from_secs(1)
-                } else {
-                    backoff
-                };
-                let ts = rustix::time::Timespec {
-                    tv_sec: timeout.as_secs() as i64,
-                    tv_nsec: timeout.subsec_nanos().into(),
-                };
-                if backoff.is_zero() {
-                    let _ = rustix::event::poll(&mut [listener, wake], Some(&ts));
-                } else {
-                    let _ = rustix::event::poll(&mut [wake], Some(&ts));
+            self.wait_for_work(backoff);
+            lock(&self.workers).retain(|w| !w.is_finished());
+            self.bind_takeover_once_predecessor_left();
+            if let Some(conn) = self.takeover_request() {
+                match self.hand_over(&conn) {
+                    Ok(true) => {
+                        handed_over = true;
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        // The VMs handed over are the new server's; those
+                        // not sent yet are still ours.
+                        tracing::error!("takeover failed: {e}");
+                        self.handle.inner.handing_over.store(false, SeqCst);
+                    }
                 }
             }
-            workers.retain(|w| !w.is_finished());
             loop {
                 match self.listener.accept() {
                     Ok((stream, _)) => {
                         backoff = Duration::ZERO;
-                        let id = next_id;
-                        next_id += 1;
-                        if active.load(SeqCst) >= self.config.max_connections {
-                            let pid = handshake::peer_of(&stream).ok().map(|p| p.pid);
-                            let limit = self.config.max_connections;
-                            if let Some(suppressed) = over_cap.allow() {
-                                tracing::warn!(
-                                    vm = id,
-                                    pid,
-                                    max_connections = limit,
-                                    suppressed,
-                                    "connection refused: the server is at --max-connections"
-                                );
-                            }
-                            self.stats.refuse(Refusal {
-                                step: "too-many-connections",
-                                reason: format!(
-                                    "{limit} connections are handled already (--max-connections)"
-                                ),
-                                pid,
-                            });
-                            continue;
-                        }
-                        let slot = ActiveSlot::take(&active);
-                        let vm = VmWorker {
-                            id,
-                            policy: HandshakePolicy {
-                                allow_uid: self.config.allow_uid,
-                                file_len: self.config.file_len,
-                                timeout: self.config.handshake_timeout,
-                            },
-                            engine: self.engine.clone(),
-                            handle: self.handle.clone(),
-                            stats: self.stats.clone(),
-                            live: self.live.clone(),
-                            record: self.config.record.clone(),
-                            stats_json: self.config.stats_json.clone(),
-                            drain_timeout: self.config.drain_timeout,
-                        };
-                        match std::thread::Builder::new()
-                            .name(format!("uffd-vm-{id}"))
-                            .spawn(move || {
-                                let _slot = slot;
-                                vm.run(stream)
-                            }) {
-                            Ok(w) => workers.push(w),
-                            Err(e) => tracing::error!(
-                                vm = id,
-                                "cannot start a thread for the VM, connection dropped: {e}"
-                            ),
-                        }
+                        self.start_worker(stream, &mut over_cap);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -313,7 +476,7 @@ impl Server {
                             tracing::warn!(
                                 suppressed,
                                 retry_in_ms = backoff.as_millis() as u64,
-                                active = active.load(SeqCst),
+                                active = self.active.load(SeqCst),
                                 "accept failed: {e}{}",
                                 if e.raw_os_error() == Some(libc::EMFILE) {
                                     " (raise `ulimit -n` or lower --max-connections)"
@@ -327,19 +490,246 @@ impl Server {
                 }
             }
         }
-        tracing::info!(vms = workers.len(), "shutting down: draining VMs");
+        let workers: Vec<JoinHandle<()>> = lock(&self.workers).drain(..).collect();
+        if !handed_over {
+            tracing::info!(vms = workers.len(), "shutting down: draining VMs");
+        }
         for w in workers {
             let _ = w.join();
         }
-        remove_own_socket(&self.config.socket);
+        if handed_over {
+            // The VMM socket and its path are the new server's now.
+            let path = takeover::takeover_path(&self.config.socket);
+            remove_own_socket(&path);
+        } else {
+            remove_own_socket(&self.config.socket);
+            remove_own_socket(&takeover::takeover_path(&self.config.socket));
+        }
         write_stats(&self.stats, self.config.stats_json.as_deref())?;
         tracing::info!(
             served = self.stats.totals().vms,
             refused = self.stats.totals().refused,
+            handed_over,
             "stopped"
         );
         Ok(())
     }
+
+    /// Sleeps until a connection, a takeover request, the control eventfd,
+    /// the predecessor closing, or one second; only the control eventfd
+    /// during an accept back-off.
+    fn wait_for_work(&self, backoff: Duration) {
+        let timeout = if backoff.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            backoff
+        };
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: timeout.subsec_nanos().into(),
+        };
+        let takeover = lock(&self.takeover);
+        let predecessor = lock(&self.predecessor);
+        let mut fds = vec![PollFd::new(&self.handle.inner.wake, PollFlags::IN)];
+        if backoff.is_zero() {
+            fds.push(PollFd::new(&self.listener, PollFlags::IN));
+        }
+        if let Some(t) = takeover.as_ref() {
+            fds.push(PollFd::new(t, PollFlags::IN));
+        }
+        if let Some(p) = predecessor.as_ref() {
+            fds.push(PollFd::new(p, PollFlags::IN));
+        }
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
+    }
+
+    /// A server that took over binds `<socket>.takeover` (for the next
+    /// upgrade) once its predecessor, which owned that path, has closed
+    /// its end.
+    fn bind_takeover_once_predecessor_left(&self) {
+        let mut predecessor = lock(&self.predecessor);
+        let Some(conn) = predecessor.as_ref() else {
+            return;
+        };
+        let mut fds = [PollFd::new(conn, PollFlags::IN)];
+        let now = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if !rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0) {
+            return;
+        }
+        if !fds[0].revents().contains(PollFlags::HUP) {
+            // Readable: end of file, or a packet nobody asked for.
+            let mut byte = [0u8; 1];
+            if !matches!(rustix::io::read(conn, &mut byte), Ok(0) | Err(_)) {
+                return;
+            }
+        }
+        *predecessor = None;
+        match bind_takeover(&self.config.socket) {
+            Ok(fd) => *lock(&self.takeover) = Some(fd),
+            Err(e) => tracing::warn!("the next takeover will not be possible: {e}"),
+        }
+    }
+
+    /// An accepted connection on the takeover socket, if one is waiting.
+    fn takeover_request(&self) -> Option<OwnedFd> {
+        let takeover = lock(&self.takeover);
+        let listener = takeover.as_ref()?;
+        match rustix::net::accept_with(listener, rustix::net::SocketFlags::CLOEXEC) {
+            Ok(conn) => Some(conn),
+            Err(Errno::AGAIN | Errno::INTR) => None,
+            Err(errno) => {
+                tracing::warn!("accepting on the takeover socket failed: {errno}");
+                None
+            }
+        }
+    }
+
+    /// Answers a takeover request on `conn`; `Ok(true)` once every VM went
+    /// to the new server, which also holds the VMM socket now.
+    fn hand_over(&self, conn: &OwnedFd) -> Result<bool, TakeoverError> {
+        let refuse = |reason: String| -> Result<bool, TakeoverError> {
+            tracing::warn!("takeover refused: {reason}");
+            takeover::send(conn, &Packet::Refused { reason }, &[], "refusing")?;
+            Ok(false)
+        };
+        if !takeover::peer_is_trusted(conn) {
+            return refuse("the requesting process runs as another user".into());
+        }
+        let (packet, _) = takeover::recv(conn, Duration::from_secs(5), "reading the request")?;
+        let Packet::Request(request) = packet else {
+            return refuse(format!("expected a request, got {packet:?}"));
+        };
+        if request.version != takeover::VERSION {
+            return refuse(format!(
+                "protocol version {} requested, this server speaks {}",
+                request.version,
+                takeover::VERSION
+            ));
+        }
+        let Some(own) = &self.config.source_identity else {
+            return refuse("this server does not know its memory file's identity".into());
+        };
+        if &request.source != own {
+            return refuse(format!(
+                "the new server serves another memory file ({}, this one {own}): VMs restore from the file they started with",
+                request.source
+            ));
+        }
+        if !self.engine.can_hand_over() {
+            return refuse(format!(
+                "the {} engine cannot hand VMs over",
+                self.engine.name()
+            ));
+        }
+        tracing::info!("takeover requested: handing every VM to the new server");
+        self.handle.inner.handing_over.store(true, SeqCst);
+        takeover::send(
+            conn,
+            &Packet::Accepted,
+            &[self.listener.as_fd()],
+            "sending the listening socket",
+        )?;
+        takeover::pause_point("accepted");
+        // Every worker hands its VM over (one still in its handshake does
+        // so right after it); collect until all have ended.
+        let mut sent = 0u64;
+        let handed = lock(&self.handed.1);
+        loop {
+            let all_ended = lock(&self.workers).iter().all(JoinHandle::is_finished);
+            match handed.recv_timeout(Duration::from_millis(20)) {
+                Ok(vm) => {
+                    let (memfd, state_bytes) =
+                        takeover::state_memfd(&vm.state).map_err(|e| TakeoverError::Io {
+                            step: "writing a VM's state",
+                            errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
+                        })?;
+                    let header = takeover::VmHeader {
+                        vm: vm.id,
+                        pid: vm.peer.pid,
+                        uid: vm.peer.uid,
+                        page_size: vm.page_size,
+                        memory_bytes: vm.memory_bytes,
+                        state_bytes,
+                    };
+                    takeover::send(
+                        conn,
+                        &Packet::Vm(header),
+                        &[vm.uffd.as_fd(), vm.pidfd.as_fd(), memfd.as_fd()],
+                        "sending a VM",
+                    )?;
+                    sent += 1;
+                    tracing::info!(vm = vm.id, pid = vm.peer.pid, "handed over");
+                }
+                Err(_) if all_ended => break,
+                Err(_) => {}
+            }
+        }
+        drop(handed);
+        takeover::send(conn, &Packet::Done { vms: sent }, &[], "finishing")?;
+        takeover::pause_point("sent-all");
+        match takeover::recv(conn, takeover::STEP_TIMEOUT, "waiting for the new server") {
+            Ok((Packet::Adopted { vms }, _)) => {
+                tracing::info!(vms, "the new server took every VM over")
+            }
+            Ok((other, _)) => {
+                tracing::warn!(?other, "unexpected answer; the VMs were handed over anyway")
+            }
+            Err(e) => tracing::warn!("{e}; the VMs were handed over anyway"),
+        }
+        takeover::pause_point("adopted");
+        Ok(true)
+    }
+
+    fn start_worker(&self, stream: UnixStream, over_cap: &mut RateLimited) {
+        let id = self.next_id.fetch_add(1, SeqCst);
+        if self.active.load(SeqCst) >= self.config.max_connections {
+            let pid = handshake::peer_of(&stream).ok().map(|p| p.pid);
+            let limit = self.config.max_connections;
+            if let Some(suppressed) = over_cap.allow() {
+                tracing::warn!(
+                    vm = id,
+                    pid,
+                    max_connections = limit,
+                    suppressed,
+                    "connection refused: the server is at --max-connections"
+                );
+            }
+            self.stats.refuse(Refusal {
+                step: "too-many-connections",
+                reason: format!("{limit} connections are handled already (--max-connections)"),
+                pid,
+            });
+            return;
+        }
+        let slot = ActiveSlot::take(&self.active);
+        let vm = self.worker(id);
+        match std::thread::Builder::new()
+            .name(format!("uffd-vm-{id}"))
+            .spawn(move || {
+                let _slot = slot;
+                vm.run(stream)
+            }) {
+            Ok(w) => lock(&self.workers).push(w),
+            Err(e) => tracing::error!(
+                vm = id,
+                "cannot start a thread for the VM, connection dropped: {e}"
+            ),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Binds `<socket>.takeover`, replacing a stale one.
+fn bind_takeover(socket: &Path) -> Result<OwnedFd, ServerError> {
+    let path = takeover::takeover_path(socket);
+    remove_stale_socket(&path)?;
+    takeover::listen(&path).map_err(|source| ServerError::Bind { path, source })
 }
 
 /// Counts one connection slot for as long as it lives, also when the
@@ -421,7 +811,13 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
             what,
         });
     }
-    if UnixStream::connect(path).is_ok() {
+    let answers = match UnixStream::connect(path) {
+        Ok(_) => true,
+        // A SOCK_SEQPACKET socket (a takeover socket) refuses a stream.
+        Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => takeover::connect(path).is_ok(),
+        Err(_) => false,
+    };
+    if answers {
         return Err(ServerError::InUse(path.to_path_buf()));
     }
     std::fs::remove_file(path).map_err(|source| ServerError::Bind {
@@ -461,6 +857,7 @@ struct VmWorker {
     record: Option<PathBuf>,
     stats_json: Option<PathBuf>,
     drain_timeout: Duration,
+    handed: Sender<HandedVm>,
 }
 
 impl VmWorker {
@@ -499,7 +896,7 @@ impl VmWorker {
             page_size,
             "serving VM"
         );
-        let mut vm = match self.engine.start(uffd, &regions, peer.pid) {
+        let vm = match self.engine.start(uffd, &regions, peer.pid) {
             Ok(vm) => vm,
             Err(e) => {
                 tracing::error!(vm = id, pid = peer.pid, "cannot serve the VM: {e}");
@@ -511,6 +908,23 @@ impl VmWorker {
                 return;
             }
         };
+        // Firecracker closes the connection after the handshake: the pidfd,
+        // not the stream, says when the VMM is gone.
+        drop(stream);
+        self.serve(peer, pidfd, vm, page_size, memory_bytes);
+    }
+
+    /// Serves a VM until its VMM exits, the server stops (drain) or a new
+    /// server takes it over; then reports it.
+    fn serve(
+        self,
+        peer: Peer,
+        pidfd: OwnedFd,
+        mut vm: Box<dyn RunningVm>,
+        page_size: u64,
+        memory_bytes: u64,
+    ) {
+        let id = self.id;
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
             id,
             LiveVm {
@@ -522,6 +936,9 @@ impl VmWorker {
         let started = Instant::now();
         let mut seen_generation = self.handle.inner.record_generation.load(SeqCst);
         let ended = loop {
+            if self.handle.is_handing_over() {
+                break "handed-over";
+            }
             if self.handle.is_stopping() {
                 break "shutdown";
             }
@@ -550,7 +967,23 @@ impl VmWorker {
         // A VM still running when the server stops keeps its own copy of
         // the userfaultfd: closing ours would leave its next missing page
         // waiting forever. Make it independent first.
-        let drain = if ended == "shutdown" && !vm.is_finished() {
+        let mut pidfd = Some(pidfd);
+        let mut handed = None;
+        let drain = if ended == "handed-over" {
+            handed = vm.hand_over();
+            if handed.is_none() {
+                tracing::error!(
+                    vm = id,
+                    pid = peer.pid,
+                    "the VM could not be handed over; draining it"
+                );
+                let drain = vm.detach(self.drain_timeout);
+                log_drain(id, peer.pid, &drain);
+                Some(drain)
+            } else {
+                None
+            }
+        } else if ended == "shutdown" && !vm.is_finished() {
             let drain = vm.detach(self.drain_timeout);
             log_drain(id, peer.pid, &drain);
             Some(drain)
@@ -558,7 +991,12 @@ impl VmWorker {
             vm.shutdown();
             None
         };
-        let recorded = self.save_working_set(vm.as_ref(), peer.pid);
+        // The new server records on: only a VM that stays here is saved.
+        let recorded = if handed.is_none() {
+            self.save_working_set(vm.as_ref(), peer.pid)
+        } else {
+            None
+        };
         let report = VmReport {
             vm: id,
             pid: peer.pid,
@@ -572,7 +1010,17 @@ impl VmWorker {
             drain,
         };
         drop(vm);
-        drop(stream);
+        if let (Some((uffd, state)), Some(pidfd)) = (handed, pidfd.take()) {
+            let _ = self.handed.send(HandedVm {
+                id,
+                peer,
+                page_size,
+                memory_bytes,
+                uffd,
+                pidfd,
+                state,
+            });
+        }
         log_report(&report);
         self.live
             .lock()

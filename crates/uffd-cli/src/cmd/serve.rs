@@ -24,6 +24,12 @@ use super::CmdResult;
 /// Point Firecracker at it in the snapshot load request:
 ///   "mem_backend": {"backend_type": "Uffd", "backend_path": "/run/vm.uffd.sock"}
 ///
+/// Upgrades: `uffd serve --takeover` with the same --mem-file and
+/// --socket takes every VM over from the running server (their
+/// userfaultfds and what is installed, over `<socket>.takeover`), which
+/// then exits 0; no VM waits meanwhile. A server killed outright (SIGKILL,
+/// the OOM killer) cannot do that: its VMs wait on their next missing page.
+///
 /// Signals: SIGTERM or SIGINT stop accepting and drain every VM still
 /// running: its missing pages are installed from the file and its memory is
 /// unregistered, so it runs on without the server (bounded by
@@ -112,6 +118,12 @@ struct ServeArgs {
     /// `ulimit -n` would run out first (8 descriptors per VM).
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Take every VM over from the server running on --socket, which then
+    /// exits: an upgrade or restart with no VM left waiting. Both must
+    /// serve the same --mem-file; this server's own flags (--threads,
+    /// --background-fill, ...) apply from then on.
+    #[arg(long)]
+    takeover: bool,
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -189,10 +201,10 @@ fn run_server(a: ServeArgs) -> CmdResult {
         "pread" => FileMode::Pread,
         other => return Err(format!("--file-mode {other}: expected mmap or pread").into()),
     };
-    let source: Arc<dyn PageSource> = Arc::new(
-        FileSource::open(&mem_file, file_mode)
-            .map_err(|e| format!("cannot serve the memory file: {e}"))?,
-    );
+    let file = FileSource::open(&mem_file, file_mode)
+        .map_err(|e| format!("cannot serve the memory file: {e}"))?;
+    let source_identity = Some(file.identity());
+    let source: Arc<dyn PageSource> = Arc::new(file);
     if source.is_empty() {
         return Err(format!(
             "the memory file {} is empty: no VM could be restored from it (is it the snapshot's memory file, not its state file?)",
@@ -224,23 +236,26 @@ fn run_server(a: ServeArgs) -> CmdResult {
             granule: a.granule,
         },
     ));
-    let server = Server::bind(
-        ServerConfig {
-            socket,
-            file_len,
-            allow_uid: a.allow_uid,
-            record: a.record,
-            stats_json: a.stats_json,
-            handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
-            drain_timeout: Duration::from_secs(a.drain_timeout),
-            max_connections: match a.max_connections {
-                Some(0) => return Err("--max-connections must be at least 1".into()),
-                Some(n) => n,
-                None => uffd_serve::server::default_max_connections(),
-            },
+    let config = ServerConfig {
+        socket,
+        file_len,
+        allow_uid: a.allow_uid,
+        record: a.record,
+        stats_json: a.stats_json,
+        handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
+        drain_timeout: Duration::from_secs(a.drain_timeout),
+        max_connections: match a.max_connections {
+            Some(0) => return Err("--max-connections must be at least 1".into()),
+            Some(n) => n,
+            None => uffd_serve::server::default_max_connections(),
         },
-        engine,
-    )?;
+        source_identity,
+    };
+    let server = if a.takeover {
+        Server::take_over(config, engine)?
+    } else {
+        Server::bind(config, engine)?
+    };
     uffd_serve::signals::install(server.handle())?;
     server.run()?;
     Ok(ExitCode::SUCCESS)

@@ -148,6 +148,16 @@ impl FileSource {
         &self.path
     }
 
+    /// `device:inode:length` of the open file: two servers with the same
+    /// identity serve the same snapshot, whatever path each opened it by.
+    pub fn identity(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        match self.file.metadata() {
+            Ok(m) => format!("{}:{}:{}", m.dev(), m.ino(), self.len),
+            Err(_) => format!("unknown:{}:{}", self.path.display(), self.len),
+        }
+    }
+
     /// Maps the whole file into this process's page tables now
     /// (`MADV_POPULATE_READ`, which also reads it into the page cache), so
     /// that serving a page later costs no fault in this process. Worth it

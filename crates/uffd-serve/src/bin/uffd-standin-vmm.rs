@@ -12,6 +12,9 @@
 //! Prints one JSON line and exits 0 when every byte matched, 1 on a
 //! mismatch, 2 when it could not set up.
 //!
+//! `--pace-us N` waits N microseconds between touches, so the VM keeps
+//! faulting for a while (a test restarts the server meanwhile).
+//!
 //! `--pause-before-verify` prints `touched` on its own line after step 4 and
 //! waits for a line on stdin before verifying: a test stops the server
 //! meanwhile and checks that the guest runs on without it.
@@ -19,7 +22,7 @@
 //! ```text
 //! uffd-standin-vmm --socket S --mem-file F [--size BYTES] [--regions N]
 //!     [--threads N] [--hugetlb] [--balloon-every N] [--touch-percent P]
-//!     [--pause-before-verify]
+//!     [--pace-us N] [--pause-before-verify]
 //! ```
 
 use std::os::unix::fs::FileExt;
@@ -39,6 +42,7 @@ struct Options {
     hugetlb: bool,
     balloon_every: u64,
     touch_percent: u64,
+    pace_us: u64,
     pause_before_verify: bool,
 }
 
@@ -52,6 +56,7 @@ fn parse() -> Result<Options, String> {
         hugetlb: false,
         balloon_every: 0,
         touch_percent: 100,
+        pace_us: 0,
         pause_before_verify: false,
     };
     let mut args = std::env::args().skip(1);
@@ -67,6 +72,7 @@ fn parse() -> Result<Options, String> {
             "--hugetlb" => o.hugetlb = true,
             "--balloon-every" => o.balloon_every = number(value()?)?,
             "--touch-percent" => o.touch_percent = number(value()?)?.clamp(1, 100),
+            "--pace-us" => o.pace_us = number(value()?)?,
             "--pause-before-verify" => o.pause_before_verify = true,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -139,8 +145,12 @@ fn run() -> Result<bool, String> {
     std::thread::scope(|s| {
         for chunk in order.chunks(order.len().div_ceil(o.threads)) {
             let (mappings, touched) = (&mappings, &touched);
+            let pace = std::time::Duration::from_micros(o.pace_us);
             s.spawn(move || {
                 for &p in chunk {
+                    if !pace.is_zero() {
+                        std::thread::sleep(pace);
+                    }
                     let m = &mappings[(p / pages_per_region) as usize];
                     let offset = ((p % pages_per_region) * page) as usize;
                     std::hint::black_box(m.read_byte(offset + (p as usize * 7) % page as usize));

@@ -57,7 +57,9 @@ impl TestServer {
         allow_uid: Option<u32>,
         record: Option<PathBuf>,
     ) -> TestServer {
-        let source: Arc<dyn PageSource> = Arc::new(FileSource::open(mem_file, mode).unwrap());
+        let file = FileSource::open(mem_file, mode).unwrap();
+        let source_identity = Some(file.identity());
+        let source: Arc<dyn PageSource> = Arc::new(file);
         let file_len = source.len();
         let engine: Arc<dyn Engine> = Arc::new(PagerEngine::new(source, config));
         let server = Server::bind(
@@ -70,6 +72,7 @@ impl TestServer {
                 handshake_timeout: Duration::from_secs(2),
                 drain_timeout: Duration::from_secs(10),
                 max_connections: uffd_serve::server::default_max_connections(),
+                source_identity,
             },
             engine,
         )
