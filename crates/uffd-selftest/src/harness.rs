@@ -101,6 +101,11 @@ pub fn parallelism() -> usize {
         .min(32)
 }
 
+/// The size of each area in the unit cases unless `--mib` says otherwise:
+/// the kernel's `UFFD_TEST_MEM_SIZE` in uffd-unit-tests.c, for every
+/// memory type (8192 base pages, 16 huge pages of 2 MiB).
+pub const UNIT_AREA_MIB: usize = 32;
+
 /// Everything a case gets: the memory type and the seed of its random choices.
 #[derive(Debug, Clone, Copy)]
 pub struct Env {
@@ -108,6 +113,8 @@ pub struct Env {
     pub kind: MemoryKind,
     /// Seeds every random choice, so a failure can be replayed.
     pub seed: u64,
+    /// The size of each unit-case area in MiB; `None` is [`UNIT_AREA_MIB`].
+    pub mib: Option<usize>,
     /// The stress bounce's size.
     pub stress: StressConfig,
 }
@@ -118,14 +125,13 @@ impl Env {
         self.kind.page_size()
     }
 
-    /// Pages per area in the unit cases: 8 MiB of base pages (enough for
-    /// three PMD-sized moves after alignment), 8 huge pages.
+    /// Pages per area in the unit cases, as the kernel computes them:
+    /// `MAX(UFFD_TEST_MEM_SIZE, 2 * page_size) / page_size`, with the
+    /// size from `--mib` when given.
     pub fn nr_pages(&self) -> usize {
-        if self.kind.is_hugetlb() {
-            8
-        } else {
-            2048
-        }
+        let ps = self.page_size();
+        let bytes = self.mib.unwrap_or(UNIT_AREA_MIB) << 20;
+        bytes.max(2 * ps) / ps
     }
 
     /// SKIPs unless the kernel supports all of `features`.

@@ -54,7 +54,9 @@ pub struct Args {
     #[arg(long)]
     stress: bool,
 
-    /// Size of each stress area in MiB (default: 4, or 16 for hugetlb).
+    /// Size of each area in MiB: the two areas of the unit cases (default
+    /// 32, the kernel's size for every memory type) and the stress areas
+    /// (default 4, or 16 for hugetlb).
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=65536))]
     mib: Option<u64>,
 
@@ -90,6 +92,7 @@ pub fn run(args: Args) -> CmdResult {
             args.mem.clone()
         },
         seed: args.seed,
+        mib: args.mib.map(|m| m as usize),
         stress: StressConfig {
             mib: args.mib.map(|m| m as usize),
             bounces: args.bounces,

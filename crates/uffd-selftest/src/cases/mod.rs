@@ -25,8 +25,9 @@
 //!   tests skip with siglongjmp maps a zero page over the faulting page;
 //! - every wait is bounded: a fault nobody resolves, a stuck child or a
 //!   handler that does not stop FAILs the case after [`STUCK_AFTER`]
-//!   instead of hanging the run;
-//! - areas are 8 MiB of base pages (8 huge pages) rather than 32 MiB.
+//!   instead of hanging the run.
+//!
+//! Areas are the kernel's 32 MiB for every memory type (`--mib` changes it).
 //!
 //! [`STUCK_AFTER`]: crate::harness::STUCK_AFTER
 
