@@ -23,7 +23,7 @@
 //! println!("{}", summary.line());
 //! ```
 
-#![allow(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod cases;
 pub mod harness;
