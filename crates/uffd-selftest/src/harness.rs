@@ -690,13 +690,22 @@ pub const PM_PRESENT: u64 = 1 << 63;
 /// The `/proc/self/pagemap` entry of the page holding `addr` (opened anew,
 /// so a forked child sees its own).
 pub fn pagemap_entry(addr: u64) -> Result<u64, String> {
+    Ok(pagemap_entries(addr, 1)?[0])
+}
+
+/// The pagemap entries of `pages` consecutive base pages from the one
+/// holding `addr`, in one read (a 1 GiB huge page has 262144 of them).
+pub fn pagemap_entries(addr: u64, pages: usize) -> Result<Vec<u64>, String> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open("/proc/self/pagemap")
         .map_err(|e| format!("opening /proc/self/pagemap: {e}"))?;
-    let mut buf = [0u8; 8];
+    let mut buf = vec![0u8; pages * 8];
     file.read_exact_at(&mut buf, addr / 4096 * 8)
         .map_err(|e| format!("reading /proc/self/pagemap: {e}"))?;
-    Ok(u64::from_ne_bytes(buf))
+    Ok(buf
+        .chunks_exact(8)
+        .map(|b| u64::from_ne_bytes(b.try_into().expect("8-byte chunk")))
+        .collect())
 }
 
 /// Whether the uffd-wp bit of the page at `addr` is set.

@@ -17,6 +17,12 @@
 //! [`cases`]); releasing its pages punches the file as well, so that no
 //! page-cache page hides the next MISSING fault.
 //!
+//! Some cases change system-wide settings for their duration, as the
+//! kernel's tests do: the hugetlb pools, the transparent huge page sizes
+//! and swap. [`system`] holds the guards; each change is made under a
+//! cross-process [`uffd::SettingLock`] and undone on drop, also when the
+//! case fails or panics.
+//!
 //! ```no_run
 //! use uffd_selftest::{run, Plan};
 //! let summary = run(&Plan::default(), |r| println!("{}", r.line()));
@@ -29,6 +35,7 @@ pub mod cases;
 pub mod harness;
 mod signals;
 pub mod stress;
+pub mod system;
 
 use std::time::Instant;
 
