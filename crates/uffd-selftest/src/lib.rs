@@ -3,7 +3,9 @@
 //! Every case of `tools/testing/selftests/mm/uffd-unit-tests.c` (the API
 //! handshake through both open paths, register-ioctls, zeropage, the move
 //! family, the wp-fork family, wp-unpopulated, the minor family, sigbus,
-//! events, poison, mmap-changing), `uffd-wp-mremap.c`, the WP_ASYNC +
+//! events, poison, mmap-changing), `uffd-wp-mremap.c`'s 40-case matrix
+//! (every mTHP and hugetlb size, private and shared, with and without
+//! swap-out: see [`cases::mremap`]), the WP_ASYNC +
 //! PAGEMAP_SCAN check of `pagemap_ioctl.c`, the stress bounce of
 //! `uffd-stress.c`, and this project's own regression cases, each runnable
 //! per memory type. A case checks first that the kernel feature it needs
