@@ -115,6 +115,17 @@ impl ThpSettings {
     /// A global shmem `deny` or `force`, which overrides the per-size
     /// knobs, becomes `never` for shmem. SKIPs when the size has no knob.
     pub fn only(&mut self, size: usize, shmem: bool) -> Result<(), Stop> {
+        self.set_only(size, shmem).map_err(|stop| match stop {
+            Stop::Skip(why) => Stop::Skip(format!(
+                "enabling only {} KiB THPs for {}: {why}",
+                size >> 10,
+                if shmem { "shmem" } else { "anonymous memory" }
+            )),
+            fail => fail,
+        })
+    }
+
+    fn set_only(&mut self, size: usize, shmem: bool) -> Result<(), Stop> {
         let knob_name = if shmem { "shmem_enabled" } else { "enabled" };
         let target = thp_size_dir(size).join(knob_name);
         if !target.exists() {
@@ -193,6 +204,17 @@ impl Swap {
                 what: format!("the system's swap {first}"),
                 _lock: lock,
             });
+        }
+        // Checked first: without it, every swap file would be written
+        // only to be refused.
+        let admin = rustix::thread::capabilities(None)
+            .map(|c| {
+                c.effective
+                    .contains(rustix::thread::CapabilitySet::SYS_ADMIN)
+            })
+            .unwrap_or(false);
+        if !admin {
+            skip!("no swap is enabled, and adding a swap file needs CAP_SYS_ADMIN");
         }
         let mut dirs = vec![std::env::temp_dir(), PathBuf::from("/var/tmp")];
         dirs.dedup();
