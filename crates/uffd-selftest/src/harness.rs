@@ -708,6 +708,32 @@ pub fn pagemap_entries(addr: u64, pages: usize) -> Result<Vec<u64>, String> {
         .collect())
 }
 
+/// A `<field>: N kB` line (e.g. `Swap`, `ShmemPmdMapped`) of the VMA
+/// starting at `addr` in `/proc/self/smaps`, in kB.
+pub fn smaps_kb(addr: u64, field: &str) -> Result<u64, String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|e| format!("smaps: {e}"))?;
+    let start = format!("{addr:x}-");
+    let prefix = format!("{field}:");
+    let mut in_vma = false;
+    for line in smaps.lines() {
+        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with("kB") {
+            in_vma = line.starts_with(&start);
+            continue;
+        }
+        if in_vma {
+            if let Some(v) = line.strip_prefix(&prefix) {
+                return v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("{field}: {e}"));
+            }
+        }
+    }
+    Err(format!("no {field} of a VMA at {addr:#x} in smaps"))
+}
+
 /// Whether the uffd-wp bit of the page at `addr` is set.
 pub fn wp_bit(addr: u64) -> Result<bool, String> {
     Ok(pagemap_entry(addr)? & PM_UFFD_WP != 0)

@@ -23,7 +23,8 @@ use uffd::{HugepageReservation, MemoryKind, RegisterMode, HUGE_PAGE_SIZE, PAGE_S
 
 use crate::cases::wp::protect;
 use crate::harness::{
-    os_error, pagemap_entries, CaseResult, Env, Reserved, Stop, PM_PRESENT, PM_SWAP, PM_UFFD_WP,
+    os_error, pagemap_entries, smaps_kb, CaseResult, Env, Reserved, Stop, PM_PRESENT, PM_SWAP,
+    PM_UFFD_WP,
 };
 use crate::system::{Swap, ThpSettings};
 use crate::{fail, skip};
@@ -152,6 +153,7 @@ fn one_folio(env: &Env, folio: Folio, swapout: bool) -> CaseResult {
     uffd.register(addr, size as u64, RegisterMode::WP)?;
     protect(&uffd, addr, size as u64, true)?;
 
+    let mut paged_out = String::new();
     if swapout {
         // SAFETY: our own mapping; paging it out changes where its
         // contents live, not what they are.
@@ -165,6 +167,20 @@ fn one_folio(env: &Env, folio: Folio, swapout: bool) -> CaseResult {
                 swap.as_ref().map_or("no swap", |s| s.what())
             );
         }
+        // pagemap reports a shared page as swapped once reclaim replaced
+        // its PTE by a uffd-wp marker, whether or not its data reached swap
+        // (with no swap at all, too): the PTEs this case moves are the same
+        // either way, so the case goes on, and says how much smaps counts.
+        let in_swap_kib = smaps_kb(addr, "Swap").map_err(Stop::Fail)?;
+        let what = swap.as_ref().map_or("swap", |s| s.what());
+        paged_out = if shared {
+            format!(
+                ", paged out (uffd-wp markers; {in_swap_kib} of {} KiB written to {what})",
+                size >> 10
+            )
+        } else {
+            format!(", swapped out to {what}")
+        };
     }
 
     check_uffd_wp(addr, pages, true, "before mremap")?;
@@ -192,7 +208,7 @@ fn one_folio(env: &Env, folio: Folio, swapout: bool) -> CaseResult {
         "after mremap without EVENT_REMAP",
     )?;
     Ok(format!(
-        "{} {} {}{}: uffd-wp set on all {pages} PTEs before mremap, clear on all after",
+        "{} {} {}{paged_out}: uffd-wp set on all {pages} PTEs before mremap, clear on all after",
         human(size),
         match folio {
             Folio::Base => "page",
@@ -200,9 +216,6 @@ fn one_folio(env: &Env, folio: Folio, swapout: bool) -> CaseResult {
             Folio::Hugetlb(_) => "hugetlb page",
         },
         if shared { "shared" } else { "private" },
-        swap.as_ref()
-            .map(|s| format!(", swapped out to {}", s.what()))
-            .unwrap_or_default()
     ))
 }
 
