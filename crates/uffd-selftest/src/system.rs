@@ -2,7 +2,9 @@
 //! sizes the kernel may allocate, and swap. Each change is made under a
 //! [`SettingLock`] (so two test processes never fight over a knob) and
 //! undone by a guard's `Drop`, so a case that fails or panics leaves the
-//! machine as it found it.
+//! machine as it found it. A process killed before its `Drop` ran is
+//! repaired by the next holder of the lock: it restores the THP knobs from
+//! [`THP_JOURNAL`] and takes down a leftover swap file.
 //!
 //! Swap: `swapon(2)` and `swapoff(2)` are called directly, and the swap
 //! header is written here, so util-linux need not be installed.
@@ -60,6 +62,11 @@ pub fn selected_choice(text: &str) -> Option<&str> {
     Some(&text[start..start + len])
 }
 
+/// Where a [`ThpSettings`] writes down the old value of each knob before
+/// it changes it, so that a process killed before its `Drop` ran (SIGKILL,
+/// a test runner's timeout) is repaired by the next holder of the lock.
+pub const THP_JOURNAL: &str = "/tmp/uffd-thp.restore";
+
 /// The transparent huge page knobs, locked and remembered: every knob set
 /// through this value is restored to what it was when it drops.
 #[derive(Debug)]
@@ -77,10 +84,33 @@ impl ThpSettings {
             skip!("the kernel has no transparent huge pages ({THP_SYSFS} is missing)");
         }
         let lock = SettingLock::acquire("thp").map_err(|e| Stop::Fail(e.to_string()))?;
+        // A journal seen under the lock belongs to a holder that died
+        // without restoring: every live holder removes its own first.
+        if let Ok(text) = std::fs::read_to_string(THP_JOURNAL) {
+            for (knob, old) in text.lines().filter_map(|l| l.split_once('\t')) {
+                if let Err(e) = std::fs::write(knob, old) {
+                    eprintln!("warning: could not restore {knob} to {old}: {e}");
+                }
+            }
+            let _ = std::fs::remove_file(THP_JOURNAL);
+        }
         Ok(ThpSettings {
             saved: Vec::new(),
             _lock: lock,
         })
+    }
+
+    /// Writes `saved` to the journal (replacing it in one rename).
+    fn write_journal(&self) -> Result<(), Stop> {
+        let text: String = self
+            .saved
+            .iter()
+            .map(|(k, v)| format!("{}\t{v}\n", k.display()))
+            .collect();
+        let tmp = format!("{THP_JOURNAL}.{}", std::process::id());
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, THP_JOURNAL))
+            .map_err(|e| Stop::Fail(format!("writing {THP_JOURNAL}: {e}")))
     }
 
     /// Sets the choice file `knob` to `value`, remembering its old value
@@ -94,17 +124,25 @@ impl ThpSettings {
         if old == value {
             return Ok(());
         }
+        // Journalled before the change, so no moment exists where the knob
+        // is changed and its old value is known only to this process.
+        let first = !self.saved.iter().any(|(k, _)| k == knob);
+        if first {
+            self.saved.push((knob.to_path_buf(), old.to_string()));
+            self.write_journal()?;
+        }
         match std::fs::write(knob, value) {
-            Ok(()) => {
-                if !self.saved.iter().any(|(k, _)| k == knob) {
-                    self.saved.push((knob.to_path_buf(), old.to_string()));
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if first {
+                    self.saved.pop();
+                    self.write_journal()?;
                 }
-                Ok(())
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    skip!("changing {} needs root: {e}", knob.display())
+                }
+                fail!("writing {value} to {}: {e}", knob.display())
             }
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                skip!("changing {} needs root: {e}", knob.display())
-            }
-            Err(e) => fail!("writing {value} to {}: {e}", knob.display()),
         }
     }
 
@@ -172,8 +210,14 @@ impl Drop for ThpSettings {
                 );
             }
         }
+        if !self.saved.is_empty() {
+            let _ = std::fs::remove_file(THP_JOURNAL);
+        }
     }
 }
+
+/// The name of every swap file [`create_swap_file`] makes, before the pid.
+pub const SWAP_FILE_PREFIX: &str = "uffd-selftest-swap-";
 
 /// Size of the swap file [`Swap::enable`] creates: room for the largest
 /// folio a case pages out (2 MiB) many times over.
@@ -195,8 +239,18 @@ impl Swap {
     /// file: tmpfs and overlayfs refuse them).
     pub fn enable() -> Result<Swap, Stop> {
         let lock = SettingLock::acquire("swap").map_err(|e| Stop::Fail(e.to_string()))?;
-        // Under the lock, any swap listed is the system's: a process of
-        // ours removes its file before it lets go of the lock.
+        // Under the lock, a swap file of ours is left over from a process
+        // that died before its Drop ran (every live holder removes its own
+        // first): take it down, so that what is left is the system's.
+        for stale in active_swap().iter().map(Path::new).filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(SWAP_FILE_PREFIX.as_bytes()))
+        }) {
+            if let Err(e) = swapoff(stale) {
+                eprintln!("warning: swapoff of the stale {}: {e}", stale.display());
+            }
+            let _ = std::fs::remove_file(stale);
+        }
         let active = active_swap();
         if let Some(first) = active.first() {
             return Ok(Swap {
@@ -289,7 +343,7 @@ pub enum SwapRefused {
 /// header `mkswap` would write) and enables it with `swapon(2)`. On
 /// failure the file is removed again and the error names the file system.
 pub fn create_swap_file(dir: &Path, bytes: usize) -> Result<PathBuf, SwapRefused> {
-    let path = dir.join(format!("uffd-selftest-swap-{}", std::process::id()));
+    let path = dir.join(format!("{SWAP_FILE_PREFIX}{}", std::process::id()));
     let fs = fs_name(dir);
     let refused = |what: &str, e: &dyn std::fmt::Display| {
         SwapRefused::FileSystem(format!("{what} {} on {fs}: {e}", path.display()))

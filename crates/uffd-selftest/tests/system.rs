@@ -6,9 +6,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use uffd::SettingLock;
+use uffd_selftest::harness::{in_child, Stop};
 use uffd_selftest::system::{
     active_swap, create_swap_file, selected_choice, thp_size_dir, thp_sizes, Swap, SwapRefused,
-    ThpSettings, THP_SYSFS,
+    ThpSettings, SWAP_FILE_PREFIX, THP_JOURNAL, THP_SYSFS,
 };
 
 fn root() -> bool {
@@ -123,4 +124,73 @@ fn a_swap_file_on_tmpfs_is_refused_with_the_reason() {
         leftovers.is_empty(),
         "the refused swap file was left behind"
     );
+}
+
+#[test]
+fn thp_knobs_left_by_a_killed_process_are_restored_by_the_next_one() {
+    if !root() {
+        return;
+    }
+    let Some(&size) = thp_sizes().first() else {
+        eprintln!("skipped: the kernel offers no mTHP sizes");
+        return;
+    };
+    let before = {
+        let _settings = ThpSettings::lock().unwrap();
+        thp_knobs()
+    };
+    // The child changes a knob and dies without running Drop, as under
+    // SIGKILL; its lock goes with it, its journal stays.
+    in_child("a THP holder that never restores", || {
+        let mut settings = ThpSettings::lock().map_err(Stop::into_message)?;
+        settings.only(size, false).map_err(Stop::into_message)?;
+        std::mem::forget(settings);
+        Ok(())
+    })
+    .unwrap();
+    let _settings = ThpSettings::lock().unwrap();
+    assert_eq!(
+        thp_knobs(),
+        before,
+        "the next holder did not restore the knobs from {THP_JOURNAL}"
+    );
+    assert!(!Path::new(THP_JOURNAL).exists());
+}
+
+#[test]
+fn a_swap_file_left_by_a_killed_process_is_taken_down_by_the_next_one() {
+    if !root() {
+        return;
+    }
+    if !active_swap().is_empty() {
+        eprintln!("skipped: the system has swap of its own; no swap file is made");
+        return;
+    }
+    in_child("a swap holder that never cleans up", || {
+        let swap = Swap::enable().map_err(Stop::into_message)?;
+        std::mem::forget(swap);
+        Ok(())
+    })
+    .unwrap();
+    let stale: Vec<String> = active_swap()
+        .into_iter()
+        .filter(|p| p.contains(SWAP_FILE_PREFIX))
+        .collect();
+    assert_eq!(
+        stale.len(),
+        1,
+        "the child's swap file is not active: {stale:?}"
+    );
+    let swap = Swap::enable().unwrap();
+    assert!(
+        !active_swap().contains(&stale[0]),
+        "{} is still active",
+        stale[0]
+    );
+    assert!(
+        !Path::new(&stale[0]).exists(),
+        "{} was not removed",
+        stale[0]
+    );
+    assert!(swap.created().is_some());
 }
