@@ -139,8 +139,8 @@ fn one_folio(env: &Env, folio: Folio, swapout: bool) -> CaseResult {
     let size = folio.size();
     let shared = matches!(env.kind, MemoryKind::Shmem | MemoryKind::Hugetlb);
     let uffd = env.open(env.kind.wp_features())?;
-    // Dropped last: swapoff after the folio is unmapped has nothing to
-    // read back.
+    // Declared before the folio so that it drops after it: swapoff then
+    // has nothing of ours to read back into memory.
     let swap = if swapout { Some(Swap::enable()?) } else { None };
     let _pool = match folio {
         Folio::Hugetlb(s) => hugetlb_pool(s)?,
