@@ -101,6 +101,11 @@ pub fn parallelism() -> usize {
         .min(32)
 }
 
+/// The size of each area in the unit cases unless `--mib` says otherwise:
+/// the kernel's `UFFD_TEST_MEM_SIZE` in uffd-unit-tests.c, for every
+/// memory type (8192 base pages, 16 huge pages of 2 MiB).
+pub const UNIT_AREA_MIB: usize = 32;
+
 /// Everything a case gets: the memory type and the seed of its random choices.
 #[derive(Debug, Clone, Copy)]
 pub struct Env {
@@ -108,6 +113,8 @@ pub struct Env {
     pub kind: MemoryKind,
     /// Seeds every random choice, so a failure can be replayed.
     pub seed: u64,
+    /// The size of each unit-case area in MiB; `None` is [`UNIT_AREA_MIB`].
+    pub mib: Option<usize>,
     /// The stress bounce's size.
     pub stress: StressConfig,
 }
@@ -118,14 +125,13 @@ impl Env {
         self.kind.page_size()
     }
 
-    /// Pages per area in the unit cases: 8 MiB of base pages (enough for
-    /// three PMD-sized moves after alignment), 8 huge pages.
+    /// Pages per area in the unit cases, as the kernel computes them:
+    /// `MAX(UFFD_TEST_MEM_SIZE, 2 * page_size) / page_size`, with the
+    /// size from `--mib` when given.
     pub fn nr_pages(&self) -> usize {
-        if self.kind.is_hugetlb() {
-            8
-        } else {
-            2048
-        }
+        let ps = self.page_size();
+        let bytes = self.mib.unwrap_or(UNIT_AREA_MIB) << 20;
+        bytes.max(2 * ps) / ps
     }
 
     /// SKIPs unless the kernel supports all of `features`.
@@ -684,13 +690,48 @@ pub const PM_PRESENT: u64 = 1 << 63;
 /// The `/proc/self/pagemap` entry of the page holding `addr` (opened anew,
 /// so a forked child sees its own).
 pub fn pagemap_entry(addr: u64) -> Result<u64, String> {
+    Ok(pagemap_entries(addr, 1)?[0])
+}
+
+/// The pagemap entries of `pages` consecutive base pages from the one
+/// holding `addr`, in one read (a 1 GiB huge page has 262144 of them).
+pub fn pagemap_entries(addr: u64, pages: usize) -> Result<Vec<u64>, String> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open("/proc/self/pagemap")
         .map_err(|e| format!("opening /proc/self/pagemap: {e}"))?;
-    let mut buf = [0u8; 8];
+    let mut buf = vec![0u8; pages * 8];
     file.read_exact_at(&mut buf, addr / 4096 * 8)
         .map_err(|e| format!("reading /proc/self/pagemap: {e}"))?;
-    Ok(u64::from_ne_bytes(buf))
+    Ok(buf
+        .chunks_exact(8)
+        .map(|b| u64::from_ne_bytes(b.try_into().expect("8-byte chunk")))
+        .collect())
+}
+
+/// A `<field>: N kB` line (e.g. `Swap`, `ShmemPmdMapped`) of the VMA
+/// starting at `addr` in `/proc/self/smaps`, in kB.
+pub fn smaps_kb(addr: u64, field: &str) -> Result<u64, String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|e| format!("smaps: {e}"))?;
+    let start = format!("{addr:x}-");
+    let prefix = format!("{field}:");
+    let mut in_vma = false;
+    for line in smaps.lines() {
+        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with("kB") {
+            in_vma = line.starts_with(&start);
+            continue;
+        }
+        if in_vma {
+            if let Some(v) = line.strip_prefix(&prefix) {
+                return v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("{field}: {e}"));
+            }
+        }
+    }
+    Err(format!("no {field} of a VMA at {addr:#x} in smaps"))
 }
 
 /// Whether the uffd-wp bit of the page at `addr` is set.

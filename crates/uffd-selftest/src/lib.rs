@@ -3,7 +3,9 @@
 //! Every case of `tools/testing/selftests/mm/uffd-unit-tests.c` (the API
 //! handshake through both open paths, register-ioctls, zeropage, the move
 //! family, the wp-fork family, wp-unpopulated, the minor family, sigbus,
-//! events, poison, mmap-changing), `uffd-wp-mremap.c`, the WP_ASYNC +
+//! events, poison, mmap-changing), `uffd-wp-mremap.c`'s 40-case matrix
+//! (every mTHP and hugetlb size, private and shared, with and without
+//! swap-out: see [`cases::mremap`]), the WP_ASYNC +
 //! PAGEMAP_SCAN check of `pagemap_ioctl.c`, the stress bounce of
 //! `uffd-stress.c`, and this project's own regression cases, each runnable
 //! per memory type. A case checks first that the kernel feature it needs
@@ -17,18 +19,25 @@
 //! [`cases`]); releasing its pages punches the file as well, so that no
 //! page-cache page hides the next MISSING fault.
 //!
+//! Some cases change system-wide settings for their duration, as the
+//! kernel's tests do: the hugetlb pools, the transparent huge page sizes
+//! and swap. [`system`] holds the guards; each change is made under a
+//! cross-process [`uffd::SettingLock`] and undone on drop, also when the
+//! case fails or panics.
+//!
 //! ```no_run
 //! use uffd_selftest::{run, Plan};
 //! let summary = run(&Plan::default(), |r| println!("{}", r.line()));
 //! println!("{}", summary.line());
 //! ```
 
-#![allow(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod cases;
 pub mod harness;
 mod signals;
 pub mod stress;
+pub mod system;
 
 use std::time::Instant;
 
@@ -148,6 +157,9 @@ pub struct Plan {
     pub kinds: Vec<MemoryKind>,
     /// The seed of every random choice.
     pub seed: u64,
+    /// The size of each unit-case area in MiB (`--mib`); `None` is the
+    /// kernel's 32 MiB ([`harness::UNIT_AREA_MIB`]).
+    pub mib: Option<usize>,
     /// The stress bounce's size.
     pub stress: StressConfig,
     /// Run only the stress case.
@@ -160,6 +172,7 @@ impl Default for Plan {
             filter: None,
             kinds: MemoryKind::ALL.to_vec(),
             seed: 1,
+            mib: None,
             stress: StressConfig::default(),
             stress_only: false,
         }
@@ -194,39 +207,37 @@ pub fn selected(plan: &Plan) -> Vec<(Case, Option<MemoryKind>)> {
 /// Huge pages a run of hugetlb cases needs: two areas, each a private
 /// mapping plus its shared alias, of the larger of the unit and stress
 /// sizes, and slack for forked children.
-pub fn hugepages_needed(stress: &StressConfig) -> u64 {
+pub fn hugepages_needed(plan: &Plan) -> u64 {
     let unit = Env {
         kind: MemoryKind::Hugetlb,
         seed: 0,
-        stress: *stress,
+        mib: plan.mib,
+        stress: plan.stress,
     }
     .nr_pages();
-    let pages = unit.max(stress.pages(MemoryKind::Hugetlb)) as u64;
+    let pages = unit.max(plan.stress.pages(MemoryKind::Hugetlb)) as u64;
     4 * pages + 16
 }
 
 /// Makes sure enough huge pages are free for hugetlb cases, growing the
 /// pool (restored when the value drops); `Err` is the SKIP reason.
-pub fn reserve_hugepages(stress: &StressConfig) -> Result<HugepageReservation, String> {
-    let needed = hugepages_needed(stress);
+pub fn reserve_hugepages(plan: &Plan) -> Result<HugepageReservation, String> {
+    let needed = hugepages_needed(plan);
     HugepageReservation::reserve(needed)
         .map_err(|e| format!("cannot reserve {needed} huge pages of 2 MiB: {e}"))
 }
 
 static ONE_CASE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Runs one case on one memory type (with no huge-page reservation of its
-/// own: see [`run_one`]). Panics inside the case become FAILs.
-pub fn run_case(
-    case: &Case,
-    kind: Option<MemoryKind>,
-    seed: u64,
-    stress: StressConfig,
-) -> CaseReport {
+/// Runs one case on one memory type with the plan's seed and sizes (with
+/// no huge-page reservation of its own: see [`run_one`]). Panics inside
+/// the case become FAILs.
+pub fn run_case(case: &Case, kind: Option<MemoryKind>, plan: &Plan) -> CaseReport {
     let env = Env {
         kind: kind.unwrap_or(MemoryKind::Anon),
-        seed,
-        stress,
+        seed: plan.seed,
+        mib: plan.mib,
+        stress: plan.stress,
     };
     // One case at a time per process: a fork by one case would hand its
     // child to another case's EVENT_FORK handler (and both would fail).
@@ -267,9 +278,12 @@ pub fn case(name: &str) -> Option<&'static Case> {
 /// wrappers). A failure's reason ends with the command that replays it.
 pub fn run_one(name: &str, kind: Option<MemoryKind>, seed: u64) -> CaseReport {
     let case = case(name).unwrap_or_else(|| panic!("no case named {name}"));
-    let stress = StressConfig::default();
+    let plan = Plan {
+        seed,
+        ..Plan::default()
+    };
     let _reservation = match kind {
-        Some(k) if k.is_hugetlb() => match reserve_hugepages(&stress) {
+        Some(k) if k.is_hugetlb() => match reserve_hugepages(&plan) {
             Ok(r) => Some(r),
             Err(why) => {
                 return CaseReport {
@@ -283,7 +297,7 @@ pub fn run_one(name: &str, kind: Option<MemoryKind>, seed: u64) -> CaseReport {
         },
         _ => None,
     };
-    let mut report = run_case(case, kind, seed, stress);
+    let mut report = run_case(case, kind, &plan);
     if report.status == Status::Fail {
         report
             .reason
@@ -308,7 +322,7 @@ pub fn run(plan: &Plan, mut report: impl FnMut(&CaseReport)) -> Summary {
     let wants_huge = selected
         .iter()
         .any(|(_, k)| k.is_some_and(MemoryKind::is_hugetlb));
-    let reservation = wants_huge.then(|| reserve_hugepages(&plan.stress));
+    let reservation = wants_huge.then(|| reserve_hugepages(plan));
     let mut summary = Summary::default();
     for (case, kind) in selected {
         let r = match (&reservation, kind) {
@@ -320,7 +334,7 @@ pub fn run(plan: &Plan, mut report: impl FnMut(&CaseReport)) -> Summary {
                 ms: 0,
             },
             _ => {
-                let mut r = run_case(&case, kind, plan.seed, plan.stress);
+                let mut r = run_case(&case, kind, plan);
                 if r.status == Status::Fail {
                     r.reason.push_str(&format!(
                         "; reproduce: {}",

@@ -160,6 +160,7 @@ pub fn run(opts: &StressOptions) -> Result<StressReport, Stop> {
     let env = Env {
         kind,
         seed: opts.seed,
+        mib: None,
         stress: Default::default(),
     };
     let mut features = kind.missing_feature();

@@ -94,7 +94,26 @@ cases! {
     events_wp = "events-wp": [anon, shmem, shmem_private, hugetlb, hugetlb_private];
     poison = "poison": [anon, shmem, shmem_private, hugetlb, hugetlb_private];
     mmap_changing = "mmap-changing": [shmem];
-    wp_mremap = "wp-mremap": [anon, shmem, shmem_private, hugetlb, hugetlb_private];
+    wp_mremap_4k = "wp-mremap-4k": [anon, shmem];
+    wp_mremap_4k_swapout = "wp-mremap-4k-swapout": [anon, shmem];
+    wp_mremap_thp_16k = "wp-mremap-thp-16k": [anon, shmem];
+    wp_mremap_thp_16k_swapout = "wp-mremap-thp-16k-swapout": [anon, shmem];
+    wp_mremap_thp_32k = "wp-mremap-thp-32k": [anon, shmem];
+    wp_mremap_thp_32k_swapout = "wp-mremap-thp-32k-swapout": [anon, shmem];
+    wp_mremap_thp_64k = "wp-mremap-thp-64k": [anon, shmem];
+    wp_mremap_thp_64k_swapout = "wp-mremap-thp-64k-swapout": [anon, shmem];
+    wp_mremap_thp_128k = "wp-mremap-thp-128k": [anon, shmem];
+    wp_mremap_thp_128k_swapout = "wp-mremap-thp-128k-swapout": [anon, shmem];
+    wp_mremap_thp_256k = "wp-mremap-thp-256k": [anon, shmem];
+    wp_mremap_thp_256k_swapout = "wp-mremap-thp-256k-swapout": [anon, shmem];
+    wp_mremap_thp_512k = "wp-mremap-thp-512k": [anon, shmem];
+    wp_mremap_thp_512k_swapout = "wp-mremap-thp-512k-swapout": [anon, shmem];
+    wp_mremap_thp_1m = "wp-mremap-thp-1m": [anon, shmem];
+    wp_mremap_thp_1m_swapout = "wp-mremap-thp-1m-swapout": [anon, shmem];
+    wp_mremap_thp_2m = "wp-mremap-thp-2m": [anon, shmem];
+    wp_mremap_thp_2m_swapout = "wp-mremap-thp-2m-swapout": [anon, shmem];
+    wp_mremap_hugetlb_2m = "wp-mremap-hugetlb-2m": [hugetlb, hugetlb_private];
+    wp_mremap_hugetlb_1g = "wp-mremap-hugetlb-1g": [hugetlb, hugetlb_private];
     wp_async = "wp-async": [anon, shmem, shmem_private, hugetlb, hugetlb_private];
     wake_after_copy_failure = "wake-after-copy-failure": [anon, shmem, shmem_private];
     continue_eexist = "continue-eexist": [shmem, hugetlb];
@@ -120,4 +139,54 @@ fn every_case_and_memory_type_has_a_test() {
         COVERED.len(),
         "tests/cases.rs lists cases that do not exist"
     );
+}
+
+#[test]
+fn every_page_size_the_kernel_offers_has_a_wp_mremap_case() {
+    use uffd_selftest::cases::mremap::{HUGETLB_SIZES, THP_SIZES};
+    let name = |size: usize| {
+        if size >= 1 << 30 {
+            format!("{}g", size >> 30)
+        } else if size >= 1 << 20 {
+            format!("{}m", size >> 20)
+        } else {
+            format!("{}k", size >> 10)
+        }
+    };
+    for size in uffd_selftest::system::thp_sizes() {
+        assert!(
+            THP_SIZES.contains(&size),
+            "the kernel offers {} KiB mTHPs, which have no wp-mremap case",
+            size >> 10
+        );
+    }
+    for size in THP_SIZES {
+        for suffix in ["", "-swapout"] {
+            let case = format!("wp-mremap-thp-{}{suffix}", name(size));
+            assert!(uffd_selftest::case(&case).is_some(), "no case {case}");
+        }
+    }
+    let pools = std::fs::read_dir("/sys/kernel/mm/hugepages")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let kb: usize = name
+                .strip_prefix("hugepages-")?
+                .strip_suffix("kB")?
+                .parse()
+                .ok()?;
+            Some(kb << 10)
+        });
+    for size in pools {
+        assert!(
+            HUGETLB_SIZES.contains(&size),
+            "the kernel has {} KiB hugetlb pages, which have no wp-mremap case",
+            size >> 10
+        );
+    }
+    for size in HUGETLB_SIZES {
+        let case = format!("wp-mremap-hugetlb-{}", name(size));
+        assert!(uffd_selftest::case(&case).is_some(), "no case {case}");
+    }
 }

@@ -74,7 +74,10 @@ pub use asyncio::{AsyncUffd, EventStream};
 pub use error::{errno_name, Errno, Error, Op, OpenFailure, OpenPath};
 pub use event::{Event, EventBuffer, FaultKind, Pagefault, PagefaultFlags};
 pub use features::{Features, Ioctls, RegisterMode};
-pub use hugepages::{free_hugepages, nr_hugepages, HugepageReservation};
+pub use hugepages::{
+    free_hugepages, free_hugepages_of, hugepage_size_supported, nr_hugepages, nr_hugepages_of,
+    HugepageReservation, SettingLock,
+};
 pub use memory::{Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use open::{api, open_with, probe, probe_with, raw_api, ApiInfo, OpenMethod, OpenOptions};
 pub use outcome::{Outcome, Resolved};

@@ -15,17 +15,23 @@ use super::CmdResult;
 /// Runs every case of the kernel's uffd-unit-tests (the API handshake via
 /// the syscall and /dev/userfaultfd, register-ioctls, zeropage, move*,
 /// wp-fork*, wp-unpopulated, minor*, sigbus*, events*, poison,
-/// mmap-changing), uffd-wp-mremap's check, WP_ASYNC with PAGEMAP_SCAN, this
-/// project's own cases and a short stress bounce, on each memory type where
-/// the kernel defines the case. A case whose kernel feature is missing is
-/// SKIPped with the reason.
+/// mmap-changing) on the kernel's 32 MiB areas, uffd-wp-mremap's matrix
+/// (every mTHP and hugetlb size, private and shared, with and without
+/// swap-out), WP_ASYNC with PAGEMAP_SCAN, this project's own cases and a
+/// short stress bounce, on each memory type where the kernel defines the
+/// case. A case whose kernel feature is missing is SKIPped with the reason.
 ///
 /// Output: one line per case, `PASS|FAIL|SKIP <name>/<mem> (<reason>)`,
 /// then `N passed, M failed, K skipped`. Exit status 1 if any case failed.
 /// A FAIL's reason ends with the command that replays it.
 ///
-/// Hugetlb cases need free 2 MiB huge pages: as root the pool is grown for
-/// the run and restored afterwards; otherwise they are SKIPped.
+/// Hugetlb cases need free 2 MiB huge pages (and one 1 GiB page for
+/// wp-mremap-hugetlb-1g): as root the pool is grown for the run and
+/// restored afterwards; otherwise they are SKIPped. Likewise, as root the
+/// wp-mremap THP cases enable their size in
+/// /sys/kernel/mm/transparent_hugepage while they allocate, and the
+/// swap-out cases add a swap file in the temporary directory when the
+/// system has no swap; both are restored, also on failure.
 ///
 /// `--stress` runs only the kernel's uffd-stress bounce, e.g.
 /// `uffd selftest --stress --mem anon --mib 64 --bounces 16`.
@@ -54,7 +60,9 @@ pub struct Args {
     #[arg(long)]
     stress: bool,
 
-    /// Size of each stress area in MiB (default: 4, or 16 for hugetlb).
+    /// Size of each area in MiB: the two areas of the unit cases (default
+    /// 32, the kernel's size for every memory type) and the stress areas
+    /// (default 4, or 16 for hugetlb).
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=65536))]
     mib: Option<u64>,
 
@@ -90,6 +98,7 @@ pub fn run(args: Args) -> CmdResult {
             args.mem.clone()
         },
         seed: args.seed,
+        mib: args.mib.map(|m| m as usize),
         stress: StressConfig {
             mib: args.mib.map(|m| m as usize),
             bounces: args.bounces,

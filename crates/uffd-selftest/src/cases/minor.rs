@@ -13,7 +13,7 @@ use uffd::{
 
 use crate::cases::DefaultHandler;
 use crate::harness::{
-    guarded, os_error, with_handler, CaseResult, Counters, Env, Next, Reserved, Stop,
+    guarded, os_error, smaps_kb, with_handler, CaseResult, Counters, Env, Next, Reserved, Stop,
 };
 use crate::{ensure, fail, skip};
 
@@ -232,31 +232,7 @@ fn collapse_and_count(addr: u64, len: usize) -> Result<usize, Stop> {
     if unsafe { libc::madvise(addr as *mut libc::c_void, len, MADV_COLLAPSE) } != 0 {
         skip!("MADV_COLLAPSE failed: {}", os_error());
     }
-    Ok(shmem_pmd_mapped_kb(addr).map_err(Stop::Fail)? as usize * 1024 / PMD)
-}
-
-/// The `ShmemPmdMapped:` of the VMA starting at `addr`, in kB.
-fn shmem_pmd_mapped_kb(addr: u64) -> Result<u64, String> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|e| format!("smaps: {e}"))?;
-    let start = format!("{addr:x}-");
-    let mut in_vma = false;
-    for line in smaps.lines() {
-        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with("kB") {
-            in_vma = line.starts_with(&start);
-            continue;
-        }
-        if in_vma {
-            if let Some(v) = line.strip_prefix("ShmemPmdMapped:") {
-                return v
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse()
-                    .map_err(|e| format!("ShmemPmdMapped: {e}"));
-            }
-        }
-    }
-    Err(format!("no VMA at {addr:#x} in smaps"))
+    Ok(smaps_kb(addr, "ShmemPmdMapped").map_err(Stop::Fail)? as usize * 1024 / PMD)
 }
 
 /// A handler that CONTINUEs minor faults with the range helper, which

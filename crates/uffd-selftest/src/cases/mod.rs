@@ -18,6 +18,10 @@
 //!   MISSING|WP (never on the other types); the counters, which catch any
 //!   lost data, stay exact.
 //!
+//! The uffd-wp-mremap matrix (see [`mremap`]) maps its memory as the
+//! kernel's test does: `anon` is private and `shmem` shared anonymous
+//! memory, `hugetlb` and `hugetlb-private` anonymous MAP_HUGETLB mappings.
+//!
 //! Other differences from the kernel's tests:
 //! - signal handlers only ever run in forked children; sigbus and poison
 //!   read in a forked child served through EVENT_FORK, so poison also
@@ -25,8 +29,9 @@
 //!   tests skip with siglongjmp maps a zero page over the faulting page;
 //! - every wait is bounded: a fault nobody resolves, a stuck child or a
 //!   handler that does not stop FAILs the case after [`STUCK_AFTER`]
-//!   instead of hanging the run;
-//! - areas are 8 MiB of base pages (8 huge pages) rather than 32 MiB.
+//!   instead of hanging the run.
+//!
+//! Areas are the kernel's 32 MiB for every memory type (`--mib` changes it).
 //!
 //! [`STUCK_AFTER`]: crate::harness::STUCK_AFTER
 
@@ -36,6 +41,7 @@ mod api;
 mod basic;
 mod fork;
 mod minor;
+pub mod mremap;
 mod project;
 mod wp;
 
@@ -46,7 +52,7 @@ use uffd::{ContinueMode, Event, FaultKind, MemoryKind, Outcome, Uffd};
 use crate::harness::{copy_page, unprotect, Counters, Next};
 use crate::Case;
 
-use MemoryKind::{Anon, Hugetlb, Shmem, ShmemPrivate};
+use MemoryKind::{Anon, Hugetlb, HugetlbPrivate, Shmem, ShmemPrivate};
 
 const EVERY: &[MemoryKind] = &MemoryKind::ALL;
 const ANON: &[MemoryKind] = &[Anon];
@@ -54,6 +60,9 @@ const SHMEM: &[MemoryKind] = &[Shmem];
 const MINOR: &[MemoryKind] = &[Shmem, ShmemPrivate, Hugetlb];
 const SHARED_FILE: &[MemoryKind] = &[Shmem, Hugetlb];
 const BASE_PAGES: &[MemoryKind] = &[Anon, Shmem, ShmemPrivate];
+/// uffd-wp-mremap's private and shared anonymous memory.
+const ANON_SHMEM: &[MemoryKind] = &[Anon, Shmem];
+const HUGETLB: &[MemoryKind] = &[Hugetlb, HugetlbPrivate];
 
 macro_rules! case {
     ($name:literal, $kinds:expr, $f:path, $about:literal) => {
@@ -174,9 +183,104 @@ pub const ALL: &[Case] = &[
         "a pending REMOVE event: every resolving ioctl gets EAGAIN and -EAGAIN in its field"
     ),
     case!(
-        "wp-mremap",
-        EVERY, wp::mremap,
-        "mremap without EVENT_REMAP leaves no stale uffd-wp bit (uffd-wp-mremap)"
+        "wp-mremap-4k",
+        ANON_SHMEM, mremap::base,
+        "uffd-wp-mremap: a protected base page, mremapped without EVENT_REMAP, keeps no uffd-wp bit"
+    ),
+    case!(
+        "wp-mremap-4k-swapout",
+        ANON_SHMEM, mremap::base_swapout,
+        "uffd-wp-mremap: the same with the page swapped out (MADV_PAGEOUT) first"
+    ),
+    case!(
+        "wp-mremap-thp-16k",
+        ANON_SHMEM, mremap::thp_16k,
+        "uffd-wp-mremap: a 16 KiB THP (only that size enabled while it is allocated)"
+    ),
+    case!(
+        "wp-mremap-thp-16k-swapout",
+        ANON_SHMEM, mremap::thp_16k_swapout,
+        "uffd-wp-mremap: a 16 KiB THP, swapped out first"
+    ),
+    case!(
+        "wp-mremap-thp-32k",
+        ANON_SHMEM, mremap::thp_32k,
+        "uffd-wp-mremap: a 32 KiB THP (only that size enabled while it is allocated)"
+    ),
+    case!(
+        "wp-mremap-thp-32k-swapout",
+        ANON_SHMEM, mremap::thp_32k_swapout,
+        "uffd-wp-mremap: a 32 KiB THP, swapped out first"
+    ),
+    case!(
+        "wp-mremap-thp-64k",
+        ANON_SHMEM, mremap::thp_64k,
+        "uffd-wp-mremap: a 64 KiB THP (only that size enabled while it is allocated)"
+    ),
+    case!(
+        "wp-mremap-thp-64k-swapout",
+        ANON_SHMEM, mremap::thp_64k_swapout,
+        "uffd-wp-mremap: a 64 KiB THP, swapped out first"
+    ),
+    case!(
+        "wp-mremap-thp-128k",
+        ANON_SHMEM, mremap::thp_128k,
+        "uffd-wp-mremap: a 128 KiB THP (only that size enabled while it is allocated)"
+    ),
+    case!(
+        "wp-mremap-thp-128k-swapout",
+        ANON_SHMEM, mremap::thp_128k_swapout,
+        "uffd-wp-mremap: a 128 KiB THP, swapped out first"
+    ),
+    case!(
+        "wp-mremap-thp-256k",
+        ANON_SHMEM, mremap::thp_256k,
+        "uffd-wp-mremap: a 256 KiB THP (only that size enabled while it is allocated)"
+    ),
+    case!(
+        "wp-mremap-thp-256k-swapout",
+        ANON_SHMEM, mremap::thp_256k_swapout,
+        "uffd-wp-mremap: a 256 KiB THP, swapped out first"
+    ),
+    case!(
+        "wp-mremap-thp-512k",
+        ANON_SHMEM, mremap::thp_512k,
+        "uffd-wp-mremap: a 512 KiB THP (only that size enabled while it is allocated)"
+    ),
+    case!(
+        "wp-mremap-thp-512k-swapout",
+        ANON_SHMEM, mremap::thp_512k_swapout,
+        "uffd-wp-mremap: a 512 KiB THP, swapped out first"
+    ),
+    case!(
+        "wp-mremap-thp-1m",
+        ANON_SHMEM, mremap::thp_1m,
+        "uffd-wp-mremap: a 1 MiB THP (only that size enabled while it is allocated)"
+    ),
+    case!(
+        "wp-mremap-thp-1m-swapout",
+        ANON_SHMEM, mremap::thp_1m_swapout,
+        "uffd-wp-mremap: a 1 MiB THP, swapped out first"
+    ),
+    case!(
+        "wp-mremap-thp-2m",
+        ANON_SHMEM, mremap::thp_2m,
+        "uffd-wp-mremap: a 2 MiB (PMD) THP (only that size enabled while it is allocated)"
+    ),
+    case!(
+        "wp-mremap-thp-2m-swapout",
+        ANON_SHMEM, mremap::thp_2m_swapout,
+        "uffd-wp-mremap: a 2 MiB (PMD) THP, swapped out first"
+    ),
+    case!(
+        "wp-mremap-hugetlb-2m",
+        HUGETLB, mremap::hugetlb_2m,
+        "uffd-wp-mremap: a 2 MiB hugetlb page"
+    ),
+    case!(
+        "wp-mremap-hugetlb-1g",
+        HUGETLB, mremap::hugetlb_1g,
+        "uffd-wp-mremap: a 1 GiB hugetlb page (the pool is grown by one page for the case)"
     ),
     case!(
         "wp-async",

@@ -1,6 +1,6 @@
 //! The write-protect cases: wp-fork (with and without EVENT_FORK, with
-//! and without a long-term pin), wp-unpopulated, uffd-wp-mremap's check
-//! and WP_ASYNC with PAGEMAP_SCAN.
+//! and without a long-term pin), wp-unpopulated and WP_ASYNC with
+//! PAGEMAP_SCAN (uffd-wp-mremap's matrix is in `mremap`).
 
 #![allow(unsafe_code)]
 
@@ -9,10 +9,7 @@ use std::time::Instant;
 
 use uffd::{Event, EventBuffer, Features, Mapping, Pagemap, RegisterMode, Uffd, WriteProtectMode};
 
-use crate::harness::{
-    guarded, in_child, os_error, pagemap_entry, wp_bit, CaseResult, Env, Reserved, Stop,
-    PM_PRESENT, PM_UFFD_WP, STUCK_AFTER,
-};
+use crate::harness::{guarded, in_child, os_error, wp_bit, CaseResult, Env, Stop, STUCK_AFTER};
 use crate::{ensure, fail, skip};
 
 /// The uffd-wp bit of a written, protected page survives a zap, and is
@@ -119,7 +116,8 @@ fn wp_fork(env: &Env, with_event: bool, pin: bool) -> CaseResult {
     ))
 }
 
-fn protect(uffd: &Uffd, start: u64, len: u64, on: bool) -> Result<(), Stop> {
+/// WRITEPROTECT (`on`) or unprotect a range, FAILing unless it completes.
+pub(crate) fn protect(uffd: &Uffd, start: u64, len: u64, on: bool) -> Result<(), Stop> {
     let mode = if on {
         WriteProtectMode::WP
     } else {
@@ -348,134 +346,6 @@ pub fn unpopulated(env: &Env) -> CaseResult {
     let stray = uffd.read_events(&mut buf)?.len();
     ensure!(stray == 0, "{stray} unexpected messages");
     Ok("markers set, cleared and zapped as expected; reading a marker maps the zero page".into())
-}
-
-/// uffd-wp-mremap: a WP-registered, protected range moved by mremap on a
-/// userfaultfd without EVENT_REMAP keeps no uffd-wp bit at the new place.
-/// One page of the memory type; on anon also a PMD-mapped transparent huge
-/// page (the kernel's test also covers swapped-out pages, which need swap).
-pub fn mremap(env: &Env) -> CaseResult {
-    let ps = env.page_size();
-    let uffd = env.open(env.kind.wp_features())?;
-    let m = env.map(ps)?;
-    m.write(0, &vec![1u8; ps]);
-    moved_without_wp_bit(&uffd, m.as_ptr(), ps, ps)?;
-    if env.kind != uffd::MemoryKind::Anon {
-        return Ok(format!(
-            "{} KiB moved without a stale uffd-wp bit",
-            ps / 1024
-        ));
-    }
-    // A transparent huge page, where THP is available.
-    let thp = Reserved::new(PMD_SIZE, PMD_SIZE)?;
-    // SAFETY: replaces our own PROT_NONE reservation with memory.
-    let p = unsafe {
-        libc::mmap(
-            thp.addr as *mut libc::c_void,
-            PMD_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        fail!("mmap for a THP: {}", os_error());
-    }
-    // SAFETY: our mapping, just made.
-    unsafe {
-        libc::madvise(p, PMD_SIZE, libc::MADV_HUGEPAGE);
-        std::ptr::write_bytes(p.cast::<u8>(), 1, PMD_SIZE);
-    }
-    let huge = anon_huge_kb(thp.addr).unwrap_or(0) >= (PMD_SIZE / 1024) as u64;
-    moved_without_wp_bit(&uffd, p.cast(), PMD_SIZE, PMD_SIZE)?;
-    Ok(format!(
-        "4 KiB page and a 2 MiB {} moved without a stale uffd-wp bit",
-        if huge {
-            "transparent huge page"
-        } else {
-            "range (THP unavailable: base pages)"
-        }
-    ))
-}
-
-const PMD_SIZE: usize = 2 << 20;
-
-/// `AnonHugePages:` of the VMA starting at `addr`, in kB.
-fn anon_huge_kb(addr: u64) -> Option<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-    let start = format!("{addr:x}-");
-    let vma = smaps
-        .split('\n')
-        .skip_while(|l| !l.starts_with(&start))
-        .skip(1);
-    for line in vma {
-        if let Some(v) = line.strip_prefix("AnonHugePages:") {
-            return v.trim().trim_end_matches("kB").trim().parse().ok();
-        }
-    }
-    None
-}
-
-/// Registers `len` bytes at `ptr` (populated) for WP, protects them,
-/// checks every base page's uffd-wp bit, mremaps the range to a fresh
-/// `align`-aligned address, checks that no bit is left, and moves it back.
-fn moved_without_wp_bit(uffd: &Uffd, ptr: *mut u8, len: usize, align: usize) -> Result<(), Stop> {
-    let addr = ptr as u64;
-    for off in (0..len).step_by(4096) {
-        let entry = pagemap_entry(addr + off as u64).map_err(Stop::Fail)?;
-        ensure!(
-            entry & PM_PRESENT != 0,
-            "page at +{off:#x} not populated after writing it"
-        );
-    }
-    uffd.register(addr, len as u64, RegisterMode::WP)?;
-    protect(uffd, addr, len as u64, true)?;
-    for off in (0..len).step_by(4096) {
-        let entry = pagemap_entry(addr + off as u64).map_err(Stop::Fail)?;
-        ensure!(
-            entry & PM_UFFD_WP != 0,
-            "uffd-wp bit missing at +{off:#x} before mremap"
-        );
-    }
-    let target = Reserved::new(len, align)?;
-    let moved = remap(ptr, len, target.addr as *mut u8)?;
-    let mut stale = None;
-    for off in (0..len).step_by(4096) {
-        match pagemap_entry(moved as u64 + off as u64) {
-            Ok(entry) if entry & PM_UFFD_WP != 0 => {
-                stale.get_or_insert(format!("+{off:#x}"));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                stale.get_or_insert(e);
-            }
-        }
-    }
-    // Move it back so the mapping is unmapped where it was made.
-    remap(moved, len, ptr)?;
-    if let Some(what) = stale {
-        fail!("uffd-wp bit still set at {what} after mremap without EVENT_REMAP");
-    }
-    Ok(())
-}
-
-fn remap(from: *mut u8, len: usize, to: *mut u8) -> Result<*mut u8, Stop> {
-    // SAFETY: moves a mapping this case owns to an address it reserved
-    // (or back); no reference covers either range.
-    let p = unsafe {
-        libc::mremap(
-            from.cast(),
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            to.cast::<libc::c_void>(),
-        )
-    };
-    if p == libc::MAP_FAILED {
-        fail!("mremap {from:p} -> {to:p}: {}", os_error());
-    }
-    Ok(p.cast())
 }
 
 /// WP_ASYNC: writes to protected pages complete without messages, and
