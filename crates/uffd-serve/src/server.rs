@@ -162,6 +162,9 @@ pub struct Server {
     takeover: Mutex<Option<OwnedFd>>,
     /// The server this one took over from, until it closes its end.
     predecessor: Mutex<Option<OwnedFd>>,
+    /// Until when binding `<socket>.takeover` is retried after the
+    /// predecessor closed its end (it may still be on its way out).
+    bind_takeover_until: Mutex<Option<Instant>>,
     config: ServerConfig,
     engine: Arc<dyn Engine>,
     handle: ServerHandle,
@@ -228,6 +231,7 @@ impl Server {
             listener,
             takeover: Mutex::new(takeover),
             predecessor: Mutex::new(None),
+            bind_takeover_until: Mutex::new(None),
             config,
             engine,
             handle: ServerHandle {
@@ -260,7 +264,7 @@ impl Server {
             .into());
         }
         let path = takeover::takeover_path(&config.socket);
-        let conn = takeover::connect(&path)?;
+        let conn = takeover::connect_patiently(&path)?;
         let source = config.source_identity.clone().ok_or_else(|| {
             TakeoverError::Refused("this server does not know its memory file's identity".into())
         })?;
@@ -449,6 +453,11 @@ impl Server {
             if let Some(conn) = self.takeover_request() {
                 match self.hand_over(&conn) {
                     Ok(true) => {
+                        // Close the takeover socket before the connection:
+                        // the new server binds the path once it sees ours
+                        // close, and must then find nobody listening.
+                        lock(&self.takeover).take();
+                        drop(conn);
                         handed_over = true;
                         break;
                     }
@@ -497,11 +506,8 @@ impl Server {
         for w in workers {
             let _ = w.join();
         }
-        if handed_over {
-            // The VMM socket and its path are the new server's now.
-            let path = takeover::takeover_path(&self.config.socket);
-            remove_own_socket(&path);
-        } else {
+        if !handed_over {
+            // Handed over, both paths are the new server's now.
             remove_own_socket(&self.config.socket);
             remove_own_socket(&takeover::takeover_path(&self.config.socket));
         }
@@ -547,29 +553,45 @@ impl Server {
     /// upgrade) once its predecessor, which owned that path, has closed
     /// its end.
     fn bind_takeover_once_predecessor_left(&self) {
-        let mut predecessor = lock(&self.predecessor);
-        let Some(conn) = predecessor.as_ref() else {
-            return;
-        };
-        let mut fds = [PollFd::new(conn, PollFlags::IN)];
-        let now = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        if !rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0) {
-            return;
-        }
-        if !fds[0].revents().contains(PollFlags::HUP) {
-            // Readable: end of file, or a packet nobody asked for.
-            let mut byte = [0u8; 1];
-            if !matches!(rustix::io::read(conn, &mut byte), Ok(0) | Err(_)) {
-                return;
+        {
+            let mut predecessor = lock(&self.predecessor);
+            if let Some(conn) = predecessor.as_ref() {
+                let mut fds = [PollFd::new(conn, PollFlags::IN)];
+                let now = rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                if !rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0) {
+                    return;
+                }
+                if !fds[0].revents().contains(PollFlags::HUP) {
+                    // Readable: end of file, or a packet nobody asked for.
+                    let mut byte = [0u8; 1];
+                    if !matches!(rustix::io::read(conn, &mut byte), Ok(0) | Err(_)) {
+                        return;
+                    }
+                }
+                *predecessor = None;
+                *lock(&self.bind_takeover_until) = Some(Instant::now() + Duration::from_secs(30));
             }
         }
-        *predecessor = None;
+        let mut until = lock(&self.bind_takeover_until);
+        let Some(deadline) = *until else {
+            return;
+        };
         match bind_takeover(&self.config.socket) {
-            Ok(fd) => *lock(&self.takeover) = Some(fd),
-            Err(e) => tracing::warn!("the next takeover will not be possible: {e}"),
+            Ok(fd) => {
+                *lock(&self.takeover) = Some(fd);
+                *until = None;
+                tracing::info!(
+                    "the previous server is gone; taking over from this one is possible now"
+                );
+            }
+            Err(e) if Instant::now() >= deadline => {
+                *until = None;
+                tracing::warn!("the next takeover will not be possible: {e}");
+            }
+            Err(_) => {}
         }
     }
 

@@ -186,6 +186,24 @@ pub fn listen(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Connects to the takeover socket at `path`, retrying for a few seconds
+/// while it refuses: a server that has just taken over binds it only once
+/// its own predecessor has gone.
+pub fn connect_patiently(path: &Path) -> Result<OwnedFd, TakeoverError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match connect(path) {
+            Err(TakeoverError::Connect { source, .. })
+                if source.raw_os_error() == Some(libc::ECONNREFUSED)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Connects to the takeover socket at `path`.
 pub fn connect(path: &Path) -> Result<OwnedFd, TakeoverError> {
     let connect = || -> std::io::Result<OwnedFd> {

@@ -14,7 +14,10 @@ fn a_reservation_grows_the_pool_and_restores_it_on_drop() {
     let reservation = match HugepageReservation::reserve_sized(GIB, wanted) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("SKIP: cannot grow the 1 GiB pool: {e}");
+            uffd_testkit::skip(
+                uffd_testkit::Need::Hugetlb,
+                format_args!("cannot grow the 1 GiB pool: {e}"),
+            );
             return;
         }
     };
