@@ -20,7 +20,7 @@ use crate::config::{Config, BATCH_BYTES};
 use crate::handover::{PageKind, PagerState, SpanState, StateError};
 use crate::mem::AlignedAnon;
 use crate::region::{state, PageStates, Region, Span, Table};
-use crate::source::{is_zero, Content, PageSource, SourceError};
+use crate::source::{is_zero, Content, Fetched, PageSource, SourceError};
 use crate::stats::{Counters, Stats};
 use crate::{Prefetch, Strategy, WaitMode, WorkingSet};
 
@@ -362,6 +362,23 @@ struct Shared {
     pidfd: Option<OwnedFd>,
     record_page_size: u64,
     next_id: AtomicUsize,
+    /// Asynchronous reads that finished, waiting for a handler thread to
+    /// install them; `completion_fd` (an eventfd) wakes the handlers.
+    completions: Mutex<Vec<Completion>>,
+    completions_pending: AtomicUsize,
+    completion_fd: OwnedFd,
+    fetches_in_flight: AtomicUsize,
+}
+
+/// An asynchronous read that finished: what it was for and what it got.
+#[derive(Debug)]
+struct Completion {
+    target: Arc<Target>,
+    claim: Claim,
+    from: usize,
+    claims: Vec<u8>,
+    started: Instant,
+    result: Result<Fetched, SourceError>,
 }
 
 #[derive(Debug)]
@@ -418,6 +435,9 @@ impl Pager {
             .map_err(|e| io_err("making the userfaultfd non-blocking")(e.into()))?;
         let stop_fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| io_err("eventfd")(e.into()))?;
+        let completion_fd =
+            rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(|e| io_err("eventfd")(e.into()))?;
         let pidfd = match config.target_pid {
             Some(pid) => {
                 let pid = rustix::process::Pid::from_raw(pid)
@@ -466,6 +486,10 @@ impl Pager {
             pidfd,
             record_page_size,
             next_id: AtomicUsize::new(0),
+            completions: Mutex::new(Vec::new()),
+            completions_pending: AtomicUsize::new(0),
+            completion_fd,
+            fetches_in_flight: AtomicUsize::new(0),
         });
         let target = shared.add_target(uffd, table, true);
         let pager = Pager {
@@ -862,6 +886,28 @@ impl Shared {
         target
     }
 
+    /// Queues a finished asynchronous read for the handler threads.
+    fn complete(&self, done: Completion) {
+        let in_flight = self.fetches_in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.counters
+            .async_in_flight_max
+            .fetch_max(in_flight as u64, Ordering::Relaxed);
+        lock(&self.completions).push(done);
+        self.completions_pending.fetch_add(1, Ordering::SeqCst);
+        let _ = rustix::io::write(&self.completion_fd, &1u64.to_ne_bytes());
+    }
+
+    /// Takes every finished asynchronous read.
+    fn take_completions(&self) -> Vec<Completion> {
+        if self.completions_pending.load(Ordering::SeqCst) == 0 {
+            return Vec::new();
+        }
+        let done = std::mem::take(&mut *lock(&self.completions));
+        self.completions_pending
+            .fetch_sub(done.len(), Ordering::SeqCst);
+        done
+    }
+
     fn mark_gone(&self, target: &Target) {
         if !target.gone.swap(true, Ordering::SeqCst) {
             debug!(target = target.id, "target process gone");
@@ -928,7 +974,15 @@ fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
                 break;
             }
         };
+        let completed = shared.take_completions();
+        let had_completions = !completed.is_empty();
+        for done in completed {
+            worker.finish_fetch(done);
+        }
         if read == 0 && deferred.is_empty() {
+            if had_completions {
+                continue;
+            }
             if spin_budget.is_some() && idle_since.is_none() {
                 idle_since = Some(Instant::now());
             }
@@ -972,6 +1026,7 @@ fn wait_for_messages(shared: &Shared, target: &Target) -> bool {
     let mut fds = vec![
         PollFd::new(&target.uffd, PollFlags::IN),
         PollFd::new(&shared.stop.fd, PollFlags::IN),
+        PollFd::new(&shared.completion_fd, PollFlags::IN),
     ];
     if let Some(pidfd) = pidfd {
         fds.push(PollFd::new(pidfd, PollFlags::IN));
@@ -983,9 +1038,16 @@ fn wait_for_messages(shared: &Shared, target: &Target) -> bool {
     match rustix::event::poll(&mut fds, Some(&timeout)) {
         Ok(0) | Err(rustix::io::Errno::INTR) => false,
         Ok(_) => {
-            if fds.get(2).is_some_and(|f| !f.revents().is_empty()) {
+            if fds.get(3).is_some_and(|f| !f.revents().is_empty()) {
                 shared.mark_gone(target);
                 return false;
+            }
+            if !fds[2].revents().is_empty() {
+                // Reset the eventfd here, where it woke us: a completion
+                // queued after this read writes it again.
+                let mut count = [0u8; 8];
+                let _ = rustix::io::read(&shared.completion_fd, &mut count);
+                return true;
             }
             let uffd = fds[0].revents();
             if uffd.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
@@ -1099,7 +1161,7 @@ fn apply_event(
 /// Per-thread scratch: a staging buffer and a zero buffer, both 2 MiB.
 #[derive(Debug)]
 struct Worker<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     staging: AlignedAnon,
     zeros: AlignedAnon,
     claims: Vec<u8>,
@@ -1121,7 +1183,7 @@ struct Claim {
 }
 
 impl<'a> Worker<'a> {
-    fn new(shared: &'a Shared) -> std::io::Result<Worker<'a>> {
+    fn new(shared: &'a Arc<Shared>) -> std::io::Result<Worker<'a>> {
         let staging = AlignedAnon::new(BATCH_BYTES as usize)?;
         // MOVE needs source pages that only this process maps: a forked
         // child must not share them.
@@ -1144,7 +1206,7 @@ impl<'a> Worker<'a> {
         self.shared.config.strategy
     }
 
-    fn serve(&mut self, target: &Target, fault: Pagefault, started: Instant) -> Step {
+    fn serve(&mut self, target: &Arc<Target>, fault: Pagefault, started: Instant) -> Step {
         if fault.kind() == uffd::FaultKind::WriteProtect {
             return self.serve_wp(target, fault);
         }
@@ -1188,7 +1250,7 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn serve_missing(&mut self, target: &Target, fault: Pagefault, started: Instant) -> Step {
+    fn serve_missing(&mut self, target: &Arc<Target>, fault: Pagefault, started: Instant) -> Step {
         let c = &self.shared.counters;
         let table = read(&target.table);
         let Some(span) = table.lookup(fault.address) else {
@@ -1289,6 +1351,13 @@ impl<'a> Worker<'a> {
                 ((hi - demand_hi) as u64) * claim.span.page_size,
             );
         }
+        if let Some(remote) = self.shared.source.asynchronous() {
+            if matches!(self.strategy(), Strategy::Copy | Strategy::CopyWp) {
+                let claims = self.claims.clone();
+                self.fetch_in_background(remote, target, claim, lo, claims, started);
+                return Step::Done;
+            }
+        }
         let claims = std::mem::take(&mut self.claims);
         // Demand part first: its thread wakes before the readahead runs.
         let (demand, ahead) = claims.split_at(demand_hi - lo);
@@ -1306,6 +1375,109 @@ impl<'a> Worker<'a> {
         }
         self.claims = claims;
         step
+    }
+
+    /// Starts reading the claimed pages of `from..from + claims.len()` on
+    /// the asynchronous source's runtime; a handler thread installs them
+    /// when they arrive ([`Worker::finish_fetch`]). The faulting threads
+    /// sleep until then; this thread goes back to other faults.
+    fn fetch_in_background(
+        &self,
+        remote: &crate::AsyncSource,
+        target: &Arc<Target>,
+        claim: Claim,
+        from: usize,
+        claims: Vec<u8>,
+        started: Instant,
+    ) {
+        let (Some(first), Some(last)) = (
+            claims.iter().position(|&c| c != 0),
+            claims.iter().rposition(|&c| c != 0),
+        ) else {
+            return;
+        };
+        let claims = claims[first..=last].to_vec();
+        let from = from + first;
+        let ps = claim.span.page_size;
+        let offset = claim.span.source_of(from);
+        let len = claims.len() * ps as usize;
+        let shared = Arc::clone(self.shared);
+        let target = Arc::clone(target);
+        shared.fetches_in_flight.fetch_add(1, Ordering::SeqCst);
+        Counters::add(&shared.counters.async_fetches, 1);
+        let retries = shared.config.source_retries;
+        let done_shared = Arc::clone(&shared);
+        remote.start(offset, len, retries, move |result| {
+            done_shared.complete(Completion {
+                target,
+                claim,
+                from,
+                claims,
+                started,
+                result,
+            });
+        });
+    }
+
+    /// Installs (or poisons) what an asynchronous read brought.
+    fn finish_fetch(&mut self, done: Completion) {
+        let Completion {
+            target,
+            claim,
+            from,
+            claims,
+            started,
+            result,
+        } = done;
+        let step = match result {
+            Ok(Fetched::Zero) => self.install_fetched(
+                &target,
+                &claim,
+                from,
+                &claims,
+                Content::Zero,
+                std::ptr::null(),
+                false,
+            ),
+            Ok(Fetched::Data(bytes)) => self.install_fetched(
+                &target,
+                &claim,
+                from,
+                &claims,
+                Content::Data,
+                bytes.as_ptr(),
+                false,
+            ),
+            Err(e) if claims.iter().filter(|&&c| c != 0).count() > 1 => {
+                // One bad page must not poison its neighbours: ask again
+                // page by page.
+                debug!(error = %e, "batch read failed; retrying page by page");
+                let remote = self
+                    .shared
+                    .source
+                    .asynchronous()
+                    .expect("completions come from an asynchronous source");
+                for (k, &c) in claims.iter().enumerate() {
+                    if c != 0 {
+                        self.fetch_in_background(
+                            remote,
+                            &target,
+                            claim.clone(),
+                            from + k,
+                            vec![c],
+                            started,
+                        );
+                    }
+                }
+                Step::Abandoned
+            }
+            Err(e) => self.poison(&target, &claim, from, &claims, &e),
+        };
+        match step {
+            Step::Done => self.shared.counters.latency.record(started.elapsed()),
+            Step::Gone => self.shared.mark_gone(&target),
+            Step::Abandoned | Step::Defer => {}
+        }
     }
 
     /// A fault outside every region (a range grown by mremap, say): what
@@ -1465,6 +1637,30 @@ impl<'a> Worker<'a> {
             }
             Err(e) => return self.poison(target, claim, from, claims, &e),
         };
+        self.install_fetched(target, claim, from, claims, content, src, from_mapping)
+    }
+
+    /// Installs the claimed pages of `from..from + claims.len()` (trimmed
+    /// to claimed ends) whose bytes are at `src` (`Content::Zero`: none
+    /// needed). `from_mapping` says `src` is the source's own mapping,
+    /// which only the kernel may read.
+    #[allow(clippy::too_many_arguments)]
+    fn install_fetched(
+        &mut self,
+        target: &Target,
+        claim: &Claim,
+        from: usize,
+        claims: &[u8],
+        content: Content,
+        src: *const u8,
+        from_mapping: bool,
+    ) -> Step {
+        let span = &claim.span;
+        let ps = span.page_size;
+        let len = claims.len() as u64 * ps;
+        let offset = span.source_of(from);
+        let strategy = self.strategy();
+        let in_place = self.shared.config.content_in_place;
         // Per page: zero or data.
         let zero_page = |k: usize| -> bool {
             claims[k] == state::CLAIMED_ZERO
@@ -1985,7 +2181,7 @@ enum Settled {
 
 /// Fills `target` until no page is missing, the fill makes no progress
 /// (pages the source cannot produce) or `deadline` passes.
-fn settle(shared: &Shared, target: &Target, deadline: Instant) -> Settled {
+fn settle(shared: &Arc<Shared>, target: &Target, deadline: Instant) -> Settled {
     let _span = debug_span!("detach", pager = %shared.config.name, target = target.id).entered();
     let mut worker = match Worker::new(shared) {
         Ok(w) => w,

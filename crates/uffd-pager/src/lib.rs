@@ -65,8 +65,8 @@ pub use sigbus::{
     SignalSafeSource, MAX_SIGBUS_GRANULE,
 };
 pub use source::{
-    Content, FileMode, FileSource, LayeredSource, MappedBytes, MemorySource, PageSource,
-    SourceError, ZeroSource,
+    AsyncPageSource, AsyncSource, Content, Fetched, FileMode, FileSource, LayeredSource,
+    MappedBytes, MemorySource, PageSource, ReadFuture, SourceError, ZeroSource,
 };
 pub use stats::{Histogram, LatencySummary, Stats};
 pub use workingset::{WorkingSet, WorkingSetError};

@@ -196,6 +196,11 @@ counters! {
     reads,
     /// Pages written while write-protected (dirty tracking).
     pages_dirtied,
+    /// Reads started on an asynchronous source (each for one claimed run
+    /// of pages, however many faults wanted it).
+    async_fetches,
+    /// Most asynchronous reads in flight at once.
+    async_in_flight_max,
 }
 
 impl Counters {

@@ -11,11 +11,13 @@ use std::io;
 mod file;
 mod layered;
 mod memory;
+mod remote;
 mod zero;
 
 pub use file::{FileMode, FileSource};
 pub use layered::LayeredSource;
 pub use memory::MemorySource;
+pub use remote::{AsyncPageSource, AsyncSource, Fetched, ReadFuture, DEFAULT_IN_FLIGHT};
 pub use zero::ZeroSource;
 
 /// What a read produced.
@@ -147,6 +149,13 @@ pub trait PageSource: Send + Sync + fmt::Debug {
     /// work batches to it. The default is 2 MiB.
     fn io_size(&self) -> usize {
         2 << 20
+    }
+
+    /// The same source as an [`AsyncSource`], when its reads wait on
+    /// something far away: the engine then keeps many of them in flight
+    /// instead of blocking a handler thread on each.
+    fn asynchronous(&self) -> Option<&AsyncSource> {
+        None
     }
 
     /// A short description for logs and reports.

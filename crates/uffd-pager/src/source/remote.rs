@@ -1,0 +1,202 @@
+//! Sources whose reads wait on something far away (a network peer, object
+//! storage): many reads in flight, no thread per read.
+//!
+//! Such a source implements [`AsyncPageSource`] and is wrapped in an
+//! [`AsyncSource`], which owns a small tokio runtime. The engine claims a
+//! faulting page, starts its read on the runtime and goes back to reading
+//! faults; when the bytes arrive, a handler thread installs them and the
+//! kernel wakes the faulting thread. A page that is present is served
+//! without asking the source, and a page being fetched is fetched once,
+//! however many faults want it (the engine's per-page claims).
+//!
+//! Why a runtime and not threads: a read that takes 10-100 ms costs a task
+//! (a few hundred bytes) instead of a thread per read, so hundreds can be
+//! in flight; the network and object-store clients this is for are async
+//! already.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use super::{check_bounds, Content, PageSource, SourceError};
+
+/// What an asynchronous read produced: the bytes, or the knowledge that
+/// they are all zero (then no bytes travel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// Exactly the bytes asked for.
+    Data(Vec<u8>),
+    /// The whole range is zero.
+    Zero,
+}
+
+/// A read in progress.
+pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Fetched, SourceError>> + Send + 'a>>;
+
+/// Where page contents come from, when getting them means waiting.
+///
+/// Offsets are source offsets, as for [`PageSource`]. `read` must produce
+/// exactly `len` bytes or an error; transient errors are retried by the
+/// engine with backoff, others poison the pages.
+pub trait AsyncPageSource: Send + Sync + fmt::Debug {
+    /// The number of bytes the source can provide.
+    fn len(&self) -> u64;
+
+    /// True when the source is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads `offset..offset + len`.
+    fn read(&self, offset: u64, len: usize) -> ReadFuture<'_>;
+
+    /// The read size this source works best with (see
+    /// [`PageSource::io_size`]).
+    fn io_size(&self) -> usize {
+        2 << 20
+    }
+
+    /// A short description for logs and reports.
+    fn describe(&self) -> String;
+}
+
+/// Reads in flight at once per source, by default.
+pub const DEFAULT_IN_FLIGHT: usize = 512;
+
+/// An [`AsyncPageSource`] made usable by the engine: it owns the runtime
+/// the reads run on, bounds how many are in flight, and offers the
+/// blocking [`PageSource`] interface too (for background fill and replay,
+/// which wait on their reads anyway).
+pub struct AsyncSource {
+    inner: Arc<dyn AsyncPageSource>,
+    runtime: tokio::runtime::Runtime,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl fmt::Debug for AsyncSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncSource")
+            .field("inner", &self.inner)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl AsyncSource {
+    /// Wraps `inner`, with at most [`DEFAULT_IN_FLIGHT`] reads in flight.
+    pub fn new(inner: Arc<dyn AsyncPageSource>) -> std::io::Result<AsyncSource> {
+        AsyncSource::with_limit(inner, DEFAULT_IN_FLIGHT)
+    }
+
+    /// Wraps `inner`, with at most `limit` reads in flight (at least one);
+    /// more wait for a place, without holding a buffer.
+    pub fn with_limit(
+        inner: Arc<dyn AsyncPageSource>,
+        limit: usize,
+    ) -> std::io::Result<AsyncSource> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("uffd-source-io")
+            .enable_all()
+            .build()?;
+        let limit = limit.max(1);
+        Ok(AsyncSource {
+            inner,
+            runtime,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        })
+    }
+
+    /// The source it wraps.
+    pub fn inner(&self) -> &Arc<dyn AsyncPageSource> {
+        &self.inner
+    }
+
+    /// Starts reading `offset..offset + len` and calls `done` with the
+    /// result on a runtime thread. Transient failures are retried up to
+    /// `retries` times with exponential backoff from 1 ms.
+    pub(crate) fn start(
+        &self,
+        offset: u64,
+        len: usize,
+        retries: u32,
+        done: impl FnOnce(Result<Fetched, SourceError>) + Send + 'static,
+    ) {
+        let inner = Arc::clone(&self.inner);
+        let places = Arc::clone(&self.in_flight);
+        self.runtime.spawn(async move {
+            let _place = places.acquire_owned().await;
+            done(read_with_retries(&*inner, offset, len, retries).await);
+        });
+    }
+}
+
+async fn read_with_retries(
+    source: &dyn AsyncPageSource,
+    offset: u64,
+    len: usize,
+    retries: u32,
+) -> Result<Fetched, SourceError> {
+    let mut attempt = 0;
+    loop {
+        let result = match check_bounds(offset, len as u64, source.len()) {
+            Ok(()) => source.read(offset, len).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Fetched::Data(bytes)) if bytes.len() != len => {
+                return Err(SourceError::Failed {
+                    offset,
+                    len: len as u64,
+                    source: std::io::Error::other(format!(
+                        "the source returned {} bytes for a read of {len}",
+                        bytes.len()
+                    )),
+                })
+            }
+            Err(e) if e.is_transient() && attempt < retries => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(1 << attempt.min(8))).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+impl PageSource for AsyncSource {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let result =
+            self.runtime
+                .block_on(read_with_retries(&*self.inner, offset, buf.len(), 0))?;
+        Ok(match result {
+            Fetched::Zero => Content::Zero,
+            Fetched::Data(bytes) => {
+                buf.copy_from_slice(&bytes);
+                Content::Data
+            }
+        })
+    }
+
+    fn io_size(&self) -> usize {
+        self.inner.io_size()
+    }
+
+    fn asynchronous(&self) -> Option<&AsyncSource> {
+        Some(self)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (async, {} in flight at most)",
+            self.inner.describe(),
+            self.limit
+        )
+    }
+}

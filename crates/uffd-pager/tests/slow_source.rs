@@ -1,0 +1,137 @@
+//! A source that takes 10 ms per read must not stall the faults behind it:
+//! the engine keeps the reads in flight on the source's runtime (no thread
+//! per read), so 64 threads faulting 64 distinct pages all wait about one
+//! read, not 64.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use uffd::Features;
+use uffd_pager::{AsyncPageSource, AsyncSource, Fetched, Pager, ReadFuture, Region, SourceError};
+
+const PAGES: usize = 64;
+/// Far enough apart that no two faults share a granule or a readahead.
+const STRIDE: usize = 16;
+const LEN: usize = PAGES * STRIDE * 4096;
+
+/// Every page holds its index; each read sleeps `delay` first.
+#[derive(Debug)]
+struct SlowSource {
+    delay: Duration,
+    reads: AtomicU64,
+    fail_page: Option<u64>,
+}
+
+impl AsyncPageSource for SlowSource {
+    fn len(&self) -> u64 {
+        LEN as u64
+    }
+
+    fn read(&self, offset: u64, len: usize) -> ReadFuture<'_> {
+        Box::pin(async move {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            let first = offset / 4096;
+            if let Some(bad) = self.fail_page {
+                if (first..first + (len / 4096) as u64).contains(&bad) {
+                    return Err(SourceError::Failed {
+                        offset,
+                        len: len as u64,
+                        source: std::io::Error::from_raw_os_error(5),
+                    });
+                }
+            }
+            let mut bytes = vec![0u8; len];
+            for (i, page) in bytes.chunks_mut(4096).enumerate() {
+                page.fill((first as usize + i) as u8 | 1);
+            }
+            Ok(Fetched::Data(bytes))
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("slow ({:?} per read)", self.delay)
+    }
+}
+
+#[test]
+fn sixty_four_faults_on_a_10ms_source_wait_for_about_one_read() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let uffd = open(Features::empty());
+    let memory = anon_registered(&uffd, LEN);
+    let slow = Arc::new(SlowSource {
+        delay: Duration::from_millis(10),
+        reads: AtomicU64::new(0),
+        fail_page: None,
+    });
+    let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
+    let pager = Pager::builder(source)
+        .threads(1)
+        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+        .unwrap();
+    let started = Instant::now();
+    let readers: Vec<_> = (0..PAGES)
+        .map(|i| {
+            let m = Arc::clone(&memory);
+            std::thread::spawn(move || m.read_byte(i * STRIDE * 4096 + 100))
+        })
+        .collect();
+    let got: Vec<u8> = bounded("64 readers of a 10 ms source", move || {
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let elapsed = started.elapsed();
+    for (i, &b) in got.iter().enumerate() {
+        assert_eq!(b, (i * STRIDE) as u8 | 1, "page {i}");
+    }
+    let stats = pager.shutdown();
+    assert_eq!(stats.async_fetches, PAGES as u64, "{stats:?}");
+    assert_eq!(slow.reads.load(Ordering::SeqCst), PAGES as u64);
+    // The reads overlapped: one handler thread serving them one at a time
+    // would never have more than one in flight.
+    assert!(
+        stats.async_in_flight_max >= 8,
+        "at most {} reads were in flight ({elapsed:?} in all): {stats:?}",
+        stats.async_in_flight_max
+    );
+    // A generous bound, far under 64 x 10 ms: it fails only if reads run
+    // one after another.
+    assert!(elapsed < Duration::from_millis(600), "{elapsed:?}");
+}
+
+#[test]
+fn a_failing_read_poisons_only_its_page() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let uffd = open(Features::empty());
+    let memory = anon_registered(&uffd, 64 * 4096);
+    let slow = Arc::new(SlowSource {
+        delay: Duration::from_millis(1),
+        reads: AtomicU64::new(0),
+        fail_page: Some(40),
+    });
+    let source = Arc::new(AsyncSource::new(slow).unwrap());
+    let pager = Pager::builder(source)
+        .granule(64 << 10)
+        .start(uffd, vec![Region::new(memory.addr(), 64 * 4096, 0, 4096)])
+        .unwrap();
+    // Page 39 shares a 64 KiB granule with the bad page 40: the batch read
+    // fails, then each page is asked for alone.
+    assert_eq!(
+        bounded("reading page 39", {
+            let m = Arc::clone(&memory);
+            move || m.read_byte(39 * 4096)
+        }),
+        39 | 1
+    );
+    let poisoned = pager.poisoned();
+    assert_eq!(poisoned.len(), 1, "{poisoned:?}");
+    assert_eq!(poisoned[0].source_offset, 40 * 4096);
+    pager.shutdown();
+}
