@@ -1323,8 +1323,25 @@ impl<'a> Worker<'a> {
             }
             _ => {}
         }
-        let Some(first_claim) = span.states.claim(p) else {
-            return Step::Abandoned;
+        // A page the fill or replay claimed is taken over: this fault is
+        // served now, not after the background batch.
+        let stolen = current == state::CLAIMED_BG
+            && self.strategy() != Strategy::Continue
+            && span.states.steal(p);
+        let first_claim = if stolen {
+            c.stolen_from_background.fetch_add(1, Ordering::Relaxed);
+            state::CLAIMED
+        } else {
+            match span.states.claim(p) {
+                Some(claim) => claim,
+                None if current == state::CLAIMED_BG => {
+                    // Continue: the fill writes it through the alias and
+                    // maps nothing; come back once it is there.
+                    c.duplicate_faults.fetch_add(1, Ordering::Relaxed);
+                    return Step::Defer;
+                }
+                None => return Step::Abandoned,
+            }
         };
         if first_claim == state::CLAIMED && self.shared.config.record {
             lock(&self.shared.recorded).push(span.source_of(p));
@@ -1540,7 +1557,7 @@ impl<'a> Worker<'a> {
         let mut any = false;
         for (k, &cl) in claims.iter().enumerate() {
             if cl != 0 {
-                claim.span.states.release(from + k);
+                claim.span.states.release(from + k, cl);
                 any = true;
             }
         }
@@ -1684,10 +1701,12 @@ impl<'a> Worker<'a> {
             && content == Content::Data
             && len == BATCH_BYTES
             && span.addr_of(from) % BATCH_BYTES == 0
-            && claims.iter().all(|&c| c == state::CLAIMED);
+            && claims
+                .iter()
+                .all(|&c| c == state::CLAIMED || c == state::CLAIMED_BG);
         // Unclaimed pages (present already, or not selected by a sparse
         // replay window) are never scanned.
-        let kinds: Vec<u8> = (0..claims.len())
+        let mut kinds: Vec<u8> = (0..claims.len())
             .map(|k| {
                 if claims[k] == 0 {
                     0
@@ -1720,11 +1739,22 @@ impl<'a> Worker<'a> {
 
         // Install under the read lock, after checking no event overtook us.
         let table = read(&target.table);
+        // A background claim a demand fault took over is that fault's to
+        // install: skip it, it does not make the batch stale.
+        let stolen = |k: usize| {
+            claims[k] == state::CLAIMED_BG
+                && matches!(span.states.get(from + k), state::CLAIMED | state::PRESENT)
+        };
         let intact = table.generation == claim.generation
             && claims
                 .iter()
                 .enumerate()
-                .all(|(k, &cl)| cl == 0 || span.states.get(from + k) == cl);
+                .all(|(k, &cl)| cl == 0 || span.states.get(from + k) == cl || stolen(k));
+        for (k, kind) in kinds.iter_mut().enumerate() {
+            if stolen(k) {
+                *kind = 0;
+            }
+        }
         if !intact {
             drop(table);
             self.shared
@@ -2217,7 +2247,7 @@ fn settle(shared: &Arc<Shared>, target: &Target, deadline: Instant) -> Settled {
 /// A page whose content the target does not have yet, and which would
 /// read wrong (zero) without a handler.
 fn unsettled(s: u8) -> bool {
-    s == state::MISSING || s == state::CLAIMED
+    matches!(s, state::MISSING | state::CLAIMED | state::CLAIMED_BG)
 }
 
 /// Missing pages, and pages a thread is installing right now.
@@ -2228,7 +2258,7 @@ fn unsettled_pages(target: &Target) -> (usize, usize) {
         for i in span.first..span.index_end() {
             match span.states.get(i) {
                 state::MISSING => missing += 1,
-                state::CLAIMED => in_flight += 1,
+                state::CLAIMED | state::CLAIMED_BG => in_flight += 1,
                 _ => {}
             }
         }
@@ -2318,8 +2348,8 @@ fn fill_chunk(
     for i in lo..hi {
         let wanted = selected.map_or(true, |s| s[i - lo]);
         // Removed (ballooned) pages stay unpopulated.
-        let c = if wanted && span.states.get(i) == state::MISSING {
-            span.states.claim(i).unwrap_or(0)
+        let c = if wanted {
+            span.states.claim_background(i).unwrap_or(0)
         } else {
             0
         };

@@ -78,7 +78,9 @@ impl Region {
 /// Page states. Transitions: MISSING/REMOVED -> CLAIMED/CLAIMED_ZERO (one
 /// thread wins the CAS and fetches) -> PRESENT/PREFETCHED (after the
 /// ioctl, under the table's read lock) and REMOVE events -> REMOVED (under
-/// the write lock).
+/// the write lock). Background work (fill, replay) claims MISSING ->
+/// CLAIMED_BG, which a demand fault may steal (-> CLAIMED) so that it
+/// never waits behind a whole background batch.
 pub(crate) mod state {
     pub const MISSING: u8 = 0;
     pub const REMOVED: u8 = 1;
@@ -87,6 +89,7 @@ pub(crate) mod state {
     pub const PRESENT: u8 = 4;
     pub const PREFETCHED: u8 = 5;
     pub const POISONED: u8 = 6;
+    pub const CLAIMED_BG: u8 = 7;
 }
 
 /// The state of every page of one original region, shared by the pieces
@@ -134,10 +137,27 @@ impl PageStates {
         self.cas(i, current, to).then_some(to)
     }
 
-    /// Undoes a claim that was not installed.
-    pub(crate) fn release(&self, i: usize) {
-        let _ = self.cas(i, state::CLAIMED, state::MISSING)
-            || self.cas(i, state::CLAIMED_ZERO, state::REMOVED);
+    /// Claims a missing page `i` for background work (MISSING ->
+    /// CLAIMED_BG); a demand fault may take it over with [`Self::steal`].
+    pub(crate) fn claim_background(&self, i: usize) -> Option<u8> {
+        self.cas(i, state::MISSING, state::CLAIMED_BG)
+            .then_some(state::CLAIMED_BG)
+    }
+
+    /// Takes a background claim over for a demand fault (CLAIMED_BG ->
+    /// CLAIMED): the background batch then skips the page.
+    pub(crate) fn steal(&self, i: usize) -> bool {
+        self.cas(i, state::CLAIMED_BG, state::CLAIMED)
+    }
+
+    /// Undoes claim `claimed` of page `i` that was not installed; a claim
+    /// someone else holds now (a stolen background claim) stays theirs.
+    pub(crate) fn release(&self, i: usize, claimed: u8) {
+        let back = match claimed {
+            state::CLAIMED_ZERO => state::REMOVED,
+            _ => state::MISSING,
+        };
+        let _ = self.cas(i, claimed, back);
     }
 
     pub(crate) fn mark_dirty(&self, i: usize) -> bool {
@@ -382,11 +402,25 @@ mod tests {
         let s = PageStates::new(2, false);
         assert_eq!(s.claim(0), Some(state::CLAIMED));
         assert_eq!(s.claim(0), None);
-        s.release(0);
+        s.release(0, state::CLAIMED);
         assert_eq!(s.get(0), state::MISSING);
         s.set(1, state::REMOVED);
         assert_eq!(s.claim(1), Some(state::CLAIMED_ZERO));
-        s.release(1);
+        s.release(1, state::CLAIMED_ZERO);
         assert_eq!(s.get(1), state::REMOVED);
+        // Background claims: not for removed pages; stolen by a fault.
+        assert_eq!(s.claim_background(1), None);
+        assert_eq!(s.claim_background(0), Some(state::CLAIMED_BG));
+        assert_eq!(s.claim(0), None);
+        assert!(s.steal(0));
+        assert_eq!(s.get(0), state::CLAIMED);
+        assert!(!s.steal(0));
+        // The background batch gives its claim back: the thief keeps it.
+        s.release(0, state::CLAIMED_BG);
+        assert_eq!(s.get(0), state::CLAIMED);
+        s.release(0, state::CLAIMED);
+        assert_eq!(s.claim_background(0), Some(state::CLAIMED_BG));
+        s.release(0, state::CLAIMED_BG);
+        assert_eq!(s.get(0), state::MISSING);
     }
 }

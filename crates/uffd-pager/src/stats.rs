@@ -201,6 +201,9 @@ counters! {
     async_fetches,
     /// Most asynchronous reads in flight at once.
     async_in_flight_max,
+    /// Demand faults on pages the fill or replay had claimed, served at
+    /// once instead of after the background batch.
+    stolen_from_background,
 }
 
 impl Counters {

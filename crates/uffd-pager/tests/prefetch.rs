@@ -118,3 +118,78 @@ fn working_set_is_recorded_saved_and_replayed() {
     );
     assert_eq!(stats.prefetched_pages, touched.len() as u64, "{stats:?}");
 }
+
+/// Pages hold 0x5A; reads of more than one page (the fill's batches) wait
+/// until `release`, single pages pass at once.
+#[derive(Debug, Default)]
+struct BlockedBatches {
+    batches_started: std::sync::atomic::AtomicU64,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl uffd_pager::PageSource for BlockedBatches {
+    fn len(&self) -> u64 {
+        (4 << 20) as u64
+    }
+    fn read_at(
+        &self,
+        _offset: u64,
+        buf: &mut [u8],
+    ) -> Result<uffd_pager::Content, uffd_pager::SourceError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if buf.len() > 4096 {
+            self.batches_started.fetch_add(1, SeqCst);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !self.released.load(SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        buf.fill(0x5A);
+        Ok(uffd_pager::Content::Data)
+    }
+    fn describe(&self) -> String {
+        "blocked batches".into()
+    }
+}
+
+#[test]
+fn a_fault_on_a_page_the_fill_claimed_is_served_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let len = 4 << 20;
+    let uffd = open(Features::EVENT_REMOVE);
+    let memory = anon_registered(&uffd, len);
+    let source = Arc::new(BlockedBatches::default());
+    let pager = Pager::builder(Arc::clone(&source) as Arc<dyn uffd_pager::PageSource>)
+        .background_fill(true)
+        .start(uffd, vec![Region::new(memory.addr(), len as u64, 0, 4096)])
+        .unwrap();
+    // The fill claims the first 2 MiB and waits in its read.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while source.batches_started.load(SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fill never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // A fault inside that batch is served now, not after it.
+    let m = Arc::clone(&memory);
+    let got = bounded("a fault behind a blocked fill batch", move || {
+        m.read_byte(5 * 4096 + 1)
+    });
+    assert_eq!(got, 0x5A);
+    assert_eq!(
+        pager.stats().stolen_from_background,
+        1,
+        "{:?}",
+        pager.stats()
+    );
+    source.released.store(true, SeqCst);
+    assert!(pager.wait_filled(std::time::Duration::from_secs(30)));
+    let all = read_all(&memory, "after the fill");
+    assert!(all.iter().all(|&b| b == 0x5A));
+    pager.shutdown();
+}

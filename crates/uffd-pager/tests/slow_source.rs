@@ -130,6 +130,11 @@ fn a_failing_read_poisons_only_its_page() {
         }),
         39 | 1
     );
+    // Page 40's own read fails a moment later, on the runtime.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pager.poisoned().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let poisoned = pager.poisoned();
     assert_eq!(poisoned.len(), 1, "{poisoned:?}");
     assert_eq!(poisoned[0].source_offset, 40 * 4096);
