@@ -61,6 +61,12 @@ pub enum WaitMode {
     /// then sleep: a fault that follows soon after another is seen without
     /// a scheduler wake-up of the handler, at the cost of a busy core.
     Spin(Duration),
+    /// Like `Spin`, but only while nobody else wants the core: when the
+    /// scheduler preempts a spinning handler (more runnable threads, such
+    /// as vCPUs, than cores), it sleeps instead for a while, longer each
+    /// time. The right default for a server that shares the machine with
+    /// the VMs it serves.
+    Adaptive(Duration),
 }
 
 /// What else to fetch when a page faults.

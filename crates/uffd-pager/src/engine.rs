@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use rustix::event::EventfdFlags;
 use rustix::mm::Advice;
 use tracing::{debug, debug_span, error, info, trace, warn};
 use uffd::{
@@ -22,6 +22,7 @@ use crate::mem::AlignedAnon;
 use crate::region::{state, PageStates, Region, Span, Table};
 use crate::source::{is_zero, Content, Fetched, PageSource, SourceError};
 use crate::stats::{Counters, Stats};
+use crate::wait::{SpinPolicy, Waiter};
 use crate::{Prefetch, Strategy, WaitMode, WorkingSet};
 
 /// Why a pager could not start.
@@ -941,30 +942,30 @@ fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
             return;
         }
     };
+    let pidfd = shared.pidfd.as_ref().filter(|_| target.watch_pid);
+    let waiter = match Waiter::new(&target.uffd, &shared.stop.fd, &shared.completion_fd, pidfd) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "handler cannot set up its epoll set");
+            shared.mark_gone(target);
+            return;
+        }
+    };
     let mut events = EventBuffer::new(128);
     let mut faults: Vec<(Pagefault, Instant)> = Vec::with_capacity(128);
     let mut deferred: Vec<(Pagefault, Instant)> = Vec::new();
-    let spin_budget = match shared.config.wait {
-        WaitMode::Spin(budget) => Some(budget),
-        WaitMode::Block => None,
+    let mut spin = match shared.config.wait {
+        WaitMode::Block => SpinPolicy::block(),
+        WaitMode::Spin(budget) => SpinPolicy::fixed(budget),
+        WaitMode::Adaptive(budget) => SpinPolicy::adaptive(budget),
     };
-    // Low-latency mode spins on the non-blocking read itself (no poll
-    // before it), so a fault costs one read and its resolving ioctl; this
-    // is when the spin started finding nothing.
-    let mut idle_since: Option<Instant> = None;
+    // While spinning, the handler reads the non-blocking userfaultfd again
+    // at once (no epoll_wait before it), so a fault costs one read and its
+    // resolving ioctl, and the handler is never woken.
+    let mut spinning = false;
     while !shared.stopping() && !target.gone.load(Ordering::Relaxed) {
-        if deferred.is_empty() {
-            let spinning = match (spin_budget, idle_since) {
-                (Some(_), None) => true,
-                (Some(budget), Some(since)) => since.elapsed() < budget,
-                (None, _) => false,
-            };
-            if !spinning {
-                idle_since = None;
-                if !wait_for_messages(shared, target) {
-                    continue;
-                }
-            }
+        if deferred.is_empty() && !spinning && !wait_for_messages(shared, target, &waiter) {
+            continue;
         }
         let read = match drain(shared, target, &mut events, &mut faults) {
             Ok(n) => n,
@@ -980,16 +981,16 @@ fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
             worker.finish_fetch(done);
         }
         if read == 0 && deferred.is_empty() {
-            if had_completions {
-                continue;
+            if !had_completions {
+                spinning = spin.keep_spinning();
+                if spinning {
+                    std::hint::spin_loop();
+                }
             }
-            if spin_budget.is_some() && idle_since.is_none() {
-                idle_since = Some(Instant::now());
-            }
-            std::hint::spin_loop();
             continue;
         }
-        idle_since = None;
+        spin.busy();
+        spinning = spin.spins();
         if !deferred.is_empty() {
             if read == 0 {
                 // The pending event is being applied by another thread, or
@@ -1020,52 +1021,36 @@ fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     }
 }
 
-/// Waits until messages may be readable; false when stopping or gone.
-fn wait_for_messages(shared: &Shared, target: &Target) -> bool {
-    let pidfd = shared.pidfd.as_ref().filter(|_| target.watch_pid);
-    let mut fds = vec![
-        PollFd::new(&target.uffd, PollFlags::IN),
-        PollFd::new(&shared.stop.fd, PollFlags::IN),
-        PollFd::new(&shared.completion_fd, PollFlags::IN),
-    ];
-    if let Some(pidfd) = pidfd {
-        fds.push(PollFd::new(pidfd, PollFlags::IN));
-    }
-    let timeout = rustix::time::Timespec {
-        tv_sec: 1,
-        tv_nsec: 0,
-    };
-    match rustix::event::poll(&mut fds, Some(&timeout)) {
-        Ok(0) | Err(rustix::io::Errno::INTR) => false,
-        Ok(_) => {
-            if fds.get(3).is_some_and(|f| !f.revents().is_empty()) {
-                shared.mark_gone(target);
-                return false;
-            }
-            if !fds[2].revents().is_empty() {
-                // Reset the eventfd here, where it woke us: a completion
-                // queued after this read writes it again.
-                let mut count = [0u8; 8];
-                let _ = rustix::io::read(&shared.completion_fd, &mut count);
-                return true;
-            }
-            let uffd = fds[0].revents();
-            if uffd.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
-                warn!(
-                    target = target.id,
-                    "userfaultfd reports an error; no longer serving it"
-                );
-                shared.mark_gone(target);
-                return false;
-            }
-            uffd.contains(PollFlags::IN)
-        }
+/// Sleeps until messages may be readable or asynchronous reads finished;
+/// false when stopping, gone or nothing happened within a second.
+fn wait_for_messages(shared: &Shared, target: &Target, waiter: &Waiter) -> bool {
+    let woken = match waiter.wait(Duration::from_secs(1)) {
+        Ok(w) => w,
         Err(e) => {
-            error!(error = %e, "poll failed");
+            error!(error = %e, "epoll_wait failed");
             shared.mark_gone(target);
-            false
+            return false;
         }
+    };
+    if woken.target_gone {
+        shared.mark_gone(target);
+        return false;
     }
+    if woken.broken {
+        warn!(
+            target = target.id,
+            "userfaultfd reports an error; no longer serving it"
+        );
+        shared.mark_gone(target);
+        return false;
+    }
+    if woken.completions {
+        // Reset the eventfd here, where it woke us: a completion queued
+        // after this read writes it again.
+        let mut count = [0u8; 8];
+        let _ = rustix::io::read(&shared.completion_fd, &mut count);
+    }
+    woken.messages || woken.completions
 }
 
 /// Reads messages under the table's write lock and applies the

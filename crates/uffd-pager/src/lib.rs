@@ -50,6 +50,7 @@ mod region;
 mod sigbus;
 pub mod source;
 mod stats;
+mod wait;
 mod workingset;
 
 pub use config::{Prefetch, Strategy, WaitMode, BATCH_BYTES};

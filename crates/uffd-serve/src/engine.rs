@@ -112,8 +112,11 @@ pub struct PagerEngineConfig {
     pub prefetch: Option<WorkingSet>,
     /// Then install everything else in the background.
     pub background_fill: bool,
-    /// Before sleeping in poll(2), keep reading the userfaultfd this long.
+    /// Before sleeping, keep reading the userfaultfd this long.
     pub spin: Duration,
+    /// Spin only while no other thread wants the core (see
+    /// [`WaitMode::Adaptive`]); false spins regardless.
+    pub spin_adaptive: bool,
     /// Unit of one resolve on 4 KiB regions (4 KiB = exactly the faulting page).
     pub granule: u64,
 }
@@ -126,6 +129,7 @@ impl Default for PagerEngineConfig {
             prefetch: None,
             background_fill: false,
             spin: Duration::ZERO,
+            spin_adaptive: true,
             granule: PAGE_4K,
         }
     }
@@ -231,10 +235,10 @@ impl PagerEngine {
             }
             other => other.clone(),
         };
-        let wait = if self.config.spin.is_zero() {
-            WaitMode::Block
-        } else {
-            WaitMode::Spin(self.config.spin)
+        let wait = match (self.config.spin.is_zero(), self.config.spin_adaptive) {
+            (true, _) => WaitMode::Block,
+            (false, true) => WaitMode::Adaptive(self.config.spin),
+            (false, false) => WaitMode::Spin(self.config.spin),
         };
         Pager::builder(self.source.clone())
             .strategy(Strategy::Copy)

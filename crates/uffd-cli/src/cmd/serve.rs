@@ -91,9 +91,15 @@ struct ServeArgs {
     #[arg(long, value_name = "UID")]
     allow_uid: Option<u32>,
     /// Spin this many microseconds reading the userfaultfd before sleeping:
-    /// lower fault latency for a busy VM, at the cost of CPU. 0 = never spin.
-    #[arg(long, default_value_t = 0, value_name = "US")]
+    /// a fault soon after another is served without waking the handler.
+    /// Spinning backs off while other threads (the VMs' vCPUs) want the
+    /// core; 0 = never spin.
+    #[arg(long, default_value_t = 50, value_name = "US")]
     spin_us: u64,
+    /// Spin for --spin-us even when other threads want the core (for a
+    /// server with cores of its own).
+    #[arg(long)]
+    spin_always: bool,
     /// Bytes installed per fault on 4 KiB regions: 4096 serves exactly the
     /// faulting page (as Firecracker's handler does); a larger power of two
     /// up to 2 MiB also installs its aligned neighbours (fewer faults, more
@@ -233,6 +239,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
             prefetch,
             background_fill: a.background_fill,
             spin: Duration::from_micros(a.spin_us),
+            spin_adaptive: !a.spin_always,
             granule: a.granule,
         },
     ));
