@@ -502,7 +502,21 @@ impl Pager {
             let t = Arc::clone(&target);
             let handle = std::thread::Builder::new()
                 .name(format!("{}-fill", shared.config.name))
-                .spawn(move || fill_main(&s, &t))
+                .spawn(move || {
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        fill_main(&s, &t)
+                    }));
+                    if let Err(panic) = run {
+                        s.counters.handler_panics.fetch_add(1, Ordering::Relaxed);
+                        error!(
+                            pager = %s.config.name,
+                            panic = panic_message(&*panic),
+                            "the fill thread panicked; demand faults are still served"
+                        );
+                        *lock(&s.fill_done) = true;
+                        s.fill_cv.notify_all();
+                    }
+                })
                 .map_err(io_err("spawning the fill thread"))?;
             lock(&shared.threads).push(handle);
         }
@@ -645,7 +659,13 @@ impl Pager {
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-detach-{}", self.shared.config.name, target.id))
                 .spawn(move || {
-                    let end = settle(&s, &t, deadline);
+                    let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        settle(&s, &t, deadline)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        error!(panic = panic_message(&*panic), "the detach fill panicked");
+                        Settled::Incomplete
+                    });
                     let _ = tx.send((t.id, end));
                 });
             match spawned {
@@ -909,6 +929,64 @@ impl Shared {
         done
     }
 
+    /// The claimed pages cannot be produced: poison them so that access
+    /// raises SIGBUS instead of reading wrong bytes or hanging.
+    fn poison(
+        &self,
+        target: &Target,
+        claim: &Claim,
+        from: usize,
+        claims: &[u8],
+        why: &str,
+    ) -> Step {
+        let span = &claim.span;
+        let ps = span.page_size;
+        let addr = span.addr_of(from);
+        let len = claims.len() as u64 * ps;
+        error!(address = addr, error = why, source = %self.source.describe(), "the page cannot be produced; poisoning it");
+        let table = read(&target.table);
+        if table.generation != claim.generation {
+            drop(table);
+            release(target, claim, from, claims);
+            return Step::Abandoned;
+        }
+        // SAFETY: the range is the target's registered memory that we
+        // claimed; its contents cannot be produced, so SIGBUS on access is
+        // the intended result.
+        let r = target.uffd.resolve(addr, len, ps, |off, rest| unsafe {
+            target.uffd.poison(addr + off, rest, PoisonMode::empty())
+        });
+        match r {
+            Ok(Resolved::Complete { .. }) => {
+                for k in 0..claims.len() {
+                    span.states.set(from + k, state::POISONED);
+                }
+                Counters::add(&self.counters.poisoned, claims.len() as u64);
+                let mut list = lock(&self.poisoned);
+                for k in 0..claims.len() {
+                    list.push(PoisonedPage {
+                        address: span.addr_of(from + k),
+                        source_offset: span.source_of(from + k),
+                        error: why.to_string(),
+                    });
+                }
+                Step::Done
+            }
+            Ok(Resolved::RetryAfterEvents { .. }) => {
+                drop(table);
+                release(target, claim, from, claims);
+                Step::Defer
+            }
+            Ok(Resolved::TargetGone) => Step::Gone,
+            Err(err) => {
+                error!(error = %err, "POISON failed");
+                drop(table);
+                release(target, claim, from, claims);
+                Step::Done
+            }
+        }
+    }
+
     fn mark_gone(&self, target: &Target) {
         if !target.gone.swap(true, Ordering::SeqCst) {
             debug!(target = target.id, "target process gone");
@@ -925,11 +1003,49 @@ fn spawn_handlers(shared: &Arc<Shared>, target: &Arc<Target>) -> Result<(), Page
         let t = Arc::clone(target);
         let handle = std::thread::Builder::new()
             .name(format!("{}-{}-{n}", shared.config.name, target.id))
-            .spawn(move || handler_main(&s, &t))
+            .spawn(move || handle_faults_surviving_panics(&s, &t))
             .map_err(io_err("spawning a handler thread"))?;
         lock(&shared.threads).push(handle);
     }
     Ok(())
+}
+
+/// Runs a handler thread; a panic in it (a source or the engine failing
+/// unforeseen) is logged and counted, the pages it held are poisoned by
+/// their [`ClaimGuard`], and the handler starts again after a pause that
+/// grows while panics repeat: the target never loses its handler.
+fn handle_faults_surviving_panics(shared: &Arc<Shared>, target: &Arc<Target>) {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handler_main(shared, target)
+        }));
+        let Err(panic) = run else { return };
+        shared
+            .counters
+            .handler_panics
+            .fetch_add(1, Ordering::Relaxed);
+        error!(
+            pager = %shared.config.name,
+            target = target.id,
+            panic = panic_message(&*panic),
+            "a handler thread panicked; it starts again"
+        );
+        if shared.stopping() || target.gone.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The text of a panic payload, when it is one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
@@ -1361,6 +1477,14 @@ impl<'a> Worker<'a> {
             }
         }
         let claims = std::mem::take(&mut self.claims);
+        let shared: &Shared = self.shared;
+        let _guard = ClaimGuard {
+            shared,
+            target,
+            claim: &claim,
+            from: lo,
+            claims: &claims,
+        };
         // Demand part first: its thread wakes before the readahead runs.
         let (demand, ahead) = claims.split_at(demand_hi - lo);
         let mut step = self.fetch_and_install(target, &claim, lo, demand);
@@ -1375,6 +1499,7 @@ impl<'a> Worker<'a> {
         } else if !ahead.is_empty() {
             self.release(target, &claim, demand_hi, ahead);
         }
+        drop(_guard);
         self.claims = claims;
         step
     }
@@ -1408,8 +1533,13 @@ impl<'a> Worker<'a> {
         shared.fetches_in_flight.fetch_add(1, Ordering::SeqCst);
         Counters::add(&shared.counters.async_fetches, 1);
         let retries = shared.config.source_retries;
-        let done_shared = Arc::clone(&shared);
+        // Weak: a read still in flight must not keep a stopped pager (and
+        // so the runtime it runs on) alive.
+        let done_shared = Arc::downgrade(&shared);
         remote.start(offset, len, retries, move |result| {
+            let Some(done_shared) = done_shared.upgrade() else {
+                return;
+            };
             done_shared.complete(Completion {
                 target,
                 claim,
@@ -1431,6 +1561,14 @@ impl<'a> Worker<'a> {
             started,
             result,
         } = done;
+        let shared: &Shared = self.shared;
+        let _guard = ClaimGuard {
+            shared,
+            target: &target,
+            claim: &claim,
+            from,
+            claims: &claims,
+        };
         let step = match result {
             Ok(Fetched::Zero) => self.install_fetched(
                 &target,
@@ -1539,27 +1677,7 @@ impl<'a> Worker<'a> {
     /// Undoes claims on `from..` and wakes those pages so that any thread
     /// waiting on them faults again.
     fn release(&self, target: &Target, claim: &Claim, from: usize, claims: &[u8]) {
-        let mut any = false;
-        for (k, &cl) in claims.iter().enumerate() {
-            if cl != 0 {
-                claim.span.states.release(from + k, cl);
-                any = true;
-            }
-        }
-        if !any {
-            return;
-        }
-        let ps = claim.span.page_size;
-        let len = claims.len() as u64 * ps;
-        let old = claim.span.addr_of(from);
-        let _ = target.uffd.wake(old, len);
-        // An event may have moved the pages: wake them where they are now.
-        let table = read(&target.table);
-        if let Some(now) = table.address_of(&claim.span.states, from) {
-            if now != old {
-                let _ = target.uffd.wake(now, len);
-            }
-        }
+        release(target, claim, from, claims);
     }
 
     /// Reads the claimed pages of `from..from + claims.len()` from the
@@ -1979,51 +2097,66 @@ impl<'a> Worker<'a> {
         claims: &[u8],
         e: &SourceError,
     ) -> Step {
-        let span = &claim.span;
-        let ps = span.page_size;
-        let addr = span.addr_of(from);
-        let len = claims.len() as u64 * ps;
-        error!(address = addr, error = %e, source = %self.shared.source.describe(), "source failed; poisoning the page");
-        let table = read(&target.table);
-        if table.generation != claim.generation {
-            drop(table);
-            self.release(target, claim, from, claims);
-            return Step::Abandoned;
+        self.shared
+            .poison(target, claim, from, claims, &e.to_string())
+    }
+}
+
+/// Undoes claims on `from..` and wakes those pages so that any thread
+/// waiting on them faults again.
+fn release(target: &Target, claim: &Claim, from: usize, claims: &[u8]) {
+    let mut any = false;
+    for (k, &cl) in claims.iter().enumerate() {
+        if cl != 0 {
+            claim.span.states.release(from + k, cl);
+            any = true;
         }
-        // SAFETY: the range is the target's registered memory that we
-        // claimed; its contents cannot be produced, so SIGBUS on access is
-        // the intended result.
-        let r = target.uffd.resolve(addr, len, ps, |off, rest| unsafe {
-            target.uffd.poison(addr + off, rest, PoisonMode::empty())
-        });
-        match r {
-            Ok(Resolved::Complete { .. }) => {
-                for k in 0..claims.len() {
-                    span.states.set(from + k, state::POISONED);
-                }
-                Counters::add(&self.shared.counters.poisoned, claims.len() as u64);
-                let mut list = lock(&self.shared.poisoned);
-                for k in 0..claims.len() {
-                    list.push(PoisonedPage {
-                        address: span.addr_of(from + k),
-                        source_offset: span.source_of(from + k),
-                        error: e.to_string(),
-                    });
-                }
-                Step::Done
-            }
-            Ok(Resolved::RetryAfterEvents { .. }) => {
-                drop(table);
-                self.release(target, claim, from, claims);
-                Step::Defer
-            }
-            Ok(Resolved::TargetGone) => Step::Gone,
-            Err(err) => {
-                error!(error = %err, "POISON failed");
-                drop(table);
-                self.release(target, claim, from, claims);
-                Step::Done
-            }
+    }
+    if !any {
+        return;
+    }
+    let ps = claim.span.page_size;
+    let len = claims.len() as u64 * ps;
+    let old = claim.span.addr_of(from);
+    let _ = target.uffd.wake(old, len);
+    // An event may have moved the pages: wake them where they are now.
+    let table = read(&target.table);
+    if let Some(now) = table.address_of(&claim.span.states, from) {
+        if now != old {
+            let _ = target.uffd.wake(now, len);
+        }
+    }
+}
+
+/// Holds claimed pages while a thread fetches and installs them. Dropped
+/// during a panic (a source, or the engine itself, failed in a way nobody
+/// foresaw), it poisons them: the faulting threads get SIGBUS instead of
+/// waiting forever on pages nobody will install, and the same failure is
+/// not retried in a loop.
+struct ClaimGuard<'a> {
+    shared: &'a Shared,
+    target: &'a Target,
+    claim: &'a Claim,
+    from: usize,
+    claims: &'a [u8],
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!(
+                pager = %self.shared.config.name,
+                address = format_args!("{:#x}", self.claim.span.addr_of(self.from)),
+                pages = self.claims.len(),
+                "a panic while serving these pages; poisoning them"
+            );
+            self.shared.poison(
+                self.target,
+                self.claim,
+                self.from,
+                self.claims,
+                "the engine panicked while serving the page",
+            );
         }
     }
 }
@@ -2352,7 +2485,16 @@ fn fill_chunk(
     };
     drop(table);
     let claims = std::mem::take(&mut worker.claims);
+    let shared: &Shared = worker.shared;
+    let guard = ClaimGuard {
+        shared,
+        target,
+        claim: &claim,
+        from: lo,
+        claims: &claims,
+    };
     let step = worker.fetch_and_install(target, &claim, lo, &claims);
+    drop(guard);
     worker.claims = claims;
     step
 }

@@ -204,6 +204,9 @@ counters! {
     /// Demand faults on pages the fill or replay had claimed, served at
     /// once instead of after the background batch.
     stolen_from_background,
+    /// Panics caught in handler, fill or detach threads (each logged; the
+    /// pages being served then are poisoned, the thread carries on).
+    handler_panics,
 }
 
 impl Counters {

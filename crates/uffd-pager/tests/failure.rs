@@ -98,3 +98,84 @@ fn a_short_snapshot_file_poisons_the_missing_pages() {
     assert_sigbus(status);
     assert_eq!(poisoned, vec![(BAD * 4096) as u64]);
 }
+
+/// Page i holds i + 1; reading page BAD panics (a buggy source).
+#[derive(Debug)]
+struct PanickingSource;
+
+impl PageSource for PanickingSource {
+    fn len(&self) -> u64 {
+        (PAGES * 4096) as u64
+    }
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<uffd_pager::Content, uffd_pager::SourceError> {
+        let bad = (BAD * 4096) as u64;
+        assert!(
+            !(offset <= bad && bad < offset + buf.len() as u64),
+            "injected panic: the source cannot read page {BAD}"
+        );
+        for (i, page) in buf.chunks_mut(4096).enumerate() {
+            page.fill((offset / 4096) as u8 + i as u8 + 1);
+        }
+        Ok(uffd_pager::Content::Data)
+    }
+    fn describe(&self) -> String {
+        "panicking".into()
+    }
+}
+
+#[test]
+fn a_panic_while_serving_poisons_that_page_and_the_handler_carries_on() {
+    let Some((status, poisoned)) = run_remote_target(Arc::new(PanickingSource), 1) else {
+        return;
+    };
+    // The target got SIGBUS for the page being served when the panic hit,
+    // instead of waiting forever; page 0, served before, was right.
+    assert_sigbus(status);
+    assert_eq!(poisoned, vec![(BAD * 4096) as u64]);
+}
+
+#[test]
+fn a_handler_that_panicked_serves_the_next_faults() {
+    if !uffd_testkit::vmm_uffd() || !features(Features::POISON).contains(Features::POISON) {
+        return;
+    }
+    // Kernel-mode faults are caught too, so the kernel itself can touch
+    // page BAD (in write(2)) and get EFAULT instead of this test SIGBUS.
+    let uffd = uffd::OpenOptions::new().non_blocking(true).open().unwrap();
+    let memory = anon_registered(&uffd, PAGES * 4096);
+    let pager = Pager::builder(Arc::new(PanickingSource))
+        .threads(1)
+        .start(
+            uffd,
+            vec![Region::new(memory.addr(), (PAGES * 4096) as u64, 0, 4096)],
+        )
+        .unwrap();
+    let (_r, w) = pipe();
+    let bad = memory.addr() + (BAD * 4096) as u64;
+    let written = bounded("write(2) from the page whose read panics", move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: write(2) reads 16 bytes at `bad` in the kernel; the page
+        // belongs to `memory`, which outlives the call (the test holds it),
+        // and no Rust reference covers it.
+        let n = unsafe { libc::write(w.as_raw_fd(), bad as *const libc::c_void, 16) };
+        (n, std::io::Error::last_os_error().raw_os_error())
+    });
+    assert_eq!(
+        written,
+        (-1, Some(libc::EFAULT)),
+        "the poisoned page must fail the kernel's read"
+    );
+    // The one handler thread panicked once and serves on.
+    let m = Arc::clone(&memory);
+    assert_eq!(
+        bounded("a fault after the panic", move || m.read_byte(2 * 4096)),
+        3
+    );
+    let stats = pager.shutdown();
+    assert_eq!(stats.handler_panics, 1, "{stats:?}");
+    assert_eq!(stats.poisoned, 1, "{stats:?}");
+}

@@ -20,7 +20,7 @@ use uffd::{CopyMode, Event, EventBuffer, Uffd};
 use uffd_pager::{PageSource, Pager, PagerState, Strategy, WaitMode, WorkingSet};
 
 use crate::protocol::{Region, PAGE_4K};
-use crate::stats::{DrainReport, EngineStats, LatencyHistogram, RegisteredRange};
+use crate::stats::{DrainOutcome, DrainReport, EngineStats, LatencyHistogram, RegisteredRange};
 
 /// Why an engine could not start serving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,8 @@ pub trait RunningVm: Send {
         let _ = timeout;
         self.shutdown();
         DrainReport {
-            outcome: "not-supported".into(),
+            outcome: DrainOutcome::NotSupported,
+            error: None,
             installed_pages: 0,
             unregistered_bytes: 0,
             still_registered: Vec::new(),
@@ -293,7 +294,8 @@ impl RunningVm for PagerVm {
     fn detach(&mut self, timeout: Duration) -> DrainReport {
         let Some(pager) = self.pager.take() else {
             return DrainReport {
-                outcome: "already-stopped".into(),
+                outcome: DrainOutcome::AlreadyStopped,
+                error: None,
                 installed_pages: 0,
                 unregistered_bytes: 0,
                 still_registered: Vec::new(),
@@ -304,13 +306,14 @@ impl RunningVm for PagerVm {
             self.last_working_set = Some(pager.working_set());
         }
         let (outcome, detached) = match pager.detach(timeout) {
-            Ok(d) => ("released", d),
-            Err(uffd_pager::PagerError::DetachIncomplete(d)) => ("incomplete", *d),
+            Ok(d) => (DrainOutcome::Released, d),
+            Err(uffd_pager::PagerError::DetachIncomplete(d)) => (DrainOutcome::Incomplete, *d),
             Err(e) => {
                 // Not produced by today's pager; reported rather than trusted.
                 tracing::error!("the drain failed: {e}");
                 return DrainReport {
-                    outcome: format!("failed: {e}"),
+                    outcome: DrainOutcome::Failed,
+                    error: Some(e.to_string()),
                     installed_pages: 0,
                     unregistered_bytes: 0,
                     still_registered: Vec::new(),
@@ -320,7 +323,8 @@ impl RunningVm for PagerVm {
         };
         self.last = engine_stats(&detached.stats);
         DrainReport {
-            outcome: outcome.into(),
+            outcome,
+            error: None,
             installed_pages: detached.installed_pages,
             unregistered_bytes: detached.unregistered_bytes,
             still_registered: detached

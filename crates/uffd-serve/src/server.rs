@@ -23,7 +23,7 @@ use rustix::process::{Pid, PidfdFlags};
 
 use crate::engine::{Engine, RunningVm};
 use crate::handshake::{self, Handshake, HandshakeError, HandshakePolicy, Peer};
-use crate::stats::{DrainReport, Refusal, StatsLog, VmReport};
+use crate::stats::{DrainOutcome, DrainReport, Ended, Refusal, StatsLog, VmReport};
 use crate::takeover::{self, Packet, TakeoverError};
 
 /// What the server needs to know.
@@ -743,6 +743,15 @@ impl Server {
     }
 }
 
+/// The text of a panic payload, when it is one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -956,34 +965,21 @@ impl VmWorker {
             },
         );
         let started = Instant::now();
-        let mut seen_generation = self.handle.inner.record_generation.load(SeqCst);
-        let ended = loop {
-            if self.handle.is_handing_over() {
-                break "handed-over";
-            }
-            if self.handle.is_stopping() {
-                break "shutdown";
-            }
-            if vm.is_finished() {
-                break "vmm-exited";
-            }
-            let generation = self.handle.inner.record_generation.load(SeqCst);
-            if generation != seen_generation {
-                seen_generation = generation;
-                self.save_working_set(vm.as_ref(), peer.pid);
-            }
-            let mut fds = [
-                PollFd::new(&pidfd, PollFlags::IN),
-                PollFd::new(&self.handle.inner.wake, PollFlags::IN),
-            ];
-            let ts = rustix::time::Timespec {
-                tv_sec: 0,
-                tv_nsec: 100_000_000,
-            };
-            if let Ok(n) = rustix::event::poll(&mut fds, Some(&ts)) {
-                if n > 0 && fds[0].revents().intersects(PollFlags::IN | PollFlags::HUP) {
-                    break "vmm-exited";
-                }
+        // A panic while watching the VM (a bug, an engine failing in a way
+        // nobody foresaw) must not leave it without a handler: it is
+        // drained like a VM at shutdown.
+        let ended = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.watch(&pidfd, vm.as_ref(), peer.pid)
+        })) {
+            Ok(ended) => ended,
+            Err(panic) => {
+                tracing::error!(
+                    vm = id,
+                    pid = peer.pid,
+                    panic = panic_message(&*panic),
+                    "the VM's worker panicked; draining the VM so that it runs on"
+                );
+                Ended::Panicked
             }
         };
         // A VM still running when the server stops keeps its own copy of
@@ -991,7 +987,7 @@ impl VmWorker {
         // waiting forever. Make it independent first.
         let mut pidfd = Some(pidfd);
         let mut handed = None;
-        let drain = if ended == "handed-over" {
+        let drain = if ended == Ended::HandedOver {
             handed = vm.hand_over();
             if handed.is_none() {
                 tracing::error!(
@@ -1005,7 +1001,7 @@ impl VmWorker {
             } else {
                 None
             }
-        } else if ended == "shutdown" && !vm.is_finished() {
+        } else if ended == Ended::Panicked || (ended == Ended::Shutdown && !vm.is_finished()) {
             let drain = vm.detach(self.drain_timeout);
             log_drain(id, peer.pid, &drain);
             Some(drain)
@@ -1013,8 +1009,9 @@ impl VmWorker {
             vm.shutdown();
             None
         };
-        // The new server records on: only a VM that stays here is saved.
-        let recorded = if handed.is_none() {
+        // The new server records on: only a VM that stays here is saved,
+        // and not from an engine that just panicked.
+        let recorded = if handed.is_none() && ended != Ended::Panicked {
             self.save_working_set(vm.as_ref(), peer.pid)
         } else {
             None
@@ -1026,7 +1023,7 @@ impl VmWorker {
             memory_bytes,
             page_size,
             seconds: started.elapsed().as_secs_f64(),
-            ended: ended.to_string(),
+            ended,
             engine: vm.stats(),
             recorded_pages: recorded,
             drain,
@@ -1054,6 +1051,41 @@ impl VmWorker {
         }
     }
 
+    /// Watches the VM until its VMM exits, the server stops or a new
+    /// server takes it over; writes its working set on request meanwhile.
+    fn watch(&self, pidfd: &OwnedFd, vm: &dyn RunningVm, pid: i32) -> Ended {
+        let mut seen_generation = self.handle.inner.record_generation.load(SeqCst);
+        loop {
+            if self.handle.is_handing_over() {
+                return Ended::HandedOver;
+            }
+            if self.handle.is_stopping() {
+                return Ended::Shutdown;
+            }
+            if vm.is_finished() {
+                return Ended::VmmExited;
+            }
+            let generation = self.handle.inner.record_generation.load(SeqCst);
+            if generation != seen_generation {
+                seen_generation = generation;
+                self.save_working_set(vm, pid);
+            }
+            let mut fds = [
+                PollFd::new(pidfd, PollFlags::IN),
+                PollFd::new(&self.handle.inner.wake, PollFlags::IN),
+            ];
+            let ts = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            };
+            if let Ok(n) = rustix::event::poll(&mut fds, Some(&ts)) {
+                if n > 0 && fds[0].revents().intersects(PollFlags::IN | PollFlags::HUP) {
+                    return Ended::VmmExited;
+                }
+            }
+        }
+    }
+
     fn refuse(&self, stream: &UnixStream, e: HandshakeError) {
         let pid = handshake::peer_of(stream).ok().map(|p| p.pid);
         tracing::warn!(
@@ -1072,7 +1104,19 @@ impl VmWorker {
     /// Writes the VM's working set if recording; returns its page count.
     fn save_working_set(&self, vm: &dyn RunningVm, pid: i32) -> Option<u64> {
         let template = self.record.as_ref()?;
-        let ws = vm.working_set()?;
+        // Losing a recording is better than losing the VM's report.
+        let ws = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.working_set())) {
+            Ok(ws) => ws?,
+            Err(panic) => {
+                tracing::error!(
+                    vm = self.id,
+                    pid,
+                    panic = panic_message(&*panic),
+                    "taking the working set panicked; not recorded"
+                );
+                return None;
+            }
+        };
         let path = PathBuf::from(
             template
                 .to_string_lossy()
@@ -1093,8 +1137,8 @@ impl VmWorker {
 }
 
 fn log_drain(vm: u64, pid: i32, d: &DrainReport) {
-    match d.outcome.as_str() {
-        "released" => tracing::info!(
+    match d.outcome {
+        DrainOutcome::Released => tracing::info!(
             vm,
             pid,
             installed_pages = d.installed_pages,
@@ -1103,7 +1147,7 @@ fn log_drain(vm: u64, pid: i32, d: &DrainReport) {
             poisoned_pages = d.poisoned_pages,
             "released: every page installed and unregistered; the VM runs on without the server"
         ),
-        "incomplete" => {
+        DrainOutcome::Incomplete => {
             for r in &d.still_registered {
                 tracing::error!(
                     vm,
@@ -1127,7 +1171,8 @@ fn log_drain(vm: u64, pid: i32, d: &DrainReport) {
         other => tracing::warn!(
             vm,
             pid,
-            outcome = other,
+            outcome = ?other,
+            error = d.error.as_deref(),
             "serving stopped without a drain: the VM waits on its next missing page"
         ),
     }

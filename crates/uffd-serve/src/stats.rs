@@ -131,8 +131,8 @@ pub struct VmReport {
     pub page_size: u64,
     /// How long the VM was served.
     pub seconds: f64,
-    /// Why serving ended (`vmm-exited`, `shutdown`).
-    pub ended: String,
+    /// Why serving ended.
+    pub ended: Ended,
     /// The engine's counters.
     #[serde(flatten)]
     pub engine: EngineStats,
@@ -143,14 +143,76 @@ pub struct VmReport {
     pub drain: Option<DrainReport>,
 }
 
+/// Why the server stopped serving a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ended {
+    /// The VMM exited (its pidfd, or ESRCH from the kernel).
+    VmmExited,
+    /// The server was stopped (SIGTERM/SIGINT); see the drain.
+    Shutdown,
+    /// A new server took the VM over (`--takeover`).
+    HandedOver,
+    /// The VM's worker panicked; the VM was drained (see the drain).
+    Panicked,
+}
+
+impl Ended {
+    /// The name `--stats-json` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::VmmExited => "vmm-exited",
+            Ended::Shutdown => "shutdown",
+            Ended::HandedOver => "handed-over",
+            Ended::Panicked => "panicked",
+        }
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Ended {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// What a drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrainOutcome {
+    /// Every page installed and every range unregistered: the VM runs on
+    /// without the server.
+    Released,
+    /// `still_registered` ranges depend on a handler that is gone (a
+    /// fault there waits).
+    Incomplete,
+    /// The engine only stopped serving (the baseline engine).
+    NotSupported,
+    /// The VM had been stopped already.
+    AlreadyStopped,
+    /// The drain itself failed; see `error`.
+    Failed,
+}
+
+impl PartialEq<&str> for DrainOutcome {
+    fn eq(&self, other: &&str) -> bool {
+        serde_json::to_value(self).is_ok_and(|v| v == *other)
+    }
+}
+
 /// How a VM still running at server shutdown was left.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DrainReport {
-    /// `released`: every page installed and every range unregistered, the
-    /// VM runs on without the server. `incomplete`: `still_registered`
-    /// ranges depend on a handler that is gone (a fault there waits).
-    /// `not-supported`: the engine only stopped serving (baseline engine).
-    pub outcome: String,
+    /// What the drain achieved.
+    pub outcome: DrainOutcome,
+    /// Why the drain failed, for [`DrainOutcome::Failed`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// Pages installed during the drain (fill and faults served meanwhile).
     pub installed_pages: u64,
     /// Bytes unregistered.

@@ -127,10 +127,48 @@ impl AsyncSource {
     ) {
         let inner = Arc::clone(&self.inner);
         let places = Arc::clone(&self.in_flight);
+        let mut done = DoneOnce {
+            done: Some(Box::new(done)),
+            offset,
+            len: len as u64,
+        };
         self.runtime.spawn(async move {
             let _place = places.acquire_owned().await;
-            done(read_with_retries(&*inner, offset, len, retries).await);
+            let result = read_with_retries(&*inner, offset, len, retries).await;
+            done.call(result);
         });
+    }
+}
+
+type Done = Box<dyn FnOnce(Result<Fetched, SourceError>) + Send>;
+
+/// A read's completion, called exactly once: with the result, or with an
+/// error if the read's future is dropped first (it panicked, or the
+/// runtime shut down), so that the claimed pages never wait forever.
+struct DoneOnce {
+    done: Option<Done>,
+    offset: u64,
+    len: u64,
+}
+
+impl DoneOnce {
+    fn call(&mut self, result: Result<Fetched, SourceError>) {
+        if let Some(done) = self.done.take() {
+            done(result);
+        }
+    }
+}
+
+impl Drop for DoneOnce {
+    fn drop(&mut self) {
+        let (offset, len) = (self.offset, self.len);
+        self.call(Err(SourceError::Failed {
+            offset,
+            len,
+            source: std::io::Error::other(
+                "the read was abandoned (its source panicked or stopped)",
+            ),
+        }));
     }
 }
 

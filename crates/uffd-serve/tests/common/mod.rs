@@ -26,6 +26,13 @@ pub fn scratch_with_memory(name: &str, len: u64) -> (Scratch, PathBuf) {
     (dir, mem)
 }
 
+/// The memory file as a source, and its identity.
+pub fn open_source(mem_file: &Path, mode: FileMode) -> (Arc<dyn PageSource>, String) {
+    let file = FileSource::open(mem_file, mode).unwrap();
+    let identity = file.identity();
+    (Arc::new(file), identity)
+}
+
 /// A server running on its own thread; shut down (and joined) on drop.
 pub struct TestServer {
     pub socket: PathBuf,
@@ -57,11 +64,23 @@ impl TestServer {
         allow_uid: Option<u32>,
         record: Option<PathBuf>,
     ) -> TestServer {
-        let file = FileSource::open(mem_file, mode).unwrap();
-        let source_identity = Some(file.identity());
-        let source: Arc<dyn PageSource> = Arc::new(file);
-        let file_len = source.len();
+        let (source, _) = open_source(mem_file, mode);
         let engine: Arc<dyn Engine> = Arc::new(PagerEngine::new(source, config));
+        Self::start_engine(socket, mem_file, mode, engine, allow_uid, record)
+    }
+
+    /// A server of `mem_file` with its own `engine` (which must serve the
+    /// same file).
+    pub fn start_engine(
+        socket: PathBuf,
+        mem_file: &Path,
+        mode: FileMode,
+        engine: Arc<dyn Engine>,
+        allow_uid: Option<u32>,
+        record: Option<PathBuf>,
+    ) -> TestServer {
+        let (source, source_identity) = open_source(mem_file, mode);
+        let file_len = source.len();
         let server = Server::bind(
             ServerConfig {
                 socket: socket.clone(),
@@ -72,7 +91,7 @@ impl TestServer {
                 handshake_timeout: Duration::from_secs(2),
                 drain_timeout: Duration::from_secs(10),
                 max_connections: uffd_serve::server::default_max_connections(),
-                source_identity,
+                source_identity: Some(source_identity),
             },
             engine,
         )
