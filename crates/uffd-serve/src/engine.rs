@@ -120,6 +120,11 @@ pub struct PagerEngineConfig {
     pub spin_adaptive: bool,
     /// Unit of one resolve on 4 KiB regions (4 KiB = exactly the faulting page).
     pub granule: u64,
+    /// Adaptive sequential readahead up to this many bytes per fault (0:
+    /// none): a guest reading its memory in order gets large installs
+    /// without a recorded working set, a guest touching it at random only
+    /// what it touches.
+    pub readahead: u64,
 }
 
 impl Default for PagerEngineConfig {
@@ -132,6 +137,7 @@ impl Default for PagerEngineConfig {
             spin: Duration::ZERO,
             spin_adaptive: true,
             granule: PAGE_4K,
+            readahead: 0,
         }
     }
 }
@@ -244,6 +250,13 @@ impl PagerEngine {
         Pager::builder(self.source.clone())
             .strategy(Strategy::Copy)
             .granule(self.config.granule.max(page_size))
+            .prefetch(if self.config.readahead == 0 {
+                uffd_pager::Prefetch::None
+            } else {
+                uffd_pager::Prefetch::Readahead {
+                    max_bytes: self.config.readahead,
+                }
+            })
             .threads(self.config.threads.max(1))
             .wait(wait)
             .replay(replay)

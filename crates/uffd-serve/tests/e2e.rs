@@ -170,8 +170,11 @@ fn recorded_working_set_is_prefetched_on_the_next_restore() {
             ..Default::default()
         },
     );
+    // A guest that takes a moment per page (as a real one does between
+    // faults), so that the replay runs while it does: a guest that faults
+    // every page in a few milliseconds outruns any prefetch.
     let child = standin(&server.socket, &mem)
-        .args(["--threads", "2", "--balloon-every", "11"])
+        .args(["--threads", "2", "--balloon-every", "11", "--pace-us", "50"])
         .spawn()
         .unwrap();
     let (ok, out) = finish(child, "the prefetched VM", Duration::from_secs(60));
@@ -247,4 +250,36 @@ fn shutdown_drains_a_running_vm_which_then_verifies_every_byte_without_the_serve
         "the VM did not read its memory correctly without the server: {out}"
     );
     assert!(out.contains("\"mismatched_pages\":0"), "{out}");
+}
+
+/// A guest that reads its memory in order gets large installs from the
+/// adaptive readahead: far fewer faults than pages, every byte right.
+#[test]
+fn readahead_serves_a_sequential_guest_with_few_faults() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let (dir, mem) = scratch_with_memory("e2e-readahead", 16 * MIB);
+    let server = TestServer::start(
+        dir.path("sock"),
+        &mem,
+        PagerEngineConfig {
+            readahead: 2 * MIB,
+            ..Default::default()
+        },
+    );
+    // One thread touches 1% at random, then verifies every page in order.
+    let child = standin(&server.socket, &mem)
+        .args(["--threads", "1", "--touch-percent", "1"])
+        .spawn()
+        .unwrap();
+    let (ok, out) = finish(child, "the sequential guest", Duration::from_secs(60));
+    assert!(ok && out.contains("\"mismatched_pages\":0"), "{out}");
+    let report = &server.wait_reports(1, Duration::from_secs(10))[0];
+    let pages = 16 * MIB / 4096;
+    assert!(
+        report.engine.faults < pages / 4,
+        "{} faults for {pages} pages read in order: {report:?}",
+        report.engine.faults
+    );
 }

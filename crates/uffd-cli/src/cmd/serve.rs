@@ -104,8 +104,16 @@ struct ServeArgs {
     /// faulting page (as Firecracker's handler does); a larger power of two
     /// up to 2 MiB also installs its aligned neighbours (fewer faults, more
     /// memory). 2 MiB regions always use 2 MiB.
-    #[arg(long, default_value_t = 4096, value_name = "BYTES")]
+    #[arg(long, default_value = "4096", value_name = "BYTES", value_parser = parse_bytes)]
     granule: u64,
+    /// Adaptive sequential readahead, up to this many bytes per fault
+    /// (K/M suffixes; at most 2M; 0 = off): while the guest reads memory in
+    /// order each fault installs a window that doubles up to this size,
+    /// and a random touch shrinks it again, so a guest that re-reads its
+    /// memory sequentially gets large installs without a recorded working
+    /// set, and one touching it at random is served page by page.
+    #[arg(long, default_value = "0", value_name = "BYTES", value_parser = parse_bytes)]
+    readahead: u64,
     /// How the memory file is read: `mmap` (COPY straight from the page
     /// cache) or `pread` (bounded reads; for files that may change size).
     #[arg(long, default_value = "mmap", value_name = "MODE")]
@@ -170,6 +178,26 @@ struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// A byte count: digits with an optional K, M or G suffix (powers of 1024).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.trim().char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text.trim()[..i], c.to_ascii_uppercase()),
+        _ => (text.trim(), 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        other => return Err(format!("unknown unit {other:?}: use K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|e| format!("{text:?} is not a byte count: {e}"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text} is too large"))
 }
 
 /// Runs `uffd serve` or `uffd serve bench`.
@@ -241,6 +269,11 @@ fn run_server(a: ServeArgs) -> CmdResult {
             spin: Duration::from_micros(a.spin_us),
             spin_adaptive: !a.spin_always,
             granule: a.granule,
+            readahead: match a.readahead {
+                0 => 0,
+                n if (4096..=2 << 20).contains(&n) => n,
+                n => return Err(format!("--readahead {n}: expected 0 (off) or 4K to 2M").into()),
+            },
         },
     ));
     let config = ServerConfig {
