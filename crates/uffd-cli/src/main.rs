@@ -1,5 +1,7 @@
 //! `uffd`: user-space paging for Linux, from the command line.
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

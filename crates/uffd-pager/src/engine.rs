@@ -2,6 +2,8 @@
 //! thread replays a working set and fills the rest. Where bytes come from
 //! is the [`PageSource`]'s business, what to fetch the policy's.
 
+#![allow(unsafe_code)]
+
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};

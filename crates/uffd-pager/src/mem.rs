@@ -2,6 +2,8 @@
 //! transparent huge pages move with one PMD update) and targets that can
 //! receive them.
 
+#![allow(unsafe_code)]
+
 use std::ffi::c_void;
 use std::ptr::NonNull;
 

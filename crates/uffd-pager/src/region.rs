@@ -43,6 +43,8 @@ impl Region {
     ///   as any pager serves the region.
     /// - No Rust reference may cover that memory while the pager runs: the
     ///   engine writes to it.
+    // The contract is the caller's to keep: stated as an unsafe fn.
+    #[allow(unsafe_code)]
     pub unsafe fn with_alias(mut self, ptr: *mut u8) -> Region {
         self.alias = Some(ptr as usize);
         self

@@ -37,6 +37,8 @@
 //!   signal handler cannot interrupt it (and fault on a registered page
 //!   while SIGBUS is blocked, which the kernel would turn into a kill).
 
+#![allow(unsafe_code)]
+
 use std::ffi::c_void;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};

@@ -11,6 +11,8 @@
 //!   (the `uffd-pager` runtime; working sets use its file format);
 //! - [`bench`](mod@bench): restore-to-done with prefetch, on demand, and one page at a time.
 
+#![deny(unsafe_code)]
+
 pub mod bench;
 pub mod engine;
 pub mod handshake;

@@ -2,6 +2,8 @@
 //! the kernel's own file-backed fault-in and a minimal "typical" handler,
 //! all in one run on one snapshot file.
 
+#![allow(unsafe_code)]
+
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

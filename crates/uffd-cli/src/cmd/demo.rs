@@ -2,6 +2,8 @@
 //! touches it, verify every byte, and compare with the kernel's own
 //! file-backed fault-in of the same file.
 
+#![allow(unsafe_code)]
+
 use std::fs::File;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};

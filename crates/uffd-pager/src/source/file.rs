@@ -1,5 +1,7 @@
 //! A source backed by a file: a memory snapshot.
 
+#![allow(unsafe_code)]
+
 use std::ffi::c_void;
 use std::fs::File;
 use std::io;

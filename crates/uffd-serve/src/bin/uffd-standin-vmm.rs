@@ -25,6 +25,8 @@
 //!     [--pace-us N] [--pause-before-verify]
 //! ```
 
+#![deny(unsafe_code)]
+
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
