@@ -27,6 +27,44 @@ use crate::stats::{Counters, Stats};
 use crate::wait::{SpinPolicy, Waiter};
 use crate::{Prefetch, Strategy, WaitMode, WorkingSet};
 
+/// What is wrong with a pager's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No regions were given.
+    #[error("no regions to serve")]
+    NoRegions,
+    /// `content_in_place` without [`Strategy::Continue`].
+    #[error(
+        "content_in_place needs Strategy::Continue (a MINOR-registered shmem or hugetlbfs region)"
+    )]
+    InPlaceNeedsContinue,
+    /// [`Strategy::Continue`] on a region without an alias.
+    #[error("Strategy::Continue needs an alias mapping for every region (Region::with_alias)")]
+    ContinueNeedsAlias,
+    /// [`Strategy::Move`] on hugetlb memory.
+    #[error("Strategy::Move works on anonymous memory only, not hugetlb")]
+    MoveNeedsBasePages,
+    /// [`Strategy::Move`] on a kernel without `UFFDIO_MOVE`.
+    #[error("Strategy::Move needs a kernel with UFFDIO_MOVE (Linux 6.8)")]
+    MoveUnsupported,
+    /// [`Strategy::CopyWp`] on a userfaultfd without write-protect faults.
+    #[error("Strategy::CopyWp needs a userfaultfd opened with Features::PAGEFAULT_FLAG_WP")]
+    CopyWpNeedsWp,
+    /// A granule that is not a power of two from 4 KiB to 2 MiB.
+    #[error("granule {0} must be a power of two from 4096 to 2097152")]
+    Granule(u64),
+    /// Zero handler threads.
+    #[error("at least one handler thread is needed")]
+    NoThreads,
+    /// A target pid that cannot be a process.
+    #[error("invalid target pid {0}")]
+    TargetPid(i32),
+    /// [`Pager::hand_over`] of a pager with no target.
+    #[error("the pager has no target to hand over")]
+    NoTarget,
+}
+
 /// Why a pager could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -43,7 +81,7 @@ pub enum PagerError {
     },
     /// The configuration does not fit the regions or the userfaultfd.
     #[error("invalid pager configuration: {0}")]
-    Config(String),
+    Config(ConfigError),
     /// A userfaultfd operation failed.
     #[error(transparent)]
     Uffd(#[from] uffd::Error),
@@ -444,7 +482,7 @@ impl Pager {
         let pidfd = match config.target_pid {
             Some(pid) => {
                 let pid = rustix::process::Pid::from_raw(pid)
-                    .ok_or_else(|| PagerError::Config(format!("invalid target pid {pid}")))?;
+                    .ok_or(PagerError::Config(ConfigError::TargetPid(pid)))?;
                 Some(
                     rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
                         .map_err(|e| io_err("pidfd_open of the target")(e.into()))?,
@@ -761,7 +799,7 @@ impl Pager {
         let target = lock(&self.shared.targets)
             .first()
             .cloned()
-            .ok_or_else(|| PagerError::Config("the pager has no target to hand over".into()))?;
+            .ok_or(PagerError::Config(ConfigError::NoTarget))?;
         let fd = rustix::io::fcntl_dupfd_cloexec(&target.uffd, 0)
             .map_err(|e| io_err("duplicating the userfaultfd")(e.into()))?;
         let uffd = Uffd::from_fd(fd, target.uffd.features())?;
@@ -825,7 +863,7 @@ impl Drop for Pager {
 
 fn validate(config: &Config, uffd: &Uffd, regions: &[Region]) -> Result<(), PagerError> {
     if regions.is_empty() {
-        return Err(PagerError::Config("no regions to serve".into()));
+        return Err(PagerError::Config(ConfigError::NoRegions));
     }
     for r in regions {
         r.validate().map_err(|why| PagerError::InvalidRegion {
@@ -834,46 +872,30 @@ fn validate(config: &Config, uffd: &Uffd, regions: &[Region]) -> Result<(), Page
             why,
         })?;
         if config.content_in_place && config.strategy != Strategy::Continue {
-            return Err(PagerError::Config(
-                "content_in_place needs Strategy::Continue (a MINOR-registered shmem or hugetlbfs region)"
-                    .into(),
-            ));
+            return Err(PagerError::Config(ConfigError::InPlaceNeedsContinue));
         }
         if config.strategy == Strategy::Continue && r.alias().is_none() {
-            return Err(PagerError::Config(
-                "Strategy::Continue needs an alias mapping for every region (Region::with_alias)"
-                    .into(),
-            ));
+            return Err(PagerError::Config(ConfigError::ContinueNeedsAlias));
         }
         if config.strategy == Strategy::Move && r.page_size != 4096 {
-            return Err(PagerError::Config(
-                "Strategy::Move works on anonymous memory only, not hugetlb".into(),
-            ));
+            return Err(PagerError::Config(ConfigError::MoveNeedsBasePages));
         }
     }
     let g = config.granule;
     if !g.is_power_of_two() || !(4096..=BATCH_BYTES).contains(&g) {
-        return Err(PagerError::Config(format!(
-            "granule {g} must be a power of two from 4096 to {BATCH_BYTES}"
-        )));
+        return Err(PagerError::Config(ConfigError::Granule(g)));
     }
     if config.threads == 0 {
-        return Err(PagerError::Config(
-            "at least one handler thread is needed".into(),
-        ));
+        return Err(PagerError::Config(ConfigError::NoThreads));
     }
     // The kernel gates MOVE on its own support, not on the fd's handshake.
     let kernel_has_move = uffd::probe().map_or(true, |info| info.features.contains(Features::MOVE));
     if config.strategy == Strategy::Move && !kernel_has_move {
-        return Err(PagerError::Config(
-            "Strategy::Move needs a kernel with UFFDIO_MOVE (Linux 6.8)".into(),
-        ));
+        return Err(PagerError::Config(ConfigError::MoveUnsupported));
     }
     if config.strategy == Strategy::CopyWp && !uffd.features().contains(Features::PAGEFAULT_FLAG_WP)
     {
-        return Err(PagerError::Config(
-            "Strategy::CopyWp needs a userfaultfd opened with Features::PAGEFAULT_FLAG_WP".into(),
-        ));
+        return Err(PagerError::Config(ConfigError::CopyWpNeedsWp));
     }
     Ok(())
 }
@@ -1239,6 +1261,13 @@ fn apply_event(
             debug!(from, to, len, "REMAP: translating addresses");
             table.remap(from, to, len);
         }
+        Event::Unknown { code } => {
+            c.events_unknown.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                code = format_args!("{code:#x}"),
+                "a userfaultfd message of a type this version does not know; ignored"
+            );
+        }
         Event::Fork { uffd } => {
             c.events_fork.fetch_add(1, Ordering::Relaxed);
             debug!(
@@ -1346,6 +1375,10 @@ impl<'a> Worker<'a> {
             Ok(uffd::Outcome::TargetGone) => Step::Gone,
             Ok(_) => Step::Done,
             Err(e) => {
+                self.shared
+                    .counters
+                    .failed_unprotects
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, "unprotecting a written page failed");
                 let _ = target.uffd.wake(page, span.page_size);
                 Step::Done
@@ -1402,6 +1435,7 @@ impl<'a> Worker<'a> {
                         Ok(Resolved::RetryAfterEvents { .. }) => Step::Defer,
                         Ok(Resolved::TargetGone) => Step::Gone,
                         Err(e) => {
+                            c.failed_installs.fetch_add(1, Ordering::Relaxed);
                             warn!(error = %e, "CONTINUE failed");
                             let _ = target.uffd.wake(addr, ps);
                             Step::Done
@@ -1940,6 +1974,10 @@ impl<'a> Worker<'a> {
                     };
                 }
                 Err(e) => {
+                    self.shared
+                        .counters
+                        .failed_installs
+                        .fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, address = addr, "installing pages failed; waking the waiters");
                     drop(table);
                     self.release(target, claim, from + k, &claims[k..]);

@@ -56,8 +56,8 @@ mod workingset;
 
 pub use config::{Prefetch, Strategy, WaitMode, BATCH_BYTES};
 pub use engine::{
-    register, Detached, Pager, PagerBuilder, PagerError, PoisonedPage, Progress, RegisteredRange,
-    ShutdownHandle, StillRegistered,
+    register, ConfigError, Detached, Pager, PagerBuilder, PagerError, PoisonedPage, Progress,
+    RegisteredRange, ShutdownHandle, StillRegistered,
 };
 pub use handover::{PageKind, PagerState, SpanState, StateError};
 pub use mem::AlignedAnon;

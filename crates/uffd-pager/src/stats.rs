@@ -192,6 +192,14 @@ counters! {
     events_remap,
     /// Non-cooperative events: FORK.
     events_fork,
+    /// Messages of a type this version does not know (counted, ignored).
+    events_unknown,
+    /// Resolving ioctls (COPY, ZEROPAGE, MOVE, CONTINUE) that failed with an
+    /// error other than EEXIST/EAGAIN/ESRCH (the waiters were woken to
+    /// fault again).
+    failed_installs,
+    /// Write-protect faults whose unprotect failed.
+    failed_unprotects,
     /// `read(2)` calls on the userfaultfd that returned messages.
     reads,
     /// Pages written while write-protected (dirty tracking).

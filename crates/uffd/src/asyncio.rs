@@ -5,7 +5,7 @@
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::error::{Errno, Error};
+use crate::error::Error;
 use crate::event::{Event, EventBuffer};
 use crate::uffd::Uffd;
 
@@ -30,9 +30,14 @@ impl AsyncUffd {
     /// Registers `uffd`, which must have been opened non-blocking, with the
     /// current tokio runtime.
     pub fn new(uffd: Uffd) -> Result<AsyncUffd, Error> {
-        let flags = rustix::fs::fcntl_getfl(&uffd).map_err(Error::Read)?;
+        let flags = rustix::fs::fcntl_getfl(&uffd).map_err(|errno| Error::Io {
+            what: "reading the userfaultfd's file flags".into(),
+            source: errno.into(),
+        })?;
         if !flags.contains(rustix::fs::OFlags::NONBLOCK) {
-            return Err(Error::Read(Errno::INVAL));
+            return Err(Error::NeedsNonBlocking {
+                what: "an AsyncUffd (tokio polls the fd)",
+            });
         }
         // SAFETY: `Uffd` owns its fd, which stays open and is the same fd
         // for as long as the `Uffd` lives inside the `AsyncFd`.

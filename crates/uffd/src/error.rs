@@ -176,6 +176,14 @@ pub enum Error {
     /// always answers with POLLERR.
     #[error("poll on a blocking userfaultfd always fails (POLLERR); open it with OpenOptions::non_blocking(true)")]
     PollNeedsNonBlocking,
+    /// An interface that polls the userfaultfd was given a blocking one.
+    #[error(
+        "{what} needs a non-blocking userfaultfd; open it with OpenOptions::non_blocking(true)"
+    )]
+    NeedsNonBlocking {
+        /// What needs it.
+        what: &'static str,
+    },
     /// The kernel sent a message this crate does not understand.
     #[error("unknown userfaultfd message type {0:#x}")]
     UnknownEvent(u8),

@@ -102,6 +102,13 @@ pub enum Event {
         /// End of the range (exclusive).
         end: u64,
     },
+    /// A message type this crate does not know (a newer kernel, or bytes
+    /// that are not a message). Reported in its place among the others,
+    /// never dropped; there is nothing to resolve.
+    Unknown {
+        /// The message's event byte.
+        code: u8,
+    },
 }
 
 /// A message as the kernel laid it out, with the fork fd still raw.
@@ -202,20 +209,20 @@ impl EventBuffer {
             }
         };
         let count = n / sys::MSG_SIZE;
-        let mut first_error = None;
-        for raw in &self.raw[..count] {
-            // Decode every message even after an error so that no fork fd leaks.
-            match decode(raw, uffd.features()) {
-                Ok(message) => self.events.push(adopt(message, uffd.features())),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) if self.events.is_empty() => Err(e),
-            _ => Ok(&mut self.events),
-        }
+        decode_all(&self.raw[..count], uffd.features(), &mut self.events);
+        Ok(&mut self.events)
+    }
+}
+
+/// Decodes every message, in order: an unknown one is reported in its
+/// place and the rest (a fork fd among them) still taken.
+fn decode_all(raw: &[[u8; sys::MSG_SIZE]], features: Features, events: &mut Vec<Event>) {
+    for raw in raw {
+        events.push(match decode(raw, features) {
+            Ok(message) => adopt(message, features),
+            Err(Error::UnknownEvent(code)) => Event::Unknown { code },
+            Err(_) => Event::Unknown { code: raw[0] },
+        });
     }
 }
 
@@ -357,6 +364,28 @@ mod tests {
         assert!(matches!(
             decode(&msg(0x99, [0; 3]), Features::empty()),
             Err(Error::UnknownEvent(0x99))
+        ));
+    }
+
+    #[test]
+    fn an_unknown_message_among_others_is_reported_in_its_place() {
+        let raw = [
+            msg(0x12, [0, 0x1000, 0]),
+            msg(0x99, [0; 3]),
+            msg(0x15, [0x2000, 0x3000, 0]),
+        ];
+        let mut events = Vec::new();
+        decode_all(&raw, Features::empty(), &mut events);
+        assert!(matches!(
+            events.as_slice(),
+            [
+                Event::Pagefault(_),
+                Event::Unknown { code: 0x99 },
+                Event::Remove {
+                    start: 0x2000,
+                    end: 0x3000
+                }
+            ]
         ));
     }
 

@@ -682,6 +682,14 @@ fn async_stream_delivers_faults() {
         .build()
         .unwrap();
     rt.block_on(async {
+        // A blocking fd is refused with the remedy, not a bare errno.
+        let blocking = OpenOptions::new().user_mode_only(true).open().unwrap();
+        let refused = uffd::AsyncUffd::new(blocking).unwrap_err();
+        assert!(
+            matches!(refused, uffd::Error::NeedsNonBlocking { .. })
+                && refused.to_string().contains("non_blocking(true)"),
+            "{refused}"
+        );
         let uffd = uffd::AsyncUffd::new(
             OpenOptions::new()
                 .non_blocking(true)

@@ -415,6 +415,7 @@ impl DefaultHandler<'_> {
             Event::Unmap { start, end } => {
                 Err(format!("unexpected UNMAP event {start:#x}..{end:#x}"))
             }
+            Event::Unknown { code } => Err(format!("unknown event {code:#x}")),
         }
     }
 }
