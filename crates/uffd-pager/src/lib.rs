@@ -14,6 +14,21 @@
 //! When the source cannot produce a page, the page is poisoned: access
 //! raises SIGBUS, never a silent zero page and never a hang.
 //!
+//! Where things live:
+//!
+//! | file | what |
+//! |---|---|
+//! | `source/` | one file per [`PageSource`]: `file`, `memory`, `zero`, `layered`, `remote` ([`AsyncPageSource`]: many reads in flight) |
+//! | `engine/mod.rs` | [`Pager`], its builder, configuration checks, shared state |
+//! | `engine/events.rs` | handler threads: epoll wait, batched reads, REMOVE/UNMAP/REMAP/FORK |
+//! | `engine/resolve.rs` | one fault: page state, claims, readahead window, asynchronous reads |
+//! | `engine/install.rs` | fetch and resolving ioctls per [`Strategy`], POISON, the panic guard |
+//! | `engine/fill.rs`, `workingset.rs` | replay of a recorded working set, background fill |
+//! | `engine/lifecycle.rs`, `handover.rs` | shutdown, detach (drain), hand-over to another pager |
+//! | `wait.rs` | the epoll set and adaptive spinning |
+//! | `region.rs` | regions, the table of spans, per-page states |
+//! | `sigbus.rs` | [`SigbusPager`]: the faulting thread serves itself |
+//!
 //! ```
 //! use std::sync::Arc;
 //! use uffd::{Mapping, MemoryKind, OpenOptions, RegisterMode};

@@ -1,0 +1,229 @@
+//! The engine side of the background policies: working-set replay and
+//! background fill, which yield to demand faults.
+
+use super::*;
+
+/// The fill thread: replays the working set, then fills everything else.
+pub(super) fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
+    let _span = debug_span!("fill", pager = %shared.config.name).entered();
+    let finish = || {
+        *lock(&shared.fill_done) = true;
+        shared.fill_cv.notify_all();
+    };
+    let mut worker = match Worker::new(shared) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "fill thread cannot allocate its buffers");
+            finish();
+            return;
+        }
+    };
+    if let Some(ws) = &shared.config.replay {
+        if replay(&mut worker, shared, target, ws) == FillEnd::Gone {
+            shared.mark_gone(target);
+            return finish();
+        }
+    }
+    if shared.config.background_fill {
+        match fill_missing(&mut worker, shared, target, None) {
+            FillEnd::Gone => {
+                shared.mark_gone(target);
+                return finish();
+            }
+            FillEnd::Stopped | FillEnd::Done => {}
+        }
+    }
+    finish();
+}
+
+/// Installs the recorded pages of `ws` in file order, one window of up to
+/// [`BATCH_BYTES`] at a time: the source is read front to back, and each
+/// window costs one claim pass and one install pass however sparse the
+/// recorded pages are in it (only they are claimed). Demand faults keep
+/// priority between windows.
+pub(super) fn replay(
+    worker: &mut Worker<'_>,
+    shared: &Shared,
+    target: &Target,
+    ws: &WorkingSet,
+) -> FillEnd {
+    let mut pages = ws.pages().to_vec();
+    pages.sort_unstable();
+    pages.dedup();
+    let mut selected: Vec<bool> = Vec::new();
+    let mut k = 0;
+    let mut retries = 0;
+    while k < pages.len() {
+        if !fill_wait_turn(shared, target, None) {
+            return FillEnd::Stopped;
+        }
+        let table = read(&target.table);
+        let Some((span, lo)) = table.by_source(pages[k]) else {
+            k += 1;
+            continue;
+        };
+        let span = span.clone();
+        let batch = ((BATCH_BYTES / span.page_size) as usize).max(1);
+        let hi = (lo + batch).min(span.index_end());
+        let window_end = span.source_of(hi);
+        selected.clear();
+        selected.resize(hi - lo, false);
+        let mut next = k;
+        while next < pages.len() && pages[next] < window_end {
+            selected[((pages[next] - span.source_of(lo)) / span.page_size) as usize] = true;
+            next += 1;
+        }
+        match fill_chunk(worker, target, table, span, lo, hi, Some(&selected)) {
+            Step::Gone => return FillEnd::Gone,
+            Step::Defer | Step::Abandoned if retries < 100 => {
+                retries += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            _ => {
+                retries = 0;
+                k = next;
+            }
+        }
+    }
+    FillEnd::Done
+}
+
+/// Why [`fill_missing`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FillEnd {
+    /// Every chunk was visited (pages whose source failed are poisoned, or
+    /// left missing when POISON failed).
+    Done,
+    /// Shutdown was requested or the deadline passed.
+    Stopped,
+    /// The target process is gone.
+    Gone,
+}
+
+/// Installs every page of `target` still missing, in chunks aligned to
+/// [`BATCH_BYTES`], yielding to demand faults (the handler threads keep
+/// serving them meanwhile). Removed (ballooned) pages stay unpopulated:
+/// they read as zero with or without a handler. Used by the background
+/// fill and by [`Pager::detach`]; `deadline` stops it between chunks.
+pub(super) fn fill_missing(
+    worker: &mut Worker<'_>,
+    shared: &Shared,
+    target: &Target,
+    deadline: Option<Instant>,
+) -> FillEnd {
+    let states: Vec<Arc<PageStates>> = {
+        let table = read(&target.table);
+        let mut v: Vec<Arc<PageStates>> = Vec::new();
+        for s in &table.spans {
+            if !v.iter().any(|x| Arc::ptr_eq(x, &s.states)) {
+                v.push(Arc::clone(&s.states));
+            }
+        }
+        v
+    };
+    for st in states {
+        let mut i = 0;
+        let mut retries = 0;
+        while i < st.len() {
+            if !fill_wait_turn(shared, target, deadline) {
+                return if target.gone.load(Ordering::Relaxed) {
+                    FillEnd::Gone
+                } else {
+                    FillEnd::Stopped
+                };
+            }
+            let table = read(&target.table);
+            let Some(span) = table
+                .spans
+                .iter()
+                .find(|s| Arc::ptr_eq(&s.states, &st) && i >= s.first && i < s.index_end())
+                .cloned()
+            else {
+                i += 1;
+                continue;
+            };
+            let batch = ((BATCH_BYTES / span.page_size) as usize).max(1);
+            // Stay aligned to the batch so huge-page moves stay possible.
+            let hi = ((i / batch + 1) * batch).min(span.index_end());
+            match fill_chunk(worker, target, table, span, i, hi, None) {
+                Step::Gone => return FillEnd::Gone,
+                Step::Defer | Step::Abandoned if retries < 100 => {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                _ => {
+                    retries = 0;
+                    i = hi;
+                }
+            }
+        }
+    }
+    FillEnd::Done
+}
+
+/// Demand faults first: waits while handlers serve them. False when the
+/// fill should stop.
+pub(super) fn fill_wait_turn(shared: &Shared, target: &Target, deadline: Option<Instant>) -> bool {
+    let go_on = || {
+        !shared.stopping()
+            && !target.gone.load(Ordering::Relaxed)
+            && deadline.map_or(true, |d| Instant::now() < d)
+    };
+    while shared.demand_active.load(Ordering::SeqCst) > 0 {
+        if !go_on() {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    go_on()
+}
+
+/// Claims and installs the missing pages `lo..hi` of `span` (found under
+/// `table`, which is released before reading the source); with `selected`,
+/// only the pages it marks.
+pub(super) fn fill_chunk(
+    worker: &mut Worker<'_>,
+    target: &Target,
+    table: std::sync::RwLockReadGuard<'_, Table>,
+    span: Span,
+    lo: usize,
+    hi: usize,
+    selected: Option<&[bool]>,
+) -> Step {
+    worker.claims.clear();
+    let mut any = false;
+    for i in lo..hi {
+        let wanted = selected.map_or(true, |s| s[i - lo]);
+        // Removed (ballooned) pages stay unpopulated.
+        let c = if wanted {
+            span.states.claim_background(i).unwrap_or(0)
+        } else {
+            0
+        };
+        any |= c != 0;
+        worker.claims.push(c);
+    }
+    if !any {
+        return Step::Done;
+    }
+    let claim = Claim {
+        span,
+        generation: table.generation,
+        map_now: false,
+        demand_hi: lo,
+    };
+    drop(table);
+    let claims = std::mem::take(&mut worker.claims);
+    let shared: &Shared = worker.shared;
+    let guard = ClaimGuard {
+        shared,
+        target,
+        claim: &claim,
+        from: lo,
+        claims: &claims,
+    };
+    let step = worker.fetch_and_install(target, &claim, lo, &claims);
+    drop(guard);
+    worker.claims = claims;
+    step
+}

@@ -1,0 +1,499 @@
+//! Fetching claimed pages from the source and installing them with the
+//! strategy's ioctl; poisoning what cannot be produced; the guard that
+//! poisons what a panicking thread held.
+
+#![allow(unsafe_code)]
+
+use super::*;
+
+impl Worker<'_> {
+    /// Undoes claims on `from..` and wakes those pages so that any thread
+    /// waiting on them faults again.
+    pub(super) fn release(&self, target: &Target, claim: &Claim, from: usize, claims: &[u8]) {
+        release(target, claim, from, claims);
+    }
+
+    /// Reads the claimed pages of `from..from + claims.len()` from the
+    /// source and installs them.
+    pub(super) fn fetch_and_install(
+        &mut self,
+        target: &Target,
+        claim: &Claim,
+        from: usize,
+        claims: &[u8],
+    ) -> Step {
+        let n = claims.len();
+        let Some(first) = claims.iter().position(|&c| c != 0) else {
+            return Step::Done;
+        };
+        let last = claims
+            .iter()
+            .rposition(|&c| c != 0)
+            .expect("one claim exists")
+            + 1;
+        let (from, claims) = (from + first, &claims[first..last]);
+        debug_assert!(claims.len() <= n);
+        let span = &claim.span;
+        let ps = span.page_size;
+        let len = claims.len() as u64 * ps;
+        let offset = span.source_of(from);
+        let all_zero_claims = claims.iter().all(|&c| c == state::CLAIMED_ZERO);
+        let strategy = self.strategy();
+        // Where the bytes end up before the ioctl.
+        let in_place = self.shared.config.content_in_place;
+        // True when `src` is the source's own mapping, which only the
+        // kernel may read (see `MappedBytes`).
+        let mut from_mapping = false;
+        let fetched = if all_zero_claims {
+            Ok((Content::Zero, std::ptr::null::<u8>()))
+        } else if in_place {
+            // The page cache holds the content already: map it as it is.
+            let alias = span
+                .alias_of(from)
+                .expect("validated: Continue has an alias");
+            Ok((Content::Data, alias.cast_const()))
+        } else if strategy == Strategy::Continue {
+            let alias = span
+                .alias_of(from)
+                .expect("validated: Continue has an alias");
+            // SAFETY: the alias maps the claimed pages of the region; the
+            // caller of `Region::with_alias` vouched that nothing else
+            // references it, and we own these pages' claims.
+            let buf = unsafe { std::slice::from_raw_parts_mut(alias, len as usize) };
+            self.read_source(offset, buf)
+                .map(|c| (c, alias.cast_const()))
+        } else if let Some(bytes) = self
+            .shared
+            .source
+            .mapped(offset, len as usize)
+            .filter(|_| strategy != Strategy::Move)
+        {
+            from_mapping = true;
+            Ok((Content::Data, bytes.as_ptr()))
+        } else {
+            let buf = self.staging_for(len);
+            self.read_source(offset, buf)
+                .map(|c| (c, self.staging.as_ptr().cast_const()))
+        };
+        let (content, src) = match fetched {
+            Ok(r) => r,
+            Err(e) if claims.len() > 1 => {
+                debug!(error = %e, "batch read failed; retrying page by page");
+                let mut step = Step::Done;
+                for k in 0..claims.len() {
+                    let s = self.fetch_and_install(target, claim, from + k, &claims[k..=k]);
+                    if s != Step::Done {
+                        step = s;
+                    }
+                }
+                return step;
+            }
+            Err(e) => return self.poison(target, claim, from, claims, &e),
+        };
+        self.install_fetched(target, claim, from, claims, content, src, from_mapping)
+    }
+
+    /// Installs the claimed pages of `from..from + claims.len()` (trimmed
+    /// to claimed ends) whose bytes are at `src` (`Content::Zero`: none
+    /// needed). `from_mapping` says `src` is the source's own mapping,
+    /// which only the kernel may read.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn install_fetched(
+        &mut self,
+        target: &Target,
+        claim: &Claim,
+        from: usize,
+        claims: &[u8],
+        content: Content,
+        src: *const u8,
+        from_mapping: bool,
+    ) -> Step {
+        let span = &claim.span;
+        let ps = span.page_size;
+        let len = claims.len() as u64 * ps;
+        let offset = span.source_of(from);
+        let strategy = self.strategy();
+        let in_place = self.shared.config.content_in_place;
+        // Per page: zero or data.
+        let zero_page = |k: usize| -> bool {
+            claims[k] == state::CLAIMED_ZERO
+                || content == Content::Zero
+                || (self.shared.config.detect_zero_pages
+                    && !in_place
+                    && if from_mapping {
+                        self.shared.source.is_known_zero(offset + k as u64 * ps, ps)
+                    } else {
+                        // SAFETY: `src` holds `len` readable bytes (the alias
+                        // or the staging buffer, both this pager's memory).
+                        let page = unsafe {
+                            std::slice::from_raw_parts(src.add(k * ps as usize), ps as usize)
+                        };
+                        is_zero(page)
+                    })
+        };
+        // A whole aligned huge page of data moves with one PMD update only
+        // if it moves in one piece: keep its zero pages in it.
+        let whole_huge_move = strategy == Strategy::Move
+            && content == Content::Data
+            && len == BATCH_BYTES
+            && span.addr_of(from) % BATCH_BYTES == 0
+            && claims
+                .iter()
+                .all(|&c| c == state::CLAIMED || c == state::CLAIMED_BG);
+        // Unclaimed pages (present already, or not selected by a sparse
+        // replay window) are never scanned.
+        let mut kinds: Vec<u8> = (0..claims.len())
+            .map(|k| {
+                if claims[k] == 0 {
+                    0
+                } else if !whole_huge_move && zero_page(k) {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
+        if strategy == Strategy::Continue {
+            // Zero pages must read as zero through the alias too.
+            for (k, &kind) in kinds.iter().enumerate() {
+                if kind == 1 {
+                    let alias = span.alias_of(from + k).expect("validated");
+                    // SAFETY: a claimed page of the alias, as above.
+                    let page = unsafe { std::slice::from_raw_parts_mut(alias, ps as usize) };
+                    if !is_zero(page) {
+                        page.fill(0);
+                    }
+                }
+            }
+            if !in_place {
+                Counters::add(
+                    &self.shared.counters.pages_written_through_alias,
+                    kinds.iter().filter(|&&k| k == 2).count() as u64,
+                );
+            }
+        }
+
+        // Install under the read lock, after checking no event overtook us.
+        let table = read(&target.table);
+        // A background claim a demand fault took over is that fault's to
+        // install: skip it, it does not make the batch stale.
+        let stolen = |k: usize| {
+            claims[k] == state::CLAIMED_BG
+                && matches!(span.states.get(from + k), state::CLAIMED | state::PRESENT)
+        };
+        let intact = table.generation == claim.generation
+            && claims
+                .iter()
+                .enumerate()
+                .all(|(k, &cl)| cl == 0 || span.states.get(from + k) == cl || stolen(k));
+        for (k, kind) in kinds.iter_mut().enumerate() {
+            if stolen(k) {
+                *kind = 0;
+            }
+        }
+        if !intact {
+            drop(table);
+            self.shared
+                .counters
+                .abandoned
+                .fetch_add(1, Ordering::Relaxed);
+            self.release(target, claim, from, claims);
+            return Step::Abandoned;
+        }
+        let mut k = 0;
+        while k < kinds.len() {
+            let kind = kinds[k];
+            let mut end = k + 1;
+            while end < kinds.len() && kinds[end] == kind {
+                end += 1;
+            }
+            if kind == 0 {
+                k = end;
+                continue;
+            }
+            let idx = from + k;
+            let addr = span.addr_of(idx);
+            let run = (end - k) as u64 * ps;
+            let map = idx < claim.demand_hi || claim.map_now;
+            // SAFETY: `src + k * ps` lies inside the `len` bytes read above.
+            let data = unsafe { src.add(k * ps as usize) };
+            let result = self.install(target, addr, run, ps, kind == 1, data, map);
+            let done = match result {
+                Ok(Resolved::Complete {
+                    installed,
+                    existing,
+                }) => {
+                    Counters::add(&self.shared.counters.eexist, existing / ps);
+                    Counters::add(&self.shared.counters.bytes_installed, installed);
+                    let counter = match (kind, strategy) {
+                        (1, _) => &self.shared.counters.pages_zero,
+                        (_, Strategy::Move) => &self.shared.counters.pages_moved,
+                        (_, Strategy::Continue) => &self.shared.counters.pages_continued,
+                        _ => &self.shared.counters.pages_copied,
+                    };
+                    if strategy != Strategy::Continue || map || kind == 1 {
+                        Counters::add(counter, installed / ps);
+                    }
+                    end - k
+                }
+                Ok(Resolved::RetryAfterEvents { done }) => {
+                    self.shared.counters.eagain.fetch_add(1, Ordering::Relaxed);
+                    let done_pages = (done / ps) as usize;
+                    self.mark_installed(claim, from + k, done_pages);
+                    drop(table);
+                    self.release(
+                        target,
+                        claim,
+                        from + k + done_pages,
+                        &claims[k + done_pages..],
+                    );
+                    return Step::Defer;
+                }
+                Ok(Resolved::TargetGone) => return Step::Gone,
+                Err(e) if from_mapping && e.errno() == Some(rustix::io::Errno::FAULT) => {
+                    // The kernel could not read the source's mapping: the
+                    // file lost these bytes (it shrank). Ask it again the
+                    // way that reports why; pages it cannot produce are
+                    // poisoned, never left to re-fault forever.
+                    drop(table);
+                    let rest = &claims[k..];
+                    let run_offset = span.source_of(from + k);
+                    let buf = self.staging_for(rest.len() as u64 * ps);
+                    return match self.read_source(run_offset, buf) {
+                        Err(source_error) => {
+                            self.poison(target, claim, from + k, rest, &source_error)
+                        }
+                        Ok(_) => {
+                            // Readable again (the file grew back): retry.
+                            self.release(target, claim, from + k, rest);
+                            Step::Abandoned
+                        }
+                    };
+                }
+                Err(e) => {
+                    self.shared
+                        .counters
+                        .failed_installs
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, address = addr, "installing pages failed; waking the waiters");
+                    drop(table);
+                    self.release(target, claim, from + k, &claims[k..]);
+                    return Step::Abandoned;
+                }
+            };
+            self.mark_installed(claim, from + k, done);
+            k = end;
+        }
+        Step::Done
+    }
+
+    /// Installs one run of pages of one kind.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn install(
+        &self,
+        target: &Target,
+        addr: u64,
+        len: u64,
+        ps: u64,
+        zero: bool,
+        data: *const u8,
+        map: bool,
+    ) -> Result<Resolved, uffd::Error> {
+        let uffd = &target.uffd;
+        match self.strategy() {
+            Strategy::Continue => {
+                if !map {
+                    // Background: the page cache has the content now; the
+                    // first touch costs only a CONTINUE.
+                    return Ok(Resolved::Complete {
+                        installed: len,
+                        existing: 0,
+                    });
+                }
+                let result = uffd.continue_all(addr, len, ps, ContinueMode::empty());
+                let hole = matches!(
+                    result,
+                    Err(uffd::Error::Ioctl {
+                        errno: uffd::Errno::FAULT,
+                        ..
+                    })
+                );
+                if !(hole && self.shared.config.content_in_place) {
+                    return result;
+                }
+                // Content in place, but the run has holes (pages not in the
+                // page cache: CONTINUE fails with EFAULT). A hole reads as
+                // zeros: allocate it as such with an atomic OR of zero into
+                // one byte through the alias, which leaves pages that exist
+                // unchanged, then map the run again.
+                for page in 0..(len / ps) as usize {
+                    // SAFETY: in place, `data` is the run's alias address
+                    // (writable, shared, mapped for the pager's life by
+                    // `Region::with_alias`'s contract); an atomic OR of 0
+                    // never changes a byte, even under a concurrent writer.
+                    unsafe {
+                        let byte = data.cast_mut().add(page * ps as usize);
+                        std::sync::atomic::AtomicU8::from_ptr(byte).fetch_or(0, Ordering::Relaxed);
+                    }
+                }
+                uffd.continue_all(addr, len, ps, ContinueMode::empty())
+            }
+            Strategy::CopyWp => {
+                let src = if zero {
+                    self.zeros.as_ptr().cast_const()
+                } else {
+                    data
+                };
+                // SAFETY: `src` holds `len` bytes (the zero buffer is 2 MiB
+                // and runs never exceed it); `addr` is a claimed range of a
+                // registered region.
+                unsafe { uffd.copy_all(addr, src, len, ps, CopyMode::WP) }
+            }
+            _ if zero && ps == 4096 => uffd.zeropage_all(addr, len, ps, ZeropageMode::empty()),
+            _ if zero => {
+                // hugetlb has no ZEROPAGE: copy from the never-written buffer.
+                // SAFETY: as above.
+                unsafe { uffd.copy_all(addr, self.zeros.as_ptr(), len, ps, CopyMode::empty()) }
+            }
+            Strategy::Move => {
+                // SAFETY: `data` is this worker's staging buffer, filled
+                // just now; after the move those pages are gone from it and
+                // the next read refills them. `addr` is claimed, registered.
+                let r = unsafe { uffd.move_all(addr, data.cast_mut(), len, ps, MoveMode::empty()) };
+                match r {
+                    Err(e) if e.errno() == Some(rustix::io::Errno::BUSY) => {
+                        // A shared source page (a fork raced the read): copy.
+                        // SAFETY: as for COPY below.
+                        unsafe { uffd.copy_all(addr, data, len, ps, CopyMode::empty()) }
+                    }
+                    r => r,
+                }
+            }
+            Strategy::Copy => {
+                // SAFETY: `data` holds `len` readable bytes that nobody
+                // writes meanwhile (the source's mapping or our staging
+                // buffer); `addr` is a claimed range of a registered region.
+                unsafe { uffd.copy_all(addr, data, len, ps, CopyMode::empty()) }
+            }
+        }
+    }
+
+    pub(super) fn mark_installed(&self, claim: &Claim, from: usize, pages: usize) {
+        for i in from..from + pages {
+            let s = if i < claim.demand_hi {
+                state::PRESENT
+            } else {
+                state::PREFETCHED
+            };
+            claim.span.states.set(i, s);
+        }
+        if from + pages > claim.demand_hi {
+            let prefetched = from + pages - from.max(claim.demand_hi);
+            Counters::add(&self.shared.counters.prefetched_pages, prefetched as u64);
+        }
+        self.shared
+            .installed_pages
+            .fetch_add(pages as u64, Ordering::Relaxed);
+    }
+
+    /// The first `len` bytes of this worker's staging buffer.
+    #[allow(clippy::mut_from_ref)]
+    pub(super) fn staging_for(&self, len: u64) -> &mut [u8] {
+        assert!(len <= BATCH_BYTES, "a claim never exceeds BATCH_BYTES");
+        // SAFETY: the staging buffer is this worker's own memory, BATCH_BYTES
+        // long; only this worker's thread uses it, one read at a time, and
+        // the slice does not outlive the read-and-install it serves.
+        unsafe { std::slice::from_raw_parts_mut(self.staging.as_ptr(), len as usize) }
+    }
+
+    pub(super) fn read_source(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let mut attempt = 0;
+        loop {
+            match self.shared.source.read_at(offset, buf) {
+                Err(e) if e.is_transient() && attempt < self.shared.config.source_retries => {
+                    attempt += 1;
+                    self.shared
+                        .counters
+                        .source_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(error = %e, attempt, "retrying source read");
+                    std::thread::sleep(Duration::from_millis(1 << attempt.min(6)));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The source cannot produce these pages: poison them so that access
+    /// raises SIGBUS instead of reading wrong bytes or hanging.
+    pub(super) fn poison(
+        &self,
+        target: &Target,
+        claim: &Claim,
+        from: usize,
+        claims: &[u8],
+        e: &SourceError,
+    ) -> Step {
+        self.shared
+            .poison(target, claim, from, claims, &e.to_string())
+    }
+}
+
+/// Undoes claims on `from..` and wakes those pages so that any thread
+/// waiting on them faults again.
+pub(super) fn release(target: &Target, claim: &Claim, from: usize, claims: &[u8]) {
+    let mut any = false;
+    for (k, &cl) in claims.iter().enumerate() {
+        if cl != 0 {
+            claim.span.states.release(from + k, cl);
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    let ps = claim.span.page_size;
+    let len = claims.len() as u64 * ps;
+    let old = claim.span.addr_of(from);
+    let _ = target.uffd.wake(old, len);
+    // An event may have moved the pages: wake them where they are now.
+    let table = read(&target.table);
+    if let Some(now) = table.address_of(&claim.span.states, from) {
+        if now != old {
+            let _ = target.uffd.wake(now, len);
+        }
+    }
+}
+
+/// Holds claimed pages while a thread fetches and installs them. Dropped
+/// during a panic (a source, or the engine itself, failed in a way nobody
+/// foresaw), it poisons them: the faulting threads get SIGBUS instead of
+/// waiting forever on pages nobody will install, and the same failure is
+/// not retried in a loop.
+pub(super) struct ClaimGuard<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) target: &'a Target,
+    pub(super) claim: &'a Claim,
+    pub(super) from: usize,
+    pub(super) claims: &'a [u8],
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!(
+                pager = %self.shared.config.name,
+                address = format_args!("{:#x}", self.claim.span.addr_of(self.from)),
+                pages = self.claims.len(),
+                "a panic while serving these pages; poisoning them"
+            );
+            self.shared.poison(
+                self.target,
+                self.claim,
+                self.from,
+                self.claims,
+                "the engine panicked while serving the page",
+            );
+        }
+    }
+}
