@@ -71,8 +71,8 @@ mod workingset;
 
 pub use config::{Prefetch, Strategy, WaitMode, BATCH_BYTES};
 pub use engine::{
-    register, ConfigError, Detached, Pager, PagerBuilder, PagerError, PoisonedPage, Progress,
-    RegisteredRange, ShutdownHandle, StillRegistered,
+    register, ConfigError, Detached, HandedOver, Pager, PagerBuilder, PagerError, PoisonedPage,
+    Progress, RegisteredRange, ShutdownHandle, StillRegistered,
 };
 pub use handover::{PageKind, PagerState, SpanState, StateError};
 pub use mem::AlignedAnon;

@@ -37,7 +37,7 @@ fn a_resumed_pager_keeps_present_removed_and_recorded_pages() {
     memory
         .advise(200 * 4096, 8 * 4096, rustix::mm::Advice::LinuxDontNeed)
         .unwrap();
-    let (uffd, state) = first.hand_over().unwrap();
+    let uffd_pager::HandedOver { uffd, state, .. } = first.hand_over().unwrap();
     assert_eq!(
         state.count(PageKind::Present),
         (PAGES / 2 - 8) as u64,
@@ -101,7 +101,7 @@ fn a_fault_waiting_during_the_hand_over_is_served_by_the_next_pager() {
             gated.open();
         })
     };
-    let (uffd, state) = first.hand_over().unwrap();
+    let uffd_pager::HandedOver { uffd, state, .. } = first.hand_over().unwrap();
     opener.join().unwrap();
     let second = Pager::builder(gated).resume(uffd, state).unwrap();
     let got = bounded("the reader", move || reader.join().unwrap());

@@ -16,8 +16,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
+use std::os::fd::OwnedFd;
 use uffd::{CopyMode, Event, EventBuffer, Uffd};
-use uffd_pager::{PageSource, Pager, PagerState, Strategy, WaitMode, WorkingSet};
+
+use uffd_pager::{HandedOver, PageSource, Pager, PagerState, Strategy, WaitMode, WorkingSet};
 
 use crate::protocol::{Region, PAGE_4K};
 use crate::stats::{DrainOutcome, DrainReport, EngineStats, LatencyHistogram, RegisteredRange};
@@ -37,12 +39,14 @@ pub enum EngineError {
 pub trait Engine: Send + Sync + std::fmt::Debug {
     /// A short name for logs.
     fn name(&self) -> &'static str;
-    /// Starts serving `regions` of the VMM (process `pid`) behind `uffd`.
+    /// Starts serving `regions` of the VMM (process `pid`, watched through
+    /// `pidfd`, the one watcher of this VM) behind `uffd`.
     fn start(
         &self,
         uffd: Uffd,
         regions: &[Region],
         pid: i32,
+        pidfd: OwnedFd,
     ) -> Result<Box<dyn RunningVm>, EngineError>;
     /// Whether [`RunningVm::hand_over`] and [`Engine::resume`] work, so that
     /// a new server can take its VMs over.
@@ -55,10 +59,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         &self,
         uffd: Uffd,
         pid: i32,
+        pidfd: OwnedFd,
         page_size: u64,
         state: PagerState,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
-        let _ = (uffd, pid, page_size, state);
+        let _ = (uffd, pid, pidfd, page_size, state);
         Err(EngineError::Start(format!(
             "the {} engine cannot take VMs over",
             self.name()
@@ -78,10 +83,10 @@ pub trait RunningVm: Send {
     /// server's copy of the userfaultfd.
     fn shutdown(&mut self);
     /// Stops serving without leaving the VM without a handler, for a new
-    /// server to carry on ([`Engine::resume`]): the userfaultfd (a copy)
-    /// and the pager's state. `None` when the engine cannot, or the VM was
-    /// stopped already.
-    fn hand_over(&mut self) -> Option<(Uffd, PagerState)> {
+    /// server to carry on ([`Engine::resume`]): the userfaultfd and pidfd
+    /// (copies) and the pager's state. `None` when the engine cannot, or
+    /// the VM was stopped already.
+    fn hand_over(&mut self) -> Option<HandedOver> {
         None
     }
     /// For a VM that runs on after the server stops: makes it independent
@@ -193,8 +198,9 @@ impl Engine for PagerEngine {
         uffd: Uffd,
         regions: &[Region],
         pid: i32,
+        pidfd: OwnedFd,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
-        let pager = self.builder(regions[0].page_size, pid).start(
+        let pager = self.builder(regions[0].page_size, pid, pidfd).start(
             uffd,
             regions
                 .iter()
@@ -212,10 +218,11 @@ impl Engine for PagerEngine {
         &self,
         uffd: Uffd,
         pid: i32,
+        pidfd: OwnedFd,
         page_size: u64,
         state: PagerState,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
-        let pager = self.builder(page_size, pid).resume(uffd, state)?;
+        let pager = self.builder(page_size, pid, pidfd).resume(uffd, state)?;
         Ok(self.running(pager))
     }
 }
@@ -230,7 +237,7 @@ impl PagerEngine {
         })
     }
 
-    fn builder(&self, page_size: u64, pid: i32) -> uffd_pager::PagerBuilder {
+    fn builder(&self, page_size: u64, pid: i32, pidfd: OwnedFd) -> uffd_pager::PagerBuilder {
         let replay = match &self.config.prefetch {
             Some(ws) if ws.page_size() != page_size => {
                 tracing::warn!(
@@ -262,7 +269,7 @@ impl PagerEngine {
             .replay(replay)
             .background_fill(self.config.background_fill)
             .record(self.config.record)
-            .target_pid(pid)
+            .target_pidfd(pidfd)
             .name(format!("vm-{pid}"))
     }
 }
@@ -293,7 +300,7 @@ impl RunningVm for PagerVm {
             self.last = engine_stats(&pager.shutdown());
         }
     }
-    fn hand_over(&mut self) -> Option<(Uffd, PagerState)> {
+    fn hand_over(&mut self) -> Option<HandedOver> {
         let pager = self.pager.take()?;
         self.last = engine_stats(&pager.stats());
         match pager.hand_over() {
@@ -380,6 +387,7 @@ struct BaselineCounters {
 
 struct OneByOneVm {
     counters: Arc<BaselineCounters>,
+    pidfd: OwnedFd,
     stop: Arc<AtomicBool>,
     gone: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -395,6 +403,7 @@ impl Engine for OneByOneEngine {
         uffd: Uffd,
         regions: &[Region],
         _pid: i32,
+        pidfd: OwnedFd,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
         let counters = Arc::new(BaselineCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -460,6 +469,7 @@ impl Engine for OneByOneEngine {
             .map_err(|e| EngineError::Start(e.to_string()))?;
         Ok(Box::new(OneByOneVm {
             counters,
+            pidfd,
             stop,
             gone,
             thread: Some(thread),
@@ -469,7 +479,15 @@ impl Engine for OneByOneEngine {
 
 impl RunningVm for OneByOneVm {
     fn is_finished(&self) -> bool {
-        self.gone.load(Relaxed)
+        let exited = || {
+            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+            let now = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0)
+        };
+        self.gone.load(Relaxed) || exited()
     }
     fn stats(&self) -> EngineStats {
         let c = &self.counters;

@@ -25,6 +25,7 @@ use crate::engine::{Engine, RunningVm};
 use crate::handshake::{self, Handshake, HandshakeError, HandshakePolicy, Peer};
 use crate::stats::{DrainOutcome, DrainReport, Ended, Refusal, StatsLog, VmReport};
 use crate::takeover::{self, Packet, TakeoverError};
+use uffd_pager::HandedOver;
 
 /// What the server needs to know.
 #[derive(Debug, Clone)]
@@ -364,7 +365,7 @@ impl Server {
             .map_err(|e| format!("not a userfaultfd: {e}"))?;
         let vm = self
             .engine
-            .resume(uffd, header.pid, header.page_size, state)
+            .resume(uffd, header.pid, pidfd, header.page_size, state)
             .map_err(|e| e.to_string())?;
         let id = self.next_id.fetch_add(1, SeqCst);
         let peer = Peer {
@@ -385,7 +386,7 @@ impl Server {
             .name(format!("uffd-vm-{id}"))
             .spawn(move || {
                 let _slot = slot;
-                worker.serve(peer, pidfd, vm, page_size, memory_bytes);
+                worker.serve(peer, vm, page_size, memory_bytes);
             })
             .map_err(|e| format!("cannot start a thread for the VM: {e}"))?;
         lock(&self.workers).push(thread);
@@ -927,7 +928,7 @@ impl VmWorker {
             page_size,
             "serving VM"
         );
-        let vm = match self.engine.start(uffd, &regions, peer.pid) {
+        let vm = match self.engine.start(uffd, &regions, peer.pid, pidfd) {
             Ok(vm) => vm,
             Err(e) => {
                 tracing::error!(vm = id, pid = peer.pid, "cannot serve the VM: {e}");
@@ -939,22 +940,15 @@ impl VmWorker {
                 return;
             }
         };
-        // Firecracker closes the connection after the handshake: the pidfd,
-        // not the stream, says when the VMM is gone.
+        // Firecracker closes the connection after the handshake: the pidfd
+        // (watched by the engine), not the stream, says when the VMM is gone.
         drop(stream);
-        self.serve(peer, pidfd, vm, page_size, memory_bytes);
+        self.serve(peer, vm, page_size, memory_bytes);
     }
 
     /// Serves a VM until its VMM exits, the server stops (drain) or a new
     /// server takes it over; then reports it.
-    fn serve(
-        self,
-        peer: Peer,
-        pidfd: OwnedFd,
-        mut vm: Box<dyn RunningVm>,
-        page_size: u64,
-        memory_bytes: u64,
-    ) {
+    fn serve(self, peer: Peer, mut vm: Box<dyn RunningVm>, page_size: u64, memory_bytes: u64) {
         let id = self.id;
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
             id,
@@ -969,7 +963,7 @@ impl VmWorker {
         // nobody foresaw) must not leave it without a handler: it is
         // drained like a VM at shutdown.
         let ended = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.watch(&pidfd, vm.as_ref(), peer.pid)
+            self.watch(vm.as_ref(), peer.pid)
         })) {
             Ok(ended) => ended,
             Err(panic) => {
@@ -985,7 +979,6 @@ impl VmWorker {
         // A VM still running when the server stops keeps its own copy of
         // the userfaultfd: closing ours would leave its next missing page
         // waiting forever. Make it independent first.
-        let mut pidfd = Some(pidfd);
         let mut handed = None;
         let drain = if ended == Ended::HandedOver {
             handed = vm.hand_over();
@@ -1029,7 +1022,12 @@ impl VmWorker {
             drain,
         };
         drop(vm);
-        if let (Some((uffd, state)), Some(pidfd)) = (handed, pidfd.take()) {
+        if let Some(HandedOver {
+            uffd,
+            pidfd: Some(pidfd),
+            state,
+        }) = handed
+        {
             let _ = self.handed.send(HandedVm {
                 id,
                 peer,
@@ -1053,7 +1051,7 @@ impl VmWorker {
 
     /// Watches the VM until its VMM exits, the server stops or a new
     /// server takes it over; writes its working set on request meanwhile.
-    fn watch(&self, pidfd: &OwnedFd, vm: &dyn RunningVm, pid: i32) -> Ended {
+    fn watch(&self, vm: &dyn RunningVm, pid: i32) -> Ended {
         let mut seen_generation = self.handle.inner.record_generation.load(SeqCst);
         loop {
             if self.handle.is_handing_over() {
@@ -1070,19 +1068,14 @@ impl VmWorker {
                 seen_generation = generation;
                 self.save_working_set(vm, pid);
             }
-            let mut fds = [
-                PollFd::new(pidfd, PollFlags::IN),
-                PollFd::new(&self.handle.inner.wake, PollFlags::IN),
-            ];
+            // The engine watches the VMM's pidfd; this loop only looks at
+            // what it says, and wakes at once for shutdown or takeover.
+            let mut fds = [PollFd::new(&self.handle.inner.wake, PollFlags::IN)];
             let ts = rustix::time::Timespec {
                 tv_sec: 0,
-                tv_nsec: 100_000_000,
+                tv_nsec: 20_000_000,
             };
-            if let Ok(n) = rustix::event::poll(&mut fds, Some(&ts)) {
-                if n > 0 && fds[0].revents().intersects(PollFlags::IN | PollFlags::HUP) {
-                    return Ended::VmmExited;
-                }
-            }
+            let _ = rustix::event::poll(&mut fds, Some(&ts));
         }
     }
 

@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use std::os::fd::OwnedFd;
 use uffd::Uffd;
-use uffd_pager::{FileMode, PagerState, WorkingSet};
+
+use uffd_pager::{FileMode, HandedOver, WorkingSet};
 use uffd_serve::engine::{Engine, EngineError, PagerEngine, PagerEngineConfig, RunningVm};
 use uffd_serve::protocol::Region;
 use uffd_serve::stats::{DrainReport, Ended, EngineStats};
@@ -43,7 +45,7 @@ impl RunningVm for PanickingVm {
     fn shutdown(&mut self) {
         self.0.shutdown()
     }
-    fn hand_over(&mut self) -> Option<(Uffd, PagerState)> {
+    fn hand_over(&mut self) -> Option<HandedOver> {
         self.0.hand_over()
     }
     fn detach(&mut self, timeout: Duration) -> DrainReport {
@@ -60,8 +62,11 @@ impl Engine for PanicsOnce {
         uffd: Uffd,
         regions: &[Region],
         pid: i32,
+        pidfd: OwnedFd,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
-        Ok(Box::new(PanickingVm(self.0.start(uffd, regions, pid)?)))
+        Ok(Box::new(PanickingVm(
+            self.0.start(uffd, regions, pid, pidfd)?,
+        )))
     }
 }
 

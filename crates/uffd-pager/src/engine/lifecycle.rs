@@ -76,6 +76,17 @@ pub enum StillRegistered {
     UnregisterFailed(String),
 }
 
+/// What [`Pager::hand_over`] gives back for another pager to carry on.
+#[derive(Debug)]
+pub struct HandedOver {
+    /// The target's userfaultfd (a copy).
+    pub uffd: Uffd,
+    /// The target's pidfd, when the pager watched one (a copy).
+    pub pidfd: Option<OwnedFd>,
+    /// What the pager knew about the target's memory.
+    pub state: PagerState,
+}
+
 impl Pager {
     /// Makes every process this pager serves independent of it, then shuts
     /// down: the drain before a page server exits while its VMs run on.
@@ -217,7 +228,7 @@ impl Pager {
     ///
     /// Only the target the pager was started with is handed over; forked
     /// children it adopted are shut down as by [`Pager::shutdown`].
-    pub fn hand_over(self) -> Result<(Uffd, PagerState), PagerError> {
+    pub fn hand_over(self) -> Result<HandedOver, PagerError> {
         let target = lock(&self.shared.targets)
             .first()
             .cloned()
@@ -225,6 +236,13 @@ impl Pager {
         let fd = rustix::io::fcntl_dupfd_cloexec(&target.uffd, 0)
             .map_err(|e| io_err("duplicating the userfaultfd")(e.into()))?;
         let uffd = Uffd::from_fd(fd, target.uffd.features())?;
+        let pidfd = match &self.shared.pidfd {
+            Some(fd) => Some(
+                rustix::io::fcntl_dupfd_cloexec(fd, 0)
+                    .map_err(|e| io_err("duplicating the target's pidfd")(e.into()))?,
+            ),
+            None => None,
+        };
         self.stop_and_join();
         let table = read(&target.table);
         let spans = table
@@ -245,7 +263,7 @@ impl Pager {
             removed = state.count(PageKind::Removed),
             "handed over"
         );
-        Ok((uffd, state))
+        Ok(HandedOver { uffd, pidfd, state })
     }
 
     pub(super) fn stop_and_join(&self) {

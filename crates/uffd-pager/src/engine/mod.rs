@@ -42,7 +42,7 @@ mod resolve;
 use events::{panic_message, spawn_handlers};
 use fill::{fill_main, fill_missing, FillEnd};
 use install::{release, ClaimGuard};
-pub use lifecycle::{Detached, RegisteredRange, StillRegistered};
+pub use lifecycle::{Detached, HandedOver, RegisteredRange, StillRegistered};
 
 /// What is wrong with a pager's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -177,6 +177,7 @@ impl ShutdownHandle {
 pub struct PagerBuilder {
     source: Arc<dyn PageSource>,
     config: Config,
+    pidfd: Option<OwnedFd>,
 }
 
 impl PagerBuilder {
@@ -264,6 +265,14 @@ impl PagerBuilder {
         self
     }
 
+    /// The target's pidfd, already open (a server opened it to check its
+    /// peer): the pager watches it instead of opening a second one, so a
+    /// VM has one watcher; [`Pager::is_finished`] says when it exited.
+    pub fn target_pidfd(mut self, pidfd: OwnedFd) -> Self {
+        self.pidfd = Some(pidfd);
+        self
+    }
+
     /// A name for logs and thread names.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.config.name = name.into();
@@ -278,7 +287,7 @@ impl PagerBuilder {
     /// (see [`register`] for this process's own memory). The fd is made
     /// non-blocking.
     pub fn start(self, uffd: Uffd, regions: Vec<Region>) -> Result<Pager, PagerError> {
-        Pager::start(self.source, self.config, uffd, regions, None)
+        Pager::start(self.source, self.config, uffd, regions, None, self.pidfd)
     }
 
     /// Carries on where another pager stopped ([`Pager::hand_over`], maybe
@@ -298,7 +307,14 @@ impl PagerBuilder {
             .map(|(i, span)| span.region(i))
             .collect::<Result<Vec<Region>, StateError>>()
             .map_err(PagerError::State)?;
-        let pager = Pager::start(self.source, self.config, uffd, regions, Some(state))?;
+        let pager = Pager::start(
+            self.source,
+            self.config,
+            uffd,
+            regions,
+            Some(state),
+            self.pidfd,
+        )?;
         for target in lock(&pager.shared.targets).iter() {
             for span in &read(&target.table).spans {
                 let _ = target.uffd.wake(span.start, span.len);
@@ -406,6 +422,7 @@ impl Pager {
         PagerBuilder {
             source,
             config: Config::default(),
+            pidfd: None,
         }
     }
 
@@ -415,6 +432,7 @@ impl Pager {
         uffd: Uffd,
         regions: Vec<Region>,
         resumed: Option<PagerState>,
+        pidfd: Option<OwnedFd>,
     ) -> Result<Pager, PagerError> {
         validate(&config, &uffd, &regions)?;
         rustix::fs::fcntl_setfl(&uffd, rustix::fs::OFlags::NONBLOCK)
@@ -424,8 +442,9 @@ impl Pager {
         let completion_fd =
             rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(|e| io_err("eventfd")(e.into()))?;
-        let pidfd = match config.target_pid {
-            Some(pid) => {
+        let pidfd = match (pidfd, config.target_pid) {
+            (Some(fd), _) => Some(fd),
+            (None, Some(pid)) => {
                 let pid = rustix::process::Pid::from_raw(pid)
                     .ok_or(PagerError::Config(ConfigError::TargetPid(pid)))?;
                 Some(
@@ -433,7 +452,7 @@ impl Pager {
                         .map_err(|e| io_err("pidfd_open of the target")(e.into()))?,
                 )
             }
-            None => None,
+            (None, None) => None,
         };
         let total_pages = regions.iter().map(|r| r.len / r.page_size).sum();
         let record_page_size = regions.iter().map(|r| r.page_size).min().unwrap_or(4096);
