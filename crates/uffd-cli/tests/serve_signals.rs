@@ -259,7 +259,40 @@ fn takeover_while_vms_fault(kill: Kill) {
         dir.path("new.log"),
         dir.path("third.log"),
     );
-    let mut old = serve(&mem, &socket, &old_log, &["--threads", "1"], &env);
+    // A failure anywhere below shows what the three servers logged.
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        takeover_steps(
+            kill,
+            &standin,
+            &mem,
+            &socket,
+            &env,
+            [&old_log, &new_log, &third_log],
+        )
+    }));
+    if let Err(panic) = run {
+        for (name, log) in [("old", &old_log), ("new", &new_log), ("third", &third_log)] {
+            eprintln!("--- {name} server log ---\n{}", log_of(log));
+        }
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn takeover_steps(
+    kill: Kill,
+    standin: &Path,
+    mem: &Path,
+    socket: &Path,
+    env: &[(&str, &str)],
+    [old_log, new_log, third_log]: [&Path; 3],
+) {
+    let (old_log, new_log, third_log) = (
+        old_log.to_path_buf(),
+        new_log.to_path_buf(),
+        third_log.to_path_buf(),
+    );
+    let (mem, socket) = (mem.to_path_buf(), socket.to_path_buf());
+    let mut old = serve(&mem, &socket, &old_log, &["--threads", "1"], env);
     wait_for(
         "the first server listening",
         Duration::from_secs(30),
@@ -267,7 +300,7 @@ fn takeover_while_vms_fault(kill: Kill) {
     );
     let vm = |pace: &str| {
         Reaped(
-            Command::new(&standin)
+            Command::new(standin)
                 .arg("--socket")
                 .arg(&socket)
                 .arg("--mem-file")
