@@ -67,8 +67,12 @@ struct ServeArgs {
     /// socket file is replaced; one with a live server is refused.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Fault handler threads per VM.
-    #[arg(long, default_value_t = 2, value_name = "N")]
+    /// Fault handler threads per VM. One is fastest for a memory file: a
+    /// second only contends for the engine's table lock (measured: 3.1
+    /// futex calls per fault at 2 threads, none at 1) and installs from
+    /// the page cache never block; reads of slow sources are kept in
+    /// flight without a thread each.
+    #[arg(long, default_value_t = 1, value_name = "N")]
     threads: usize,
     /// Record each VM's first-touched pages into this working-set file when
     /// the VM exits (and on SIGUSR1). `{pid}` and `{vm}` in the path are
