@@ -431,6 +431,17 @@ pub struct Prepared<C: Compactor> {
 }
 
 impl<C: Compactor> Prepared<C> {
+    /// The handle of [`Running::progress`], available before the flip so
+    /// mutator threads can hold it from the start.
+    pub fn progress(&self) -> Progress {
+        let s = &self.inner.as_ref().expect("prepared").shared;
+        Progress {
+            states: Arc::clone(&s.states),
+            base: s.heap.addr(),
+            len: s.heap.len() as u64,
+        }
+    }
+
     /// The flip, to be called while the mutators are paused (and after the
     /// runtime pointed its roots at the objects' new addresses): moves the
     /// heap's pages to the from-space (one `mremap`), registers the heap
