@@ -401,7 +401,6 @@ fn io_errno(e: &std::io::Error) -> Errno {
     Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EAGAIN))
 }
 
-#[derive(Debug)]
 struct Inner<C: Compactor> {
     shared: Arc<Shared<C>>,
     threads: Vec<JoinHandle<ThreadOut>>,
@@ -425,7 +424,6 @@ impl<C: Compactor> Inner<C> {
 }
 
 /// A compaction ready to start: threads are waiting.
-#[derive(Debug)]
 pub struct Prepared<C: Compactor> {
     inner: Option<Inner<C>>,
 }
@@ -492,6 +490,24 @@ impl<C: Compactor> Prepared<C> {
     }
 }
 
+impl<C: Compactor> fmt::Debug for Prepared<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Some(i) => i.shared.describe(f.debug_struct("Prepared")),
+            None => f.write_str("Prepared(started)"),
+        }
+    }
+}
+
+impl<C: Compactor> fmt::Debug for Running<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Some(i) => i.shared.describe(f.debug_struct("Running")),
+            None => f.write_str("Running(finished)"),
+        }
+    }
+}
+
 impl<C: Compactor> Drop for Prepared<C> {
     fn drop(&mut self) {
         if let Some(mut inner) = self.inner.take() {
@@ -522,7 +538,6 @@ unsafe fn unflip(heap: &Heap, from: u64) -> Result<(), Errno> {
 
 /// A compaction under way. Dropping it without [`Running::finish`] still
 /// waits for every page, so no mutator is left waiting on a fault.
-#[derive(Debug)]
 pub struct Running<C: Compactor> {
     inner: Option<Inner<C>>,
     started: Instant,
@@ -675,7 +690,6 @@ impl Counters {
 /// Pages of the zero tail claimed per step.
 const TAIL_CHUNK: usize = 512;
 
-#[derive(Debug)]
 struct Shared<C: Compactor> {
     compactor: Arc<C>,
     heap: Arc<Heap>,
@@ -716,6 +730,16 @@ impl Buffer {
 type FillError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<C: Compactor> Shared<C> {
+    fn describe(&self, mut d: fmt::DebugStruct<'_, '_>) -> fmt::Result {
+        let done = *self.done.lock().unwrap_or_else(|e| e.into_inner());
+        d.field("mode", &self.mode)
+            .field("heap", &format_args!("{:#x}+{:#x}", self.heap.addr(), self.heap.len()))
+            .field("pages", &self.pages)
+            .field("live", &self.live)
+            .field("done", &done)
+            .finish()
+    }
+
     fn open_gate(&self, to: Gate) {
         *self.gate.lock().unwrap_or_else(|e| e.into_inner()) = to;
         self.gate_cv.notify_all();
@@ -881,8 +905,17 @@ impl<C: Compactor> Shared<C> {
                     let dst = unsafe {
                         core::slice::from_raw_parts_mut(self.from_ptr().add(q * PAGE), PAGE)
                     };
-                    self.fill(p, &from, dst)
-                        .and_then(|()| self.install_move(p, q))
+                    match self.fill(p, &from, dst) {
+                        Ok(()) => self.install_move(p, q),
+                        Err(e) => {
+                            // The page is still ours and still resident.
+                            self.pool
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(q as u32);
+                            Err(e)
+                        }
+                    }
                 }
                 None => self
                     .fill(p, &from, &mut buf.0)
