@@ -733,7 +733,10 @@ impl<C: Compactor> Shared<C> {
     fn describe(&self, mut d: fmt::DebugStruct<'_, '_>) -> fmt::Result {
         let done = *self.done.lock().unwrap_or_else(|e| e.into_inner());
         d.field("mode", &self.mode)
-            .field("heap", &format_args!("{:#x}+{:#x}", self.heap.addr(), self.heap.len()))
+            .field(
+                "heap",
+                &format_args!("{:#x}+{:#x}", self.heap.addr(), self.heap.len()),
+            )
             .field("pages", &self.pages)
             .field("live", &self.live)
             .field("done", &done)
@@ -807,13 +810,10 @@ impl<C: Compactor> Shared<C> {
         let mut events = EventBuffer::new(64);
         let mut samples = Vec::new();
         let mut idle_since: Option<Instant> = None;
-        loop {
-            let batch = match uffd.read_events(&mut events) {
-                Ok(batch) => batch,
-                // The fd is unusable; background threads still install every
-                // page, and each install wakes its faults, so nothing hangs.
-                Err(_) => break,
-            };
+        // A read error means the fd is unusable; background threads still
+        // install every page, and each install wakes its faults, so
+        // nothing hangs when the handler stops.
+        while let Ok(batch) = uffd.read_events(&mut events) {
             if batch.is_empty() {
                 let spun = idle_since.get_or_insert_with(Instant::now).elapsed();
                 if spun < self.spin {
@@ -871,7 +871,7 @@ impl<C: Compactor> Shared<C> {
         }
     }
 
-    fn from_ptr(&self) -> *mut u8 {
+    fn old_space(&self) -> *mut u8 {
         self.from.get().expect("the flip ran").ptr()
     }
 
@@ -883,15 +883,15 @@ impl<C: Compactor> Shared<C> {
     fn work(&self, p: usize, buf: &mut Buffer) {
         let (a, b) = self.sources[p];
         let (a, b) = (a as usize, b as usize);
-        // SAFETY: pages a..b of the from-space stay mapped while `self`
-        // lives, and nobody writes them until `p` is settled: mutators
-        // only access the heap, and MOVE recycles a from-space page only
-        // after every live page reading it (counted in `readers`, `p`
-        // among them) has settled.
         let from = FromPages {
             first: a,
+            // SAFETY: pages a..b of the from-space stay mapped while `self`
+            // lives, and nobody writes them until `p` is settled: mutators
+            // only access the heap, and MOVE recycles a from-space page only
+            // after every live page reading it (counted in `readers`, `p`
+            // among them) has settled.
             bytes: unsafe {
-                core::slice::from_raw_parts(self.from_ptr().add(a * PAGE), (b - a) * PAGE)
+                core::slice::from_raw_parts(self.old_space().add(a * PAGE), (b - a) * PAGE)
             },
         };
         let result = match self.mode {
@@ -903,7 +903,7 @@ impl<C: Compactor> Shared<C> {
                     // SAFETY: page q was popped from the pool, so no live page
                     // reads it and no other thread holds it.
                     let dst = unsafe {
-                        core::slice::from_raw_parts_mut(self.from_ptr().add(q * PAGE), PAGE)
+                        core::slice::from_raw_parts_mut(self.old_space().add(q * PAGE), PAGE)
                     };
                     match self.fill(p, &from, dst) {
                         Ok(()) => self.install_move(p, q),
@@ -944,7 +944,6 @@ impl<C: Compactor> Shared<C> {
                 self.counters.written.fetch_add(1, Ordering::Relaxed);
             }),
         };
-        drop(from);
         let ok = match result {
             Ok(()) => true,
             Err(error) => {
@@ -1026,7 +1025,7 @@ impl<C: Compactor> Shared<C> {
         let r = unsafe {
             self.uffd().move_(
                 self.dst_addr(p),
-                self.from_ptr().add(q * PAGE),
+                self.old_space().add(q * PAGE),
                 PAGE as u64,
                 MoveMode::empty(),
             )
@@ -1048,7 +1047,7 @@ impl<C: Compactor> Shared<C> {
                 // The page is shared after all (KSM, or a fork before the heap
                 // was ours): COPY its contents; it stays in the pool.
                 self.counters.move_busy.fetch_add(1, Ordering::Relaxed);
-                let r = self.install_copy(p, self.from_ptr().wrapping_add(q * PAGE));
+                let r = self.install_copy(p, self.old_space().wrapping_add(q * PAGE));
                 self.pool
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -1124,10 +1123,10 @@ impl<C: Compactor> Shared<C> {
     fn fail(&self, a: usize, b: usize, error: FillError) {
         let (addr, len) = (self.dst_addr(a), ((b - a) * PAGE) as u64);
         let poisoned = self.uffd.as_ref().is_some_and(|u| {
-            // SAFETY: the pages hold no valid objects; the runtime is told
-            // (CompactError::Pages) not to use them, and a mutator that does
-            // gets SIGBUS instead of stale or zero data.
             matches!(
+                // SAFETY: the pages hold no valid objects; the runtime is told
+                // (CompactError::Pages) not to use them, and a mutator that
+                // does gets SIGBUS instead of stale or zero data.
                 unsafe { u.poison(addr, len, PoisonMode::empty()) },
                 Ok(Outcome::Complete { .. })
             )

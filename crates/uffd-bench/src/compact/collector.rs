@@ -149,7 +149,7 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
     let world = &world;
     let outcome = std::thread::scope(|s| -> Result<_, CompactError> {
         let mutators: Vec<_> = (0..cfg.mutators)
-            .map(|i| s.spawn(move || world.mutate(i, cfg.seed ^ (i as u64 + 1) * 0x1234_5678)))
+            .map(|i| s.spawn(move || world.mutate(i, cfg.seed ^ ((i as u64 + 1) * 0x1234_5678))))
             .collect();
         let stop_all = || {
             world.stop.store(true, Ordering::Release);

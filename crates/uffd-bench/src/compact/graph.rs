@@ -33,7 +33,7 @@ impl Rng {
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -43,7 +43,7 @@ impl Rng {
 
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 11) % n as u64) as usize
+        ((self.next_u64() >> 11) % n as u64) as usize
     }
 }
 
@@ -97,7 +97,7 @@ pub fn build(heap: &Heap, seed: u64, roots: usize) -> Graph {
         for i in 0..PER_PAGE {
             let slot = page * PER_PAGE + i;
             node[ID / 8] = slot as u64 + 1;
-            node[VALUE / 8] = rng.next() >> 8;
+            node[VALUE / 8] = rng.next_u64() >> 8;
             node[TOUCHES / 8] = 0;
             for e in 0..EDGE_COUNT {
                 node[EDGES / 8 + e] = if is_live[slot] {
