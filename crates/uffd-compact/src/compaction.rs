@@ -163,6 +163,8 @@ pub struct Options {
     mode: Mode,
     threads: usize,
     spin: Duration,
+    background_nice: i32,
+    realtime_handler: bool,
 }
 
 impl Options {
@@ -172,6 +174,8 @@ impl Options {
             mode,
             threads: 1,
             spin: Duration::ZERO,
+            background_nice: 0,
+            realtime_handler: false,
         }
     }
 
@@ -186,6 +190,24 @@ impl Options {
     /// again: lower fault latency for CPU (default 0: sleep at once).
     pub fn spin(mut self, spin: Duration) -> Options {
         self.spin = spin;
+        self
+    }
+
+    /// Nice value of the background threads (0..=19; default 0). Raising
+    /// it lets the fault handler and the mutators win the CPU over
+    /// background compaction on a busy machine: shorter stalls, longer
+    /// compaction. Needs no privilege.
+    pub fn background_nice(mut self, nice: i32) -> Options {
+        self.background_nice = nice.clamp(0, 19);
+        self
+    }
+
+    /// Run the fault handler SCHED_FIFO (priority 1) so a fault is served
+    /// as soon as it arrives, not when the scheduler next gets to the
+    /// handler. Needs CAP_SYS_NICE (or an RLIMIT_RTPRIO); without it the
+    /// handler stays a normal thread and [`Report::realtime_handler`] says so.
+    pub fn realtime_handler(mut self, on: bool) -> Options {
+        self.realtime_handler = on;
         self
     }
 
@@ -357,6 +379,9 @@ impl Compaction {
             gate_cv: Condvar::new(),
             stop,
             spin: options.spin,
+            background_nice: options.background_nice,
+            realtime_handler: options.realtime_handler,
+            realtime_granted: core::sync::atomic::AtomicBool::new(false),
             failures: Mutex::new(Vec::new()),
             counters: Counters::default(),
         });
@@ -579,6 +604,7 @@ impl<C: Compactor> Running<C> {
         report.compactor_cpu = cpu;
         report.on_demand_ns = on_demand_ns;
         s.counters.fill(&mut report);
+        report.realtime_handler = s.realtime_granted.load(Ordering::Relaxed);
         let mut errors = Vec::new();
         if let Some(uffd) = &s.uffd {
             if let Err(e) = uffd.unregister(s.heap.addr(), s.heap.len() as u64) {
@@ -600,8 +626,12 @@ impl<C: Compactor> Running<C> {
         // The threads are joined: this is the last reference, so the
         // from-space and the alias are unmapped here, before the heap is
         // free for the next compaction.
+        // Releasing the from-space frees every page not recycled: work of
+        // the compaction, counted as compacting-thread time.
+        let cpu0 = thread_cpu();
         drop(s);
         drop(inner.shared);
+        report.compactor_cpu += thread_cpu().saturating_sub(cpu0);
         heap.busy.store(false, Ordering::Release);
         Some(if failures.is_empty() {
             Ok(report)
@@ -714,6 +744,9 @@ struct Shared<C: Compactor> {
     gate_cv: Condvar,
     stop: OwnedFd,
     spin: Duration,
+    background_nice: i32,
+    realtime_handler: bool,
+    realtime_granted: core::sync::atomic::AtomicBool,
     failures: Mutex<Vec<PageFailure>>,
     counters: Counters,
 }
@@ -757,6 +790,13 @@ impl<C: Compactor> Shared<C> {
     }
 
     fn background(&self) -> ThreadOut {
+        if self.background_nice > 0 {
+            // Best effort: a refused nice only costs latency.
+            let _ = rustix::process::setpriority_process(
+                Some(rustix::thread::gettid()),
+                self.background_nice,
+            );
+        }
         if !self.wait_gate() {
             return ThreadOut::default();
         }
@@ -805,6 +845,9 @@ impl<C: Compactor> Shared<C> {
             .uffd
             .as_ref()
             .expect("the handler runs with a userfaultfd");
+        if self.realtime_handler && make_realtime() {
+            self.realtime_granted.store(true, Ordering::Relaxed);
+        }
         let cpu0 = thread_cpu();
         let mut buf = Buffer::new();
         let mut events = EventBuffer::new(64);
@@ -1206,6 +1249,14 @@ struct AlreadyInstalled;
 #[derive(Debug, thiserror::Error)]
 #[error("unexpected outcome {0:?}")]
 struct Unexpected(Outcome);
+
+/// SCHED_FIFO priority 1 for the calling thread; false when refused.
+fn make_realtime() -> bool {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler reads `param`, a live local; pid 0 is the
+    // calling thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+}
 
 fn thread_cpu() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);

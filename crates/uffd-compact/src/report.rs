@@ -50,6 +50,8 @@ pub struct Report {
     pub install_move: Duration,
     /// See `install_copy`.
     pub install_continue: Duration,
+    /// The fault handler ran SCHED_FIFO (asked for and granted).
+    pub realtime_handler: bool,
     /// Handler-side service time of each on-demand page, nanoseconds (from
     /// reading the fault to the installing ioctl's return).
     pub on_demand_ns: Vec<u64>,

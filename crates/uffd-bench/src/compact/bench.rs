@@ -21,6 +21,10 @@ pub struct BenchConfig {
     pub gc_threads: usize,
     /// Mutators' undisturbed run before each collection, ms.
     pub warmup_ms: u64,
+    /// Nice value of the background compacting threads.
+    pub background_nice: i32,
+    /// Ask for a SCHED_FIFO fault handler.
+    pub realtime_handler: bool,
 }
 
 impl BenchConfig {
@@ -33,6 +37,8 @@ impl BenchConfig {
             mutators: 2,
             gc_threads: 1,
             warmup_ms: 200,
+            background_nice: 0,
+            realtime_handler: false,
         }
     }
 }
@@ -110,6 +116,10 @@ pub struct BenchResult {
     pub mutators: usize,
     /// Background compacting threads.
     pub gc_threads: usize,
+    /// Nice value of the background compacting threads.
+    pub background_nice: i32,
+    /// Whether every round's fault handler ran SCHED_FIFO.
+    pub realtime_handler: bool,
     /// /proc/loadavg before the first round.
     pub loadavg_before: String,
     /// /proc/loadavg after the last.
@@ -140,6 +150,8 @@ pub fn run(cfg: &BenchConfig, mut each: impl FnMut(&Cycle)) -> Result<BenchResul
             c.gc_threads = cfg.gc_threads;
             c.warmup = std::time::Duration::from_millis(cfg.warmup_ms);
             c.seed = 0x5eed + round as u64;
+            c.background_nice = cfg.background_nice;
+            c.realtime_handler = cfg.realtime_handler;
             let cycle = run_cycle(&c)?;
             each(&cycle);
             runs[i].push(cycle);
@@ -181,6 +193,12 @@ pub fn run(cfg: &BenchConfig, mut each: impl FnMut(&Cycle)) -> Result<BenchResul
         rounds: cfg.rounds,
         mutators: cfg.mutators,
         gc_threads: cfg.gc_threads,
+        background_nice: cfg.background_nice,
+        realtime_handler: cfg.realtime_handler
+            && modes
+                .iter()
+                .filter(|m| m.mode != Mode::StopTheWorld.name())
+                .all(|m| m.runs.iter().all(|c| c.realtime_handler)),
         loadavg_before,
         loadavg_after: loadavg(),
         modes,

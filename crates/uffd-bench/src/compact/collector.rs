@@ -28,6 +28,10 @@ pub struct CycleConfig {
     pub seed: u64,
     /// Fault handler spin before sleeping.
     pub spin: Duration,
+    /// Nice value of the background compacting threads.
+    pub background_nice: i32,
+    /// Ask for a SCHED_FIFO fault handler.
+    pub realtime_handler: bool,
 }
 
 impl CycleConfig {
@@ -41,6 +45,8 @@ impl CycleConfig {
             warmup: Duration::from_millis(200),
             seed: 0x5eed,
             spin: Duration::ZERO,
+            background_nice: 0,
+            realtime_handler: false,
         }
     }
 }
@@ -73,6 +79,8 @@ pub struct Cycle {
     pub compaction_ms: f64,
     /// The flip's pause (stop-the-world: the whole compaction).
     pub pause_us: f64,
+    /// The part of the pause inside the library (mremap, register).
+    pub flip_us: f64,
     /// The longest a mutator waited for compaction: the pause or one access.
     pub max_stall_us: f64,
     /// Median access stall (accesses to pages not installed yet; for
@@ -109,6 +117,8 @@ pub struct Cycle {
     pub zeroed: usize,
     /// Mean time in the installing ioctl per page, ns.
     pub install_ns_per_page: f64,
+    /// The fault handler ran SCHED_FIFO.
+    pub realtime_handler: bool,
     /// /proc/loadavg at the end (the machine may be shared).
     pub loadavg: String,
 }
@@ -162,7 +172,9 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
 
         let options = Options::new(cfg.mode)
             .threads(cfg.gc_threads)
-            .spin(cfg.spin);
+            .spin(cfg.spin)
+            .background_nice(cfg.background_nice)
+            .realtime_handler(cfg.realtime_handler);
         let prepared = match Compaction::prepare(&heap, options, Arc::clone(&compactor)) {
             Ok(p) => p,
             Err(e) => {
@@ -264,6 +276,7 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
         mark_ms,
         compaction_ms: ms(elapsed),
         pause_us: us(pause),
+        flip_us: us(report.flip),
         max_stall_us: max_stall as f64 / 1e3,
         p50_stall_us: percentile(stalls, 50.0) / 1e3,
         p99_stall_us: percentile(stalls, 99.0) / 1e3,
@@ -281,6 +294,7 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
         written: report.written,
         zeroed: report.zeroed,
         install_ns_per_page: install_ns_per_page(&report),
+        realtime_handler: report.realtime_handler,
         loadavg: loadavg(),
     })
 }

@@ -79,6 +79,15 @@ struct DemoArgs {
     /// (lower fault latency for CPU; 0 = sleep at once).
     #[arg(long, default_value_t = 0, value_name = "US")]
     spin_us: u64,
+    /// Nice value (0-19) of the background compacting threads: higher lets
+    /// the fault handler and mutators win the CPU (shorter stalls, longer
+    /// compaction).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    nice: i32,
+    /// Run the fault handler SCHED_FIFO (needs CAP_SYS_NICE; the output
+    /// says whether it was granted).
+    #[arg(long)]
+    realtime: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -142,9 +151,11 @@ fn denied_or(e: uffd_compact::CompactError) -> CmdResult {
 
 fn demo(a: DemoArgs) -> CmdResult {
     let mut cfg = CycleConfig::new(a.mode, a.mib.max(1));
-    cfg.mutators = a.threads.max(1);
+    cfg.mutators = a.threads;
     cfg.gc_threads = a.gc_threads.max(1);
     cfg.spin = std::time::Duration::from_micros(a.spin_us);
+    cfg.background_nice = a.nice;
+    cfg.realtime_handler = a.realtime;
     let c = match compact::run_cycle(&cfg) {
         Ok(c) => c,
         Err(e) => return denied_or(e),
@@ -173,8 +184,8 @@ fn print_cycle(c: &Cycle) {
         if c.checksum_ok { "OK" } else { "MISMATCH" }
     );
     println!(
-        "compaction {:.1} ms (pause {:.0} us); marking before it {:.1} ms",
-        c.compaction_ms, c.pause_us, c.mark_ms
+        "compaction {:.1} ms (pause {:.0} us, of which the flip {:.0} us); marking before it {:.1} ms",
+        c.compaction_ms, c.pause_us, c.flip_us, c.mark_ms
     );
     println!(
         "stalls     {} counted: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
@@ -200,14 +211,19 @@ fn print_cycle(c: &Cycle) {
         "compactor  {:.1} ms CPU, {:.0} pages per CPU second, install {:.0} ns/page",
         c.compactor_cpu_ms, c.compactor_pages_per_cpu_s, c.install_ns_per_page
     );
+    if c.realtime_handler {
+        println!("handler    SCHED_FIFO");
+    }
     println!("loadavg    {} (the machine may be shared)", c.loadavg);
 }
 
 fn bench(a: BenchArgs) -> CmdResult {
     let mut cfg = BenchConfig::new(a.mib.max(1), a.rounds);
     cfg.modes = a.modes;
-    cfg.mutators = a.threads.max(1);
+    cfg.mutators = a.threads;
     cfg.gc_threads = a.gc_threads.max(1);
+    cfg.background_nice = a.nice;
+    cfg.realtime_handler = a.realtime;
     let quiet = a.json;
     let result = compact::run(&cfg, |c| {
         if !quiet {
@@ -230,8 +246,16 @@ fn bench(a: BenchArgs) -> CmdResult {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} MiB heap, {} round(s), {} mutator(s), {} compacting thread(s); loadavg {} -> {}",
-            r.mib, r.rounds, r.mutators, r.gc_threads, r.loadavg_before, r.loadavg_after
+            "{} MiB heap, {} round(s), {} mutator(s), {} compacting thread(s) (nice {}), handler {}; \
+             loadavg {} -> {}",
+            r.mib,
+            r.rounds,
+            r.mutators,
+            r.gc_threads,
+            r.background_nice,
+            if r.realtime_handler { "SCHED_FIFO" } else { "normal" },
+            r.loadavg_before,
+            r.loadavg_after
         );
         println!("median [min, max] over rounds");
         println!(
