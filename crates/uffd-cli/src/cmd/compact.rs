@@ -127,6 +127,12 @@ struct BenchArgs {
         value_name = "MODES"
     )]
     modes: Vec<Mode>,
+    /// Nice value (0-19) of the background compacting threads.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    nice: i32,
+    /// Run the fault handler SCHED_FIFO (needs CAP_SYS_NICE).
+    #[arg(long)]
+    realtime: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
