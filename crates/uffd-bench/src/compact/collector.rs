@@ -90,6 +90,10 @@ pub struct Cycle {
     pub p99_stall_us: f64,
     /// Stalls counted.
     pub stalls: usize,
+    /// The longest single access that waited for a page, µs.
+    pub max_access_stall_us: f64,
+    /// The longest wait at the pause, µs.
+    pub max_pause_wait_us: f64,
     /// Mutator operations per second from the pause's start to the end of
     /// compaction (all mutators together).
     pub mutator_ops_per_s: f64,
@@ -187,8 +191,10 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
         // The pause: mutators finish their operation and wait at the lock.
         world.armed.store(true, Ordering::Release);
         let t0 = Instant::now();
-        world.epoch.fetch_add(1, Ordering::AcqRel);
         let guard = world.lock.write().unwrap_or_else(|e| e.into_inner());
+        // Odd only while the lock is held: a mutator that sees it odd, or
+        // sees it change while it waited, waited for this pause.
+        world.epoch.fetch_add(1, Ordering::AcqRel);
         let ops0 = world.total_ops();
         for r in &world.roots {
             r.store(
@@ -281,6 +287,8 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
         p50_stall_us: percentile(stalls, 50.0) / 1e3,
         p99_stall_us: percentile(stalls, 99.0) / 1e3,
         stalls: stalls.len(),
+        max_access_stall_us: access.last().copied().unwrap_or(0) as f64 / 1e3,
+        max_pause_wait_us: pauses.last().copied().unwrap_or(0) as f64 / 1e3,
         mutator_ops_per_s: ops as f64 / elapsed.as_secs_f64(),
         idle_ops_per_s,
         on_demand_pages: report.on_demand,
