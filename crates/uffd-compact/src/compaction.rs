@@ -165,6 +165,7 @@ pub struct Options {
     spin: Duration,
     background_nice: i32,
     realtime_handler: bool,
+    sigbus: bool,
 }
 
 impl Options {
@@ -176,6 +177,7 @@ impl Options {
             spin: Duration::ZERO,
             background_nice: 0,
             realtime_handler: false,
+            sigbus: false,
         }
     }
 
@@ -208,6 +210,19 @@ impl Options {
     /// handler stays a normal thread and [`Report::realtime_handler`] says so.
     pub fn realtime_handler(mut self, on: bool) -> Options {
         self.realtime_handler = on;
+        self
+    }
+
+    /// The SIGBUS path (ART's, COPY and MOVE modes): a mutator touching a
+    /// page not compacted yet gets SIGBUS and compacts the page itself, in
+    /// its signal handler, instead of sleeping until a handler thread has
+    /// done it. No wake-ups, so no scheduler delay; the price is that
+    /// `fill` runs inside a signal handler of the faulting thread and must
+    /// not take a lock a mutator may hold while it accesses the heap. A
+    /// SIGBUS that is not a page of a running compaction (a poisoned page)
+    /// goes to the previous handler, by default killing the process.
+    pub fn sigbus(mut self, on: bool) -> Options {
+        self.sigbus = on;
         self
     }
 
@@ -268,6 +283,12 @@ impl Compaction {
             }
             _ => {}
         }
+        if options.sigbus && !matches!(mode, Mode::Copy | Mode::Move) {
+            return Err(CompactError::Unsupported {
+                mode,
+                why: "the SIGBUS path serves missing faults: use it with Mode::Copy or Mode::Move",
+            });
+        }
         let pages = heap.pages();
         let live = compactor.live_pages();
         if live > pages {
@@ -298,6 +319,10 @@ impl Compaction {
                 )),
                 _ => None,
             };
+            let needed = needed.or(options.sigbus.then_some((
+                Features::SIGBUS,
+                "the kernel has no UFFD_FEATURE_SIGBUS (Linux 4.14)",
+            )));
             if let Some((feature, why)) = needed {
                 if !kernel.contains(feature) {
                     return Err(CompactError::Unsupported { mode, why });
@@ -308,6 +333,8 @@ impl Compaction {
             // can poll it beside its stop eventfd.
             let features = if mode == Mode::Minor {
                 Features::MINOR_SHMEM
+            } else if options.sigbus {
+                Features::SIGBUS
             } else {
                 Features::empty()
             };
@@ -329,11 +356,15 @@ impl Compaction {
             // Only resident pages are worth recycling: filling a hole would
             // allocate a page, and then COPY is the faster way.
             let resident = heap.resident()?;
-            let pool: Vec<u32> = (0..pages)
-                .filter(|&q| counts[q] == 0 && resident[q])
-                .map(|q| q as u32)
-                .rev()
-                .collect();
+            // Room for every page, so a push never allocates (it may run in
+            // a SIGBUS handler).
+            let mut pool: Vec<u32> = Vec::with_capacity(pages);
+            pool.extend(
+                (0..pages)
+                    .filter(|&q| counts[q] == 0 && resident[q])
+                    .map(|q| q as u32)
+                    .rev(),
+            );
             let seeded = pool.len();
             (
                 counts
@@ -390,7 +421,7 @@ impl Compaction {
             let s = Arc::clone(&shared);
             threads.push(spawn(format!("compact-bg-{i}"), move || s.background())?);
         }
-        if shared.uffd.is_some() {
+        if shared.uffd.is_some() && !options.sigbus {
             let s = Arc::clone(&shared);
             threads.push(spawn("compact-fault".to_string(), move || s.handler())?);
         }
@@ -407,6 +438,8 @@ impl Compaction {
                 shared,
                 threads,
                 report,
+                sigbus: options.sigbus,
+                registration: None,
             }),
         })
     }
@@ -427,9 +460,12 @@ fn io_errno(e: &std::io::Error) -> Errno {
 }
 
 struct Inner<C: Compactor> {
+    // Dropped before `shared`: it points at it.
+    registration: Option<crate::sigbus::Registration>,
     shared: Arc<Shared<C>>,
     threads: Vec<JoinHandle<ThreadOut>>,
     report: Report,
+    sigbus: bool,
 }
 
 impl<C: Compactor> Inner<C> {
@@ -489,6 +525,24 @@ impl<C: Compactor> Prepared<C> {
         };
         let from_addr = from.addr();
         let _ = s.from.set(from);
+        if inner.sigbus {
+            let target: *const Shared<C> = Arc::as_ptr(&s);
+            let target = target as *const (dyn crate::sigbus::SigbusTarget + 'static);
+            // SAFETY: `inner.shared` keeps the target alive, and the
+            // registration is dropped before it (field order, and
+            // explicitly in finish).
+            match unsafe { crate::sigbus::register(target) } {
+                Ok(r) => inner.registration = Some(r),
+                Err(why) => {
+                    // SAFETY: as for the flip.
+                    let _ = unsafe { unflip(&s.heap, from_addr) };
+                    s.open_gate(Gate::Abort);
+                    inner.wind_down();
+                    s.heap.busy.store(false, Ordering::Release);
+                    return Err(CompactError::Unsupported { mode: s.mode, why });
+                }
+            }
+        }
         if let Some(uffd) = &s.uffd {
             let mode = if s.mode == Mode::Minor {
                 RegisterMode::MINOR
@@ -615,6 +669,9 @@ impl<C: Compactor> Running<C> {
                 });
             }
         }
+        // Unregistered: no SIGBUS comes for this heap any more; wait for
+        // handlers still running before the target goes away.
+        drop(inner.registration.take());
         if s.heap.kind() == HeapKind::Shmem {
             s.heap.swap_files();
         }
@@ -808,7 +865,7 @@ impl<C: Compactor> Shared<C> {
                 break;
             }
             if self.states.claim(p) {
-                self.work(p, &mut buf);
+                self.work(p, &mut buf.0);
             }
         }
         loop {
@@ -892,7 +949,7 @@ impl<C: Compactor> Shared<C> {
                     Ask::Claimed => {
                         self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
                         if p < self.live {
-                            self.work(p, &mut buf);
+                            self.work(p, &mut buf.0);
                         } else {
                             self.zero_run(p, p + 1);
                         }
@@ -923,7 +980,7 @@ impl<C: Compactor> Shared<C> {
     }
 
     /// Compacts and installs live page `p`, which this thread claimed.
-    fn work(&self, p: usize, buf: &mut Buffer) {
+    fn work(&self, p: usize, buf: &mut [u8]) {
         let (a, b) = self.sources[p];
         let (a, b) = (a as usize, b as usize);
         let from = FromPages {
@@ -939,8 +996,8 @@ impl<C: Compactor> Shared<C> {
         };
         let result = match self.mode {
             Mode::Copy => self
-                .fill(p, &from, &mut buf.0)
-                .and_then(|()| self.install_copy(p, buf.0.as_ptr())),
+                .fill(p, &from, &mut *buf)
+                .and_then(|()| self.install_copy(p, buf.as_ptr())),
             Mode::Move => match self.pop_pool() {
                 Some(q) => {
                     // SAFETY: page q was popped from the pool, so no live page
@@ -961,8 +1018,8 @@ impl<C: Compactor> Shared<C> {
                     }
                 }
                 None => self
-                    .fill(p, &from, &mut buf.0)
-                    .and_then(|()| self.install_copy(p, buf.0.as_ptr())),
+                    .fill(p, &from, &mut *buf)
+                    .and_then(|()| self.install_copy(p, buf.as_ptr())),
             },
             Mode::Minor => {
                 let alias = self.alias.as_ref().expect("MINOR maps an alias").ptr();
@@ -973,13 +1030,13 @@ impl<C: Compactor> Shared<C> {
                 self.fill(p, &from, dst)
                     .and_then(|()| self.install_continue(p))
             }
-            Mode::StopTheWorld => self.fill(p, &from, &mut buf.0).map(|()| {
+            Mode::StopTheWorld => self.fill(p, &from, &mut *buf).map(|()| {
                 // SAFETY: the destination page is inside the heap, and the
                 // caller keeps mutators paused in stop-the-world mode; a
                 // raw copy, so no reference to the heap is made.
                 unsafe {
                     core::ptr::copy_nonoverlapping(
-                        buf.0.as_ptr(),
+                        buf.as_ptr(),
                         self.heap.ptr().add(p * PAGE),
                         PAGE,
                     )
@@ -995,17 +1052,15 @@ impl<C: Compactor> Shared<C> {
             }
         };
         if self.mode == Mode::Move {
-            let mut freed = Vec::new();
+            // No allocation here (this may run in a SIGBUS handler): the
+            // pool was reserved for every page at prepare.
             for q in a..b {
                 if self.readers[q].fetch_sub(1, Ordering::AcqRel) == 1 {
-                    freed.push(q as u32);
+                    self.pool
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(q as u32);
                 }
-            }
-            if !freed.is_empty() {
-                self.pool
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(freed);
             }
         }
         self.settle(p, p + 1, ok);
@@ -1221,6 +1276,45 @@ impl<C: Compactor> Shared<C> {
         *done += b - a;
         if *done >= self.pages {
             self.all_done.notify_all();
+        }
+    }
+}
+
+impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
+    fn on_sigbus(&self, addr: u64) -> bool {
+        let Some(p) = addr
+            .checked_sub(self.heap.addr())
+            .map(|off| (off / PAGE as u64) as usize)
+            .filter(|&p| p < self.pages)
+        else {
+            return false;
+        };
+        let mut buf = [0u8; PAGE];
+        loop {
+            match self.states.ask(p) {
+                Ask::Claimed => {
+                    self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
+                    if p < self.live {
+                        self.work(p, &mut buf);
+                    } else {
+                        self.zero_run(p, p + 1);
+                    }
+                    return !self.states.is_failed(p);
+                }
+                // Another thread is filling it: a few microseconds.
+                Ask::InProgress => {
+                    self.counters.waited.fetch_add(1, Ordering::Relaxed);
+                    while !self.states.is_settled(p) {
+                        core::hint::spin_loop();
+                        // sched_yield is async-signal-safe.
+                        std::thread::yield_now();
+                    }
+                    return !self.states.is_failed(p);
+                }
+                // Installed: the access restarts and finds it. Failed
+                // (poisoned): a real bus error, for the previous handler.
+                Ask::Settled => return !self.states.is_failed(p),
+            }
         }
     }
 }

@@ -83,6 +83,7 @@ mod compaction;
 mod error;
 mod heap;
 mod report;
+mod sigbus;
 mod state;
 
 pub use compaction::{

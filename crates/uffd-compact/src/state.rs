@@ -76,6 +76,11 @@ impl PageStates {
         old == CLAIMED_WAITED
     }
 
+    /// True if the page failed (it is poisoned or protected).
+    pub(crate) fn is_failed(&self, page: usize) -> bool {
+        self.states[page].load(Ordering::Acquire) == FAILED
+    }
+
     /// True once the page is installed (or failed): an access no longer
     /// waits for compaction.
     pub(crate) fn is_settled(&self, page: usize) -> bool {

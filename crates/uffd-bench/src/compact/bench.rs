@@ -25,6 +25,8 @@ pub struct BenchConfig {
     pub background_nice: i32,
     /// Ask for a SCHED_FIFO fault handler.
     pub realtime_handler: bool,
+    /// The SIGBUS path for COPY and MOVE.
+    pub sigbus: bool,
 }
 
 impl BenchConfig {
@@ -39,6 +41,7 @@ impl BenchConfig {
             warmup_ms: 200,
             background_nice: 0,
             realtime_handler: false,
+            sigbus: false,
         }
     }
 }
@@ -118,6 +121,8 @@ pub struct BenchResult {
     pub gc_threads: usize,
     /// Nice value of the background compacting threads.
     pub background_nice: i32,
+    /// COPY and MOVE ran the SIGBUS path.
+    pub sigbus: bool,
     /// Whether every round's fault handler ran SCHED_FIFO.
     pub realtime_handler: bool,
     /// /proc/loadavg before the first round.
@@ -152,6 +157,7 @@ pub fn run(cfg: &BenchConfig, mut each: impl FnMut(&Cycle)) -> Result<BenchResul
             c.seed = 0x5eed + round as u64;
             c.background_nice = cfg.background_nice;
             c.realtime_handler = cfg.realtime_handler;
+            c.sigbus = cfg.sigbus;
             let cycle = run_cycle(&c)?;
             each(&cycle);
             runs[i].push(cycle);
@@ -194,6 +200,7 @@ pub fn run(cfg: &BenchConfig, mut each: impl FnMut(&Cycle)) -> Result<BenchResul
         mutators: cfg.mutators,
         gc_threads: cfg.gc_threads,
         background_nice: cfg.background_nice,
+        sigbus: cfg.sigbus,
         realtime_handler: cfg.realtime_handler
             && modes
                 .iter()

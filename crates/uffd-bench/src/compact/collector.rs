@@ -32,6 +32,8 @@ pub struct CycleConfig {
     pub background_nice: i32,
     /// Ask for a SCHED_FIFO fault handler.
     pub realtime_handler: bool,
+    /// The SIGBUS path: faulting mutators compact their page themselves.
+    pub sigbus: bool,
 }
 
 impl CycleConfig {
@@ -47,6 +49,7 @@ impl CycleConfig {
             spin: Duration::ZERO,
             background_nice: 0,
             realtime_handler: false,
+            sigbus: false,
         }
     }
 }
@@ -123,6 +126,8 @@ pub struct Cycle {
     pub install_ns_per_page: f64,
     /// The fault handler ran SCHED_FIFO.
     pub realtime_handler: bool,
+    /// Faulting mutators compacted their pages themselves (SIGBUS path).
+    pub sigbus: bool,
     /// /proc/loadavg at the end (the machine may be shared).
     pub loadavg: String,
 }
@@ -178,7 +183,8 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
             .threads(cfg.gc_threads)
             .spin(cfg.spin)
             .background_nice(cfg.background_nice)
-            .realtime_handler(cfg.realtime_handler);
+            .realtime_handler(cfg.realtime_handler)
+            .sigbus(cfg.sigbus && matches!(cfg.mode, Mode::Copy | Mode::Move));
         let prepared = match Compaction::prepare(&heap, options, Arc::clone(&compactor)) {
             Ok(p) => p,
             Err(e) => {
@@ -303,6 +309,7 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
         zeroed: report.zeroed,
         install_ns_per_page: install_ns_per_page(&report),
         realtime_handler: report.realtime_handler,
+        sigbus: cfg.sigbus && matches!(cfg.mode, Mode::Copy | Mode::Move),
         loadavg: loadavg(),
     })
 }

@@ -88,6 +88,10 @@ struct DemoArgs {
     /// says whether it was granted).
     #[arg(long)]
     realtime: bool,
+    /// copy and move: a faulting mutator compacts its page itself in a
+    /// SIGBUS handler (no handler thread, no wake-up), as ART does.
+    #[arg(long)]
+    sigbus: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -133,6 +137,10 @@ struct BenchArgs {
     /// Run the fault handler SCHED_FIFO (needs CAP_SYS_NICE).
     #[arg(long)]
     realtime: bool,
+    /// copy and move: faulting mutators compact their pages themselves in
+    /// a SIGBUS handler.
+    #[arg(long)]
+    sigbus: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -162,6 +170,7 @@ fn demo(a: DemoArgs) -> CmdResult {
     cfg.spin = std::time::Duration::from_micros(a.spin_us);
     cfg.background_nice = a.nice;
     cfg.realtime_handler = a.realtime;
+    cfg.sigbus = a.sigbus;
     let c = match compact::run_cycle(&cfg) {
         Ok(c) => c,
         Err(e) => return denied_or(e),
@@ -217,7 +226,9 @@ fn print_cycle(c: &Cycle) {
         "compactor  {:.1} ms CPU, {:.0} pages per CPU second, install {:.0} ns/page",
         c.compactor_cpu_ms, c.compactor_pages_per_cpu_s, c.install_ns_per_page
     );
-    if c.realtime_handler {
+    if c.sigbus {
+        println!("faults     SIGBUS path: each faulting mutator compacted its page itself");
+    } else if c.realtime_handler {
         println!("handler    SCHED_FIFO");
     }
     println!("loadavg    {} (the machine may be shared)", c.loadavg);
@@ -230,6 +241,7 @@ fn bench(a: BenchArgs) -> CmdResult {
     cfg.gc_threads = a.gc_threads.max(1);
     cfg.background_nice = a.nice;
     cfg.realtime_handler = a.realtime;
+    cfg.sigbus = a.sigbus;
     let quiet = a.json;
     let result = compact::run(&cfg, |c| {
         if !quiet {
@@ -259,7 +271,13 @@ fn bench(a: BenchArgs) -> CmdResult {
             r.mutators,
             r.gc_threads,
             r.background_nice,
-            if r.realtime_handler { "SCHED_FIFO" } else { "normal" },
+            if r.sigbus {
+                "SIGBUS path (copy, move)"
+            } else if r.realtime_handler {
+                "SCHED_FIFO"
+            } else {
+                "normal"
+            },
             r.loadavg_before,
             r.loadavg_after
         );
