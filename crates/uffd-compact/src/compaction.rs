@@ -439,7 +439,7 @@ impl Compaction {
                 threads,
                 report,
                 sigbus: options.sigbus,
-                registration: None,
+                sigbus_active: false,
             }),
         })
     }
@@ -460,8 +460,8 @@ fn io_errno(e: &std::io::Error) -> Errno {
 }
 
 struct Inner<C: Compactor> {
-    // Dropped before `shared`: it points at it.
-    registration: Option<crate::sigbus::Registration>,
+    /// SIGBUS routed to `shared` (retired in finish).
+    sigbus_active: bool,
     shared: Arc<Shared<C>>,
     threads: Vec<JoinHandle<ThreadOut>>,
     report: Report,
@@ -528,11 +528,13 @@ impl<C: Compactor> Prepared<C> {
         if inner.sigbus {
             let target: *const Shared<C> = Arc::as_ptr(&s);
             let target = target as *const (dyn crate::sigbus::SigbusTarget + 'static);
-            // SAFETY: `inner.shared` keeps the target alive, and the
-            // registration is dropped before it (field order, and
-            // explicitly in finish).
-            match unsafe { crate::sigbus::register(target) } {
-                Ok(r) => inner.registration = Some(r),
+            // SAFETY: `inner.shared` keeps the target alive until finish
+            // retires it (also when a Running is dropped unfinished).
+            let routed = s
+                .heap
+                .with_sigbus_slot(|slot| unsafe { slot.activate(target) });
+            match routed {
+                Ok(()) => inner.sigbus_active = true,
                 Err(why) => {
                     // SAFETY: as for the flip.
                     let _ = unsafe { unflip(&s.heap, from_addr) };
@@ -554,6 +556,9 @@ impl<C: Compactor> Prepared<C> {
                 // start leaves the heap as it found it.
                 // SAFETY: as for the flip; the from-space is ours.
                 let _ = unsafe { unflip(&s.heap, from_addr) };
+                if inner.sigbus_active {
+                    let _ = s.heap.with_sigbus_slot(|slot| slot.retire(&s.states));
+                }
                 s.open_gate(Gate::Abort);
                 inner.wind_down();
                 s.heap.busy.store(false, Ordering::Release);
@@ -669,9 +674,12 @@ impl<C: Compactor> Running<C> {
                 });
             }
         }
-        // Unregistered: no SIGBUS comes for this heap any more; wait for
-        // handlers still running before the target goes away.
-        drop(inner.registration.take());
+        // Unregistered: no new SIGBUS for this heap. Signals raised before
+        // and not handled yet are answered from the page states from now
+        // on; this waits for handlers still inside the target.
+        if inner.sigbus_active {
+            let _ = s.heap.with_sigbus_slot(|slot| slot.retire(&s.states));
+        }
         if s.heap.kind() == HeapKind::Shmem {
             s.heap.swap_files();
         }
@@ -1290,31 +1298,29 @@ impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
             return false;
         };
         let mut buf = [0u8; PAGE];
-        loop {
-            match self.states.ask(p) {
-                Ask::Claimed => {
-                    self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
-                    if p < self.live {
-                        self.work(p, &mut buf);
-                    } else {
-                        self.zero_run(p, p + 1);
-                    }
-                    return !self.states.is_failed(p);
+        match self.states.ask(p) {
+            Ask::Claimed => {
+                self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
+                if p < self.live {
+                    self.work(p, &mut buf);
+                } else {
+                    self.zero_run(p, p + 1);
                 }
-                // Another thread is filling it: a few microseconds.
-                Ask::InProgress => {
-                    self.counters.waited.fetch_add(1, Ordering::Relaxed);
-                    while !self.states.is_settled(p) {
-                        core::hint::spin_loop();
-                        // sched_yield is async-signal-safe.
-                        std::thread::yield_now();
-                    }
-                    return !self.states.is_failed(p);
-                }
-                // Installed: the access restarts and finds it. Failed
-                // (poisoned): a real bus error, for the previous handler.
-                Ask::Settled => return !self.states.is_failed(p),
+                !self.states.is_failed(p)
             }
+            // Another thread is filling it: a few microseconds.
+            Ask::InProgress => {
+                self.counters.waited.fetch_add(1, Ordering::Relaxed);
+                while !self.states.is_settled(p) {
+                    core::hint::spin_loop();
+                    // sched_yield is async-signal-safe.
+                    std::thread::yield_now();
+                }
+                !self.states.is_failed(p)
+            }
+            // Installed: the access restarts and finds it. Failed
+            // (poisoned): a real bus error, for the previous handler.
+            Ask::Settled => !self.states.is_failed(p),
         }
     }
 }

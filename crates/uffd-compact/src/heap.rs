@@ -48,6 +48,8 @@ pub struct Heap {
     /// Shmem: the file mapped now, and the one the next compaction fills.
     files: Mutex<Files>,
     pub(crate) busy: AtomicBool,
+    /// The heap's SIGBUS routing, once a compaction used that path.
+    sigbus: Mutex<Option<crate::sigbus::HeapSlot>>,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +101,7 @@ impl Heap {
             kind,
             files: Mutex::new(files),
             busy: AtomicBool::new(false),
+            sigbus: Mutex::new(None),
         };
         heap.dont_fork()?;
         Ok(heap)
@@ -200,6 +203,18 @@ impl Heap {
 
     pub(crate) fn ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
+    }
+
+    /// Runs `f` with the heap's SIGBUS slot, taking one first if needed.
+    pub(crate) fn with_sigbus_slot<R>(
+        &self,
+        f: impl FnOnce(&crate::sigbus::HeapSlot) -> R,
+    ) -> Result<R, &'static str> {
+        let mut slot = self.sigbus.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(crate::sigbus::HeapSlot::new(self.addr(), self.len as u64)?);
+        }
+        Ok(f(slot.as_ref().expect("just set")))
     }
 
     pub(crate) fn files(&self) -> std::sync::MutexGuard<'_, Files> {
@@ -316,6 +331,13 @@ use uffd::Errno;
 
 impl Drop for Heap {
     fn drop(&mut self) {
+        // Stop routing SIGBUS here before the range can be mapped again.
+        drop(
+            self.sigbus
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         // SAFETY: the heap mapping is ours and no reference to it exists.
         let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
     }

@@ -16,8 +16,10 @@
 //! 3. Mutators resume. A background thread fills to-space pages in order
 //!    ([`Compactor::fill`]: copy the page's objects from the from-space and
 //!    fix their references); a mutator touching a page first faults, and
-//!    the fault handler fills that page right away. A per-page atomic state
-//!    makes each page compacted exactly once, whoever gets there first.
+//!    the fault handler fills that page right away (or, on the SIGBUS path,
+//!    [`Options::sigbus`], the mutator fills it itself in its signal
+//!    handler, with no thread to wake). A per-page atomic state makes each
+//!    page compacted exactly once, whoever gets there first.
 //! 4. [`Running::finish`]: every page is installed, the heap unregistered,
 //!    the from-space unmapped.
 //!
