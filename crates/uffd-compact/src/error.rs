@@ -160,3 +160,24 @@ fn memory_hint(errno: Errno) -> &'static str {
         _ => "",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_userfaultfd_says_why_and_what_to_do() {
+        let denied = CompactError::Uffd(uffd::Error::Open(vec![uffd::OpenFailure {
+            path: uffd::OpenPath::Syscall,
+            user_mode_only: true,
+            errno: Errno::NOSYS,
+        }]));
+        assert!(denied.is_denied());
+        let text = denied.to_string();
+        assert!(text.contains("seccomp"), "{text}");
+        assert!(text.contains("Mode::StopTheWorld"), "{text}");
+        let other = CompactError::memory("mmap of the anonymous heap", Errno::NOMEM);
+        assert!(!other.is_denied());
+        assert!(other.to_string().contains("ENOMEM"), "{other}");
+    }
+}
