@@ -282,6 +282,10 @@ impl Heap {
             len: self.len,
         };
         core::mem::forget(reserve);
+        // Shmem too: mapping the old file afresh as the from-space and
+        // replacing the heap's mapping with MAP_FIXED would drop the page
+        // tables instead of moving them, and on 6.18 that is the slower
+        // step (16-20 ms per 256 MiB against 1-3 ms for the move).
         if self.kind == HeapKind::Shmem {
             let files = self.files();
             let spare = files.spare.as_ref().expect("prepare_spare ran");
