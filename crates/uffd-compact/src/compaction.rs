@@ -30,11 +30,14 @@ use crate::state::{Ask, PageStates};
 pub enum Mode {
     /// Fill a per-thread buffer, install it with UFFDIO_COPY (anonymous heaps).
     Copy,
-    /// Fill a from-space page that no longer holds live objects (recycled)
-    /// and install it with UFFDIO_MOVE: no page is allocated or copied in
-    /// steady state. Falls back to COPY while the pool is empty (at the
-    /// start), where a page must be allocated anyway and COPY is faster.
-    /// Anonymous heaps, Linux 6.8.
+    /// Fill from-space pages that no longer hold live objects (recycled)
+    /// and install them with UFFDIO_MOVE: no page is allocated or copied in
+    /// steady state. Background threads fill runs of consecutive recycled
+    /// pages and MOVE each run with one call, because the kernel flushes
+    /// the moved pages' TLB entries once per call, and with mutators on
+    /// other CPUs that flush is an IPI. Pages compacted on demand (one at a
+    /// time) and runs while no free run exists (at the start, where pages
+    /// must be allocated anyway) use COPY. Anonymous heaps, Linux 6.8.
     Move,
     /// Write the page through an alias of the next memfd and map it with
     /// UFFDIO_CONTINUE (shmem heaps, MINOR_SHMEM, Linux 5.14).
@@ -356,14 +359,9 @@ impl Compaction {
             // Only resident pages are worth recycling: filling a hole would
             // allocate a page, and then COPY is the faster way.
             let resident = heap.resident()?;
-            // Room for every page, so a push never allocates (it may run in
-            // a SIGBUS handler).
-            let mut pool: Vec<u32> = Vec::with_capacity(pages);
-            pool.extend(
-                (0..pages)
-                    .filter(|&q| counts[q] == 0 && resident[q])
-                    .map(|q| q as u32)
-                    .rev(),
+            let pool = crate::pool::Pool::new(
+                pages,
+                (0..pages).filter(|&q| counts[q] == 0 && resident[q]),
             );
             let seeded = pool.len();
             (
@@ -375,7 +373,7 @@ impl Compaction {
                 seeded,
             )
         } else {
-            (Vec::new(), Vec::new(), 0)
+            (Vec::new(), crate::pool::Pool::new(0, std::iter::empty()), 0)
         };
         let alias = if heap.kind() == HeapKind::Shmem {
             heap.prepare_spare()?;
@@ -399,7 +397,7 @@ impl Compaction {
             states: Arc::new(PageStates::new(pages)),
             sources,
             readers,
-            pool: Mutex::new(pool),
+            pool,
             from: OnceLock::new(),
             alias,
             live_cursor: AtomicUsize::new(0),
@@ -785,6 +783,11 @@ impl Counters {
 /// Pages of the zero tail claimed per step.
 const TAIL_CHUNK: usize = 512;
 
+/// Live pages a background thread compacts and installs with one ioctl:
+/// one TLB flush (an IPI when mutators run elsewhere) per MOVE batch
+/// instead of per page, and fewer calls for COPY and CONTINUE.
+const BATCH: usize = 16;
+
 struct Shared<C: Compactor> {
     compactor: Arc<C>,
     heap: Arc<Heap>,
@@ -798,7 +801,7 @@ struct Shared<C: Compactor> {
     /// MOVE: live to-space pages still to read each from-space page.
     readers: Vec<AtomicU64>,
     /// MOVE: from-space pages no live page reads any more.
-    pool: Mutex<Vec<u32>>,
+    pool: crate::pool::Pool,
     from: OnceLock<FromSpace>,
     alias: Option<FromSpace>,
     live_cursor: AtomicUsize,
@@ -866,14 +869,25 @@ impl<C: Compactor> Shared<C> {
             return ThreadOut::default();
         }
         let cpu0 = thread_cpu();
-        let mut buf = Buffer::new();
+        let mut buf = vec![0u8; BATCH * PAGE].into_boxed_slice();
         loop {
-            let p = self.live_cursor.fetch_add(1, Ordering::Relaxed);
-            if p >= self.live {
+            let a = self.live_cursor.fetch_add(BATCH, Ordering::Relaxed);
+            if a >= self.live {
                 break;
             }
-            if self.states.claim(p) {
-                self.work(p, &mut buf.0);
+            let b = (a + BATCH).min(self.live);
+            let mut i = a;
+            while i < b {
+                if !self.states.claim(i) {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                i += 1;
+                while i < b && self.states.claim(i) {
+                    i += 1;
+                }
+                self.work_run(start, i, &mut buf);
             }
         }
         loop {
@@ -1006,29 +1020,13 @@ impl<C: Compactor> Shared<C> {
             Mode::Copy => self
                 .fill(p, &from, &mut *buf)
                 .and_then(|()| self.install_copy(p, buf.as_ptr())),
-            Mode::Move => match self.pop_pool() {
-                Some(q) => {
-                    // SAFETY: page q was popped from the pool, so no live page
-                    // reads it and no other thread holds it.
-                    let dst = unsafe {
-                        core::slice::from_raw_parts_mut(self.old_space().add(q * PAGE), PAGE)
-                    };
-                    match self.fill(p, &from, dst) {
-                        Ok(()) => self.install_move(p, q),
-                        Err(e) => {
-                            // The page is still ours and still resident.
-                            self.pool
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(q as u32);
-                            Err(e)
-                        }
-                    }
-                }
-                None => self
-                    .fill(p, &from, &mut *buf)
-                    .and_then(|()| self.install_copy(p, buf.as_ptr())),
-            },
+            // A lone page is COPYed even in MOVE mode: moving one page
+            // flushes its TLB entry on every CPU running the process, an IPI
+            // that costs ~10 us here while mutators run; runs of pages are
+            // MOVEd by `work_run`, one flush per run.
+            Mode::Move => self
+                .fill(p, &from, &mut *buf)
+                .and_then(|()| self.install_copy(p, buf.as_ptr())),
             Mode::Minor => {
                 let alias = self.alias.as_ref().expect("MINOR maps an alias").ptr();
                 // SAFETY: the alias page of `p` is written only by the thread
@@ -1060,18 +1058,162 @@ impl<C: Compactor> Shared<C> {
             }
         };
         if self.mode == Mode::Move {
-            // No allocation here (this may run in a SIGBUS handler): the
-            // pool was reserved for every page at prepare.
-            for q in a..b {
-                if self.readers[q].fetch_sub(1, Ordering::AcqRel) == 1 {
-                    self.pool
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(q as u32);
-                }
-            }
+            // No allocation here (this may run in a SIGBUS handler).
+            self.release_sources(p);
         }
         self.settle(p, p + 1, ok);
+    }
+
+    /// Compacts claimed live pages `a..b` (at most BATCH) and installs
+    /// them with one ioctl per run of successful fills: COPY from `buf`,
+    /// MOVE from a run of consecutive pool pages (COPY while there is none),
+    /// CONTINUE after writing through the alias.
+    fn work_run(&self, a: usize, b: usize, buf: &mut [u8]) {
+        if self.mode == Mode::StopTheWorld || b - a == 1 {
+            for p in a..b {
+                self.work(p, &mut buf[..PAGE]);
+            }
+            return;
+        }
+        let k = b - a;
+        let run = if self.mode == Mode::Move {
+            self.pool.pop_run(k)
+        } else {
+            None
+        };
+        let mut failed: [Option<FillError>; BATCH] = [const { None }; BATCH];
+        for (j, slot) in failed.iter_mut().enumerate().take(k) {
+            let p = a + j;
+            let (sa, sb) = self.sources[p];
+            let (sa, sb) = (sa as usize, sb as usize);
+            let from = FromPages {
+                first: sa,
+                // SAFETY: as in `work`: pages sa..sb are read by `p`, which
+                // is not settled, so nobody writes or recycles them.
+                bytes: unsafe {
+                    core::slice::from_raw_parts(self.old_space().add(sa * PAGE), (sb - sa) * PAGE)
+                },
+            };
+            let dst: &mut [u8] = match (self.mode, run) {
+                // SAFETY: pool pages q..q+k were popped together: no live
+                // page reads them and no other thread holds them.
+                (Mode::Move, Some(q)) => unsafe {
+                    core::slice::from_raw_parts_mut(self.old_space().add((q + j) * PAGE), PAGE)
+                },
+                // SAFETY: as in `work`: only the claimant writes the alias
+                // page, and the heap maps it only after the CONTINUE.
+                (Mode::Minor, _) => unsafe {
+                    let alias = self.alias.as_ref().expect("MINOR maps an alias").ptr();
+                    core::slice::from_raw_parts_mut(alias.add(p * PAGE), PAGE)
+                },
+                _ => &mut buf[j * PAGE..(j + 1) * PAGE],
+            };
+            if let Err(e) = self.fill(p, &from, dst) {
+                *slot = Some(e);
+            }
+        }
+        let mut ok = [false; BATCH];
+        let mut j = 0;
+        while j < k {
+            if let Some(e) = failed[j].take() {
+                if let Some(q) = run {
+                    // Still ours and resident: back to the pool.
+                    self.pool.push(q + j);
+                }
+                self.fail(a + j, a + j + 1, e);
+                j += 1;
+                continue;
+            }
+            let s = j;
+            while j < k && failed[j].is_none() {
+                j += 1;
+            }
+            let n = j - s;
+            let r = match (self.mode, run) {
+                (Mode::Move, Some(q)) => self.install_move_run(a + s, q + s, n),
+                (Mode::Minor, _) => self.install_continue_run(a + s, n),
+                // buf[s..j] holds this run's pages, filled above.
+                _ => self.install_copy_run(a + s, buf[s * PAGE..].as_ptr(), n),
+            };
+            match r {
+                Ok(()) => ok[s..j].fill(true),
+                Err(e) => self.fail(a + s, a + j, e),
+            }
+        }
+        if self.mode == Mode::Move {
+            for p in a..b {
+                self.release_sources(p);
+            }
+        }
+        for (j, &ok) in ok.iter().enumerate().take(k) {
+            self.settle(a + j, a + j + 1, ok);
+        }
+    }
+
+    /// MOVE: from-space pages no live page reads any more join the pool.
+    fn release_sources(&self, p: usize) {
+        let (a, b) = self.sources[p];
+        for q in a as usize..b as usize {
+            if self.readers[q].fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.pool.push(q);
+            }
+        }
+    }
+
+    fn install_copy_run(&self, p: usize, src: *const u8, n: usize) -> Result<(), FillError> {
+        let t0 = Instant::now();
+        let len = (n * PAGE) as u64;
+        // SAFETY: `src` is this thread's buffer holding n filled pages, not
+        // written while the kernel reads it; the destination is registered
+        // heap memory no reference covers.
+        let r = retry(|| unsafe {
+            self.uffd()
+                .copy_all(self.dst_addr(p), src, len, PAGE as u64, CopyMode::empty())
+        });
+        self.counters
+            .copy_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r?;
+        self.counters.copied.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn install_move_run(&self, p: usize, q: usize, n: usize) -> Result<(), FillError> {
+        let t0 = Instant::now();
+        let len = (n * PAGE) as u64;
+        // SAFETY: from-space pages q..q+n are this thread's (popped from the
+        // pool together, written by `fill`), exclusive to this process (the
+        // heap is MADV_DONTFORK); the destination is registered heap memory.
+        let r = retry(|| unsafe {
+            self.uffd().move_all(
+                self.dst_addr(p),
+                self.old_space().add(q * PAGE),
+                len,
+                PAGE as u64,
+                MoveMode::empty(),
+            )
+        });
+        self.counters
+            .move_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r?;
+        self.counters.moved.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn install_continue_run(&self, p: usize, n: usize) -> Result<(), FillError> {
+        let t0 = Instant::now();
+        let len = (n * PAGE) as u64;
+        let r = retry(|| {
+            self.uffd()
+                .continue_all(self.dst_addr(p), len, PAGE as u64, ContinueMode::empty())
+        });
+        self.counters
+            .continue_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r?;
+        self.counters.continued.fetch_add(n, Ordering::Relaxed);
+        Ok(())
     }
 
     fn fill(&self, p: usize, from: &FromPages<'_>, dst: &mut [u8]) -> Result<(), FillError> {
@@ -1087,14 +1229,6 @@ impl<C: Compactor> Shared<C> {
                 Err(Box::new(FillPanicked(text)))
             }
         }
-    }
-
-    fn pop_pool(&self) -> Option<usize> {
-        self.pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .map(|q| q as usize)
     }
 
     fn uffd(&self) -> &Uffd {
@@ -1121,47 +1255,6 @@ impl<C: Compactor> Shared<C> {
         r?;
         self.counters.copied.fetch_add(1, Ordering::Relaxed);
         Ok(())
-    }
-
-    fn install_move(&self, p: usize, q: usize) -> Result<(), FillError> {
-        let t0 = Instant::now();
-        // SAFETY: from-space page q is this thread's (popped from the pool,
-        // written by `fill`), exclusive to this process (the heap is
-        // MADV_DONTFORK); the destination is registered heap memory.
-        let r = unsafe {
-            self.uffd().move_(
-                self.dst_addr(p),
-                self.old_space().add(q * PAGE),
-                PAGE as u64,
-                MoveMode::empty(),
-            )
-        };
-        self.counters
-            .move_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match r {
-            Ok(Outcome::Complete { .. }) => {
-                self.counters.moved.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Ok(Outcome::AlreadyPresent) => {
-                let _ = self.uffd().wake(self.dst_addr(p), PAGE as u64);
-                Err(Box::new(AlreadyInstalled))
-            }
-            Ok(other) => Err(Box::new(Unexpected(other))),
-            Err(e) if e.errno() == Some(Errno::BUSY) => {
-                // The page is shared after all (KSM, or a fork before the heap
-                // was ours): COPY its contents; it stays in the pool.
-                self.counters.move_busy.fetch_add(1, Ordering::Relaxed);
-                let r = self.install_copy(p, self.old_space().wrapping_add(q * PAGE));
-                self.pool
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(q as u32);
-                r
-            }
-            Err(e) => Err(Box::new(InstallFailed(e))),
-        }
     }
 
     fn install_continue(&self, p: usize) -> Result<(), FillError> {
@@ -1345,10 +1438,6 @@ fn retry(mut f: impl FnMut() -> Result<Resolved, uffd::Error>) -> Result<(), Fil
 #[derive(Debug, thiserror::Error)]
 #[error("the to-space page was already present (written behind the compaction's back)")]
 struct AlreadyInstalled;
-
-#[derive(Debug, thiserror::Error)]
-#[error("unexpected outcome {0:?}")]
-struct Unexpected(Outcome);
 
 /// SCHED_FIFO priority 1 for the calling thread; false when refused.
 fn make_realtime() -> bool {

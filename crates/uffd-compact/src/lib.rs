@@ -84,6 +84,7 @@
 mod compaction;
 mod error;
 mod heap;
+mod pool;
 mod report;
 mod sigbus;
 mod state;
