@@ -25,6 +25,7 @@ enum Command {
     Bench(cmd::bench::Args),
     Selftest(cmd::selftest::Args),
     Serve(cmd::serve::Args),
+    Compact(cmd::compact::Args),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Compact(args) => cmd::compact::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,7 @@
 //! One module per subcommand, each with its `Args` and `run`.
 
 pub mod bench;
+pub mod compact;
 pub mod demo;
 pub mod probe;
 pub mod selftest;

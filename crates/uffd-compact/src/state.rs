@@ -1,0 +1,136 @@
+//! Per-page compaction state: the one place that decides who compacts a
+//! page, so each page is compacted exactly once whether a faulting mutator
+//! or a background thread gets there first.
+
+use core::sync::atomic::{AtomicU8, Ordering};
+
+const PENDING: u8 = 0;
+const CLAIMED: u8 = 1;
+/// Claimed, and a fault arrived meanwhile: whoever completes the page wakes it.
+const CLAIMED_WAITED: u8 = 2;
+const DONE: u8 = 3;
+const FAILED: u8 = 4;
+
+/// What a fault handler should do about a page it was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ask {
+    /// This caller owns the page now: compact and install it.
+    Claimed,
+    /// Another thread is compacting it and will wake the fault.
+    InProgress,
+    /// It is installed (or poisoned) already: just wake the fault, which the
+    /// kernel may have missed (it does not wake after a failed resolve).
+    Settled,
+}
+
+/// One state byte per to-space page.
+#[derive(Debug)]
+pub(crate) struct PageStates {
+    states: Box<[AtomicU8]>,
+}
+
+impl PageStates {
+    pub(crate) fn new(pages: usize) -> PageStates {
+        PageStates {
+            states: (0..pages).map(|_| AtomicU8::new(PENDING)).collect(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Claims a pending page for a background thread.
+    pub(crate) fn claim(&self, page: usize) -> bool {
+        self.states[page]
+            .compare_exchange(PENDING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Claims the page for a fault, or says why not.
+    pub(crate) fn ask(&self, page: usize) -> Ask {
+        let state = &self.states[page];
+        let mut seen = state.load(Ordering::Acquire);
+        loop {
+            let (next, answer) = match seen {
+                PENDING => (CLAIMED, Ask::Claimed),
+                CLAIMED => (CLAIMED_WAITED, Ask::InProgress),
+                CLAIMED_WAITED => return Ask::InProgress,
+                _ => return Ask::Settled,
+            };
+            match state.compare_exchange(seen, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return answer,
+                Err(now) => seen = now,
+            }
+        }
+    }
+
+    /// Marks a claimed page settled; true if a fault waited on it meanwhile.
+    pub(crate) fn settle(&self, page: usize, ok: bool) -> bool {
+        let old = self.states[page].swap(if ok { DONE } else { FAILED }, Ordering::AcqRel);
+        debug_assert!(
+            old == CLAIMED || old == CLAIMED_WAITED,
+            "settled an unclaimed page"
+        );
+        old == CLAIMED_WAITED
+    }
+
+    /// True if the page failed (it is poisoned or protected).
+    pub(crate) fn is_failed(&self, page: usize) -> bool {
+        self.states[page].load(Ordering::Acquire) == FAILED
+    }
+
+    /// True once the page is installed (or failed): an access no longer
+    /// waits for compaction.
+    pub(crate) fn is_settled(&self, page: usize) -> bool {
+        self.states[page].load(Ordering::Acquire) >= DONE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_one_claimant() {
+        let s = PageStates::new(2);
+        assert!(s.claim(0));
+        assert!(!s.claim(0));
+        assert_eq!(s.ask(0), Ask::InProgress);
+        assert_eq!(s.ask(0), Ask::InProgress);
+        assert!(s.settle(0, true), "the waiting fault must be woken");
+        assert_eq!(s.ask(0), Ask::Settled);
+        assert!(!s.claim(0));
+        assert_eq!(s.ask(1), Ask::Claimed);
+        assert!(!s.claim(1));
+        assert!(!s.settle(1, false));
+        assert!(s.is_settled(1));
+        assert_eq!(s.ask(1), Ask::Settled);
+    }
+
+    #[test]
+    fn racing_claimants_get_each_page_once() {
+        let s = PageStates::new(10_000);
+        let won: Vec<usize> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|t| {
+                    let s = &s;
+                    scope.spawn(move || {
+                        (0..s.len())
+                            .filter(|&p| {
+                                if t % 2 == 0 {
+                                    s.claim(p)
+                                } else {
+                                    s.ask(p) == Ask::Claimed
+                                }
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(won.iter().sum::<usize>(), 10_000);
+    }
+}
