@@ -175,7 +175,7 @@ struct ServeArgs {
 #[command(verbatim_doc_comment)]
 struct BenchArgs {
     /// Snapshot size in MiB.
-    #[arg(long, visible_alias = "size-mib", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, alias = "size-mib", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
     mib: u64,
     /// Working set, percent of the snapshot's pages.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100))]
