@@ -37,7 +37,7 @@ pub struct Plan {
     /// A background thread fills every page.
     pub fill: bool,
     /// Served by the faulting thread itself in a SIGBUS handler
-    /// ([`SigbusPager`]) instead of handler threads; `strategy` and
+    /// ([`uffd_pager::SigbusPager`]) instead of handler threads; `strategy` and
     /// `prefetch` do not apply, `granule` does.
     pub sigbus: bool,
 }
