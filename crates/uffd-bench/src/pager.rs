@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::{CopyMode, Features, Mapping, MemoryKind, Outcome, RegisterMode, Uffd};
 use uffd_pager::{
-    AlignedAnon, Content, FileMode, FileSource, PageSource, Pager, Prefetch, Region, Strategy,
-    WaitMode,
+    AlignedAnon, FileMode, FileSource, PageSource, Pager, Prefetch, Region, Strategy, WaitMode,
 };
 
 use crate::baselines::{
@@ -24,7 +23,8 @@ use crate::demo::start_sigbus;
 use crate::fixtures::make_snapshot;
 use crate::report::median;
 use crate::workload::{
-    in_process_uffd, start_plan, touch, verify, Order, PhaseResult, Plan, ProgressLine, PLANS, SPIN,
+    count_differing, in_process_uffd, snapshot_chunk, start_plan, touch, verify, Order,
+    PhaseResult, Plan, ProgressLine, PLANS, SPIN,
 };
 use crate::BoxError;
 
@@ -322,16 +322,40 @@ fn pager_sigbus(
     });
     let stats = pager.shutdown();
     let bad = verify(&target, source, len);
-    if bad != 0 || stats.failed != 0 {
+    let detail = format!(
+        "{} faults, handler p50 {:.1} µs",
+        stats.faults, stats.latency.p50_us
+    );
+    checked(
+        name,
+        result,
+        bad,
+        (stats.failed, "faults failed"),
+        &detail,
+        progress,
+    )
+}
+
+/// The end of a case: an error naming the damage if any page differs or
+/// `failed.0` is not zero; otherwise the progress line with `detail`.
+fn checked(
+    name: &str,
+    result: PhaseResult,
+    bad: u64,
+    failed: (u64, &str),
+    detail: &str,
+    progress: &ProgressLine,
+) -> Result<PhaseResult, BoxError> {
+    if bad != 0 || failed.0 != 0 {
         return Err(format!(
-            "{name}: {bad} pages differ from the snapshot, {} faults failed",
-            stats.failed
+            "{name}: {bad} pages differ from the snapshot, {} {}",
+            failed.0, failed.1
         )
         .into());
     }
     progress.done(&format!(
-        "{name:<32} {:>8.0} MB/s  ({} faults, handler p50 {:.1} µs)",
-        result.mb_per_s, stats.faults, stats.latency.p50_us
+        "{name:<32} {:>8.0} MB/s  ({detail})",
+        result.mb_per_s
     ));
     Ok(result)
 }
@@ -436,24 +460,16 @@ fn pager_shmem_continue(
         progress.update(name, n, pages)
     });
     let stats = pager.shutdown();
-    let mut bad = 0;
-    let mut page = vec![0u8; 4096];
-    for p in 0..pages {
-        memory.read((p * 4096) as usize, &mut page);
-        let mut want = [0u8; 4096];
-        source.read_at(p * 4096, &mut want)?;
-        if page != want {
-            bad += 1;
-        }
-    }
-    if bad != 0 {
-        return Err(format!("{name}: {bad} pages differ from the snapshot").into());
-    }
-    progress.done(&format!(
-        "{name:<32} {:>8.0} MB/s  ({} minor faults)",
-        result.mb_per_s, stats.faults_minor
-    ));
-    Ok(result)
+    let bad = count_differing(source, len, |offset, got| memory.read(offset as usize, got))?;
+    let detail = format!("{} minor faults", stats.faults_minor);
+    checked(
+        name,
+        result,
+        bad,
+        (stats.poisoned, "poisoned"),
+        &detail,
+        progress,
+    )
 }
 
 /// Zero-copy sequential restore from tmpfs: the snapshot is already in the
@@ -475,10 +491,10 @@ fn pager_tmpfs_continue(
     let mut chunk = vec![0u8; 2 << 20];
     for offset in (0..len).step_by(2 << 20) {
         let n = (2u64 << 20).min(len - offset) as usize;
-        if source.read_at(offset, &mut chunk[..n])? == Content::Zero {
-            chunk[..n].fill(0);
-        }
-        memory.write_alias(offset as usize, &chunk[..n]);
+        memory.write_alias(
+            offset as usize,
+            snapshot_chunk(source, offset, &mut chunk[..n])?,
+        );
     }
     // SAFETY: `memory` outlives the pager (shut down below), and nothing
     // else references its alias meanwhile.
@@ -488,34 +504,20 @@ fn pager_tmpfs_continue(
         progress.update(name, n, pages)
     });
     // Verified through the registered mapping while the pager still serves it.
-    let mut bad = 0u64;
-    let mut got = vec![0u8; 2 << 20];
-    for offset in (0..len).step_by(2 << 20) {
-        let n = (2u64 << 20).min(len - offset) as usize;
-        memory.read(offset as usize, &mut got[..n]);
-        if source.read_at(offset, &mut chunk[..n])? == Content::Zero {
-            chunk[..n].fill(0);
-        }
-        let want = &chunk[..n];
-        bad += got[..n]
-            .chunks(4096)
-            .zip(want.chunks(4096))
-            .filter(|(g, w)| g != w)
-            .count() as u64;
-    }
+    let bad = count_differing(source, len, |offset, got| memory.read(offset as usize, got))?;
     let stats = pager.shutdown();
-    if bad != 0 || stats.poisoned != 0 {
-        return Err(format!(
-            "{name}: {bad} pages differ from the snapshot, {} poisoned",
-            stats.poisoned
-        )
-        .into());
-    }
-    progress.done(&format!(
-        "{name:<32} {:>8.0} MB/s  ({} minor faults, {} pages mapped, 0 copied)",
-        result.mb_per_s, stats.faults_minor, stats.pages_continued
-    ));
-    Ok(result)
+    let detail = format!(
+        "{} minor faults, {} pages mapped, 0 copied",
+        stats.faults_minor, stats.pages_continued
+    );
+    checked(
+        name,
+        result,
+        bad,
+        (stats.poisoned, "poisoned"),
+        &detail,
+        progress,
+    )
 }
 
 /// Per case, the median of every figure over the rounds. Ratios are the

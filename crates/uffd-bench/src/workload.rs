@@ -239,30 +239,50 @@ pub fn prepare_target(target: &AlignedAnon, strategy: Strategy) -> std::io::Resu
 
 /// Counts pages of `target` that differ from the file.
 pub(crate) fn verify(target: &AlignedAnon, source: &FileSource, len: u64) -> u64 {
+    count_differing(source, len, |offset, got| {
+        // SAFETY: `offset + got.len()` lies inside the target mapping,
+        // fully installed by now; nothing writes it concurrently.
+        let have =
+            unsafe { std::slice::from_raw_parts(target.as_ptr().add(offset as usize), got.len()) };
+        got.copy_from_slice(have);
+    })
+    .unwrap_or(u64::MAX)
+}
+
+/// Counts the 4 KiB pages of the first `len` bytes whose contents, as
+/// `read(offset, buf)` fills them in 2 MiB chunks, differ from the file.
+pub(crate) fn count_differing(
+    source: &FileSource,
+    len: u64,
+    mut read: impl FnMut(u64, &mut [u8]),
+) -> Result<u64, uffd_pager::SourceError> {
     let mut bad = 0;
-    let mut buf = vec![0u8; 2 << 20];
-    let mut offset = 0;
-    while offset < len {
+    let mut want = vec![0u8; 2 << 20];
+    let mut got = vec![0u8; 2 << 20];
+    for offset in (0..len).step_by(2 << 20) {
         let n = (2u64 << 20).min(len - offset) as usize;
-        // A zero result may leave the buffer as it was.
-        let want: &[u8] = match source.read_at(offset, &mut buf[..n]) {
-            Ok(Content::Zero) => {
-                buf[..n].fill(0);
-                &buf[..n]
-            }
-            _ => &buf[..n],
-        };
-        // SAFETY: `offset + n` lies inside the target mapping, fully
-        // installed by now; nothing writes it concurrently.
-        let got = unsafe { std::slice::from_raw_parts(target.as_ptr().add(offset as usize), n) };
-        bad += got
+        read(offset, &mut got[..n]);
+        let want = snapshot_chunk(source, offset, &mut want[..n])?;
+        bad += got[..n]
             .chunks(4096)
             .zip(want.chunks(4096))
             .filter(|(g, w)| g != w)
             .count() as u64;
-        offset += n as u64;
     }
-    bad
+    Ok(bad)
+}
+
+/// The file's bytes at `offset`, `buf.len()` of them (a zero result may
+/// leave the buffer as it was: it is zeroed then).
+pub(crate) fn snapshot_chunk<'b>(
+    source: &FileSource,
+    offset: u64,
+    buf: &'b mut [u8],
+) -> Result<&'b [u8], uffd_pager::SourceError> {
+    if source.read_at(offset, buf)? == Content::Zero {
+        buf.fill(0);
+    }
+    Ok(buf)
 }
 
 /// Maps `len` bytes of fresh anonymous memory, registers them and starts
