@@ -5,24 +5,20 @@
 //! VMM's pid, and asks the engine for its working set and statistics.
 //! [`PagerEngine`] serves with the project's pager runtime (`uffd-pager`):
 //! batched event reads, zero-page detection, REMOVE handling, working-set
-//! record and replay, background fill. [`OneByOneEngine`] is the baseline
-//! written like Firecracker's example on-demand handler.
+//! record and replay, background fill. The baseline written like
+//! Firecracker's example on-demand handler is `uffd-bench`'s
+//! `OneByOneEngine`, behind this same trait.
 
-#![allow(unsafe_code)]
-
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rustix::event::{PollFd, PollFlags};
 use std::os::fd::OwnedFd;
-use uffd::{CopyMode, Event, EventBuffer, Uffd};
 
+use uffd::Uffd;
 use uffd_pager::{HandedOver, PageSource, Pager, PagerState, Strategy, WaitMode, WorkingSet};
 
 use crate::protocol::{Region, PAGE_4K};
-use crate::stats::{DrainOutcome, DrainReport, EngineStats, LatencyHistogram, RegisteredRange};
+use crate::stats::{DrainOutcome, DrainReport, EngineStats, RegisteredRange};
 
 /// Why an engine could not start serving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -358,162 +354,5 @@ impl RunningVm for PagerVm {
                 .collect(),
             poisoned_pages: detached.poisoned.len() as u64,
         }
-    }
-}
-
-/// The baseline: written like Firecracker's example on-demand handler — one
-/// thread, poll, read one message, one 4 KiB COPY per fault, no batching,
-/// no zero-page detection, no wake after EEXIST.
-#[derive(Debug)]
-pub struct OneByOneEngine {
-    source: Arc<dyn PageSource>,
-}
-
-impl OneByOneEngine {
-    /// A baseline engine serving from `source`, as the example does from
-    /// its mmap of the memory file.
-    pub fn new(source: Arc<dyn PageSource>) -> Self {
-        Self { source }
-    }
-}
-
-/// The baseline's counters.
-#[derive(Debug, Default)]
-struct BaselineCounters {
-    faults: AtomicU64,
-    installed_bytes: AtomicU64,
-    latency: LatencyHistogram,
-}
-
-struct OneByOneVm {
-    counters: Arc<BaselineCounters>,
-    pidfd: OwnedFd,
-    stop: Arc<AtomicBool>,
-    gone: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Engine for OneByOneEngine {
-    fn name(&self) -> &'static str {
-        "one-by-one"
-    }
-
-    fn start(
-        &self,
-        uffd: Uffd,
-        regions: &[Region],
-        _pid: i32,
-        pidfd: OwnedFd,
-    ) -> Result<Box<dyn RunningVm>, EngineError> {
-        let counters = Arc::new(BaselineCounters::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let gone = Arc::new(AtomicBool::new(false));
-        let (c, s, g, source, regions) = (
-            counters.clone(),
-            stop.clone(),
-            gone.clone(),
-            self.source.clone(),
-            regions.to_vec(),
-        );
-        let thread = std::thread::Builder::new()
-            .name("uffd-vm-baseline".into())
-            .spawn(move || {
-                let mut buf = EventBuffer::new(1);
-                while !s.load(Relaxed) {
-                    let mut fds = [PollFd::new(&uffd, PollFlags::IN)];
-                    let ts = rustix::time::Timespec {
-                        tv_sec: 0,
-                        tv_nsec: 50_000_000,
-                    };
-                    if !matches!(rustix::event::poll(&mut fds, Some(&ts)), Ok(n) if n > 0) {
-                        continue;
-                    }
-                    let at = Instant::now();
-                    let Ok(events) = uffd.read_events(&mut buf) else {
-                        break;
-                    };
-                    for event in events.drain(..) {
-                        let Event::Pagefault(fault) = event else {
-                            continue;
-                        };
-                        let page = fault.page(PAGE_4K);
-                        let Some(r) = regions.iter().find(|r| r.contains(page)) else {
-                            continue;
-                        };
-                        c.faults.fetch_add(1, Relaxed);
-                        let offset = r.file_offset(page);
-                        let mut scratch = [0u8; PAGE_4K as usize];
-                        let bytes = match source.mapped(offset, PAGE_4K as usize) {
-                            Some(mapped) => mapped,
-                            None => match source.read_at(offset, &mut scratch) {
-                                Ok(_) => uffd_pager::MappedBytes::new(&scratch[..]),
-                                Err(_) => continue,
-                            },
-                        };
-                        // SAFETY: `bytes` is a live 4 KiB slice (the source's
-                        // mapping or `scratch`); the destination is the VMM's
-                        // registered memory.
-                        let out =
-                            unsafe { uffd.copy(page, bytes.as_ptr(), PAGE_4K, CopyMode::empty()) };
-                        match out {
-                            Ok(uffd::Outcome::TargetGone) => g.store(true, Relaxed),
-                            Ok(_) => {
-                                c.installed_bytes.fetch_add(PAGE_4K, Relaxed);
-                                c.latency.record(at.elapsed());
-                            }
-                            Err(_) => {}
-                        }
-                    }
-                }
-            })
-            .map_err(|e| EngineError::Start(e.to_string()))?;
-        Ok(Box::new(OneByOneVm {
-            counters,
-            pidfd,
-            stop,
-            gone,
-            thread: Some(thread),
-        }))
-    }
-}
-
-impl RunningVm for OneByOneVm {
-    fn is_finished(&self) -> bool {
-        let exited = || {
-            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
-            let now = rustix::time::Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0)
-        };
-        self.gone.load(Relaxed) || exited()
-    }
-    fn stats(&self) -> EngineStats {
-        let c = &self.counters;
-        EngineStats {
-            faults: c.faults.load(Relaxed),
-            installed_bytes: c.installed_bytes.load(Relaxed),
-            p50_us: c.latency.quantile_us(0.50),
-            p90_us: c.latency.quantile_us(0.90),
-            p99_us: c.latency.quantile_us(0.99),
-            max_us: c.latency.max_us(),
-            ..EngineStats::default()
-        }
-    }
-    fn working_set(&self) -> Option<WorkingSet> {
-        None
-    }
-    fn shutdown(&mut self) {
-        self.stop.store(true, SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for OneByOneVm {
-    fn drop(&mut self) {
-        self.shutdown();
     }
 }

@@ -9,11 +9,12 @@
 //! - [`server`]: the socket, one connection per VM, lifecycle and stats;
 //! - [`engine`]: how faults are served, behind the [`engine::Engine`] trait
 //!   (the `uffd-pager` runtime; working sets use its file format);
-//! - [`bench`](mod@bench): restore-to-done with prefetch, on demand, and one page at a time.
+//!
+//! Its benchmarks (`uffd serve bench`) and the baseline handler they
+//! compare with live in the `uffd-bench` crate.
 
 #![deny(unsafe_code)]
 
-pub mod bench;
 pub mod engine;
 pub mod handshake;
 pub mod protocol;

@@ -1,89 +1,9 @@
-//! Per-VM counters and a fault-latency histogram.
+//! Per-VM counters and the server's statistics log. Latencies are
+//! recorded with `uffd_pager::Histogram` by the engines.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use serde::Serialize;
-
-/// Sub-buckets per power of two: latencies are kept to within 1/8 (12.5%).
-const SUB_BITS: u32 = 3;
-const BUCKETS: usize = (64 << SUB_BITS) as usize;
-
-/// A log-linear histogram of durations in nanoseconds (lock-free recording).
-#[derive(Debug)]
-pub struct LatencyHistogram {
-    counts: Box<[AtomicU64]>,
-    max_ns: AtomicU64,
-}
-
-impl Default for LatencyHistogram {
-    fn default() -> Self {
-        Self {
-            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            max_ns: AtomicU64::new(0),
-        }
-    }
-}
-
-fn bucket_of(ns: u64) -> usize {
-    if ns < (1 << SUB_BITS) {
-        return ns as usize;
-    }
-    let top = 63 - ns.leading_zeros();
-    let sub = (ns >> (top - SUB_BITS)) & ((1 << SUB_BITS) - 1);
-    (((top - SUB_BITS + 1) << SUB_BITS) as u64 + sub) as usize
-}
-
-/// The largest value that falls in `bucket`.
-fn bucket_high(bucket: usize) -> u64 {
-    let bucket = bucket as u64;
-    if bucket < (1 << SUB_BITS) {
-        return bucket;
-    }
-    let top = (bucket >> SUB_BITS) + u64::from(SUB_BITS) - 1;
-    let sub = bucket & ((1 << SUB_BITS) - 1);
-    let low = (1u64 << top) | (sub << (top - u64::from(SUB_BITS)));
-    low + (1u64 << (top - u64::from(SUB_BITS))) - 1
-}
-
-impl LatencyHistogram {
-    /// Records one duration.
-    pub fn record(&self, latency: Duration) {
-        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        self.counts[bucket_of(ns)].fetch_add(1, Relaxed);
-        self.max_ns.fetch_max(ns, Relaxed);
-    }
-
-    /// How many durations were recorded.
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Relaxed)).sum()
-    }
-
-    /// The value below which `quantile` (0..=1) of the recordings fall, in
-    /// microseconds (bucket upper bound, capped at the maximum seen).
-    pub fn quantile_us(&self, quantile: f64) -> f64 {
-        let total = self.count();
-        if total == 0 {
-            return 0.0;
-        }
-        let rank = ((quantile * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c.load(Relaxed);
-            if seen >= rank {
-                let ns = bucket_high(i).min(self.max_ns.load(Relaxed));
-                return ns as f64 / 1000.0;
-            }
-        }
-        self.max_ns.load(Relaxed) as f64 / 1000.0
-    }
-
-    /// The largest duration seen, in microseconds.
-    pub fn max_us(&self) -> f64 {
-        self.max_ns.load(Relaxed) as f64 / 1000.0
-    }
-}
 
 /// What an engine reports about one VM.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -363,30 +283,5 @@ mod tests {
         assert_eq!(totals.refused, KEPT_REPORTS as u64 + 10);
         assert_eq!(totals.refused_by_step["no-fd"], KEPT_REPORTS as u64 / 2 + 5);
         assert_eq!(log.to_json()["totals"]["refused"], KEPT_REPORTS as u64 + 10);
-    }
-
-    #[test]
-    fn buckets_are_monotonic_and_tight() {
-        let mut last = 0;
-        for ns in [0u64, 1, 7, 8, 9, 15, 16, 100, 1000, 4_700, 45_000, 1 << 40] {
-            let b = bucket_of(ns);
-            assert!(b >= last, "bucket of {ns}");
-            last = b;
-            let high = bucket_high(b);
-            assert!(high >= ns && high <= ns + ns / 8 + 1, "{ns} -> {high}");
-        }
-    }
-
-    #[test]
-    fn quantiles_follow_the_data() {
-        let h = LatencyHistogram::default();
-        for us in 1..=100u64 {
-            h.record(Duration::from_micros(us));
-        }
-        let p50 = h.quantile_us(0.5);
-        assert!((50.0..=57.0).contains(&p50), "{p50}");
-        assert!(h.quantile_us(0.99) >= 99.0);
-        assert_eq!(h.max_us(), 100.0);
-        assert_eq!(h.count(), 100);
     }
 }

@@ -15,6 +15,12 @@
 //! `--pace-us N` waits N microseconds between touches, so the VM keeps
 //! faulting for a while (a test restarts the server meanwhile).
 //!
+//! `--touch-list FILE` touches exactly the pages listed there (decimal
+//! page numbers, one per line), in that order, split into one contiguous
+//! share per thread, and verifies only those pages (and any ballooned):
+//! `uffd serve bench` replays a recorded working set this way, and the
+//! reported `touch_seconds` is its restore-to-done.
+//!
 //! `--pause-before-verify` prints `touched` on its own line after step 4 and
 //! waits for a line on stdin before verifying: a test stops the server
 //! meanwhile and checks that the guest runs on without it.
@@ -22,7 +28,7 @@
 //! ```text
 //! uffd-standin-vmm --socket S --mem-file F [--size BYTES] [--regions N]
 //!     [--threads N] [--hugetlb] [--balloon-every N] [--touch-percent P]
-//!     [--pace-us N] [--pause-before-verify]
+//!     [--touch-list FILE] [--pace-us N] [--pause-before-verify]
 //! ```
 
 #![deny(unsafe_code)]
@@ -44,6 +50,7 @@ struct Options {
     hugetlb: bool,
     balloon_every: u64,
     touch_percent: u64,
+    touch_list: Option<String>,
     pace_us: u64,
     pause_before_verify: bool,
 }
@@ -58,6 +65,7 @@ fn parse() -> Result<Options, String> {
         hugetlb: false,
         balloon_every: 0,
         touch_percent: 100,
+        touch_list: None,
         pace_us: 0,
         pause_before_verify: false,
     };
@@ -74,6 +82,7 @@ fn parse() -> Result<Options, String> {
             "--hugetlb" => o.hugetlb = true,
             "--balloon-every" => o.balloon_every = number(value()?)?,
             "--touch-percent" => o.touch_percent = number(value()?)?.clamp(1, 100),
+            "--touch-list" => o.touch_list = Some(value()?),
             "--pace-us" => o.pace_us = number(value()?)?,
             "--pause-before-verify" => o.pause_before_verify = true,
             other => return Err(format!("unknown argument {other}")),
@@ -143,6 +152,9 @@ fn run() -> Result<bool, String> {
         order.swap(i, j);
     }
     order.truncate(((total_pages * o.touch_percent).div_ceil(100)) as usize);
+    if let Some(path) = &o.touch_list {
+        order = read_touch_list(path, total_pages)?;
+    }
     let touched = AtomicU64::new(0);
     std::thread::scope(|s| {
         for chunk in order.chunks(order.len().div_ceil(o.threads)) {
@@ -191,7 +203,18 @@ fn run() -> Result<bool, String> {
     // Verify every byte, from several threads.
     let mismatched = AtomicU64::new(0);
     let first_bad = std::sync::Mutex::new(None::<String>);
-    let all: Vec<u64> = (0..total_pages).collect();
+    let all: Vec<u64> = match &o.touch_list {
+        Some(_) => {
+            let mut pages = order.clone();
+            if o.balloon_every > 0 {
+                pages.extend((0..total_pages).step_by(o.balloon_every as usize));
+                pages.sort_unstable();
+                pages.dedup();
+            }
+            pages
+        }
+        None => (0..total_pages).collect(),
+    };
     std::thread::scope(|s| {
         for chunk in all.chunks(all.len().div_ceil(o.threads)) {
             let (mappings, file, mismatched, first_bad) =
@@ -228,6 +251,7 @@ fn run() -> Result<bool, String> {
         }
     });
     let mismatched = mismatched.into_inner();
+    let verified = all.len();
     let report = serde_json::json!({
         "pid": std::process::id(),
         "page_size": page,
@@ -235,6 +259,7 @@ fn run() -> Result<bool, String> {
         "pages": total_pages,
         "touched": touched.into_inner(),
         "ballooned": ballooned,
+        "verified_pages": verified,
         "mismatched_pages": mismatched,
         "first_mismatch": first_bad.into_inner().unwrap(),
         "touch_seconds": touch_seconds,
@@ -243,4 +268,30 @@ fn run() -> Result<bool, String> {
     println!("{report}");
     drop(memory);
     Ok(mismatched == 0)
+}
+
+/// Reads `--touch-list`: one page number per line, each below `pages`.
+fn read_touch_list(path: &str, pages: u64) -> Result<Vec<u64>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--touch-list {path}: {e}"))?;
+    let mut list = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let p: u64 = line
+            .parse()
+            .map_err(|e| format!("--touch-list {path}, line {}: {e}", n + 1))?;
+        if p >= pages {
+            return Err(format!(
+                "--touch-list {path}, line {}: page {p} is beyond the guest's {pages} pages",
+                n + 1
+            ));
+        }
+        list.push(p);
+    }
+    if list.is_empty() {
+        return Err(format!("--touch-list {path} lists no page"));
+    }
+    Ok(list)
 }

@@ -1,0 +1,104 @@
+//! The one synthetic snapshot generator, and reproducible page orders.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// A synthetic snapshot file, removed on drop.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its length in bytes.
+    pub len: u64,
+    /// How many of its 4 KiB pages are all zero.
+    pub zero_pages: u64,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// xorshift64: reproducible orders and contents without a dependency.
+pub(crate) fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Writes a snapshot of `len` bytes: runs of zero pages (left as holes,
+/// as a sparse snapshot has them) between runs of data pages, plus scattered
+/// all-zero pages written explicitly (as a dense snapshot has them). Every
+/// data page starts with its own offset, so a misplaced page is caught.
+pub fn make_snapshot(dir: &Path, len: u64, zero_percent: u8) -> std::io::Result<Snapshot> {
+    let path = dir.join(format!("uffd-demo-{}.snap", std::process::id()));
+    let file = File::create(&path)?;
+    file.set_len(len)?;
+    let mut snapshot = Snapshot {
+        path,
+        len,
+        zero_pages: 0,
+    };
+    let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ len;
+    let chunk = 2u64 << 20;
+    let mut buf = vec![0u8; chunk as usize];
+    let mut offset = 0;
+    let threshold = u64::from(zero_percent) * 1024 / 100;
+    while offset < len {
+        let this = chunk.min(len - offset);
+        let mut any_data = false;
+        // Decide per 64 KiB block: mostly zero runs, some single zero pages.
+        for block in (0..this).step_by(64 << 10) {
+            let zero_block = (xorshift(&mut rng) % 1024) < threshold * 8 / 10;
+            for page in (block..(block + (64 << 10)).min(this)).step_by(4096) {
+                let p = &mut buf[page as usize..page as usize + 4096];
+                if zero_block || (xorshift(&mut rng) % 1024) < threshold * 2 / 10 {
+                    p.fill(0);
+                    snapshot.zero_pages += 1;
+                    continue;
+                }
+                any_data = true;
+                for w in p.chunks_exact_mut(8) {
+                    w.copy_from_slice(&xorshift(&mut rng).to_ne_bytes());
+                }
+                p[..8].copy_from_slice(&(offset + page).to_ne_bytes());
+            }
+        }
+        if any_data {
+            // Write data blocks only; zero 64 KiB blocks stay holes.
+            let mut b = 0;
+            while b < this {
+                let end = (b + (64 << 10)).min(this);
+                let block = &buf[b as usize..end as usize];
+                if !uffd_pager::source::is_zero(block) {
+                    rustix::io::pwrite(&file, block, offset + b)?;
+                }
+                b = end;
+            }
+        }
+        offset += this;
+    }
+    Ok(snapshot)
+}
+/// A permutation of `0..n` from a fixed seed (same order in every run).
+pub fn shuffled(n: u64, seed: u64) -> Vec<u64> {
+    let mut v: Vec<u64> = (0..n).collect();
+    let mut rng = seed | 1;
+    for i in (1..v.len()).rev() {
+        let j = (xorshift(&mut rng) % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+/// Writes `pages` as decimal page numbers, one per line: the
+/// `--touch-list` format of `uffd-standin-vmm`.
+pub fn write_page_list(path: &Path, pages: &[u64]) -> std::io::Result<()> {
+    let mut text = String::with_capacity(pages.len() * 8);
+    for p in pages {
+        text.push_str(&p.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text)
+}
