@@ -142,6 +142,13 @@ struct ServeArgs {
     /// --background-fill, ...) apply from then on.
     #[arg(long)]
     takeover: bool,
+    /// Do not map the whole memory file into this process's page tables at
+    /// start (mmap mode). Mapping it costs a pass over the file's page
+    /// tables once (about 2 MiB of them per GiB) and saves a minor fault in
+    /// the server per page each VM touches first; skip it for snapshots
+    /// much larger than memory.
+    #[arg(long)]
+    no_populate: bool,
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -290,6 +297,13 @@ fn run_server(a: ServeArgs) -> CmdResult {
     };
     let file = FileSource::open(&mem_file, file_mode)
         .map_err(|e| format!("cannot serve the memory file: {e}"))?;
+    if !a.no_populate {
+        // One pass over the page tables now, instead of one minor fault in
+        // this process per page every VM touches first.
+        if let Err(e) = file.populate() {
+            tracing::warn!("mapping the memory file ahead of time failed ({e}); serving anyway");
+        }
+    }
     let source_identity = Some(file.identity());
     let source: Arc<dyn PageSource> = Arc::new(file);
     if source.is_empty() {

@@ -124,7 +124,6 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
         if faults.is_empty() {
             continue;
         }
-        shared.demand_active.fetch_add(1, Ordering::SeqCst);
         for (fault, started) in faults.drain(..) {
             if shared.stopping() {
                 // Shutdown wakes every region; the rest fault again.
@@ -139,7 +138,6 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
                 }
             }
         }
-        shared.demand_active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

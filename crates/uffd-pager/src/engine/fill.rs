@@ -1,11 +1,16 @@
 //! The engine side of the background policies: working-set replay and
-//! background fill, which yield to demand faults.
+//! background fill, run at a lower priority; demand faults take over the
+//! pages they claimed.
 
 use super::*;
 
 /// The fill thread: replays the working set, then fills everything else.
 pub(super) fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     let _span = debug_span!("fill", pager = %shared.config.name).entered();
+    // Background work runs at a lower priority than the handlers and the
+    // threads they serve: it never needs to wait for a fault (faults take
+    // its pages over), so on a busy machine it takes only the CPU left.
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
     let finish = || {
         *lock(&shared.fill_done) = true;
         shared.fill_cv.notify_all();
@@ -101,7 +106,7 @@ pub(super) enum FillEnd {
 }
 
 /// Installs every page of `target` still missing, in chunks aligned to
-/// [`BATCH_BYTES`], yielding to demand faults (the handler threads keep
+/// [`BATCH_BYTES`], while demand faults take over its pages (the handler threads keep
 /// serving them meanwhile). Removed (ballooned) pages stay unpopulated:
 /// they read as zero with or without a handler. Used by the background
 /// fill and by [`Pager::detach`]; `deadline` stops it between chunks.
@@ -161,20 +166,15 @@ pub(super) fn fill_missing(
     FillEnd::Done
 }
 
-/// Demand faults first: waits while handlers serve them. False when the
-/// fill should stop.
+/// False when the fill should stop. Demand faults no longer need the fill
+/// to wait: they take over any page it claimed (see `PageStates::steal`),
+/// and the fill thread runs at a lower priority.
 pub(super) fn fill_wait_turn(shared: &Shared, target: &Target, deadline: Option<Instant>) -> bool {
     let go_on = || {
         !shared.stopping()
             && !target.gone.load(Ordering::Relaxed)
             && deadline.map_or(true, |d| Instant::now() < d)
     };
-    while shared.demand_active.load(Ordering::SeqCst) > 0 {
-        if !go_on() {
-            return false;
-        }
-        std::thread::yield_now();
-    }
     go_on()
 }
 

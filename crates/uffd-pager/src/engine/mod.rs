@@ -213,7 +213,8 @@ impl PagerBuilder {
     }
 
     /// After any replay, install every page not yet present, in the
-    /// background, yielding to demand faults (default off).
+    /// background, at a lower priority; a demand fault takes over any page it
+    /// claimed (default off).
     pub fn background_fill(mut self, on: bool) -> Self {
         self.config.background_fill = on;
         self
@@ -350,9 +351,6 @@ struct Shared {
     stop: Arc<StopSignal>,
     targets: Mutex<Vec<Arc<Target>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Handler threads currently serving demand faults; the fill thread
-    /// yields while it is non-zero.
-    demand_active: AtomicUsize,
     recorded: Mutex<Vec<u64>>,
     poisoned: Mutex<Vec<PoisonedPage>>,
     fill_done: Mutex<bool>,
@@ -479,7 +477,6 @@ impl Pager {
             }),
             targets: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
-            demand_active: AtomicUsize::new(0),
             recorded: Mutex::new(recorded),
             poisoned: Mutex::new(Vec::new()),
             fill_done: Mutex::new(!needs_fill),
