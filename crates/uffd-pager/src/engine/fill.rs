@@ -24,7 +24,7 @@ pub(super) fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
         }
     };
     if let Some(ws) = &shared.config.replay {
-        if replay(&mut worker, shared, target, ws) == FillEnd::Gone {
+        if replay_in_parallel(&mut worker, shared, target, ws) == FillEnd::Gone {
             shared.mark_gone(target);
             return finish();
         }
@@ -41,20 +41,71 @@ pub(super) fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     finish();
 }
 
-/// Installs the recorded pages of `ws` in file order, one window of up to
-/// [`BATCH_BYTES`] at a time: the source is read front to back, and each
-/// window costs one claim pass and one install pass however sparse the
-/// recorded pages are in it (only they are claimed). Demand faults keep
-/// priority between windows.
-pub(super) fn replay(
+/// Pages per replay thread below which a second thread is not worth it.
+const PAGES_PER_REPLAY_THREAD: usize = 4096;
+
+/// Replays `ws` with one thread per core (at most two): the recorded pages,
+/// sorted by file offset, are split into that many contiguous parts. The
+/// replay's floor is one resolving ioctl per run of recorded pages, which
+/// a second core halves; the VMM's threads mostly wait on the few faults
+/// left meanwhile.
+fn replay_in_parallel(
     worker: &mut Worker<'_>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     target: &Target,
     ws: &WorkingSet,
 ) -> FillEnd {
     let mut pages = ws.pages().to_vec();
     pages.sort_unstable();
     pages.dedup();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parts = cores
+        .min(2)
+        .min(pages.len() / PAGES_PER_REPLAY_THREAD)
+        .max(1);
+    let per_part = pages.len().div_ceil(parts).max(1);
+    let mut chunks = pages.chunks(per_part);
+    let first = chunks.next().unwrap_or(&[]);
+    std::thread::scope(|scope| {
+        let others: Vec<_> = chunks
+            .map(|part| {
+                scope.spawn(move || {
+                    let _ =
+                        rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+                    match Worker::new(shared) {
+                        Ok(mut w) => replay(&mut w, shared, target, part),
+                        Err(e) => {
+                            error!(error = %e, "a replay thread cannot allocate its buffers");
+                            FillEnd::Done
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut end = replay(worker, shared, target, first);
+        for other in others {
+            match other.join() {
+                Ok(FillEnd::Gone) => end = FillEnd::Gone,
+                Ok(FillEnd::Stopped) if end == FillEnd::Done => end = FillEnd::Stopped,
+                Ok(_) => {}
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        end
+    })
+}
+
+/// Installs `pages` (sorted source offsets) in file order, one window of
+/// up to [`BATCH_BYTES`] at a time: the source is read front to back, and
+/// each window costs one claim pass and one install pass however sparse
+/// the recorded pages are in it (only they are claimed). A demand fault on
+/// a claimed page takes it over.
+pub(super) fn replay(
+    worker: &mut Worker<'_>,
+    shared: &Shared,
+    target: &Target,
+    pages: &[u64],
+) -> FillEnd {
     let mut selected: Vec<bool> = Vec::new();
     let mut k = 0;
     let mut retries = 0;
