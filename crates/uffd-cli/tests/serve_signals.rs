@@ -298,6 +298,11 @@ fn takeover_steps(
         Duration::from_secs(30),
         || socket.exists(),
     );
+    // Each VM touches half its pages (paced, so it is still faulting when
+    // the takeover starts on a quiet machine), then waits: it verifies, and
+    // so faults the other half, only once the test lets it, after the
+    // takeover, so every VM is served by the new server however slow the
+    // machine is.
     let vm = |pace: &str| {
         Reaped(
             Command::new(standin)
@@ -306,13 +311,19 @@ fn takeover_steps(
                 .arg("--mem-file")
                 .arg(&mem)
                 .args(["--threads", "2", "--pace-us", pace, "--balloon-every", "9"])
+                .args(["--touch-percent", "50", "--pause-before-verify"])
+                .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap(),
         )
     };
-    // 4,096 pages each, 2 threads, 400 us apart: about a second of faults.
+    let verify = |vm: &mut Reaped| {
+        use std::io::Write;
+        vm.0.stdin.take().unwrap().write_all(b"verify\n").unwrap();
+    };
+    // 2,048 touches each on 2 threads, 400 us apart: about half a second.
     let mut vms: Vec<Reaped> = (0..3).map(|_| vm("400")).collect();
     wait_for(
         "the first server serving 3 VMs",
@@ -344,6 +355,7 @@ fn takeover_steps(
         }
     }
     for (i, vm) in vms.iter_mut().enumerate() {
+        verify(vm);
         let status = exit_of(vm, &format!("VM {i} finishing through the takeover"));
         let mut out = String::new();
         std::io::Read::read_to_string(vm.0.stdout.as_mut().unwrap(), &mut out).unwrap();
@@ -382,6 +394,7 @@ fn takeover_steps(
     );
     // The VMM socket is the new server's now: a fresh VM is served.
     let mut fresh = vm("0");
+    verify(&mut fresh);
     let status = exit_of(&mut fresh, "a VM started after the takeover");
     assert!(status.success(), "{}", log_of(&new_log));
     // And the new server can be taken over in turn.
