@@ -119,9 +119,22 @@ pub enum DrainOutcome {
     Failed,
 }
 
+impl DrainOutcome {
+    /// The name `--stats-json` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainOutcome::Released => "released",
+            DrainOutcome::Incomplete => "incomplete",
+            DrainOutcome::NotSupported => "not-supported",
+            DrainOutcome::AlreadyStopped => "already-stopped",
+            DrainOutcome::Failed => "failed",
+        }
+    }
+}
+
 impl PartialEq<&str> for DrainOutcome {
     fn eq(&self, other: &&str) -> bool {
-        serde_json::to_value(self).is_ok_and(|v| v == *other)
+        self.as_str() == *other
     }
 }
 
@@ -265,6 +278,27 @@ impl StatsLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_match_the_json() {
+        for o in [
+            DrainOutcome::Released,
+            DrainOutcome::Incomplete,
+            DrainOutcome::NotSupported,
+            DrainOutcome::AlreadyStopped,
+            DrainOutcome::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+        }
+        for e in [
+            Ended::VmmExited,
+            Ended::Shutdown,
+            Ended::HandedOver,
+            Ended::Panicked,
+        ] {
+            assert_eq!(serde_json::to_value(e).unwrap(), e.as_str());
+        }
+    }
 
     #[test]
     fn the_log_keeps_the_last_reports_and_every_total() {

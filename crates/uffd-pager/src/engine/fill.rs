@@ -110,7 +110,7 @@ pub(super) fn replay(
     let mut k = 0;
     let mut retries = 0;
     while k < pages.len() {
-        if !fill_wait_turn(shared, target, None) {
+        if !fill_may_go_on(shared, target, None) {
             return FillEnd::Stopped;
         }
         let table = read(&target.table);
@@ -129,16 +129,13 @@ pub(super) fn replay(
             selected[((pages[next] - span.source_of(lo)) / span.page_size) as usize] = true;
             next += 1;
         }
-        match fill_chunk(worker, target, table, span, lo, hi, Some(&selected)) {
-            Step::Gone => return FillEnd::Gone,
-            Step::Defer | Step::Abandoned if retries < 100 => {
-                retries += 1;
-                std::thread::sleep(Duration::from_micros(50));
-            }
-            _ => {
-                retries = 0;
-                k = next;
-            }
+        match after_chunk(
+            fill_chunk(worker, target, table, span, lo, hi, Some(&selected)),
+            &mut retries,
+        ) {
+            Next::Gone => return FillEnd::Gone,
+            Next::Again => {}
+            Next::On => k = next,
         }
     }
     FillEnd::Done
@@ -181,7 +178,7 @@ pub(super) fn fill_missing(
         let mut i = 0;
         let mut retries = 0;
         while i < st.len() {
-            if !fill_wait_turn(shared, target, deadline) {
+            if !fill_may_go_on(shared, target, deadline) {
                 return if target.gone.load(Ordering::Relaxed) {
                     FillEnd::Gone
                 } else {
@@ -201,32 +198,54 @@ pub(super) fn fill_missing(
             let batch = ((BATCH_BYTES / span.page_size) as usize).max(1);
             // Stay aligned to the batch so huge-page moves stay possible.
             let hi = ((i / batch + 1) * batch).min(span.index_end());
-            match fill_chunk(worker, target, table, span, i, hi, None) {
-                Step::Gone => return FillEnd::Gone,
-                Step::Defer | Step::Abandoned if retries < 100 => {
-                    retries += 1;
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                _ => {
-                    retries = 0;
-                    i = hi;
-                }
+            match after_chunk(
+                fill_chunk(worker, target, table, span, i, hi, None),
+                &mut retries,
+            ) {
+                Next::Gone => return FillEnd::Gone,
+                Next::Again => {}
+                Next::On => i = hi,
             }
         }
     }
     FillEnd::Done
 }
 
-/// False when the fill should stop. Demand faults no longer need the fill
-/// to wait: they take over any page it claimed (see `PageStates::steal`),
-/// and the fill thread runs at a lower priority.
-pub(super) fn fill_wait_turn(shared: &Shared, target: &Target, deadline: Option<Instant>) -> bool {
-    let go_on = || {
-        !shared.stopping()
-            && !target.gone.load(Ordering::Relaxed)
-            && deadline.map_or(true, |d| Instant::now() < d)
-    };
-    go_on()
+/// False when the fill should stop (shutdown, the target gone, the
+/// deadline passed). It never waits for demand faults: they take over any
+/// page it claimed (see `PageStates::steal`), and the fill thread runs at a
+/// lower priority.
+pub(super) fn fill_may_go_on(shared: &Shared, target: &Target, deadline: Option<Instant>) -> bool {
+    !shared.stopping()
+        && !target.gone.load(Ordering::Relaxed)
+        && deadline.map_or(true, |d| Instant::now() < d)
+}
+
+/// What to do after a chunk.
+enum Next {
+    /// The target is gone.
+    Gone,
+    /// An event overtook the chunk: try it again.
+    Again,
+    /// On to the next chunk.
+    On,
+}
+
+/// A chunk an event overtook is tried again, up to 100 times 50 us apart;
+/// then (or once it is done) the fill moves on.
+fn after_chunk(step: Step, retries: &mut u32) -> Next {
+    match step {
+        Step::Gone => Next::Gone,
+        Step::Defer | Step::Abandoned if *retries < 100 => {
+            *retries += 1;
+            std::thread::sleep(Duration::from_micros(50));
+            Next::Again
+        }
+        _ => {
+            *retries = 0;
+            Next::On
+        }
+    }
 }
 
 /// Claims and installs the missing pages `lo..hi` of `span` (found under
