@@ -155,7 +155,7 @@ pub fn serve_faults(
                 continue;
             };
             served.faults.fetch_add(1, Relaxed);
-            let offset = r.file_offset(page);
+            let offset = r.source_offset(page);
             let bytes = match source.mapped(offset, PAGE_4K as usize) {
                 Some(mapped) => mapped,
                 None => match source.read_at(offset, &mut scratch) {
@@ -222,12 +222,7 @@ pub fn spawn_baseline_handler(
 
 /// One region covering `len` bytes at `base`, file offset 0.
 pub fn whole(base: u64, len: u64) -> Vec<Region> {
-    vec![Region {
-        base,
-        size: len,
-        offset: 0,
-        page_size: PAGE_4K,
-    }]
+    vec![Region::new(base, len, 0, PAGE_4K)]
 }
 
 /// The baseline handler serving this process's own fresh memory while it

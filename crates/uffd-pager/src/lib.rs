@@ -66,6 +66,7 @@ mod region;
 mod sigbus;
 pub mod source;
 mod stats;
+mod stop;
 mod wait;
 mod workingset;
 
@@ -85,5 +86,6 @@ pub use source::{
     AsyncPageSource, AsyncSource, Content, Fetched, FileMode, FileSource, LayeredSource,
     MappedBytes, MemorySource, PageSource, ReadFuture, SourceError, ZeroSource,
 };
-pub use stats::{Histogram, LatencySummary, Stats};
+pub use stats::{panic_message, Histogram, LatencySummary, Stats};
+pub use stop::StopSignal;
 pub use workingset::{WorkingSet, WorkingSetError};

@@ -225,6 +225,17 @@ impl Counters {
     }
 }
 
+/// The text of a panic payload, when it is one: what the engine logs when
+/// one of its threads panics, and what a server built on it logs for its
+/// own threads.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

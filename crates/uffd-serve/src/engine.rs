@@ -196,13 +196,9 @@ impl Engine for PagerEngine {
         pid: i32,
         pidfd: OwnedFd,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
-        let pager = self.builder(regions[0].page_size, pid, pidfd).start(
-            uffd,
-            regions
-                .iter()
-                .map(|r| uffd_pager::Region::new(r.base, r.size, r.offset, r.page_size))
-                .collect(),
-        )?;
+        let pager = self
+            .builder(regions[0].page_size, pid, pidfd)
+            .start(uffd, regions.to_vec())?;
         Ok(self.running(pager))
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::process::{Pid, PidfdFlags};
 
@@ -25,7 +25,7 @@ use crate::engine::{Engine, RunningVm};
 use crate::handshake::{self, Handshake, HandshakeError, HandshakePolicy, Peer};
 use crate::stats::{DrainOutcome, DrainReport, Ended, Refusal, StatsLog, VmReport};
 use crate::takeover::{self, Packet, TakeoverError};
-use uffd_pager::HandedOver;
+use uffd_pager::{panic_message, HandedOver, StopSignal};
 
 /// What the server needs to know.
 #[derive(Debug, Clone)]
@@ -121,12 +121,11 @@ pub struct ServerHandle {
 
 #[derive(Debug)]
 struct Control {
-    stop: AtomicBool,
+    stop: StopSignal,
     /// A new server takes the VMs over: every worker hands its VM over
     /// instead of draining it.
     handing_over: AtomicBool,
     record_generation: AtomicU64,
-    wake: OwnedFd,
 }
 
 impl ServerHandle {
@@ -135,8 +134,7 @@ impl ServerHandle {
     /// [`RunningVm::detach`]), writes working sets and statistics, and makes
     /// [`Server::run`] return.
     pub fn shutdown(&self) {
-        self.inner.stop.store(true, SeqCst);
-        let _ = rustix::io::write(&self.inner.wake, &1u64.to_ne_bytes());
+        self.inner.stop.request();
     }
 
     /// Writes every recording VM's working set now (as SIGUSR1 does).
@@ -146,7 +144,7 @@ impl ServerHandle {
 
     /// Whether shutdown was requested.
     pub fn is_stopping(&self) -> bool {
-        self.inner.stop.load(SeqCst)
+        self.inner.stop.is_requested()
     }
 
     fn is_handing_over(&self) -> bool {
@@ -225,8 +223,7 @@ impl Server {
         config: ServerConfig,
         engine: Arc<dyn Engine>,
     ) -> Result<Server, ServerError> {
-        let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(ServerError::Control)?;
+        let stop = StopSignal::new().map_err(ServerError::Control)?;
         let (tx, rx) = std::sync::mpsc::channel();
         Ok(Server {
             listener,
@@ -237,10 +234,9 @@ impl Server {
             engine,
             handle: ServerHandle {
                 inner: Arc::new(Control {
-                    stop: AtomicBool::new(false),
+                    stop,
                     handing_over: AtomicBool::new(false),
                     record_generation: AtomicU64::new(0),
-                    wake,
                 }),
             },
             stats: Arc::new(StatsLog::default()),
@@ -537,7 +533,7 @@ impl Server {
         };
         let takeover = lock(&self.takeover);
         let predecessor = lock(&self.predecessor);
-        let mut fds = vec![PollFd::new(&self.handle.inner.wake, PollFlags::IN)];
+        let mut fds = vec![PollFd::new(&self.handle.inner.stop, PollFlags::IN)];
         if backoff.is_zero() {
             fds.push(PollFd::new(&self.listener, PollFlags::IN));
         }
@@ -744,15 +740,6 @@ impl Server {
     }
 }
 
-/// The text of a panic payload, when it is one.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)")
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -917,7 +904,7 @@ impl VmWorker {
             }
         };
         let Handshake { regions, uffd, .. } = handshake;
-        let memory_bytes: u64 = regions.iter().map(|r| r.size).sum();
+        let memory_bytes: u64 = regions.iter().map(|r| r.len).sum();
         let page_size = regions[0].page_size;
         tracing::info!(
             vm = id,
@@ -1070,7 +1057,7 @@ impl VmWorker {
             }
             // The engine watches the VMM's pidfd; this loop only looks at
             // what it says, and wakes at once for shutdown or takeover.
-            let mut fds = [PollFd::new(&self.handle.inner.wake, PollFlags::IN)];
+            let mut fds = [PollFd::new(&self.handle.inner.stop, PollFlags::IN)];
             let ts = rustix::time::Timespec {
                 tv_sec: 0,
                 tv_nsec: 20_000_000,

@@ -39,7 +39,9 @@ mod install;
 mod lifecycle;
 mod resolve;
 
-use events::{panic_message, spawn_handlers};
+use crate::stats::panic_message;
+use crate::stop::StopSignal;
+use events::spawn_handlers;
 use fill::{fill_main, fill_missing, FillEnd};
 use install::{release, ClaimGuard};
 pub use lifecycle::{Detached, HandedOver, RegisteredRange, StillRegistered};
@@ -150,25 +152,18 @@ pub struct ShutdownHandle {
     stop: Arc<StopSignal>,
 }
 
-#[derive(Debug)]
-struct StopSignal {
-    flag: AtomicBool,
-    fd: OwnedFd,
-}
-
 impl ShutdownHandle {
     /// Requests shutdown: handler threads stop after the fault they are
     /// serving. Only an atomic store and an eventfd `write(2)`, so it is
     /// async-signal-safe and may be called from a SIGTERM handler.
     /// [`Pager::shutdown`] then wakes every waiter and joins the threads.
     pub fn request(&self) {
-        self.stop.flag.store(true, Ordering::SeqCst);
-        let _ = rustix::io::write(&self.stop.fd, &1u64.to_ne_bytes());
+        self.stop.request();
     }
 
     /// True once shutdown was requested.
     pub fn is_requested(&self) -> bool {
-        self.stop.flag.load(Ordering::SeqCst)
+        self.stop.is_requested()
     }
 }
 
@@ -435,8 +430,7 @@ impl Pager {
         validate(&config, &uffd, &regions)?;
         rustix::fs::fcntl_setfl(&uffd, rustix::fs::OFlags::NONBLOCK)
             .map_err(|e| io_err("making the userfaultfd non-blocking")(e.into()))?;
-        let stop_fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| io_err("eventfd")(e.into()))?;
+        let stop = StopSignal::new().map_err(|e| io_err("eventfd")(e.into()))?;
         let completion_fd =
             rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(|e| io_err("eventfd")(e.into()))?;
@@ -471,10 +465,7 @@ impl Pager {
             config,
             source,
             counters: Counters::default(),
-            stop: Arc::new(StopSignal {
-                flag: AtomicBool::new(false),
-                fd: stop_fd,
-            }),
+            stop: Arc::new(stop),
             targets: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             recorded: Mutex::new(recorded),
@@ -676,7 +667,7 @@ fn write(l: &RwLock<Table>) -> std::sync::RwLockWriteGuard<'_, Table> {
 
 impl Shared {
     fn stopping(&self) -> bool {
-        self.stop.flag.load(Ordering::Relaxed)
+        self.stop.is_requested()
     }
 
     fn add_target(&self, uffd: Uffd, table: Table, watch_pid: bool) -> Arc<Target> {
