@@ -27,7 +27,8 @@
 //! | `engine/lifecycle.rs`, `handover.rs` | shutdown, detach (drain), hand-over to another pager |
 //! | `wait.rs` | the epoll set and adaptive spinning |
 //! | `region.rs` | regions, the table of spans, per-page states |
-//! | `sigbus.rs` | [`SigbusPager`]: the faulting thread serves itself |
+//! | `sigbus/` | [`SigbusPager`]: the faulting thread serves itself (`mod.rs`); the process-wide handler and its table (`handler.rs`) |
+//! | `runs.rs`, `stop.rs` | runs of equal pages (one ioctl per run, engine and SIGBUS handler alike); the stop signal |
 //!
 //! ```
 //! use std::sync::Arc;
@@ -63,6 +64,7 @@ mod engine;
 mod handover;
 mod mem;
 mod region;
+mod runs;
 mod sigbus;
 pub mod source;
 mod stats;

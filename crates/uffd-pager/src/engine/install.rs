@@ -5,6 +5,7 @@
 #![allow(unsafe_code)]
 
 use super::*;
+use crate::runs::runs;
 
 impl Worker<'_> {
     /// Undoes claims on `from..` and wakes those pages so that any thread
@@ -200,17 +201,11 @@ impl Worker<'_> {
             self.release(target, claim, from, claims);
             return Step::Abandoned;
         }
-        let mut k = 0;
-        while k < kinds.len() {
-            let kind = kinds[k];
-            let mut end = k + 1;
-            while end < kinds.len() && kinds[end] == kind {
-                end += 1;
-            }
+        for (run, kind) in runs(kinds.len(), |k| kinds[k]) {
             if kind == 0 {
-                k = end;
                 continue;
             }
+            let (k, end) = (run.start, run.end);
             let idx = from + k;
             let addr = span.addr_of(idx);
             let run = (end - k) as u64 * ps;
@@ -282,7 +277,6 @@ impl Worker<'_> {
                 }
             };
             self.mark_installed(claim, from + k, done);
-            k = end;
         }
         Step::Done
     }
