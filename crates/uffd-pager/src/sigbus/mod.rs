@@ -370,7 +370,7 @@ impl SigbusPagerBuilder {
 
 /// A pager in SIGBUS mode: faults of its regions are served by the
 /// faulting thread itself, in a SIGBUS handler. How it works and its
-/// limits are described at the top of this crate's `src/sigbus.rs`.
+/// limits are described at the top of this crate's `src/sigbus/mod.rs`.
 ///
 /// Dropping it shuts it down like [`SigbusPager::shutdown`].
 pub struct SigbusPager {
