@@ -22,7 +22,8 @@
 //! | `engine/mod.rs` | [`Pager`], its builder, configuration checks, shared state |
 //! | `engine/events.rs` | handler threads: epoll wait, batched reads, REMOVE/UNMAP/REMAP/FORK |
 //! | `engine/resolve.rs` | one fault: page state, claims, readahead window, asynchronous reads |
-//! | `engine/install.rs` | fetch and resolving ioctls per [`Strategy`], POISON, the panic guard |
+//! | `engine/install.rs` | fetching claimed pages, runs of zero and data pages, POISON, the panic guard |
+//! | `engine/strategy/` | one file per [`Strategy`] (`copy`, `copy_wp`, `move`, `continue`): where the bytes go, the ioctl, what a fault on a filled page needs, what REMOVE means |
 //! | `engine/fill.rs`, `workingset.rs` | replay of a recorded working set, background fill |
 //! | `engine/lifecycle.rs`, `handover.rs` | shutdown, detach (drain), hand-over to another pager |
 //! | `wait.rs` | the epoll set and adaptive spinning |

@@ -216,9 +216,7 @@ pub(super) fn apply_event(
         Event::Remove { start, end } => {
             c.events_remove.fetch_add(1, Ordering::Relaxed);
             debug!(start, end, "REMOVE: pages read as zero from now on");
-            // Shared file mappings keep their page cache contents; only
-            // private memory reads as zero after MADV_DONTNEED/REMOVE.
-            if shared.config.strategy != Strategy::Continue {
+            if shared.resolver().remove_makes_missing() {
                 table.set_range(start, end, state::REMOVED);
             }
         }

@@ -4,7 +4,9 @@
 //!
 //! - `events`: handler threads, reading messages and applying events;
 //! - `resolve`: serving one fault (claims, readahead window, async reads);
-//! - `install`: fetching claimed pages and the resolving ioctls;
+//! - `install`: fetching claimed pages, installing them run by run;
+//! - `strategy`: one implementation per strategy (COPY, COPY+WP, MOVE,
+//!   CONTINUE) behind [`strategy::Resolver`];
 //! - `fill` (the background policies' engine side): replay and fill;
 //! - `lifecycle`: shutdown, detach (drain) and hand-over.
 
@@ -38,6 +40,7 @@ mod fill;
 mod install;
 mod lifecycle;
 mod resolve;
+mod strategy;
 
 use crate::stats::panic_message;
 use crate::stop::StopSignal;
@@ -45,6 +48,7 @@ use events::spawn_handlers;
 use fill::{fill_main, fill_missing, FillEnd};
 use install::{release, ClaimGuard};
 pub use lifecycle::{Detached, HandedOver, RegisteredRange, StillRegistered};
+use strategy::{resolver, Resolver};
 
 /// What is wrong with a pager's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -448,7 +452,7 @@ impl Pager {
         };
         let total_pages = regions.iter().map(|r| r.len / r.page_size).sum();
         let record_page_size = regions.iter().map(|r| r.page_size).min().unwrap_or(4096);
-        let track_dirty = config.strategy == Strategy::CopyWp;
+        let track_dirty = resolver(config.strategy).tracks_writes();
         let table = Table::new(&regions, track_dirty);
         let (mut installed, mut recorded) = (0, Vec::new());
         if let Some(state) = resumed {
@@ -627,28 +631,16 @@ fn validate(config: &Config, uffd: &Uffd, regions: &[Region]) -> Result<(), Page
         if config.content_in_place && config.strategy != Strategy::Continue {
             return Err(PagerError::Config(ConfigError::InPlaceNeedsContinue));
         }
-        if config.strategy == Strategy::Continue && r.alias().is_none() {
-            return Err(PagerError::Config(ConfigError::ContinueNeedsAlias));
-        }
-        if config.strategy == Strategy::Move && r.page_size != 4096 {
-            return Err(PagerError::Config(ConfigError::MoveNeedsBasePages));
-        }
     }
+    resolver(config.strategy)
+        .check(uffd, regions)
+        .map_err(PagerError::Config)?;
     let g = config.granule;
     if !g.is_power_of_two() || !(4096..=BATCH_BYTES).contains(&g) {
         return Err(PagerError::Config(ConfigError::Granule(g)));
     }
     if config.threads == 0 {
         return Err(PagerError::Config(ConfigError::NoThreads));
-    }
-    // The kernel gates MOVE on its own support, not on the fd's handshake.
-    let kernel_has_move = uffd::probe().map_or(true, |info| info.features.contains(Features::MOVE));
-    if config.strategy == Strategy::Move && !kernel_has_move {
-        return Err(PagerError::Config(ConfigError::MoveUnsupported));
-    }
-    if config.strategy == Strategy::CopyWp && !uffd.features().contains(Features::PAGEFAULT_FLAG_WP)
-    {
-        return Err(PagerError::Config(ConfigError::CopyWpNeedsWp));
     }
     Ok(())
 }
@@ -762,6 +754,11 @@ impl Shared {
                 Step::Done
             }
         }
+    }
+
+    /// This pager's strategy's implementation.
+    fn resolver(&self) -> &'static dyn Resolver {
+        resolver(self.config.strategy)
     }
 
     fn mark_gone(&self, target: &Target) {
