@@ -123,7 +123,7 @@ pub(super) fn uninstall_handler() {
     }
 }
 
-/// True while SIGBUS is handled by a [`SigbusPager`] of this process.
+/// True while SIGBUS is handled by a [`SigbusPager`](super::SigbusPager) of this process.
 pub fn sigbus_handler_installed() -> bool {
     // SAFETY: querying the disposition into a live local.
     unsafe {
