@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use uffd_pager::{AlignedAnon, FileMode, FileSource, Region, SigbusPager, SignalSafeSource, Stats};
+use uffd_pager::{FileMode, FileSource, Region, SigbusPager, SignalSafeSource, Stats};
 
 use crate::baselines::kernel_baseline;
 use crate::fixtures::{make_snapshot, Snapshot};
@@ -84,7 +84,7 @@ pub struct KernelReport {
 /// sequential half took).
 fn restore_workload(
     name: &str,
-    target: &AlignedAnon,
+    target: &uffd::Mapping,
     len: u64,
     progress: &ProgressLine,
     faults: impl Fn() -> u64,
@@ -156,7 +156,7 @@ fn run_plan(
 /// Starts a SIGBUS-mode pager over all of `target`, served from `source`
 /// by the faulting threads themselves.
 pub fn start_sigbus(
-    target: &AlignedAnon,
+    target: &uffd::Mapping,
     source: &Arc<FileSource>,
     granule: u64,
 ) -> Result<SigbusPager, uffd_pager::SigbusError> {
@@ -179,7 +179,7 @@ fn run_sigbus_plan(
     progress: &ProgressLine,
 ) -> Result<StrategyReport, BoxError> {
     let len = snapshot.len;
-    let target = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     let started = Instant::now();
     let pager = start_sigbus(&target, source, plan.granule)?;
     let (sequential, faults_sequential, random) =

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use uffd::{CopyMode, Features, Mapping, MemoryKind, Outcome, RegisterMode, Uffd};
-use uffd_pager::{
-    AlignedAnon, FileMode, FileSource, PageSource, Pager, Prefetch, Region, Strategy, WaitMode,
-};
+use uffd_pager::{FileMode, FileSource, PageSource, Pager, Prefetch, Region, Strategy, WaitMode};
 
 use crate::baselines::{
     kernel_anon_first_write, kernel_fault_in, spawn_fault_handler, typical_handler, whole, Served,
@@ -117,15 +115,15 @@ fn recycled_cycle(
             .features(Features::MOVE)
             .open()?,
     );
-    let target = AlignedAnon::new(len as usize)?;
-    let pool = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
+    let pool = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     for m in [&target, &pool] {
         // 4 KiB pages throughout; MOVE needs pages no child shares.
-        m.advise(rustix::mm::Advice::LinuxNoHugepage)?;
-        m.advise(rustix::mm::Advice::LinuxDontFork)?;
+        m.advise(0, m.len(), rustix::mm::Advice::LinuxNoHugepage)?;
+        m.advise(0, m.len(), rustix::mm::Advice::LinuxDontFork)?;
     }
     if mode != Recycle::Copy {
-        pool.advise(rustix::mm::Advice::LinuxPopulateWrite)?;
+        pool.advise(0, pool.len(), rustix::mm::Advice::LinuxPopulateWrite)?;
         // UFFDIO_MOVE's destination must be registered on the same uffd
         // (mm/userfaultfd.c, validate_move_areas): the pool is, for the
         // evictions. It is never touched while it has holes.
@@ -213,14 +211,14 @@ fn recycled_cycle(
                 }
             }
             Recycle::MovePopulated => {
-                target.advise(rustix::mm::Advice::LinuxDontNeed)?;
+                target.advise(0, target.len(), rustix::mm::Advice::LinuxDontNeed)?;
                 // Populating registered holes would raise missing faults
                 // for this handler to serve: unregister around it.
                 uffd.unregister(pool.addr(), len)?;
-                pool.advise(rustix::mm::Advice::LinuxPopulateWrite)?;
+                pool.advise(0, pool.len(), rustix::mm::Advice::LinuxPopulateWrite)?;
                 uffd.register(pool.addr(), len, RegisterMode::MISSING)?;
             }
-            Recycle::Copy => target.advise(rustix::mm::Advice::LinuxDontNeed)?,
+            Recycle::Copy => target.advise(0, target.len(), rustix::mm::Advice::LinuxDontNeed)?,
         }
         let evict_seconds = evict.elapsed().as_secs_f64();
         for f in full.iter() {
@@ -252,8 +250,8 @@ fn recycled_cycle(
 fn fill_recycled(
     mode: Recycle,
     uffd: &uffd::Uffd,
-    target: &AlignedAnon,
-    pool: &AlignedAnon,
+    target: &uffd::Mapping,
+    pool: &uffd::Mapping,
     source: &FileSource,
     len: u64,
 ) -> Result<PhaseResult, BoxError> {
@@ -314,7 +312,7 @@ fn pager_sigbus(
     len: u64,
     progress: &ProgressLine,
 ) -> Result<PhaseResult, BoxError> {
-    let target = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     let pager = start_sigbus(&target, source, granule)?;
     let pages = len / 4096;
     let result = touch(target.as_ptr(), 0, pages, order, |n| {

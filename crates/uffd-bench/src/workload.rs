@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::{Features, RegisterMode};
 use uffd_pager::{
-    AlignedAnon, Content, FileSource, Histogram, PageSource, Pager, Prefetch, Region, Strategy,
-    WaitMode,
+    Content, FileSource, Histogram, PageSource, Pager, Prefetch, Region, Strategy, WaitMode,
 };
 
 use crate::fixtures::shuffled;
@@ -230,15 +229,15 @@ pub fn open_uffd(strategy: Strategy) -> Result<uffd::Uffd, uffd::Error> {
 /// For MOVE, asks for transparent huge pages on the target: a fault then
 /// reaches the handler before any page table is allocated, so a whole
 /// 2 MiB huge page can move in with one PMD update.
-pub fn prepare_target(target: &AlignedAnon, strategy: Strategy) -> std::io::Result<()> {
+pub fn prepare_target(target: &uffd::Mapping, strategy: Strategy) -> std::io::Result<()> {
     if strategy == Strategy::Move {
-        target.advise(rustix::mm::Advice::LinuxHugepage)?;
+        target.advise(0, target.len(), rustix::mm::Advice::LinuxHugepage)?;
     }
     Ok(())
 }
 
 /// Counts pages of `target` that differ from the file.
-pub(crate) fn verify(target: &AlignedAnon, source: &FileSource, len: u64) -> u64 {
+pub(crate) fn verify(target: &uffd::Mapping, source: &FileSource, len: u64) -> u64 {
     count_differing(source, len, |offset, got| {
         // SAFETY: `offset + got.len()` lies inside the target mapping,
         // fully installed by now; nothing writes it concurrently.
@@ -294,9 +293,9 @@ pub fn start_plan(
     source: &Arc<FileSource>,
     len: u64,
     threads: usize,
-) -> Result<(AlignedAnon, Pager, Instant), crate::BoxError> {
+) -> Result<(uffd::Mapping, Pager, Instant), crate::BoxError> {
     let uffd = open_uffd(plan.strategy)?;
-    let target = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     prepare_target(&target, plan.strategy)?;
     uffd.register(target.addr(), len, RegisterMode::MISSING)?;
     let started = Instant::now();

@@ -63,7 +63,6 @@
 mod config;
 mod engine;
 mod handover;
-mod mem;
 mod region;
 mod runs;
 mod sigbus;
@@ -79,7 +78,6 @@ pub use engine::{
     Progress, RegisteredRange, ShutdownHandle, StillRegistered,
 };
 pub use handover::{PageKind, PagerState, SpanState, StateError};
-pub use mem::AlignedAnon;
 pub use region::Region;
 pub use sigbus::{
     sigbus_handler_installed, SigbusError, SigbusPager, SigbusPagerBuilder, SigbusStats,

@@ -47,7 +47,7 @@ fn unmapped_ranges_are_no_longer_served() {
         return;
     }
     // A raw mapping: part of it is unmapped by the test.
-    let memory = uffd_pager::AlignedAnon::new(LEN).unwrap();
+    let memory = uffd::Mapping::new(uffd::MemoryKind::Anon, LEN).unwrap();
     let base = memory.addr();
     uffd.register(base, LEN as u64, RegisterMode::MISSING)
         .unwrap();
@@ -56,7 +56,7 @@ fn unmapped_ranges_are_no_longer_served() {
         .start(uffd, vec![Region::new(base, LEN as u64, 0, 4096)])
         .unwrap();
     // SAFETY: unmapping the middle of our own mapping; nothing refers to it
-    // (the AlignedAnon's own munmap at drop tolerates the hole).
+    // (the uffd::Mapping's own munmap at drop tolerates the hole).
     unsafe { rustix::mm::munmap((base + 64 * 4096) as *mut _, 64 * 4096) }.unwrap();
     // The rest is still served.
     let value = bounded("reading past the hole", move || {
@@ -79,8 +79,8 @@ fn remapped_ranges_keep_their_source_offsets() {
         uffd_testkit::skip(uffd_testkit::Need::Feature, format_args!("no EVENT_REMAP"));
         return;
     }
-    let old = uffd_pager::AlignedAnon::new(LEN).unwrap();
-    let new = uffd_pager::AlignedAnon::new(LEN).unwrap();
+    let old = uffd::Mapping::new(uffd::MemoryKind::Anon, LEN).unwrap();
+    let new = uffd::Mapping::new(uffd::MemoryKind::Anon, LEN).unwrap();
     uffd.register(old.addr(), LEN as u64, RegisterMode::MISSING)
         .unwrap();
     let (source, bytes) = pattern_source(LEN, 29);
@@ -95,7 +95,7 @@ fn remapped_ranges_keep_their_source_offsets() {
     });
     assert_eq!(v, bytes[5]);
     // SAFETY: moving our own mapping onto another of our own; neither is
-    // referenced (both AlignedAnon drops then unmap whatever is there).
+    // referenced (both uffd::Mapping drops then unmap whatever is there).
     unsafe {
         rustix::mm::mremap_fixed(
             old.as_ptr().cast(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use common::*;
 use uffd::{Features, Mapping, MemoryKind, RegisterMode, Uffd};
-use uffd_pager::{AlignedAnon, MemorySource, Pager, Prefetch, Region, Strategy, WaitMode};
+use uffd_pager::{MemorySource, Pager, Prefetch, Region, Strategy, WaitMode};
 
 const LEN: usize = 4 << 20;
 
@@ -75,7 +75,7 @@ fn move_from_staging() {
     for granule in [4096u64, 64 << 10, 2 << 20] {
         let uffd = open(Features::MOVE);
         // 2 MiB aligned so whole huge pages can move.
-        let target = Arc::new(AlignedAnon::new(LEN).unwrap());
+        let target = Arc::new(uffd::Mapping::new(uffd::MemoryKind::Anon, LEN).unwrap());
         uffd.register(target.addr(), LEN as u64, RegisterMode::MISSING)
             .unwrap();
         let (source, bytes) = pattern_source(LEN, 7 + granule);
@@ -224,7 +224,7 @@ fn content_in_place_needs_continue() {
     if !uffd_testkit::user_uffd() {
         return;
     }
-    let memory = AlignedAnon::new(1 << 20).unwrap();
+    let memory = uffd::Mapping::new(uffd::MemoryKind::Anon, 1 << 20).unwrap();
     let uffd = open(Features::empty());
     let (source, _) = pattern_source(1 << 20, 1);
     let r = Pager::builder(source)
@@ -344,7 +344,7 @@ fn many_threads_on_one_page_are_served_once() {
     }
     let uffd = open(Features::EVENT_REMOVE);
     // 64 KiB aligned, so the two touched pages share one granule.
-    let memory = Arc::new(AlignedAnon::new(64 << 10).unwrap());
+    let memory = Arc::new(uffd::Mapping::new(uffd::MemoryKind::Anon, 64 << 10).unwrap());
     uffd.register(memory.addr(), 64 << 10, RegisterMode::MISSING)
         .unwrap();
     let (source, bytes) = pattern_source(64 << 10, 17);

@@ -28,7 +28,7 @@ use uffd::{
 
 use crate::config::{Config, BATCH_BYTES};
 use crate::handover::{PageKind, PagerState, SpanState, StateError};
-use crate::mem::AlignedAnon;
+
 use crate::region::{state, PageStates, Region, Span, Table};
 use crate::source::{is_zero, Content, Fetched, PageSource, SourceError};
 use crate::stats::{Counters, Stats};
@@ -775,8 +775,8 @@ impl Shared {
 #[derive(Debug)]
 struct Worker<'a> {
     shared: &'a Arc<Shared>,
-    staging: AlignedAnon,
-    zeros: AlignedAnon,
+    staging: uffd::Mapping,
+    zeros: uffd::Mapping,
     claims: Vec<u8>,
 }
 

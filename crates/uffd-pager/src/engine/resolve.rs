@@ -5,16 +5,16 @@ use super::*;
 
 impl<'a> Worker<'a> {
     pub(super) fn new(shared: &'a Arc<Shared>) -> std::io::Result<Worker<'a>> {
-        let staging = AlignedAnon::new(BATCH_BYTES as usize)?;
+        let staging = uffd::Mapping::new(uffd::MemoryKind::Anon, BATCH_BYTES as usize)?;
         // MOVE needs source pages that only this process maps: a forked
         // child must not share them.
-        staging.advise(Advice::LinuxDontFork)?;
+        staging.advise(0, staging.len(), Advice::LinuxDontFork)?;
         if shared.resolver().keeps_huge_pages_whole() && shared.config.granule == BATCH_BYTES {
             // Whole 2 MiB granules then move as one huge page.
-            let _ = staging.advise(Advice::LinuxHugepage);
+            let _ = staging.advise(0, staging.len(), Advice::LinuxHugepage);
         }
-        let zeros = AlignedAnon::new(BATCH_BYTES as usize)?;
-        zeros.advise(Advice::LinuxDontFork)?;
+        let zeros = uffd::Mapping::new(uffd::MemoryKind::Anon, BATCH_BYTES as usize)?;
+        zeros.advise(0, zeros.len(), Advice::LinuxDontFork)?;
         Ok(Worker {
             shared,
             staging,

@@ -49,7 +49,7 @@ use uffd::{CopyMode, Features, RegisterMode, Resolved, Uffd, ZeropageMode};
 use crate::runs::runs;
 use crate::source::{is_zero, FileSource, MappedBytes, MemorySource};
 use crate::stats::{Histogram, LatencySummary};
-use crate::{AlignedAnon, PageSource, Region};
+use crate::{PageSource, Region};
 
 mod handler;
 
@@ -175,7 +175,7 @@ struct Counters {
 
 /// Pre-allocated buffers for pread sources, claimed lock-free by handlers.
 struct Scratch {
-    memory: AlignedAnon,
+    memory: uffd::Mapping,
     busy: Box<[AtomicBool]>,
     size: usize,
 }
@@ -317,9 +317,9 @@ impl SigbusPagerBuilder {
         }
         let scratch = if self.source.needs_scratch() {
             let size = self.granule as usize;
-            let memory = AlignedAnon::new(size * self.scratch_buffers)?;
+            let memory = uffd::Mapping::new(uffd::MemoryKind::Anon, size * self.scratch_buffers)?;
             // Populated now, so the handler takes no fault writing to it.
-            memory.advise(rustix::mm::Advice::LinuxPopulateWrite)?;
+            memory.advise(0, memory.len(), rustix::mm::Advice::LinuxPopulateWrite)?;
             Some(Scratch {
                 memory,
                 busy: (0..self.scratch_buffers)
