@@ -427,14 +427,18 @@ unsafe fn start_continue(
     // SAFETY: the caller keeps `memory` (and so its alias) alive until the
     // pager is shut down, and nothing else references the alias meanwhile.
     let region = unsafe { Region::new(memory.addr(), len, 0, 4096).with_alias(alias) };
-    Ok(Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
-        .name(name)
-        .strategy(Strategy::Continue)
-        .content_in_place(content_in_place)
-        .granule(plan.granule)
-        .prefetch(plan.prefetch)
-        .wait(WaitMode::Spin(SPIN))
-        .start(uffd, vec![region])?)
+    // SAFETY: the target is a mapping the bench touches only through raw
+    // pointers; no Rust reference covers it.
+    Ok(unsafe {
+        Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
+            .name(name)
+            .strategy(Strategy::Continue)
+            .content_in_place(content_in_place)
+            .granule(plan.granule)
+            .prefetch(plan.prefetch)
+            .wait(WaitMode::Spin(SPIN))
+            .start(uffd, vec![region])
+    }?)
 }
 
 /// MINOR + CONTINUE on shmem: the pager writes each granule through the

@@ -299,15 +299,19 @@ pub fn start_plan(
     prepare_target(&target, plan.strategy)?;
     uffd.register(target.addr(), len, RegisterMode::MISSING)?;
     let started = Instant::now();
-    let pager = Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
-        .name(name)
-        .strategy(plan.strategy)
-        .granule(plan.granule)
-        .prefetch(plan.prefetch)
-        .background_fill(plan.fill)
-        .threads(threads)
-        .wait(WaitMode::Spin(SPIN))
-        .start(uffd, vec![Region::new(target.addr(), len, 0, 4096)])?;
+    // SAFETY: the target is a mapping the bench touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
+            .name(name)
+            .strategy(plan.strategy)
+            .granule(plan.granule)
+            .prefetch(plan.prefetch)
+            .background_fill(plan.fill)
+            .threads(threads)
+            .wait(WaitMode::Spin(SPIN))
+            .start(uffd, vec![Region::new(target.addr(), len, 0, 4096)])
+    }?;
     Ok((target, pager, started))
 }
 

@@ -286,7 +286,16 @@ impl PagerBuilder {
     /// the ioctls act on its memory. The ranges must already be registered
     /// (see [`register`] for this process's own memory). The fd is made
     /// non-blocking.
-    pub fn start(self, uffd: Uffd, regions: Vec<Region>) -> Result<Pager, PagerError> {
+    ///
+    /// # Safety
+    /// The contract of [`Uffd::copy`] for the memory it fills, the same as
+    /// [`crate::SigbusPagerBuilder::start`]'s: if the regions are memory of
+    /// this process, no Rust reference may cover them and no Rust object may
+    /// rely on the contents of their missing pages (the pager fills them
+    /// with the source's bytes, where the kernel would give zeros), for as
+    /// long as the pager serves them. Memory of another process (a VMM that
+    /// sent its userfaultfd) holds no Rust object of ours: nothing to uphold.
+    pub unsafe fn start(self, uffd: Uffd, regions: Vec<Region>) -> Result<Pager, PagerError> {
         Pager::start(self.source, self.config, uffd, regions, None, self.pidfd)
     }
 
@@ -299,7 +308,10 @@ impl PagerBuilder {
     /// it; every range is woken at start, so such a thread faults again and
     /// this pager sees it. Regions with an alias ([`Strategy::Continue`])
     /// cannot be resumed: the alias is another process's address.
-    pub fn resume(self, uffd: Uffd, state: PagerState) -> Result<Pager, PagerError> {
+    ///
+    /// # Safety
+    /// As for [`PagerBuilder::start`].
+    pub unsafe fn resume(self, uffd: Uffd, state: PagerState) -> Result<Pager, PagerError> {
         let regions = state
             .spans
             .iter()
