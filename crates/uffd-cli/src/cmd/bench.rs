@@ -72,9 +72,7 @@ pub struct Args {
 
 /// Runs the benchmark.
 pub fn run(args: Args) -> CmdResult {
-    if let Err(e) = uffd::probe() {
-        return Err(format!("userfaultfd is not available: {e}").into());
-    }
+    super::require_userfaultfd("uffd bench")?;
     let progress = ProgressLine::new(false);
     progress.done("uffd bench: in-process (this process's own memory; see `uffd serve bench` for a VMM in another process)");
     let cases = pager::run(

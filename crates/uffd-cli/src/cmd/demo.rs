@@ -61,9 +61,7 @@ pub struct Args {
 
 /// Runs the demo.
 pub fn run(args: Args) -> CmdResult {
-    if let Err(e) = uffd::probe() {
-        return Err(format!("userfaultfd is not available: {e}").into());
-    }
+    super::require_userfaultfd("uffd demo")?;
     let progress = ProgressLine::new(false);
     let report = demo::run(
         &Config {

@@ -9,3 +9,16 @@ pub mod serve;
 
 /// What a subcommand returns: an exit code, or an error printed as `uffd: ...`.
 pub type CmdResult = Result<std::process::ExitCode, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Fails with what to do when this process may not open a userfaultfd;
+/// `what` names the command that needs one.
+pub fn require_userfaultfd(what: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    match uffd::probe() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "{what} needs userfaultfd, which this process cannot open: {e}\n\
+             (`uffd probe` says which ways of opening were refused and how to allow one)"
+        )
+        .into()),
+    }
+}

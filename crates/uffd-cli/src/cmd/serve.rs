@@ -369,9 +369,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
 }
 
 fn run_bench(a: BenchArgs) -> CmdResult {
-    if let Err(e) = uffd::probe() {
-        return Err(format!("the benchmark needs userfaultfd: {e}").into());
-    }
+    super::require_userfaultfd("uffd serve bench")?;
     let uffd_bin = std::env::current_exe()?;
     let beside = |name: &str| uffd_bin.with_file_name(name);
     let report = uffd_bench::serve::run(&uffd_bench::serve::Config {

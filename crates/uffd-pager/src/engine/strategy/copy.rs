@@ -7,16 +7,6 @@ use super::*;
 pub(in crate::engine) struct Copy;
 
 impl Resolver for Copy {
-    fn stage(
-        &self,
-        worker: &Worker<'_>,
-        span: &Span,
-        from: usize,
-        len: u64,
-    ) -> Result<Staged, SourceError> {
-        mapped_or_staged(worker, span, from, len)
-    }
-
     fn install(&self, worker: &Worker<'_>, uffd: &Uffd, run: Run) -> Result<Resolved, uffd::Error> {
         if run.zero {
             return install_zeros(worker, uffd, run);
@@ -33,9 +23,5 @@ impl Resolver for Copy {
                 CopyMode::empty(),
             )
         }
-    }
-
-    fn installed<'c>(&self, counters: &'c Counters, _mapped: bool) -> Option<&'c AtomicU64> {
-        Some(&counters.pages_copied)
     }
 }

@@ -8,16 +8,6 @@ use super::*;
 pub(in crate::engine) struct CopyWp;
 
 impl Resolver for CopyWp {
-    fn stage(
-        &self,
-        worker: &Worker<'_>,
-        span: &Span,
-        from: usize,
-        len: u64,
-    ) -> Result<Staged, SourceError> {
-        mapped_or_staged(worker, span, from, len)
-    }
-
     fn install(&self, worker: &Worker<'_>, uffd: &Uffd, run: Run) -> Result<Resolved, uffd::Error> {
         // Zero pages are copied too: ZEROPAGE has no write-protect mode.
         let src = if run.zero {
@@ -39,9 +29,5 @@ impl Resolver for CopyWp {
 
     fn tracks_writes(&self) -> bool {
         true
-    }
-
-    fn installed<'c>(&self, counters: &'c Counters, _mapped: bool) -> Option<&'c AtomicU64> {
-        Some(&counters.pages_copied)
     }
 }

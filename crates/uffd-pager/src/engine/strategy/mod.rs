@@ -47,14 +47,26 @@ pub(super) struct Run {
 /// that map what they install (all but CONTINUE).
 pub(super) trait Resolver: Sync + std::fmt::Debug {
     /// Puts the bytes of `len` bytes of claimed pages, from page `from` of
-    /// `span`, where this strategy's ioctl takes them from.
+    /// `span`, where this strategy's ioctl takes them from: by default the
+    /// source's mapping when it has one, else a read into the worker's
+    /// staging buffer.
     fn stage(
         &self,
         worker: &Worker<'_>,
         span: &Span,
         from: usize,
         len: u64,
-    ) -> Result<Staged, SourceError>;
+    ) -> Result<Staged, SourceError> {
+        let offset = span.source_of(from);
+        if let Some(bytes) = worker.shared.source.mapped(offset, len as usize) {
+            return Ok(Staged {
+                content: Content::Data,
+                src: bytes.as_ptr(),
+                from_mapping: true,
+            });
+        }
+        staged(worker, offset, len)
+    }
 
     /// Called once the pages of a staged run are sorted into `kinds` (0
     /// unclaimed, 1 zero, 2 data), before any is installed.
@@ -78,8 +90,11 @@ pub(super) trait Resolver: Sync + std::fmt::Debug {
     fn install(&self, worker: &Worker<'_>, uffd: &Uffd, run: Run) -> Result<Resolved, uffd::Error>;
 
     /// The counter of data pages this strategy installed, when a run
-    /// installed with `mapped` counts at all.
-    fn installed<'c>(&self, counters: &'c Counters, mapped: bool) -> Option<&'c AtomicU64>;
+    /// installed with `mapped` counts at all (by default: copied pages).
+    fn installed<'c>(&self, counters: &'c Counters, mapped: bool) -> Option<&'c AtomicU64> {
+        let _ = mapped;
+        Some(&counters.pages_copied)
+    }
 
     /// Whole aligned huge pages of data are installed in one piece (their
     /// zero pages are not split off).
@@ -134,25 +149,6 @@ pub(super) fn resolver(strategy: Strategy) -> &'static dyn Resolver {
         Strategy::Move => &r#move::Move,
         Strategy::Continue => &r#continue::Continue,
     }
-}
-
-/// The source's mapping of the run when it has one, else a read into the
-/// worker's staging buffer (COPY and COPY+WP).
-fn mapped_or_staged(
-    worker: &Worker<'_>,
-    span: &Span,
-    from: usize,
-    len: u64,
-) -> Result<Staged, SourceError> {
-    let offset = span.source_of(from);
-    if let Some(bytes) = worker.shared.source.mapped(offset, len as usize) {
-        return Ok(Staged {
-            content: Content::Data,
-            src: bytes.as_ptr(),
-            from_mapping: true,
-        });
-    }
-    staged(worker, offset, len)
 }
 
 /// A read into the worker's staging buffer.
