@@ -61,6 +61,9 @@ pub struct Case {
     pub ratio_vs_copy: Option<f64>,
     #[serde(skip)]
     order: Order,
+    /// The sampled touches of every round, for `--plot`.
+    #[serde(skip)]
+    pub latency: Vec<uffd_pager::Bucket>,
 }
 
 fn case(name: &str, mib: u64, order: Order, p: &PhaseResult) -> Case {
@@ -75,6 +78,7 @@ fn case(name: &str, mib: u64, order: Order, p: &PhaseResult) -> Case {
         ratio_vs_typical: 0.0,
         ratio_vs_copy: None,
         order,
+        latency: p.latency.clone(),
     }
 }
 
@@ -225,7 +229,7 @@ fn recycled_cycle(
             f.store(mode != Recycle::Copy, Ordering::Relaxed);
         }
         if cycle == 1 {
-            let mut r = result;
+            let mut r = result.clone();
             r.seconds += evict_seconds;
             r.mb_per_s = len as f64 / 1e6 / r.seconds;
             timed = Some((r, result.mb_per_s, evict_seconds));
@@ -550,6 +554,12 @@ fn medians(rounds: &[Vec<Case>]) -> Vec<Case> {
                     .ratio_vs_copy
                     .map(|_| m(&|x| x.ratio_vs_copy.unwrap_or(0.0))),
                 order: c.order,
+                latency: crate::plot::merge(
+                    &same
+                        .iter()
+                        .map(|x| x.latency.as_slice())
+                        .collect::<Vec<_>>(),
+                ),
             }
         })
         .collect()
@@ -631,7 +641,7 @@ fn bench_round(
         len,
         progress,
     )?;
-    let copy_anon_64k = r;
+    let copy_anon_64k = r.clone();
     cases.push(case("sequential-readahead", mib, Order::Sequential, &r));
     let r = pager_tmpfs_continue(
         "sequential-continue-tmpfs",
@@ -766,4 +776,29 @@ pub fn run(config: &Config, progress: &ProgressLine) -> Result<Vec<Case>, BoxErr
         rounds.push(cases);
     }
     Ok(medians(&rounds))
+}
+
+/// `uffd bench`'s plot: the sampled touches of each case, one panel per
+/// touch order (cases without timed touches are left out).
+pub fn plot_panels(cases: &[Case]) -> Vec<crate::plot::Panel> {
+    [Order::Sequential, Order::Random]
+        .into_iter()
+        .filter_map(|order| {
+            let series: Vec<_> = cases
+                .iter()
+                .filter(|c| c.order == order && !c.latency.is_empty())
+                .map(|c| crate::plot::Distribution {
+                    label: c.name.clone(),
+                    buckets: c.latency.clone(),
+                })
+                .collect();
+            (!series.is_empty()).then(|| crate::plot::Panel::Latency {
+                title: format!(
+                    "time of one sampled touch, {} order, as the touching thread saw it (all rounds)",
+                    order.name()
+                ),
+                series,
+            })
+        })
+        .collect()
 }

@@ -88,7 +88,7 @@ pub const PLANS: [Plan; 5] = [
 /// How long a handler spins for the next message before sleeping.
 pub const SPIN: Duration = Duration::from_micros(200);
 /// Touches pages and times a sample of the touches.
-#[derive(Debug, Serialize, Clone, Copy)]
+#[derive(Debug, Serialize, Clone)]
 pub struct PhaseResult {
     /// Pages touched.
     pub pages: u64,
@@ -104,6 +104,9 @@ pub struct PhaseResult {
     pub p99_us: f64,
     /// Slowest sampled touch, µs.
     pub max_us: f64,
+    /// The sampled touches' whole distribution, for plots.
+    #[serde(skip)]
+    pub latency: Vec<uffd_pager::Bucket>,
 }
 
 /// The order pages are touched in.
@@ -174,6 +177,7 @@ pub(crate) fn touch(
         p90_us: s.p90_us,
         p99_us: s.p99_us,
         max_us: s.max_us,
+        latency: histogram.buckets(),
     }
 }
 
@@ -327,6 +331,7 @@ impl PhaseResult {
             p90_us: 0.0,
             p99_us: 0.0,
             max_us: 0.0,
+            latency: Vec::new(),
         }
     }
 }

@@ -89,6 +89,6 @@ pub use source::{
     AsyncPageSource, AsyncSource, Content, Fetched, FileMode, FileSource, LayeredSource,
     MappedBytes, MemorySource, PageSource, ReadFuture, SourceError, ZeroSource,
 };
-pub use stats::{panic_message, Histogram, LatencySummary, Stats};
+pub use stats::{panic_message, Bucket, Histogram, LatencySummary, Stats};
 pub use stop::StopSignal;
 pub use workingset::{WorkingSet, WorkingSetError};

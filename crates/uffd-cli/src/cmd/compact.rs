@@ -106,6 +106,9 @@ struct DemoArgs {
 /// compacting-thread CPU time), with MOVE's throughput over COPY's. Prints
 /// /proc/loadavg before and after: on a shared machine read the ratios.
 ///
+/// Output: a table per mode (median, min and max of each figure over the
+/// rounds) and the load average; `--json` prints one object with the same.
+///
 /// Exit status: 0 when every checksum matched, 1 otherwise, 2 when
 /// userfaultfd is denied.
 #[derive(Debug, clap::Args)]

@@ -3,12 +3,25 @@
 pub mod bench;
 pub mod compact;
 pub mod demo;
+pub mod docs;
 pub mod probe;
 pub mod selftest;
 pub mod serve;
 
 /// What a subcommand returns: an exit code, or an error printed as `uffd: ...`.
 pub type CmdResult = Result<std::process::ExitCode, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Writes a benchmark's plot and says where.
+pub fn write_plot(
+    path: &std::path::Path,
+    title: &str,
+    panels: &[uffd_bench::plot::Panel],
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    uffd_bench::plot::write_svg(path, title, panels)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    eprintln!("plot written to {}", path.display());
+    Ok(())
+}
 
 /// Fails with what to do when this process may not open a userfaultfd;
 /// `what` names the command that needs one.

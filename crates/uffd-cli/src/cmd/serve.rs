@@ -37,12 +37,25 @@ use super::CmdResult;
 /// logged). Then working sets and statistics are written and the server
 /// exits. SIGUSR1 writes working sets now.
 ///
+/// Output: log lines on stderr, one per VM event (connected with its
+/// regions, refused and why, ended, drained), `--json-logs` for JSON
+/// lines; --stats-json writes every VM's statistics as JSON at exit.
+///
+/// Exit status: 0 after a requested stop (SIGTERM, SIGINT, or every VM
+/// handed to a successor), 1 when the server cannot start (a memory file it
+/// cannot serve, a socket path in use or not a socket) or fails, 2 for bad
+/// arguments.
+///
 /// Examples:
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --record vm.ws
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --prefetch vm.ws --background-fill
 ///   uffd serve bench --mib 1024 --vcpus 1,2,4,8
 #[derive(Debug, clap::Args)]
-#[command(args_conflicts_with_subcommands = true, verbatim_doc_comment)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    verbatim_doc_comment
+)]
 pub struct Args {
     #[command(subcommand)]
     action: Option<Action>,
@@ -61,11 +74,11 @@ enum Action {
 struct ServeArgs {
     /// The memory snapshot file (Firecracker's `mem_file_path` output of
     /// snapshot creation). Region offsets index into it.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", required = true)]
     mem_file: Option<PathBuf>,
     /// The Unix socket to listen on (Firecracker's `backend_path`). A stale
     /// socket file is replaced; one with a live server is refused.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", required = true)]
     socket: Option<PathBuf>,
     /// Fault handler threads per VM. One is fastest for a memory file: a
     /// second only contends for the engine's table lock (measured: 3.1
@@ -187,12 +200,16 @@ struct ServeArgs {
 /// "working_set_pages", "rounds", "server_threads", "server_spin_us",
 /// "server_granule", "load_average_start": {"one","five","fifteen"},
 /// "load_average_end", "cases": [{"case", "vcpus", "seconds": {"median",
-/// "min","max"}, "faults", "ctxt_switches", "cpu_seconds", "per_fault":
+/// "min","max"}, "seconds_per_round", "faults", "ctxt_switches", "cpu_seconds", "per_fault":
 /// {"ctxt_switches", "voluntary_ctxt_switches", "cpu_us", "syscalls"},
 /// "top_syscalls": [[name, calls]]}], "ratios": [{"vcpus",
 /// "on_demand_vs_baseline": {"per_round", "median", "min", "max"},
 /// "prefetch_vs_on_demand": {...}}], "mismatched_pages"}. Per-fault
-/// figures are null when the server saw no fault.
+/// figures are null when the server saw no fault. Without --json, a table
+/// of the same. --plot FILE.svg also draws every round's restore-to-done
+/// per case and vCPU count.
+///
+/// Needs --mib of disk in --dir and about twice --mib of memory.
 ///
 /// Exit status: 0 when every touched page matched the file, 1 on a
 /// mismatch or an error.
@@ -238,6 +255,9 @@ struct BenchArgs {
     /// Print one JSON object (schema above) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write an SVG plot of every round's restore-to-done here.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 /// A byte count: digits with an optional K, M or G suffix (powers of 1024).
@@ -370,6 +390,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
 
 fn run_bench(a: BenchArgs) -> CmdResult {
     super::require_userfaultfd("uffd serve bench")?;
+    let plot = a.plot.clone();
     let uffd_bin = std::env::current_exe()?;
     let beside = |name: &str| uffd_bin.with_file_name(name);
     let report = uffd_bench::serve::run(&uffd_bench::serve::Config {
@@ -392,6 +413,16 @@ fn run_bench(a: BenchArgs) -> CmdResult {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_serve_bench(&report);
+    }
+    if let Some(path) = &plot {
+        super::write_plot(
+            path,
+            &format!(
+                "uffd serve bench: {} MiB snapshot, VMM in another process",
+                report.mib
+            ),
+            &uffd_bench::serve::plot_panels(&report),
+        )?;
     }
     if report.mismatched_pages > 0 {
         return Err(format!(
