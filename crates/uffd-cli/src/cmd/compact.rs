@@ -64,7 +64,7 @@ enum Action {
 #[command(verbatim_doc_comment)]
 struct DemoArgs {
     /// Heap size in MiB (64 MiB is about a million objects).
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
     mib: usize,
     /// copy, move, minor or stw.
     #[arg(long, default_value = "move", value_name = "MODE")]
@@ -115,7 +115,7 @@ struct DemoArgs {
 #[command(verbatim_doc_comment)]
 struct BenchArgs {
     /// Heap size in MiB.
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
     mib: usize,
     /// Rounds (each runs every mode once, order rotated).
     #[arg(long, default_value_t = 3, value_name = "N")]

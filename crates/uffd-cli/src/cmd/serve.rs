@@ -135,15 +135,25 @@ struct ServeArgs {
     /// cache) or `pread` (bounded reads; for files that may change size).
     #[arg(long, default_value = "mmap", value_name = "MODE")]
     file_mode: String,
-    /// How long a VMM may take to send its handshake, in milliseconds.
-    #[arg(long, default_value_t = 5000, value_name = "MS")]
-    handshake_timeout_ms: u64,
+    /// How long a VMM may take to send its handshake: a duration such as
+    /// 500ms, 5s or 2m (a bare number is seconds).
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// The old spelling of --handshake-timeout, in milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        hide = true,
+        conflicts_with = "handshake_timeout"
+    )]
+    handshake_timeout_ms: Option<u64>,
     /// On SIGTERM/SIGINT, how long each VM still running may take to be
     /// drained: every page not yet installed is installed and its memory
     /// unregistered, so it runs on without the server. Ranges not installed
     /// in time stay registered (logged as errors): a VM touching them waits.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
-    drain_timeout: u64,
+    /// A duration such as 30s or 2m (a bare number is seconds).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Connections handled at once, handshaking or served; one more is
     /// accepted, logged and closed at once. Default: 256, or fewer when
     /// `ulimit -n` would run out first (8 descriptors per VM).
@@ -238,8 +248,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
     /// `uffd serve --granule` of those servers (the baseline always
-    /// installs 4096 bytes per fault).
-    #[arg(long, default_value_t = 4096)]
+    /// installs 4096 bytes per fault; K/M suffixes).
+    #[arg(long, default_value = "4096", value_name = "BYTES", value_parser = parse_bytes)]
     granule: u64,
     /// Percentage of zero pages in the snapshot.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -258,6 +268,31 @@ struct BenchArgs {
     /// Also write an SVG plot of every round's restore-to-done here.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+}
+
+/// A duration: a number with an optional unit, ms, s, m or h (none means
+/// seconds), for every timeout flag alike.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (examples: 500ms, 5s, 2m)"))?;
+    let seconds = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use ms, s, m or h"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// A byte count: digits with an optional K, M or G suffix (powers of 1024).
@@ -369,8 +404,10 @@ fn run_server(a: ServeArgs) -> CmdResult {
         allow_uid: a.allow_uid,
         record: a.record,
         stats_json: a.stats_json,
-        handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
-        drain_timeout: Duration::from_secs(a.drain_timeout),
+        handshake_timeout: a
+            .handshake_timeout_ms
+            .map_or(a.handshake_timeout, Duration::from_millis),
+        drain_timeout: a.drain_timeout,
         max_connections: match a.max_connections {
             Some(0) => return Err("--max-connections must be at least 1".into()),
             Some(n) => n,
@@ -489,5 +526,25 @@ fn print_serve_bench(r: &uffd_bench::serve::Report) {
             s(&x.on_demand_vs_baseline),
             s(&x.prefetch_vs_on_demand)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_byte_counts_parse_with_their_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1e999s").is_err());
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_bytes("2M"), Ok(2 << 20));
+        assert!(parse_bytes("3X").is_err());
+        assert!(parse_bytes("99999999999G").is_err());
     }
 }
