@@ -34,6 +34,7 @@ enum Command {
     Selftest(cmd::selftest::Args),
     Serve(cmd::serve::Args),
     Compact(cmd::compact::Args),
+    PageServer(cmd::page_server::Args),
     Completions(cmd::docs::CompletionsArgs),
     Man(cmd::docs::ManArgs),
 }
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
         Command::Selftest(args) => cmd::selftest::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Compact(args) => cmd::compact::run(args),
+        Command::PageServer(args) => cmd::page_server::run(args),
         Command::Completions(args) => cmd::docs::completions(args, Cli::command()),
         Command::Man(args) => cmd::docs::man(args, Cli::command()),
     };

@@ -91,7 +91,9 @@ fn every_help_states_its_output_and_exit_status() {
 fn required_flags_are_shown_as_required() {
     let serve = stdout(&uffd(&["serve", "--help"]));
     assert!(
-        serve.contains("Usage: uffd serve [OPTIONS] --mem-file <PATH> --socket <PATH>"),
+        serve.contains(
+            "Usage: uffd serve [OPTIONS] --socket <PATH> <--mem-file <PATH>|--source <URL>>"
+        ),
         "{serve}"
     );
     let man = stdout(&uffd(&["man", "--help"]));

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod compact;
 pub mod demo;
 pub mod docs;
+pub mod page_server;
 pub mod probe;
 pub mod selftest;
 pub mod serve;

@@ -71,11 +71,25 @@ enum Action {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("image").required(true).args(["mem_file", "source"])))]
 struct ServeArgs {
     /// The memory snapshot file (Firecracker's `mem_file_path` output of
-    /// snapshot creation). Region offsets index into it.
-    #[arg(long, value_name = "PATH", required = true)]
+    /// snapshot creation). Region offsets index into it. The same as
+    /// `--source file://PATH`.
+    #[arg(long, value_name = "PATH")]
     mem_file: Option<PathBuf>,
+    /// Where the memory image comes from: `file://PATH`, or
+    /// `tcp://HOST:PORT` for `uffd page-server` on another host (post-copy:
+    /// the VM runs here while its pages arrive; faulting pages take the
+    /// demand channel, --prefetch and --background-fill the bulk channel).
+    #[arg(long, value_name = "URL")]
+    source: Option<String>,
+    /// With a tcp:// source: how long to keep reconnecting after the page
+    /// server's connection drops (faulting threads wait meanwhile); past it,
+    /// pages that cannot be fetched are poisoned (SIGBUS on access) and
+    /// logged. A duration such as 60s.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    reconnect_timeout: Duration,
     /// The Unix socket to listen on (Firecracker's `backend_path`). A stale
     /// socket file is replaced; one with a live server is refused.
     #[arg(long, value_name = "PATH", required = true)]
@@ -323,7 +337,7 @@ pub fn run(args: Args) -> CmdResult {
     }
 }
 
-fn init_logs(json: bool) {
+pub(super) fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -337,14 +351,36 @@ fn init_logs(json: bool) {
     };
 }
 
-fn run_server(a: ServeArgs) -> CmdResult {
-    init_logs(a.json_logs);
-    let mem_file = a
-        .mem_file
-        .ok_or("--mem-file PATH is required (the memory snapshot to serve)")?;
-    let socket = a
-        .socket
-        .ok_or("--socket PATH is required (where VMMs connect)")?;
+/// A source and its identity for takeovers.
+type Image = (Arc<dyn PageSource>, Option<String>);
+
+/// The image `--mem-file` or `--source` names, and an identity for
+/// takeovers (a successor must serve the same image).
+fn open_image(a: &ServeArgs) -> Result<Image, uffd_bench::BoxError> {
+    let mem_file = match (&a.mem_file, a.source.as_deref()) {
+        (Some(path), None) => path.clone(),
+        (None, Some(url)) => match url.split_once("://") {
+            Some(("file", path)) => PathBuf::from(path),
+            Some(("tcp", addr)) => {
+                let remote = uffd_remote::RemoteSource::connect(
+                    addr,
+                    uffd_remote::RemoteConfig {
+                        reconnect_timeout: a.reconnect_timeout,
+                        ..uffd_remote::RemoteConfig::default()
+                    },
+                )?;
+                let identity = format!("{url}:{}", remote.len_and_identity());
+                let source = uffd_pager::AsyncSource::new(Arc::new(remote))?;
+                return Ok((Arc::new(source), Some(identity)));
+            }
+            _ => {
+                return Err(
+                    format!("--source {url}: expected file://PATH or tcp://HOST:PORT").into(),
+                )
+            }
+        },
+        _ => return Err("give the image as --mem-file PATH or --source URL, once".into()),
+    };
     let file_mode = match a.file_mode.as_str() {
         "mmap" => FileMode::Mmap,
         "pread" => FileMode::Pread,
@@ -359,15 +395,24 @@ fn run_server(a: ServeArgs) -> CmdResult {
             tracing::warn!("mapping the memory file ahead of time failed ({e}); serving anyway");
         }
     }
-    let source_identity = Some(file.identity());
-    let source: Arc<dyn PageSource> = Arc::new(file);
-    if source.is_empty() {
+    let identity = Some(file.identity());
+    if file.is_empty() {
         return Err(format!(
             "the memory file {} is empty: no VM could be restored from it (is it the snapshot's memory file, not its state file?)",
             mem_file.display()
         )
         .into());
     }
+    Ok((Arc::new(file), identity))
+}
+
+fn run_server(a: ServeArgs) -> CmdResult {
+    init_logs(a.json_logs);
+    let socket = a
+        .socket
+        .clone()
+        .ok_or("--socket PATH is required (where VMMs connect)")?;
+    let (source, source_identity) = open_image(&a)?;
     let prefetch = match &a.prefetch {
         Some(path) => {
             let ws = WorkingSet::load(path, source.len())

@@ -1,0 +1,289 @@
+//! Post-copy across a network: a VMM in another process restores through
+//! `uffd serve --source tcp://...` from `uffd page-server`, every byte
+//! verified; the page server restarted mid-restore (nothing lost), gone
+//! for good (SIGBUS on what never arrived, no hang, the server lives on),
+//! and a link that corrupts and cuts frames (caught, asked again).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use uffd_remote::protocol::{Header, HEADER};
+use uffd_testkit::Scratch;
+
+const LEN: u64 = 16 << 20;
+
+fn standin_vmm() -> PathBuf {
+    let uffd = Path::new(env!("CARGO_BIN_EXE_uffd"));
+    let mut build = Command::new(env!("CARGO"));
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "uffd-serve",
+        "--bin",
+        "uffd-standin-vmm",
+        "--message-format=json",
+    ]);
+    if uffd.parent().and_then(Path::file_name) == Some("release".as_ref()) {
+        build.arg("--release");
+    }
+    let out = build
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running cargo to build uffd-standin-vmm");
+    assert!(out.status.success(), "building uffd-standin-vmm failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["target"]["name"] == "uffd-standin-vmm")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported no uffd-standin-vmm executable")
+}
+
+/// Kills the process when dropped, so no test leaves one behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `uffd page-server` on `listen` and returns it with its address.
+fn page_server(mem: &Path, listen: &str, push: bool) -> (Proc, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uffd"));
+    cmd.args(["page-server", "--mem-file"])
+        .arg(mem)
+        .args(["--listen", listen])
+        .stderr(Stdio::piped());
+    if push {
+        cmd.arg("--push");
+    }
+    let mut child = cmd.spawn().expect("starting uffd page-server");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '\n']).next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim()
+        .to_string();
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    (Proc(child), addr)
+}
+
+fn serve(source: &str, socket: &Path, extra: &[&str]) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args(["serve", "--source", source, "--socket"])
+        .arg(socket)
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting uffd serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "uffd serve never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Proc(child)
+}
+
+fn vmm(socket: &Path, mem: &Path, extra: &[&str]) -> Child {
+    Command::new(standin_vmm())
+        .arg("--socket")
+        .arg(socket)
+        .arg("--mem-file")
+        .arg(mem)
+        .args(["--size", &LEN.to_string(), "--threads", "4"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the stand-in VMM")
+}
+
+/// Waits for the VMM; fails past `limit` (never leaves it blocked).
+fn finish(mut child: Child, limit: Duration) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            return (status, out);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the VMM did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn snapshot(dir: &Scratch) -> PathBuf {
+    let mem = dir.path("mem");
+    uffd_testkit::snapshot_file(&mem, LEN);
+    mem
+}
+
+fn verified(out: &str) -> bool {
+    out.contains("\"mismatched_pages\":0")
+        && out.contains(&format!("\"verified_pages\":{}", LEN / 4096))
+}
+
+#[test]
+fn restores_over_tcp_with_and_without_push() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    for push in [false, true] {
+        let dir = Scratch::new("pg-restore");
+        let mem = snapshot(&dir);
+        let (_ps, addr) = page_server(&mem, "127.0.0.1:0", push);
+        let socket = dir.path("sock");
+        let _server = serve(&format!("tcp://{addr}"), &socket, &[]);
+        let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+        assert!(
+            status.success() && verified(&out),
+            "push {push}: {status:?} {out}"
+        );
+    }
+}
+
+#[test]
+fn a_page_server_restarted_mid_restore_loses_nothing() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-restart");
+    let mem = snapshot(&dir);
+    let (ps, addr) = page_server(&mem, "127.0.0.1:0", false);
+    let socket = dir.path("sock");
+    let _server = serve(&format!("tcp://{addr}"), &socket, &[]);
+    // 4096 pages at 200 µs apart on 4 threads: about 0.2 s of faults.
+    let guest = vmm(&socket, &mem, &["--pace-us", "200"]);
+    std::thread::sleep(Duration::from_millis(60));
+    drop(ps); // SIGKILL: connections cut mid-restore
+    std::thread::sleep(Duration::from_millis(300));
+    let (_ps, again) = page_server(&mem, &addr, false);
+    assert_eq!(again, addr);
+    let (status, out) = finish(guest, Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+}
+
+#[test]
+fn a_page_server_gone_for_good_poisons_what_never_arrived() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-gone");
+    let mem = snapshot(&dir);
+    let (ps, addr) = page_server(&mem, "127.0.0.1:0", false);
+    let socket = dir.path("sock");
+    let mut server = serve(
+        &format!("tcp://{addr}"),
+        &socket,
+        &["--reconnect-timeout", "500ms"],
+    );
+    let guest = vmm(&socket, &mem, &["--pace-us", "500"]);
+    std::thread::sleep(Duration::from_millis(50));
+    drop(ps);
+    let (status, out) = finish(guest, Duration::from_secs(30));
+    assert_eq!(
+        status.signal(),
+        Some(libc_sigbus()),
+        "the VMM should die of SIGBUS on a page that never arrived, not {status:?} {out}"
+    );
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "uffd serve must outlive its page server"
+    );
+}
+
+fn libc_sigbus() -> i32 {
+    7
+}
+
+/// A link that corrupts one data frame in seven (a flipped byte in its
+/// bytes) and cuts the connection in the middle of a frame once.
+fn corrupting_proxy(upstream: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut cut_once = true;
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            let (mut c2s_from, mut c2s_to) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut c2s_from, &mut c2s_to));
+            let cut = std::mem::take(&mut cut_once);
+            std::thread::spawn(move || relay_corrupting(server, client, cut));
+        }
+    });
+    addr
+}
+
+fn relay_corrupting(mut from: TcpStream, mut to: TcpStream, cut: bool) {
+    let mut frames = 0u64;
+    loop {
+        let mut h = [0u8; HEADER];
+        if from.read_exact(&mut h).is_err() {
+            break;
+        }
+        let Ok(header) = Header::decode(&h) else {
+            break;
+        };
+        let mut payload = vec![0u8; header.payload as usize];
+        if from.read_exact(&mut payload).is_err() {
+            break;
+        }
+        frames += 1;
+        let is_data_with_bytes = h[6] == 4 && payload.len() > 16;
+        if is_data_with_bytes && frames % 7 == 0 {
+            let i = 16 + (frames as usize * 31) % (payload.len() - 16);
+            payload[i] ^= 0x5a;
+        }
+        if cut && frames == 40 {
+            let _ = to.write_all(&h);
+            let _ = to.write_all(&payload[..payload.len() / 2]);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if to.write_all(&h).is_err() || to.write_all(&payload).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+fn corrupted_and_cut_frames_are_caught_and_asked_again() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-corrupt");
+    let mem = snapshot(&dir);
+    let (_ps, addr) = page_server(&mem, "127.0.0.1:0", true);
+    let proxy = corrupting_proxy(addr);
+    let socket = dir.path("sock");
+    let _server = serve(&format!("tcp://{proxy}"), &socket, &[]);
+    let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+}
