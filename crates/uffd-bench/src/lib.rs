@@ -12,6 +12,7 @@
 //! - [`serve`]: `uffd serve bench`, the restore server, the baseline
 //!   handler and the VMM each in a process of its own;
 //! - [`plot`]: the SVG plots behind `--plot`;
+//! - [`remote`]: `uffd page-server bench`, post-copy over an emulated link;
 //! - [`report`]: medians, minima, and what the machine was doing
 //!   (load average, a process's context switches and CPU time);
 //! - [`compact`]: a demo collector over a linked heap and the
@@ -26,6 +27,7 @@ pub mod demo;
 pub mod fixtures;
 pub mod pager;
 pub mod plot;
+pub mod remote;
 pub mod report;
 pub mod serve;
 pub mod workload;

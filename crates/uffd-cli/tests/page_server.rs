@@ -287,3 +287,41 @@ fn corrupted_and_cut_frames_are_caught_and_asked_again() {
     let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
     assert!(status.success() && verified(&out), "{status:?} {out}");
 }
+
+#[test]
+fn the_bench_reports_every_figure_it_promises() {
+    let out = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args([
+            "page-server",
+            "bench",
+            "--mib",
+            "8",
+            "--samples",
+            "10",
+            "--delays-ms",
+            "0",
+            "--json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let case = &report["cases"][0];
+    for key in [
+        "delay_ms",
+        "demand_p50_us",
+        "demand_p99_idle_us",
+        "demand_p99_push_us",
+        "naive_p99_push_us",
+        "bulk_mb_s",
+        "raw_tcp_mb_s",
+    ] {
+        assert!(
+            case[key].as_f64().is_some_and(|v| v >= 0.0),
+            "{key} in {case}"
+        );
+    }
+    assert!(case["bulk_mb_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["first_page"].as_array().unwrap().len(), 2);
+}

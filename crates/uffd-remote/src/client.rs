@@ -25,6 +25,10 @@ pub struct RemoteConfig {
     /// Times a frame that fails its checksum is asked for again before its
     /// pages are given up.
     pub checksum_retries: u32,
+    /// Send faulting pages' requests on the bulk channel too, behind the
+    /// push: the naive one-connection design, kept as the benchmark's
+    /// baseline (never what a destination should run).
+    pub single_channel: bool,
 }
 
 impl Default for RemoteConfig {
@@ -32,6 +36,7 @@ impl Default for RemoteConfig {
         RemoteConfig {
             reconnect_timeout: Duration::from_secs(60),
             checksum_retries: 8,
+            single_channel: false,
         }
     }
 }
@@ -134,7 +139,7 @@ pub struct RemoteSource {
     shared: Arc<Shared>,
     demand: mpsc::UnboundedSender<Pending>,
     bulk: mpsc::UnboundedSender<Pending>,
-    _runtime: tokio::runtime::Runtime,
+    _runtimes: [tokio::runtime::Runtime; 2],
 }
 
 impl std::fmt::Debug for RemoteSource {
@@ -168,11 +173,10 @@ pub enum ConnectError {
 impl RemoteSource {
     /// Connects both channels to `addr` (HOST:PORT) and learns the image.
     pub fn connect(addr: &str, config: RemoteConfig) -> Result<RemoteSource, ConnectError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("uffd-remote-link")
-            .enable_all()
-            .build()?;
+        // One thread per channel, the bulk one niced, so the demand channel
+        // never waits for the bulk channel's work.
+        let runtime = crate::runtime("uffd-remote-demand", 0)?;
+        let bulk_runtime = crate::runtime("uffd-remote-bulk", 10)?;
         let link_err = |source: LinkError| ConnectError::Link {
             addr: addr.to_string(),
             source,
@@ -206,13 +210,13 @@ impl RemoteSource {
         let (demand, demand_rx) = mpsc::unbounded_channel();
         let (bulk, bulk_rx) = mpsc::unbounded_channel();
         runtime.spawn(link(Arc::clone(&shared), Channel::Demand, demand_rx));
-        runtime.spawn(link(Arc::clone(&shared), Channel::Bulk, bulk_rx));
+        bulk_runtime.spawn(link(Arc::clone(&shared), Channel::Bulk, bulk_rx));
         info!(addr, image_len, "page server reached");
         Ok(RemoteSource {
             shared,
             demand,
             bulk,
-            _runtime: runtime,
+            _runtimes: [runtime, bulk_runtime],
         })
     }
 
@@ -277,7 +281,12 @@ impl AsyncPageSource for RemoteSource {
     }
 
     fn read(&self, offset: u64, len: usize) -> ReadFuture<'_> {
-        self.request(Channel::Demand, offset, len)
+        let channel = if self.shared.config.single_channel {
+            Channel::Bulk
+        } else {
+            Channel::Demand
+        };
+        self.request(channel, offset, len)
     }
 
     fn read_background(&self, offset: u64, len: usize) -> ReadFuture<'_> {
@@ -481,6 +490,9 @@ async fn serve_link(
                     if id == 0 {
                         shared.stats.pushed_bytes.fetch_add(u64::from(len), Relaxed);
                         shared.landing.store(offset, len, bytes.as_deref());
+                        // The push never pauses: give the demand channel
+                        // its turn between frames.
+                        tokio::task::yield_now().await;
                         continue;
                     }
                     let Some(p) = pending.remove(&id) else { continue };

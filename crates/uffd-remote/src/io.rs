@@ -49,8 +49,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 // Bounded by MAX_PAYLOAD, which the header check enforced.
                 self.buf.reserve(end - self.buf.len());
             }
-            let mut chunk = [0u8; 64 << 10];
-            let n = self.inner.read(&mut chunk).await?;
+            if self.buf.capacity() - self.buf.len() < 16 << 10 {
+                self.buf.reserve(64 << 10);
+            }
+            // Straight into the buffer's spare room (cancel-safe: a read
+            // either happened or did not).
+            let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -58,13 +62,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
                 };
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 }
 
-/// Writes one frame.
+/// Writes one frame. A data frame's bytes go out from where they are,
+/// after its header: no copy of them into a frame buffer.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+    if let Frame::Data {
+        id,
+        offset,
+        len,
+        bytes: Some(bytes),
+    } = frame
+    {
+        let head = crate::protocol::data_head(*id, *offset, *len, bytes);
+        w.write_all(&head).await?;
+        return w.write_all(bytes).await;
+    }
     let mut buf = Vec::new();
     frame.encode(&mut buf);
     w.write_all(&buf).await

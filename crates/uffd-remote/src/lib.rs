@@ -20,6 +20,22 @@ mod io;
 pub mod protocol;
 pub mod server;
 
+/// A runtime of one worker thread at nice `nice`: bulk work (the push,
+/// background reads) runs on one at 10, so faulting pages' requests and
+/// answers get the CPU first on a busy machine.
+fn runtime(name: &str, nice: i32) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .on_thread_start(move || {
+            if nice != 0 {
+                let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+            }
+        })
+        .enable_all()
+        .build()
+}
+
 pub use client::{ConnectError, RemoteConfig, RemoteSource, RemoteStats};
 pub use io::{FrameReader, LinkError};
 pub use server::{image_identity, PageServer, PageServerConfig, PageServerHandle, SessionStats};

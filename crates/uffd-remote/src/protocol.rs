@@ -416,6 +416,22 @@ impl Header {
     }
 }
 
+/// The header and fixed fields of a data frame carrying `bytes`, which
+/// follow it on the wire: the same bytes [`Frame::encode`] writes before
+/// them.
+pub fn data_head(id: u64, offset: u64, len: u32, bytes: &[u8]) -> [u8; HEADER + 16] {
+    let mut head = [0u8; HEADER + 16];
+    head[0..4].copy_from_slice(&MAGIC);
+    head[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    head[6] = Kind::Data as u8;
+    head[8..12].copy_from_slice(&((16 + bytes.len()) as u32).to_le_bytes());
+    head[12..16].copy_from_slice(&data_crc(offset, len, Some(bytes)).to_le_bytes());
+    head[16..24].copy_from_slice(&id.to_le_bytes());
+    head[24..32].copy_from_slice(&offset.to_le_bytes());
+    head[32..36].copy_from_slice(&len.to_le_bytes());
+    head
+}
+
 /// Decodes one whole frame from the front of `buf`: `Ok(None)` when more
 /// bytes are needed, else the frame and how many bytes it took.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
@@ -524,6 +540,20 @@ mod tests {
             decode(&moved),
             Err(ProtocolError::Checksum { .. })
         ));
+    }
+
+    #[test]
+    fn a_data_head_is_what_encode_writes_before_the_bytes() {
+        let bytes = vec![3u8; 100];
+        let mut buf = Vec::new();
+        Frame::Data {
+            id: 5,
+            offset: 4096,
+            len: 100,
+            bytes: Some(bytes.clone()),
+        }
+        .encode(&mut buf);
+        assert_eq!(&buf[..HEADER + 16], &data_head(5, 4096, 100, &bytes)[..]);
     }
 
     #[test]

@@ -167,11 +167,11 @@ impl PageServer {
 
     /// Serves until stopped; returns what each destination took.
     pub fn run(self) -> std::io::Result<Vec<SessionStats>> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("uffd-page-server")
-            .enable_all()
-            .build()?;
+        let runtime = crate::runtime("uffd-page-server", 0)?;
+        // Bulk channels (the push above all) on a niced thread of their
+        // own: demand answers never wait behind them for the CPU.
+        let bulk_runtime = crate::runtime("uffd-page-server-bulk", 10)?;
+        let bulk = bulk_runtime.handle().clone();
         let shared = Arc::clone(&self.shared);
         runtime.block_on(async move {
             let listener = TcpListener::from_std(self.listener)?;
@@ -184,10 +184,11 @@ impl PageServer {
                     accepted = listener.accept() => match accepted {
                         Ok((stream, peer)) => {
                             let shared = Arc::clone(&shared);
+                            let bulk = bulk.clone();
                             tokio::spawn(async move {
                                 let stop = Arc::clone(&shared);
                                 tokio::select! {
-                                    r = connection(stream, &shared) => if let Err(e) = r {
+                                    r = connection(stream, &shared, &bulk) => if let Err(e) = r {
                                         debug!(%peer, error = %e, "connection ended");
                                     },
                                     _ = stop.stop.notified() => {}
@@ -201,6 +202,7 @@ impl PageServer {
             Ok::<(), std::io::Error>(())
         })?;
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        bulk_runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         let mut all = self.shared.finished.lock().expect("stats lock").clone();
         let live: Vec<Arc<Session>> = self
             .shared
@@ -236,7 +238,11 @@ pub fn image_identity(file: &std::fs::File) -> std::io::Result<u64> {
     Ok(h)
 }
 
-async fn connection(stream: TcpStream, shared: &Arc<Shared>) -> Result<(), LinkError> {
+async fn connection(
+    stream: TcpStream,
+    shared: &Arc<Shared>,
+    bulk_runtime: &tokio::runtime::Handle,
+) -> Result<(), LinkError> {
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
@@ -257,7 +263,13 @@ async fn connection(stream: TcpStream, shared: &Arc<Shared>) -> Result<(), LinkE
     info!(session, %channel, "destination attached");
     let result = match channel {
         Channel::Demand => demand(reader, wr, shared, &s).await,
-        Channel::Bulk => bulk(reader, wr, shared, &s).await,
+        Channel::Bulk => {
+            let (shared, session) = (Arc::clone(shared), Arc::clone(&s));
+            bulk_runtime
+                .spawn(async move { bulk(reader, wr, &shared, &session).await })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()).into()))
+        }
     };
     let stats = s.stats();
     drop(s);
@@ -437,6 +449,10 @@ async fn bulk(
                     let frame = answer(shared, 0, offset, len);
                     s.pushed_bytes.fetch_add(sent_bytes(&frame), Relaxed);
                     write_frame(&mut wr, &frame).await?;
+                    // A push never waits while the destination keeps up:
+                    // let the demand channels on this worker run between
+                    // chunks.
+                    tokio::task::yield_now().await;
                 }
                 None => {
                     info!(session = s.id, "every page pushed");
