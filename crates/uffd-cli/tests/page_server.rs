@@ -325,3 +325,140 @@ fn the_bench_reports_every_figure_it_promises() {
     assert!(case["bulk_mb_s"].as_f64().unwrap() > 0.0);
     assert_eq!(report["first_page"].as_array().unwrap().len(), 2);
 }
+
+/// Two network namespaces joined by a veth pair, with `tbf` limiting the
+/// source side's bandwidth; removed when dropped.
+struct Hosts {
+    source: String,
+    dest: String,
+}
+
+impl Hosts {
+    fn new(tag: &str, rate: &str) -> Option<Hosts> {
+        if !uffd_testkit::root("create network namespaces") {
+            return None;
+        }
+        let id = std::process::id() % 10_000;
+        let hosts = Hosts {
+            source: format!("uffd-{tag}-src-{id}"),
+            dest: format!("uffd-{tag}-dst-{id}"),
+        };
+        let (va, vb) = (format!("us{id}"), format!("ud{id}"));
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output();
+            match out {
+                Ok(o) if o.status.success() => true,
+                Ok(o) => panic!("ip {args:?}: {}", String::from_utf8_lossy(&o.stderr)),
+                Err(e) => panic!("running ip: {e}"),
+            }
+        };
+        if Command::new("ip").arg("-V").output().is_err() {
+            uffd_testkit::skip(uffd_testkit::Need::Tool, "needs iproute2's ip");
+            return None;
+        }
+        ip(&["netns", "add", &hosts.source]);
+        ip(&["netns", "add", &hosts.dest]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &hosts.source]);
+        ip(&["link", "set", &vb, "netns", &hosts.dest]);
+        for (ns, dev, addr) in [
+            (&hosts.source, &va, "10.77.0.1/24"),
+            (&hosts.dest, &vb, "10.77.0.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let tc = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &hosts.source,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                &va,
+                "root",
+                "tbf",
+            ])
+            .args(["rate", rate, "burst", "256kb", "latency", "50ms"])
+            .output()
+            .expect("running tc");
+        assert!(
+            tc.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&tc.stderr)
+        );
+        Some(hosts)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair and so both.
+        for ns in [&self.source, &self.dest] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn restores_between_two_network_namespaces_over_a_limited_link() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let Some(hosts) = Hosts::new("veth", "200mbit") else {
+        return;
+    };
+    let dir = Scratch::new("pg-netns");
+    let mem = snapshot(&dir);
+    let uffd = env!("CARGO_BIN_EXE_uffd");
+    let mut ps = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.source,
+            uffd,
+            "page-server",
+            "--mem-file",
+        ])
+        .arg(&mem)
+        .args(["--listen", "10.77.0.1:7100", "--push"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(ps.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("10.77.0.1:7100"), "{line}");
+    // Keep draining its log so it never writes to a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let _ps = Proc(ps);
+    let socket = dir.path("sock");
+    let server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.dest,
+            uffd,
+            "serve",
+            "--source",
+            "tcp://10.77.0.1:7100",
+            "--socket",
+        ])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Proc(server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "uffd serve never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The VMM talks to the server over a Unix socket: any namespace.
+    let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+    drop(hosts);
+}
