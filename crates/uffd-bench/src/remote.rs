@@ -62,6 +62,10 @@ pub struct Case {
     pub raw_tcp_mb_s: f64,
     /// The round trip the emulator adds, µs (twice the delay).
     pub added_rtt_us: f64,
+    /// A plain TCP request of 24 bytes answered by 4 KiB over the same
+    /// emulated link, median, µs: the link's own round trip, relay
+    /// threads included, which a demand fault cannot beat.
+    pub link_rtt_p50_us: f64,
 }
 
 /// Time from connecting to the first page read, per image size.
@@ -229,6 +233,37 @@ fn push_seconds(remote: &RemoteSource, len: u64, started: Instant) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// The median round trip of a 24-byte request answered by a page over a
+/// link delayed by `delay`, µs.
+fn link_rtt(delay: Duration, samples: usize) -> Result<f64, BoxError> {
+    let echo = TcpListener::bind("127.0.0.1:0")?;
+    let echo_addr = echo.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = echo.accept() else {
+            return;
+        };
+        let _ = s.set_nodelay(true);
+        let (mut req, page) = ([0u8; 24], vec![7u8; 4096 + 40]);
+        while s.read_exact(&mut req).is_ok() {
+            if s.write_all(&page).is_err() {
+                return;
+            }
+        }
+    });
+    let mut c = TcpStream::connect(delay_link(echo_addr, delay)?)?;
+    c.set_nodelay(true)?;
+    let mut page = vec![0u8; 4096 + 40];
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        c.write_all(&[1u8; 24])?;
+        c.read_exact(&mut page)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(median(times))
+}
+
 /// A raw TCP copy of `len` bytes over a link delayed by `delay`, MB/s.
 fn raw_tcp(len: u64, delay: Duration) -> Result<f64, BoxError> {
     let sink = TcpListener::bind("127.0.0.1:0")?;
@@ -292,6 +327,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
         };
         progress(&format!("{delay_ms} ms: raw TCP"));
         let raw_tcp_mb_s = raw_tcp(len, delay)?;
+        let link_rtt_p50_us = link_rtt(delay, config.samples.min(200))?;
         cases.push(Case {
             delay_ms,
             demand_p50_us: median(idle.clone()),
@@ -301,6 +337,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
             bulk_mb_s,
             raw_tcp_mb_s,
             added_rtt_us: 2.0 * delay_ms as f64 * 1000.0,
+            link_rtt_p50_us,
         });
     }
     let _ = std::fs::remove_file(&snapshot.path);

@@ -316,6 +316,7 @@ fn the_bench_reports_every_figure_it_promises() {
         "naive_p99_push_us",
         "bulk_mb_s",
         "raw_tcp_mb_s",
+        "link_rtt_p50_us",
     ] {
         assert!(
             case[key].as_f64().is_some_and(|v| v >= 0.0),
@@ -461,4 +462,19 @@ fn restores_between_two_network_namespaces_over_a_limited_link() {
     let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
     assert!(status.success() && verified(&out), "{status:?} {out}");
     drop(hosts);
+}
+
+#[test]
+fn restores_over_a_link_with_5_ms_of_delay_each_way() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-delay");
+    let mem = snapshot(&dir);
+    let (_ps, addr) = page_server(&mem, "127.0.0.1:0", true);
+    let link = uffd_bench::remote::delay_link(addr, Duration::from_millis(5)).unwrap();
+    let socket = dir.path("sock");
+    let _server = serve(&format!("tcp://{link}"), &socket, &["--background-fill"]);
+    let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
 }

@@ -77,7 +77,8 @@ enum Action {
 ///
 /// Output: a table, or with --json one object {"cases": [{"delay_ms",
 /// "demand_p50_us", "demand_p99_idle_us", "demand_p99_push_us",
-/// "naive_p99_push_us", "bulk_mb_s", "raw_tcp_mb_s", "added_rtt_us"}],
+/// "naive_p99_push_us", "bulk_mb_s", "raw_tcp_mb_s", "added_rtt_us",
+/// "link_rtt_p50_us"}],
 /// "first_page": [{"image_mib", "first_page_ms"}]}.
 ///
 /// Exit status: 0 when every case ran, 1 on an error.
@@ -122,8 +123,9 @@ fn bench(a: BenchArgs) -> CmdResult {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:>8} {:>12} {:>12} {:>14} {:>15} {:>10} {:>10}",
+        "{:>8} {:>10} {:>12} {:>12} {:>14} {:>15} {:>10} {:>10}",
         "delay ms",
+        "link RTT",
         "demand p50",
         "p99 idle",
         "p99 under push",
@@ -133,8 +135,9 @@ fn bench(a: BenchArgs) -> CmdResult {
     );
     for c in &report.cases {
         println!(
-            "{:>8} {:>10.0}µs {:>10.0}µs {:>12.0}µs {:>13.0}µs {:>10.0} {:>10.0}",
+            "{:>8} {:>8.0}µs {:>10.0}µs {:>10.0}µs {:>12.0}µs {:>13.0}µs {:>10.0} {:>10.0}",
             c.delay_ms,
+            c.link_rtt_p50_us,
             c.demand_p50_us,
             c.demand_p99_idle_us,
             c.demand_p99_push_us,
