@@ -482,8 +482,10 @@ async fn serve_link(
                 let Some(p) = p else { return Ok(()) };
                 let id = *next_id;
                 *next_id += 1;
-                send(wr, id, &p).await?;
+                // Outstanding before it is sent: if the connection fails
+                // now, the next one sends it again (never lost).
                 pending.insert(id, p);
+                send(wr, id, &pending[&id]).await?;
             }
             frame = reader.next() => match frame {
                 Ok(Some(Frame::Data { id, offset, len, bytes })) => {
@@ -538,8 +540,8 @@ async fn serve_link(
                         }
                         let id = *next_id;
                         *next_id += 1;
-                        send(wr, id, &p).await?;
                         pending.insert(id, p);
+                        send(wr, id, &pending[&id]).await?;
                     }
                 }
                 Err(e) => return Err(e),
