@@ -36,14 +36,16 @@ impl Drop for Proc {
 
 /// Starts `uffd page-server` on `listen` and returns it with its address.
 fn page_server(mem: &Path, listen: &str, push: bool) -> (Proc, String) {
+    page_server_with(mem, listen, if push { &["--push"] } else { &[] })
+}
+
+fn page_server_with(mem: &Path, listen: &str, flags: &[&str]) -> (Proc, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_uffd"));
     cmd.args(["page-server", "--mem-file"])
         .arg(mem)
         .args(["--listen", listen])
+        .args(flags)
         .stderr(Stdio::piped());
-    if push {
-        cmd.arg("--push");
-    }
     let mut child = cmd.spawn().expect("starting uffd page-server");
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
@@ -253,13 +255,37 @@ fn relay_corrupting(mut from: TcpStream, mut to: TcpStream, cut: bool) {
 }
 
 #[test]
+fn compressed_frames_restore_every_byte() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-lz4");
+    let mem = snapshot(&dir);
+    // The test pattern shrinks under LZ4, so frames really are compressed.
+    let mut page = vec![0u8; 4096];
+    uffd_testkit::page_pattern(1, &mut page);
+    assert!(uffd_remote::protocol::compressed_data(1, 4096, 4096, &page).is_some());
+    let (_ps, addr) = page_server_with(&mem, "127.0.0.1:0", &["--push", "--compress"]);
+    let socket = dir.path("sock");
+    let _server = serve(&format!("tcp://{addr}"), &socket, &[]);
+    let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+}
+
+#[test]
 fn corrupted_and_cut_frames_are_caught_and_asked_again() {
     if !uffd_testkit::vmm_uffd() {
         return;
     }
+    for flags in [&["--push"][..], &["--push", "--compress"][..]] {
+        corrupted_and_cut(flags);
+    }
+}
+
+fn corrupted_and_cut(flags: &[&str]) {
     let dir = Scratch::new("pg-corrupt");
     let mem = snapshot(&dir);
-    let (_ps, addr) = page_server(&mem, "127.0.0.1:0", true);
+    let (_ps, addr) = page_server_with(&mem, "127.0.0.1:0", flags);
     let proxy = corrupting_proxy(addr);
     let socket = dir.path("sock");
     let _server = serve(&format!("tcp://{proxy}"), &socket, &[]);

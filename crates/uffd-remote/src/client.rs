@@ -441,6 +441,7 @@ async fn attach(shared: &Shared, channel: Channel) -> Result<(Reader, Writer), L
         &mut wr,
         &Frame::Attach {
             channel,
+            capabilities: crate::protocol::ACCEPTS_LZ4,
             session: shared.session,
         },
     )

@@ -7,7 +7,7 @@
 //! | 0..4 | magic `UFPG` |
 //! | 4..6 | version (1) |
 //! | 6 | kind ([`Kind`]) |
-//! | 7 | flags ([`ZERO`]) |
+//! | 7 | flags ([`ZERO`], [`LZ4`]) |
 //! | 8..12 | payload length (at most [`MAX_PAYLOAD`]) |
 //! | 12..16 | CRC-32 of the payload's meaning (see [`Frame::Data`]) or 0 |
 //! | 16..24 | request id (0 for frames that answer none) |
@@ -17,15 +17,18 @@
 //!   image length u64, image identity u64 (a new image under the same
 //!   address is never mistaken for the old one).
 //! - **Attach** (destination, answering Hello): channel u8 (1 demand, 2
-//!   bulk), 7 zero bytes, session u64 (one per destination, the same on
-//!   both channels and across reconnects).
+//!   bulk), capabilities u8 ([`ACCEPTS_LZ4`]), 6 zero bytes, session u64
+//!   (one per destination, the same on both channels and across
+//!   reconnects).
 //! - **Request** (destination): offset u64, length u32 (at most
 //!   [`MAX_REQUEST`], non-zero), priority u8, 3 zero bytes.
 //! - **Data** (server): offset u64, length u32, 4 zero bytes, then the bytes
 //!   (none with the [`ZERO`] flag: the range is all zero). The header's CRC
 //!   covers offset, length and bytes, so a frame moved to another offset is
 //!   caught as surely as a flipped bit. A request is answered by Data with
-//!   its id; pushed pages come with id 0.
+//!   its id; pushed pages come with id 0. With the [`LZ4`] flag the bytes
+//!   are compressed (servers do so only for destinations that accept it,
+//!   and only where it shrinks the frame).
 //! - **Error** (server): code u32, then a UTF-8 message (at most 1 KiB).
 //!
 //! Two connections per destination: the **demand** channel carries only
@@ -50,6 +53,11 @@ pub const MAX_PAYLOAD: u32 = MAX_REQUEST + 16;
 pub const MAX_MESSAGE: usize = 1024;
 /// Data flag: the range is all zero and no bytes follow.
 pub const ZERO: u8 = 1;
+/// Data flag: the bytes are one LZ4 block that decompresses to the range's
+/// length (the CRC covers the decompressed bytes).
+pub const LZ4: u8 = 2;
+/// Attach capability: this destination decodes [`LZ4`] frames.
+pub const ACCEPTS_LZ4: u8 = 1;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +101,8 @@ pub enum Frame {
     Attach {
         /// Demand or bulk.
         channel: Channel,
+        /// [`ACCEPTS_LZ4`] or 0.
+        capabilities: u8,
         /// The destination's session.
         session: u64,
     },
@@ -204,12 +214,17 @@ impl Frame {
                 out.extend_from_slice(&image_len.to_le_bytes());
                 out.extend_from_slice(&identity.to_le_bytes());
             }
-            Frame::Attach { channel, session } => {
+            Frame::Attach {
+                channel,
+                capabilities,
+                session,
+            } => {
                 out.push(match channel {
                     Channel::Demand => 1,
                     Channel::Bulk => 2,
                 });
-                out.extend_from_slice(&[0u8; 7]);
+                out.push(*capabilities);
+                out.extend_from_slice(&[0u8; 6]);
                 out.extend_from_slice(&session.to_le_bytes());
             }
             Frame::Request {
@@ -348,6 +363,7 @@ impl Header {
                 };
                 Frame::Attach {
                     channel,
+                    capabilities: p[1],
                     session: u64_at(8),
                 }
             }
@@ -382,6 +398,20 @@ impl Header {
                         return Err(bad("a zero range carries no bytes"));
                     }
                     None
+                } else if self.flags & LZ4 != 0 {
+                    // Decoding writes at most `len` bytes (at most 4 MiB);
+                    // a block that does not decode to exactly that is
+                    // treated as corrupted in transit, like a bad CRC.
+                    match lz4_flex::block::decompress(&p[16..], len as usize) {
+                        Ok(b) if b.len() == len as usize => Some(b),
+                        _ => {
+                            return Err(ProtocolError::Checksum {
+                                id: self.id,
+                                offset,
+                                len,
+                            })
+                        }
+                    }
                 } else {
                     if p.len() - 16 != len as usize {
                         return Err(bad("the bytes are not the range's length"));
@@ -430,6 +460,22 @@ pub fn data_head(id: u64, offset: u64, len: u32, bytes: &[u8]) -> [u8; HEADER + 
     head[24..32].copy_from_slice(&offset.to_le_bytes());
     head[32..36].copy_from_slice(&len.to_le_bytes());
     head
+}
+
+/// A data frame carrying `bytes` compressed, when that shrinks it by at
+/// least an eighth: the header and fixed fields followed by the LZ4 block.
+pub fn compressed_data(id: u64, offset: u64, len: u32, bytes: &[u8]) -> Option<Vec<u8>> {
+    let block = lz4_flex::block::compress(bytes);
+    if block.len() > bytes.len() - bytes.len() / 8 {
+        return None;
+    }
+    let mut head = data_head(id, offset, len, bytes);
+    head[7] = LZ4;
+    head[8..12].copy_from_slice(&((16 + block.len()) as u32).to_le_bytes());
+    let mut out = Vec::with_capacity(head.len() + block.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&block);
+    Some(out)
 }
 
 /// Decodes one whole frame from the front of `buf`: `Ok(None)` when more
@@ -491,6 +537,7 @@ mod tests {
         });
         round_trip(Frame::Attach {
             channel: Channel::Bulk,
+            capabilities: ACCEPTS_LZ4,
             session: 42,
         });
         round_trip(Frame::Request {
@@ -554,6 +601,36 @@ mod tests {
         }
         .encode(&mut buf);
         assert_eq!(&buf[..HEADER + 16], &data_head(5, 4096, 100, &bytes)[..]);
+    }
+
+    #[test]
+    fn compressed_frames_decode_to_their_bytes_and_garbage_blocks_are_caught() {
+        let bytes: Vec<u8> = (0..65536u32).map(|i| (i / 512) as u8).collect();
+        let wire = compressed_data(4, 8192, bytes.len() as u32, &bytes).expect("compresses");
+        assert!(wire.len() < bytes.len() / 4);
+        let (frame, used) = decode(&wire).unwrap().unwrap();
+        assert_eq!(used, wire.len());
+        assert_eq!(
+            frame,
+            Frame::Data {
+                id: 4,
+                offset: 8192,
+                len: bytes.len() as u32,
+                bytes: Some(bytes.clone()),
+            }
+        );
+        let mut broken = wire.clone();
+        let last = broken.len() - 3;
+        broken[last] ^= 0xff;
+        assert!(matches!(
+            decode(&broken),
+            Err(ProtocolError::Checksum { .. })
+        ));
+        // Random bytes do not shrink: sent as they are.
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        assert!(compressed_data(1, 0, 4096, &noise).is_none());
     }
 
     #[test]
