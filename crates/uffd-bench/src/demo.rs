@@ -132,7 +132,11 @@ fn run_plan(
     let installed = || {
         let s = pager.stats();
         let all = s.pages_copied + s.pages_zero + s.pages_moved + s.pages_continued;
-        (all.saturating_sub(s.prefetched_pages), s.prefetched_pages)
+        (
+            all.saturating_sub(s.prefetched_pages),
+            s.prefetched_pages.saturating_sub(s.background_pages),
+            s.background_pages,
+        )
     };
     let ((sequential, faults_sequential, random), timeline) =
         sample_while(TIMELINE_EVERY, installed, || {
@@ -199,7 +203,7 @@ fn run_sigbus_plan(
     let pager = start_sigbus(&target, source, plan.granule)?;
     let installed = || {
         let s = pager.stats();
-        (s.pages_copied + s.pages_zero, 0)
+        (s.pages_copied + s.pages_zero, 0, 0)
     };
     let ((sequential, faults_sequential, random), timeline) =
         sample_while(TIMELINE_EVERY, installed, || {
@@ -333,7 +337,7 @@ pub fn plot_panels(report: &Report) -> Vec<Panel> {
         },
         Panel::Timeline {
             title:
-                "pages installed during each restore: on demand (solid), ahead of demand (dashed)"
+                "pages installed during each restore: on demand (solid), by readahead (dashed), by background fill (dotted)"
                     .into(),
             series: report
                 .strategies

@@ -30,9 +30,11 @@ pub struct Sample {
     pub seconds: f64,
     /// Pages installed because a thread faulted on them.
     pub on_demand: u64,
-    /// Pages installed before anything touched them (readahead, replay,
-    /// background fill).
+    /// Pages readahead installed around faults before anything touched
+    /// them.
     pub ahead: u64,
+    /// Pages working-set replay or background fill installed.
+    pub background: u64,
 }
 
 /// A restore's progress over time.
@@ -63,8 +65,8 @@ pub enum Panel {
         /// One line each.
         series: Vec<Distribution>,
     },
-    /// Pages installed over time: one solid line (on demand) and one
-    /// dashed (ahead of demand) per restore.
+    /// Pages installed over time per restore: a solid line on demand, a
+    /// dashed one by readahead, a dotted one by replay or fill.
     Timeline {
         /// Panel title.
         title: String,
@@ -95,22 +97,23 @@ pub fn merge(histograms: &[&[Bucket]]) -> Vec<Bucket> {
     merged
 }
 
-/// Runs `work` while a thread samples `probe` every `every`; returns the
-/// work's result and the samples (one at the start and one at the end
-/// included).
+/// Runs `work` while a thread samples `probe` (pages on demand, by
+/// readahead, by background work) every `every`; returns the work's result
+/// and the samples (one at the start and one at the end included).
 pub fn sample_while<R>(
     every: Duration,
-    probe: impl Fn() -> (u64, u64) + Sync,
+    probe: impl Fn() -> (u64, u64, u64) + Sync,
     work: impl FnOnce() -> R,
 ) -> (R, Vec<Sample>) {
     let started = Instant::now();
     let done = std::sync::atomic::AtomicBool::new(false);
-    let sample = |probe: &dyn Fn() -> (u64, u64)| {
-        let (on_demand, ahead) = probe();
+    let sample = |probe: &dyn Fn() -> (u64, u64, u64)| {
+        let (on_demand, ahead, background) = probe();
         Sample {
             seconds: started.elapsed().as_secs_f64(),
             on_demand,
             ahead,
+            background,
         }
     };
     std::thread::scope(|s| {
@@ -227,7 +230,11 @@ fn timeline(area: &Area<'_>, title: &str, series: &[Timeline]) -> Result<(), Box
         .max(1e-3);
     let y_max = series
         .iter()
-        .flat_map(|t| t.samples.iter().map(|s| s.on_demand.max(s.ahead)))
+        .flat_map(|t| {
+            t.samples
+                .iter()
+                .map(|s| s.on_demand.max(s.ahead).max(s.background))
+        })
         .max()
         .unwrap_or(1)
         .max(1) as f64;
@@ -257,17 +264,24 @@ fn timeline(area: &Area<'_>, title: &str, series: &[Timeline]) -> Result<(), Box
             .map_err(plot_error)?
             .label(format!("{}: on demand", t.label))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        if t.samples.iter().any(|s| s.ahead > 0) {
-            let ahead: Vec<(f64, f64)> = t
+        let kinds: [(&str, fn(&Sample) -> u64, u32); 2] = [
+            ("readahead", |s| s.ahead, 6),
+            ("replay or fill", |s| s.background, 2),
+        ];
+        for (what, pages, dash) in kinds {
+            if !t.samples.iter().any(|s| pages(s) > 0) {
+                continue;
+            }
+            let line: Vec<(f64, f64)> = t
                 .samples
                 .iter()
-                .map(|s| (s.seconds, s.ahead as f64))
+                .map(|s| (s.seconds, pages(s) as f64))
                 .collect();
-            let light = c.mix(0.5);
+            let light = c.mix(0.6);
             chart
-                .draw_series(DashedLineSeries::new(ahead, 6, 4, light.stroke_width(2)))
+                .draw_series(DashedLineSeries::new(line, dash, 4, light.stroke_width(2)))
                 .map_err(plot_error)?
-                .label(format!("{}: ahead of demand", t.label))
+                .label(format!("{}: {what}", t.label))
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], light.stroke_width(2))
                 });
@@ -364,7 +378,7 @@ mod tests {
         let counter = std::sync::atomic::AtomicU64::new(0);
         let (r, samples) = sample_while(
             Duration::from_millis(1),
-            || (counter.load(std::sync::atomic::Ordering::Relaxed), 0),
+            || (counter.load(std::sync::atomic::Ordering::Relaxed), 0, 0),
             || {
                 for _ in 0..5 {
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -70,7 +70,7 @@ fn demo_plot_shows_every_strategy_and_its_timeline() {
         "fill",
         "kernel (warm page cache)",
         "copy-4k: on demand",
-        "fill: ahead of demand",
+        "fill: replay or fill",
     ] {
         assert!(has(&texts, label), "no legend entry {label:?} in {texts:?}");
     }

@@ -209,6 +209,9 @@ counters! {
     poisoned,
     /// Pages installed by readahead, replay or background fill.
     prefetched_pages,
+    /// Of those, the pages working-set replay or background fill installed
+    /// (the rest is readahead around faults).
+    background_pages,
     /// Demand faults on pages a prefetch had installed or was installing.
     prefetch_hits,
     /// Resolutions abandoned because an event changed the range meanwhile

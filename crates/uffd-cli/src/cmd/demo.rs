@@ -71,7 +71,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Also write an SVG plot here: touch-time distributions of the random
-    /// half, and pages installed over time (on demand vs ahead of demand).
+    /// half, and pages installed over time (on demand, by readahead, by background fill).
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
 }

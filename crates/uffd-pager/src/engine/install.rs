@@ -261,6 +261,10 @@ impl Worker<'_> {
         if from + pages > claim.demand_hi {
             let prefetched = from + pages - from.max(claim.demand_hi);
             Counters::add(&self.shared.counters.prefetched_pages, prefetched as u64);
+            if !claim.map_now {
+                // Only the fill thread's claims leave mapping for later.
+                Counters::add(&self.shared.counters.background_pages, prefetched as u64);
+            }
         }
         self.shared
             .installed_pages
