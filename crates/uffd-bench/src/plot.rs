@@ -264,7 +264,7 @@ fn timeline(area: &Area<'_>, title: &str, series: &[Timeline]) -> Result<(), Box
             .map_err(plot_error)?
             .label(format!("{}: on demand", t.label))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        let kinds: [(&str, fn(&Sample) -> u64, u32); 2] = [
+        let kinds: [Dashed; 2] = [
             ("readahead", |s| s.ahead, 6),
             ("replay or fill", |s| s.background, 2),
         ];
@@ -289,6 +289,9 @@ fn timeline(area: &Area<'_>, title: &str, series: &[Timeline]) -> Result<(), Box
     }
     legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
+
+/// A dashed timeline: its label, the pages it counts, its dash length.
+type Dashed = (&'static str, fn(&Sample) -> u64, u32);
 
 fn restores(area: &Area<'_>, title: &str, series: &[RestoreTimes]) -> Result<(), BoxError> {
     let vcpus: Vec<usize> = series
