@@ -26,6 +26,7 @@ enum Command {
     Selftest(cmd::selftest::Args),
     Serve(cmd::serve::Args),
     Compact(cmd::compact::Args),
+    Snapshot(cmd::snapshot::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
         Command::Selftest(args) => cmd::selftest::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Compact(args) => cmd::compact::run(args),
+        Command::Snapshot(args) => cmd::snapshot::run(args),
     };
     match result {
         Ok(code) => code,

@@ -402,3 +402,26 @@ fn a_missing_snapshot_and_a_hostile_manifest_are_refused() {
     let err = ObjectSource::open(location(&ep, "evil"), CacheConfig::default()).unwrap_err();
     assert!(err.to_string().contains("entries"), "{err}");
 }
+
+#[test]
+fn a_snapshot_in_a_local_directory_works_the_same_way() {
+    let dir = Scratch::new("store-file");
+    let data = image(4 * 16, 2);
+    let file = dir.path("vm.mem");
+    std::fs::write(&file, &data).unwrap();
+    let url = format!("file://{}", dir.path("store/vm").display());
+    let loc = Location::open(&url, &StoreOptions::default()).unwrap();
+    let report = block_on(snapshot::push(&file, &loc, CHUNK, &|_, _| {})).unwrap();
+    assert_eq!(report.zero_chunks, 1);
+    assert!(dir.path("store/.chunks").is_dir());
+    let src = ObjectSource::open(loc, CacheConfig::default()).unwrap();
+    let cs = u64::from(CHUNK);
+    for c in 0..4u64 {
+        let got = bytes(read(&src, c * cs, cs as usize).unwrap(), cs as usize);
+        assert!(
+            got == data[(c * cs) as usize..((c + 1) * cs) as usize],
+            "chunk {c}"
+        );
+    }
+    assert_eq!(src.stats().gets, 3);
+}

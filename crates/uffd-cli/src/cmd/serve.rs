@@ -40,6 +40,7 @@ use super::CmdResult;
 /// Examples:
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --record vm.ws
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --prefetch vm.ws --background-fill
+///   uffd serve --source s3://snaps/fleet/vm-1 --socket /run/vm.sock --cache-dir /var/cache/uffd
 ///   uffd serve bench --mib 1024 --vcpus 1,2,4,8
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, verbatim_doc_comment)]
@@ -60,9 +61,37 @@ enum Action {
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// The memory snapshot file (Firecracker's `mem_file_path` output of
-    /// snapshot creation). Region offsets index into it.
-    #[arg(long, value_name = "PATH")]
+    /// snapshot creation). Region offsets index into it. The same as
+    /// `--source file://PATH`. One of --mem-file and --source is required.
+    #[arg(long, value_name = "PATH", conflicts_with = "source")]
     mem_file: Option<PathBuf>,
+    /// Serve a snapshot stored with `uffd snapshot push`:
+    /// s3://bucket/dir/NAME (or gs://, az://), configured by the standard
+    /// environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_REGION,
+    /// AWS_ALLOW_HTTP...). The chunk holding a faulting page is fetched
+    /// once, however many faults and VMs want it, into a cache shared by
+    /// every VM. `file://PATH` serves a memory file (or a local snapshot
+    /// manifest).
+    #[arg(long, value_name = "URL")]
+    source: Option<String>,
+    /// With --source: bytes of chunks kept in memory (K/M/G suffixes).
+    #[arg(long, default_value = "1G", value_name = "BYTES", value_parser = parse_bytes)]
+    cache_memory: u64,
+    /// With --source: also keep fetched chunks in this directory, so a
+    /// restarted server (or another on this host) starts warm. Files are
+    /// checked against their hash when used; bad ones are fetched again.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// With --cache-dir: bytes of chunks kept there (least recently used
+    /// go first).
+    #[arg(long, default_value = "16G", value_name = "BYTES", value_parser = parse_bytes)]
+    cache_dir_size: u64,
+    /// With --source: how long one chunk may take, retries of 5xx answers,
+    /// timeouts, lost connections and corrupt chunks included, before its
+    /// pages are poisoned (the guest gets SIGBUS touching them; logged as
+    /// an error).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    fetch_timeout: u64,
     /// The Unix socket to listen on (Firecracker's `backend_path`). A stale
     /// socket file is replaced; one with a live server is refused.
     #[arg(long, value_name = "PATH")]
@@ -241,7 +270,7 @@ struct BenchArgs {
 }
 
 /// A byte count: digits with an optional K, M or G suffix (powers of 1024).
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     let (digits, unit) = match text.trim().char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&text.trim()[..i], c.to_ascii_uppercase()),
         _ => (text.trim(), 'B'),
@@ -284,32 +313,15 @@ fn init_logs(json: bool) {
 
 fn run_server(a: ServeArgs) -> CmdResult {
     init_logs(a.json_logs);
-    let mem_file = a
-        .mem_file
-        .ok_or("--mem-file PATH is required (the memory snapshot to serve)")?;
     let socket = a
         .socket
+        .clone()
         .ok_or("--socket PATH is required (where VMMs connect)")?;
-    let file_mode = match a.file_mode.as_str() {
-        "mmap" => FileMode::Mmap,
-        "pread" => FileMode::Pread,
-        other => return Err(format!("--file-mode {other}: expected mmap or pread").into()),
-    };
-    let file = FileSource::open(&mem_file, file_mode)
-        .map_err(|e| format!("cannot serve the memory file: {e}"))?;
-    if !a.no_populate {
-        // One pass over the page tables now, instead of one minor fault in
-        // this process per page every VM touches first.
-        if let Err(e) = file.populate() {
-            tracing::warn!("mapping the memory file ahead of time failed ({e}); serving anyway");
-        }
-    }
-    let source_identity = Some(file.identity());
-    let source: Arc<dyn PageSource> = Arc::new(file);
+    let (source, source_identity, store) = open_source(&a)?;
     if source.is_empty() {
         return Err(format!(
-            "the memory file {} is empty: no VM could be restored from it (is it the snapshot's memory file, not its state file?)",
-            mem_file.display()
+            "the snapshot {} is empty: no VM could be restored from it (is it the snapshot's memory file, not its state file?)",
+            source.describe()
         )
         .into());
     }
@@ -365,7 +377,94 @@ fn run_server(a: ServeArgs) -> CmdResult {
     };
     uffd_serve::signals::install(server.handle())?;
     server.run()?;
+    if let Some(store) = store {
+        let st = store.stats();
+        tracing::info!(
+            gets = st.gets,
+            fetched_bytes = st.fetched_bytes,
+            memory_hits = st.memory_hits,
+            disk_hits = st.disk_hits,
+            joined = st.joined,
+            corrupt = st.corrupt,
+            failed = st.failed,
+            "chunk cache"
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+type Opened = (
+    Arc<dyn PageSource>,
+    Option<String>,
+    Option<Arc<uffd_store::ObjectSource>>,
+);
+
+/// The page source --mem-file or --source names, its identity (for
+/// --takeover), and the object source behind it, if it is one.
+fn open_source(a: &ServeArgs) -> Result<Opened, Box<dyn std::error::Error + Send + Sync>> {
+    let url = match (&a.mem_file, &a.source) {
+        (Some(path), None) => return open_file(a, path),
+        (None, Some(url)) => url,
+        _ => {
+            return Err(
+                "--mem-file PATH or --source URL is required (the memory snapshot to serve)".into(),
+            )
+        }
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        // A memory file, unless it is a manifest of `uffd snapshot push`.
+        let mut magic = [0u8; 8];
+        let is_manifest = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && &magic == uffd_store::manifest::MAGIC;
+        if !is_manifest {
+            return open_file(a, std::path::Path::new(path));
+        }
+    }
+    let timeout = Duration::from_secs(a.fetch_timeout.max(1));
+    let location = uffd_store::Location::open(
+        url,
+        &uffd_store::StoreOptions {
+            timeout,
+            ..uffd_store::StoreOptions::default()
+        },
+    )?;
+    let store = Arc::new(uffd_store::ObjectSource::open(
+        location,
+        uffd_store::CacheConfig {
+            memory_bytes: a.cache_memory,
+            dir: a.cache_dir.clone(),
+            dir_bytes: a.cache_dir_size,
+            fetch_timeout: timeout,
+        },
+    )?);
+    let identity = store.identity();
+    tracing::info!(source = %uffd_pager::AsyncPageSource::describe(&*store), "serving from object storage");
+    let source = uffd_pager::AsyncSource::new(store.clone())?;
+    Ok((Arc::new(source), Some(identity), Some(store)))
+}
+
+fn open_file(
+    a: &ServeArgs,
+    mem_file: &std::path::Path,
+) -> Result<Opened, Box<dyn std::error::Error + Send + Sync>> {
+    let file_mode = match a.file_mode.as_str() {
+        "mmap" => FileMode::Mmap,
+        "pread" => FileMode::Pread,
+        other => return Err(format!("--file-mode {other}: expected mmap or pread").into()),
+    };
+    let file = FileSource::open(mem_file, file_mode)
+        .map_err(|e| format!("cannot serve the memory file: {e}"))?;
+    if !a.no_populate {
+        // One pass over the page tables now, instead of one minor fault in
+        // this process per page every VM touches first.
+        if let Err(e) = file.populate() {
+            tracing::warn!("mapping the memory file ahead of time failed ({e}); serving anyway");
+        }
+    }
+    let identity = Some(file.identity());
+    Ok((Arc::new(file), identity, None))
 }
 
 fn run_bench(a: BenchArgs) -> CmdResult {
