@@ -317,7 +317,7 @@ fn an_s3_outage_mid_restore_poisons_the_vm_and_the_server_serves_on() {
 }
 
 #[test]
-fn a_restarted_server_restores_from_its_cache_dir_without_fetching() {
+fn a_restarted_server_restores_from_its_cache_dir_without_fetching_with_fill_and_prefetch() {
     if !uffd_testkit::vmm_uffd() {
         return;
     }
@@ -325,9 +325,16 @@ fn a_restarted_server_restores_from_its_cache_dir_without_fetching() {
     let s = setup("cli-cache-dir");
     let cache = s.dir.path("cache");
     let cache_arg = cache.to_str().unwrap().to_string();
+    let ws = s.dir.path("vm.ws");
+    let ws_arg = ws.to_str().unwrap().to_string();
     let flags = ["--cache-dir", cache_arg.as_str()];
     {
-        let (mut server, socket, _log) = serve(&s, "first", &flags);
+        // Recording, and filling in the background besides the faults.
+        let (mut server, socket, _log) = serve(
+            &s,
+            "first",
+            &[&flags[..], &["--record", &ws_arg, "--background-fill"]].concat(),
+        );
         let mut v = vm(&standin, &socket, &s.mem, &[]);
         let status = wait_exit(&mut v.0, "the first VM", Duration::from_secs(120));
         assert!(status.success(), "{}", report(&mut v));
@@ -344,8 +351,13 @@ fn a_restarted_server_restores_from_its_cache_dir_without_fetching() {
         assert!(status.success());
     }
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 128);
+    assert!(ws.exists(), "the working set was recorded");
     s.proxy.clear();
-    let (_server, socket, log) = serve(&s, "second", &flags);
+    let (_server, socket, log) = serve(
+        &s,
+        "second",
+        &[&flags[..], &["--prefetch", &ws_arg]].concat(),
+    );
     let mut v = vm(&standin, &socket, &s.mem, &[]);
     let status = wait_exit(
         &mut v.0,
