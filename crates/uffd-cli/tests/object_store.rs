@@ -299,8 +299,11 @@ fn an_s3_outage_mid_restore_poisons_the_vm_and_the_server_serves_on() {
         server.0.try_wait().unwrap().is_none(),
         "the server survives the outage"
     );
-    // Back up: the next VM restores fully from the same server.
+    // Back up: the next VM restores fully from the same server. Fetches
+    // started during the outage may still be failing (and a chunk given up
+    // on fails at once for a second): let them end first.
     s.proxy.set_down(false);
+    std::thread::sleep(Duration::from_secs(4));
     let mut second = vm(&standin, &socket, &s.mem, &["--threads", "2"]);
     let status = wait_exit(
         &mut second.0,

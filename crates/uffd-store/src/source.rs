@@ -131,7 +131,14 @@ struct State {
     memory: Lru<Bytes>,
     disk: Lru<()>,
     in_flight: HashMap<ChunkHash, Pending>,
+    /// Chunks given up on recently, and why: the engine asks again page
+    /// by page right after a failed batch, and those reads should fail at
+    /// once rather than wait out another fetch timeout.
+    gave_up: HashMap<ChunkHash, (std::time::Instant, FetchError)>,
 }
+
+/// How long a chunk given up on fails at once before it is tried again.
+const GAVE_UP_FOR: Duration = Duration::from_secs(1);
 
 struct Inner {
     location: Location,
@@ -216,6 +223,7 @@ impl ObjectSource {
                 memory: Lru::new(config.memory_bytes),
                 disk,
                 in_flight: HashMap::new(),
+                gave_up: HashMap::new(),
             }),
             location,
             manifest,
@@ -266,6 +274,12 @@ impl Inner {
                 self.counters.memory_hits.fetch_add(1, Relaxed);
                 return Ok(bytes);
             }
+            if let Some((when, e)) = state.gave_up.get(&entry.hash) {
+                if when.elapsed() < GAVE_UP_FOR {
+                    return Err(e.clone());
+                }
+                state.gave_up.remove(&entry.hash);
+            }
             if let Some(p) = state.in_flight.get(&entry.hash) {
                 self.counters.joined.fetch_add(1, Relaxed);
                 p.clone()
@@ -309,6 +323,9 @@ impl Inner {
             }
             Err(e) => {
                 self.counters.failed.fetch_add(1, Relaxed);
+                state
+                    .gave_up
+                    .insert(entry.hash, (std::time::Instant::now(), e.clone()));
                 tracing::error!(chunk = %entry.hash, offset = entry.offset, len = entry.len, "giving up on a chunk; its pages will be poisoned: {e}");
             }
         }

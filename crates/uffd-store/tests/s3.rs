@@ -249,6 +249,17 @@ fn a_corrupt_chunk_is_fetched_again_and_past_the_timeout_fails_without_hanging()
     assert!(!err.is_transient(), "{err}");
     assert!(src.stats().corrupt >= 2, "fetched again: {:?}", src.stats());
     assert_eq!(src.stats().failed, 1);
+    // Asked again at once (as the engine does, page by page, after a
+    // failed batch): it fails at once instead of waiting out the timeout.
+    let again = Instant::now();
+    assert!(read(&src, cs + 4096, 4096).is_err());
+    assert!(
+        again.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        again.elapsed()
+    );
+    assert_eq!(src.stats().failed, 1, "no second fetch");
+    std::thread::sleep(Duration::from_millis(1100));
 
     // Corrupt at first, repaired while retrying: the read succeeds.
     let before = src.stats().corrupt;
@@ -294,8 +305,10 @@ fn a_store_slower_than_the_fetch_timeout_fails_the_read_in_bounded_time() {
         "{:?}: {err}",
         started.elapsed()
     );
-    // A small delay is only slower.
+    // A small delay is only slower (once the chunk given up on may be
+    // tried again, a second later).
     proxy.set_delay(Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(1100));
     let got = bytes(read(&src, u64::from(CHUNK), 4096).unwrap(), 4096);
     assert!(got == data[CHUNK as usize..CHUNK as usize + 4096]);
 }
