@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use uffd_pager::{AsyncPageSource, Fetched, ReadFuture, SourceError};
 
@@ -261,6 +262,54 @@ impl ObjectSource {
             corrupt: c.corrupt.load(Relaxed),
             failed: c.failed.load(Relaxed),
         }
+    }
+}
+
+impl ObjectSource {
+    /// Starts fetching the chunks that hold the image bytes at `offsets`
+    /// (a working set's pages, say) into the cache, `parallel` at a time,
+    /// in the background, in the order given; returns at once. Stops at as
+    /// many chunks as the memory cache holds (more would evict the first
+    /// before they are used). Reads of those chunks meanwhile join these
+    /// fetches.
+    pub fn warm(&self, offsets: impl IntoIterator<Item = u64>, parallel: usize) {
+        let manifest = &self.inner.manifest;
+        let mut seen = std::collections::HashSet::new();
+        let mut room = self.inner.config.memory_bytes;
+        let mut entries = Vec::new();
+        for offset in offsets {
+            let Some(entry) = manifest.chunk_at(offset) else {
+                continue;
+            };
+            if !seen.insert(entry.offset) {
+                continue;
+            }
+            let Some(left) = room.checked_sub(u64::from(entry.len)) else {
+                break;
+            };
+            room = left;
+            entries.push(*entry);
+        }
+        let inner = Arc::clone(&self.inner);
+        self.inner.handle.spawn(async move {
+            let started = std::time::Instant::now();
+            let n = entries.len();
+            futures::stream::iter(entries)
+                .for_each_concurrent(parallel.max(1), |entry| {
+                    let inner = &inner;
+                    async move {
+                        // Failures are logged by the fetch; a fault on those
+                        // pages later tries again.
+                        let _ = inner.chunk(entry).await;
+                    }
+                })
+                .await;
+            tracing::info!(
+                chunks = n,
+                seconds = started.elapsed().as_secs_f64(),
+                "working set's chunks fetched into the cache"
+            );
+        });
     }
 }
 

@@ -438,3 +438,43 @@ fn a_snapshot_in_a_local_directory_works_the_same_way() {
     }
     assert_eq!(src.stats().gets, 3);
 }
+
+#[test]
+fn warming_fetches_a_working_sets_chunks_in_the_background_up_to_the_memory_bound() {
+    let s3 = S3Server::start();
+    let dir = Scratch::new("store-warm");
+    let data = image(8 * 16, 4);
+    let file = dir.path("vm.mem");
+    std::fs::write(&file, &data).unwrap();
+    push(&s3.endpoint(), "vm", &file);
+    let cs = u64::from(CHUNK);
+    let src = source(
+        &s3.endpoint(),
+        "vm",
+        CacheConfig {
+            memory_bytes: 3 * cs,
+            ..CacheConfig::default()
+        },
+    );
+    // Pages of chunks 6, 6, 4 (zero: nothing to fetch), 1, 0, 2: the
+    // first three non-zero chunks fit.
+    let pages = [6 * cs + 4096, 6 * cs, 4 * cs, cs + 8192, 0, 2 * cs];
+    src.warm(pages, 8);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while src.stats().gets < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "warming stuck: {:?}",
+            src.stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(src.stats().gets, 3, "no more than the memory bound");
+    for c in [6u64, 1, 0] {
+        let got = bytes(read(&src, c * cs, 4096).unwrap(), 4096);
+        assert!(got == data[(c * cs) as usize..(c * cs) as usize + 4096]);
+    }
+    assert_eq!(src.stats().gets, 3, "served from the warmed cache");
+    assert_eq!(src.stats().memory_hits, 3);
+}

@@ -70,6 +70,9 @@ impl S3Server {
                 let Ok((socket, _)) = listener.accept().await else {
                     continue;
                 };
+                // Small responses (headers, then the body) must not wait
+                // for delayed ACKs.
+                let _ = socket.set_nodelay(true);
                 let conn = http
                     .serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone())
                     .into_owned();
@@ -243,6 +246,9 @@ async fn connection(client: TcpStream, st: Arc<ProxyState>) {
     let Ok(server) = TcpStream::connect(st.upstream).await else {
         return;
     };
+    // Forwarded as they come: no Nagle delay added to the link's.
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
     let mut down = st.down.subscribe();
     let (client_read, client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();

@@ -221,7 +221,7 @@ fn run(o: &Options) -> Result<bool, BoxError> {
     let touch = dir.join("touch.list");
     write_page_list(&touch, &ws_pages)?;
     let ws_file = dir.join("vm.ws");
-    uffd_pager::WorkingSet::new(4096, ws_pages.clone())
+    uffd_pager::WorkingSet::new(4096, ws_pages.iter().map(|p| p * 4096).collect())
         .with_source_len(len)
         .save(&ws_file)?;
 

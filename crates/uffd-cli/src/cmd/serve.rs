@@ -109,7 +109,9 @@ struct ServeArgs {
     #[arg(long, value_name = "WS")]
     record: Option<PathBuf>,
     /// Install the pages of this recorded working set first, in large
-    /// batches in file order, while faults keep priority.
+    /// batches in file order, while faults keep priority. With --source,
+    /// the chunks holding them are also fetched into the cache at start,
+    /// 32 at a time.
     #[arg(long, value_name = "WS")]
     prefetch: Option<PathBuf>,
     /// After the working set (if any), install every other page in the
@@ -334,6 +336,11 @@ fn run_server(a: ServeArgs) -> CmdResult {
         }
         None => None,
     };
+    if let (Some(store), Some(ws)) = (&store, &prefetch) {
+        // The working set's chunks, many in flight, into the host-wide
+        // cache, while the engine replays it page by page.
+        store.warm(ws.pages().iter().copied(), WARM_IN_FLIGHT);
+    }
     if let Err(e) = uffd::probe() {
         tracing::warn!("userfaultfd is not available to this process ({e}); VMMs must still be able to create theirs");
     }
@@ -392,6 +399,9 @@ fn run_server(a: ServeArgs) -> CmdResult {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Chunk fetches in flight at once when warming the cache with a working set.
+const WARM_IN_FLIGHT: usize = 32;
 
 type Opened = (
     Arc<dyn PageSource>,
