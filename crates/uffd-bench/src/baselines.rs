@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use uffd::{CopyMode, Event, EventBuffer, Outcome, RegisterMode, Uffd};
-use uffd_pager::{AlignedAnon, FileSource, Histogram, MappedBytes, PageSource, WorkingSet};
+use uffd_pager::{FileSource, Histogram, MappedBytes, PageSource, WorkingSet};
 use uffd_serve::engine::{Engine, EngineError, RunningVm};
 use uffd_serve::protocol::{Region, PAGE_4K};
 use uffd_serve::stats::EngineStats;
@@ -42,12 +42,12 @@ pub fn kernel_baseline(
     orders: (Order, Order),
     progress: &ProgressLine,
 ) -> std::io::Result<(PhaseResult, PhaseResult)> {
-    let map = PrivateFileMap::new(path, len)?;
+    let map = private_file_map(path, len)?;
     let half = len / 4096 / 2;
-    let first = touch(map.base(), 0, half, orders.0, |n| {
+    let first = touch(map.as_ptr(), 0, half, orders.0, |n| {
         progress.update("kernel fault-in", n, half * 2)
     });
-    let second = touch(map.base(), half, len / 4096 - half, orders.1, |n| {
+    let second = touch(map.as_ptr(), half, len / 4096 - half, orders.1, |n| {
         progress.update("kernel fault-in", half + n, half * 2)
     });
     Ok((first, second))
@@ -56,46 +56,15 @@ pub fn kernel_baseline(
 /// The kernel's fault-in of the whole file in one order, on a fresh
 /// private mapping (the page cache warmed by the caller).
 pub fn kernel_fault_in(path: &Path, len: u64, order: Order) -> std::io::Result<PhaseResult> {
-    let map = PrivateFileMap::new(path, len)?;
-    Ok(touch(map.base(), 0, len / 4096, order, |_| {}))
+    let map = private_file_map(path, len)?;
+    Ok(touch(map.as_ptr(), 0, len / 4096, order, |_| {}))
 }
 
-/// A read-only MAP_PRIVATE mapping of a file, unmapped on drop.
-struct PrivateFileMap {
-    ptr: *mut std::ffi::c_void,
-    len: usize,
-}
-
-impl PrivateFileMap {
-    fn new(path: &Path, len: u64) -> std::io::Result<PrivateFileMap> {
-        let file = File::open(path)?;
-        // SAFETY: a fresh private read-only mapping of our own file.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                rustix::mm::ProtFlags::READ,
-                rustix::mm::MapFlags::PRIVATE,
-                &file,
-                0,
-            )
-        }?;
-        Ok(PrivateFileMap {
-            ptr,
-            len: len as usize,
-        })
-    }
-
-    fn base(&self) -> *const u8 {
-        self.ptr.cast::<u8>().cast_const()
-    }
-}
-
-impl Drop for PrivateFileMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `new`; nothing refers to it.
-        let _ = unsafe { rustix::mm::munmap(self.ptr, self.len) };
-    }
+/// A fresh read-only private mapping of the snapshot, as a process that
+/// restores it the kernel's way maps it.
+fn private_file_map(path: &Path, len: u64) -> std::io::Result<uffd::FileMapping> {
+    let file = File::open(path)?;
+    Ok(uffd::FileMapping::read_only(&file, len as usize, false)?)
 }
 /// The kernel serving fresh anonymous memory: one write per page in order,
 /// so every page is allocated and zeroed, as it must be for any private
@@ -155,7 +124,7 @@ pub fn serve_faults(
                 continue;
             };
             served.faults.fetch_add(1, Relaxed);
-            let offset = r.file_offset(page);
+            let offset = r.source_offset(page);
             let bytes = match source.mapped(offset, PAGE_4K as usize) {
                 Some(mapped) => mapped,
                 None => match source.read_at(offset, &mut scratch) {
@@ -222,12 +191,7 @@ pub fn spawn_baseline_handler(
 
 /// One region covering `len` bytes at `base`, file offset 0.
 pub fn whole(base: u64, len: u64) -> Vec<Region> {
-    vec![Region {
-        base,
-        size: len,
-        offset: 0,
-        page_size: PAGE_4K,
-    }]
+    vec![Region::new(base, len, 0, PAGE_4K)]
 }
 
 /// The baseline handler serving this process's own fresh memory while it
@@ -239,7 +203,7 @@ pub fn typical_handler(
     progress: &ProgressLine,
 ) -> Result<PhaseResult, BoxError> {
     let uffd = Arc::new(in_process_uffd().non_blocking(true).open()?);
-    let target = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     uffd.register(target.addr(), len, RegisterMode::MISSING)?;
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(Served::default());

@@ -9,12 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use uffd_pager::{AlignedAnon, FileMode, FileSource, Region, SigbusPager, SignalSafeSource, Stats};
+use uffd_pager::{FileMode, FileSource, Region, SigbusPager, SignalSafeSource, Stats};
 
 use crate::baselines::kernel_baseline;
 use crate::fixtures::{make_snapshot, Snapshot};
+use crate::plot::{sample_while, Distribution, Panel, Sample, Timeline};
 use crate::workload::{start_plan, touch, verify, Order, PhaseResult, Plan, ProgressLine, PLANS};
 use crate::BoxError;
+
+/// How often a restore's progress is sampled for its timeline.
+const TIMELINE_EVERY: Duration = Duration::from_millis(5);
 
 /// What `uffd demo` runs.
 #[derive(Debug, Clone)]
@@ -50,6 +54,9 @@ pub struct StrategyReport {
     pub mismatched_pages: u64,
     /// The pager's counters.
     pub stats: Stats,
+    /// Pages installed over the restore, for `--plot`.
+    #[serde(skip)]
+    pub timeline: Vec<Sample>,
 }
 
 /// The demo's result.
@@ -84,7 +91,7 @@ pub struct KernelReport {
 /// sequential half took).
 fn restore_workload(
     name: &str,
-    target: &AlignedAnon,
+    target: &uffd::Mapping,
     len: u64,
     progress: &ProgressLine,
     faults: impl Fn() -> u64,
@@ -122,9 +129,16 @@ fn run_plan(
         return run_sigbus_plan(plan, snapshot, source, progress);
     }
     let (target, pager, started) = start_plan(plan.name, plan, source, len, threads)?;
-    let (sequential, faults_sequential, random) =
-        restore_workload(plan.name, &target, len, progress, || {
-            pager.stats().faults_missing
+    let installed = || {
+        let s = pager.stats();
+        let all = s.pages_copied + s.pages_zero + s.pages_moved + s.pages_continued;
+        (all.saturating_sub(s.prefetched_pages), s.prefetched_pages)
+    };
+    let ((sequential, faults_sequential, random), timeline) =
+        sample_while(TIMELINE_EVERY, installed, || {
+            restore_workload(plan.name, &target, len, progress, || {
+                pager.stats().faults_missing
+            })
         });
     if plan.fill {
         // Everything is present once the workload has touched every page;
@@ -150,13 +164,14 @@ fn run_plan(
         total_seconds,
         mismatched_pages,
         stats,
+        timeline,
     })
 }
 
 /// Starts a SIGBUS-mode pager over all of `target`, served from `source`
 /// by the faulting threads themselves.
 pub fn start_sigbus(
-    target: &AlignedAnon,
+    target: &uffd::Mapping,
     source: &Arc<FileSource>,
     granule: u64,
 ) -> Result<SigbusPager, uffd_pager::SigbusError> {
@@ -179,11 +194,17 @@ fn run_sigbus_plan(
     progress: &ProgressLine,
 ) -> Result<StrategyReport, BoxError> {
     let len = snapshot.len;
-    let target = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     let started = Instant::now();
     let pager = start_sigbus(&target, source, plan.granule)?;
-    let (sequential, faults_sequential, random) =
-        restore_workload(plan.name, &target, len, progress, || pager.stats().faults);
+    let installed = || {
+        let s = pager.stats();
+        (s.pages_copied + s.pages_zero, 0)
+    };
+    let ((sequential, faults_sequential, random), timeline) =
+        sample_while(TIMELINE_EVERY, installed, || {
+            restore_workload(plan.name, &target, len, progress, || pager.stats().faults)
+        });
     let total_seconds = started.elapsed().as_secs_f64();
     let s = pager.shutdown();
     let mismatched_pages = verify(&target, source, len);
@@ -215,6 +236,7 @@ fn run_sigbus_plan(
         total_seconds,
         mismatched_pages,
         stats,
+        timeline,
     })
 }
 
@@ -285,4 +307,42 @@ pub fn run(config: &Config, progress: &ProgressLine) -> Result<Report, BoxError>
         strategies: reports,
         verified,
     })
+}
+
+/// The demo's plot: the random half's touches per strategy (and the
+/// kernel's), and each restore's pages over time.
+pub fn plot_panels(report: &Report) -> Vec<Panel> {
+    // Strategies first, so each keeps its colour in both panels.
+    let mut latency: Vec<Distribution> = report
+        .strategies
+        .iter()
+        .map(|s| Distribution {
+            label: s.strategy.into(),
+            buckets: s.random.latency.clone(),
+        })
+        .collect();
+    latency.push(Distribution {
+        label: "kernel (warm page cache)".into(),
+        buckets: report.kernel.random.latency.clone(),
+    });
+    vec![
+        Panel::Latency {
+            title: "time of one sampled touch in the random half, as the touching thread saw it"
+                .into(),
+            series: latency,
+        },
+        Panel::Timeline {
+            title:
+                "pages installed during each restore: on demand (solid), ahead of demand (dashed)"
+                    .into(),
+            series: report
+                .strategies
+                .iter()
+                .map(|s| Timeline {
+                    label: s.strategy.into(),
+                    samples: s.timeline.clone(),
+                })
+                .collect(),
+        },
+    ]
 }

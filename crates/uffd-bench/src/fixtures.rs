@@ -45,16 +45,37 @@ pub fn make_snapshot(dir: &Path, len: u64, zero_percent: u8) -> std::io::Result<
     let chunk = 2u64 << 20;
     let mut buf = vec![0u8; chunk as usize];
     let mut offset = 0;
-    let threshold = u64::from(zero_percent) * 1024 / 100;
+    // 80% of the zero share as whole zero 64 KiB blocks, the rest as
+    // single zero pages among the data blocks, with the single-page odds
+    // chosen so the expected share is exactly `zero_percent`:
+    // 0.8p + (1 - 0.8p)q = p. Each choice is a randomized rounding of
+    // what is owed so far, so the share is exact to a block or a page
+    // while the places stay random.
+    let p = f64::from(zero_percent.min(100)) / 100.0;
+    let (mut block_owed, mut page_owed) = (0i64, 0i64);
+    let owed_choice = |owed: &mut i64, odds: u64, rng: &mut u64| {
+        *owed += odds as i64;
+        let yes = *owed > (xorshift(rng) % 1024) as i64;
+        if yes {
+            *owed -= 1024;
+        }
+        yes
+    };
+    let block_odds = (0.8 * p * 1024.0).round() as u64;
+    let page_odds = if p >= 1.0 {
+        1024
+    } else {
+        (0.2 * p / (1.0 - 0.8 * p) * 1024.0).round() as u64
+    };
     while offset < len {
         let this = chunk.min(len - offset);
         let mut any_data = false;
         // Decide per 64 KiB block: mostly zero runs, some single zero pages.
         for block in (0..this).step_by(64 << 10) {
-            let zero_block = (xorshift(&mut rng) % 1024) < threshold * 8 / 10;
+            let zero_block = owed_choice(&mut block_owed, block_odds, &mut rng);
             for page in (block..(block + (64 << 10)).min(this)).step_by(4096) {
                 let p = &mut buf[page as usize..page as usize + 4096];
-                if zero_block || (xorshift(&mut rng) % 1024) < threshold * 2 / 10 {
+                if zero_block || owed_choice(&mut page_owed, page_odds, &mut rng) {
                     p.fill(0);
                     snapshot.zero_pages += 1;
                     continue;
@@ -101,4 +122,24 @@ pub fn write_page_list(path: &Path, pages: &[u64]) -> std::io::Result<()> {
         text.push('\n');
     }
     std::fs::write(path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_zero_share_is_the_one_asked_for() {
+        let dir = std::env::temp_dir();
+        for percent in [0u8, 30, 70, 100] {
+            let len = 64u64 << 20;
+            let s = make_snapshot(&dir, len, percent).unwrap();
+            let share = s.zero_pages as f64 * 100.0 / (len / 4096) as f64;
+            let _ = std::fs::remove_file(&s.path);
+            assert!(
+                (share - f64::from(percent)).abs() < 0.5,
+                "asked for {percent}% zero pages, got {share:.1}%"
+            );
+        }
+    }
 }

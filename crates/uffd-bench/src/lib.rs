@@ -11,6 +11,8 @@
 //! - [`demo`]: `uffd demo`, one restore per strategy, verified;
 //! - [`serve`]: `uffd serve bench`, the restore server, the baseline
 //!   handler and the VMM each in a process of its own;
+//! - [`plot`]: the SVG plots behind `--plot`;
+//! - [`remote`]: `uffd page-server bench`, post-copy over an emulated link;
 //! - [`report`]: medians, minima, and what the machine was doing
 //!   (load average, a process's context switches and CPU time);
 //! - [`compact`]: a demo collector over a linked heap and the
@@ -24,6 +26,8 @@ pub mod compact;
 pub mod demo;
 pub mod fixtures;
 pub mod pager;
+pub mod plot;
+pub mod remote;
 pub mod report;
 pub mod serve;
 pub mod workload;

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use uffd::{CopyMode, Features, Mapping, MemoryKind, Outcome, RegisterMode, Uffd};
-use uffd_pager::{
-    AlignedAnon, FileMode, FileSource, PageSource, Pager, Prefetch, Region, Strategy, WaitMode,
-};
+use uffd_pager::{FileMode, FileSource, PageSource, Pager, Prefetch, Region, Strategy, WaitMode};
 
 use crate::baselines::{
     kernel_anon_first_write, kernel_fault_in, spawn_fault_handler, typical_handler, whole, Served,
@@ -63,6 +61,9 @@ pub struct Case {
     pub ratio_vs_copy: Option<f64>,
     #[serde(skip)]
     order: Order,
+    /// The sampled touches of every round, for `--plot`.
+    #[serde(skip)]
+    pub latency: Vec<uffd_pager::Bucket>,
 }
 
 fn case(name: &str, mib: u64, order: Order, p: &PhaseResult) -> Case {
@@ -77,6 +78,7 @@ fn case(name: &str, mib: u64, order: Order, p: &PhaseResult) -> Case {
         ratio_vs_typical: 0.0,
         ratio_vs_copy: None,
         order,
+        latency: p.latency.clone(),
     }
 }
 
@@ -117,15 +119,15 @@ fn recycled_cycle(
             .features(Features::MOVE)
             .open()?,
     );
-    let target = AlignedAnon::new(len as usize)?;
-    let pool = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
+    let pool = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     for m in [&target, &pool] {
         // 4 KiB pages throughout; MOVE needs pages no child shares.
-        m.advise(rustix::mm::Advice::LinuxNoHugepage)?;
-        m.advise(rustix::mm::Advice::LinuxDontFork)?;
+        m.advise(0, m.len(), rustix::mm::Advice::LinuxNoHugepage)?;
+        m.advise(0, m.len(), rustix::mm::Advice::LinuxDontFork)?;
     }
     if mode != Recycle::Copy {
-        pool.advise(rustix::mm::Advice::LinuxPopulateWrite)?;
+        pool.advise(0, pool.len(), rustix::mm::Advice::LinuxPopulateWrite)?;
         // UFFDIO_MOVE's destination must be registered on the same uffd
         // (mm/userfaultfd.c, validate_move_areas): the pool is, for the
         // evictions. It is never touched while it has holes.
@@ -213,21 +215,21 @@ fn recycled_cycle(
                 }
             }
             Recycle::MovePopulated => {
-                target.advise(rustix::mm::Advice::LinuxDontNeed)?;
+                target.advise(0, target.len(), rustix::mm::Advice::LinuxDontNeed)?;
                 // Populating registered holes would raise missing faults
                 // for this handler to serve: unregister around it.
                 uffd.unregister(pool.addr(), len)?;
-                pool.advise(rustix::mm::Advice::LinuxPopulateWrite)?;
+                pool.advise(0, pool.len(), rustix::mm::Advice::LinuxPopulateWrite)?;
                 uffd.register(pool.addr(), len, RegisterMode::MISSING)?;
             }
-            Recycle::Copy => target.advise(rustix::mm::Advice::LinuxDontNeed)?,
+            Recycle::Copy => target.advise(0, target.len(), rustix::mm::Advice::LinuxDontNeed)?,
         }
         let evict_seconds = evict.elapsed().as_secs_f64();
         for f in full.iter() {
             f.store(mode != Recycle::Copy, Ordering::Relaxed);
         }
         if cycle == 1 {
-            let mut r = result;
+            let mut r = result.clone();
             r.seconds += evict_seconds;
             r.mb_per_s = len as f64 / 1e6 / r.seconds;
             timed = Some((r, result.mb_per_s, evict_seconds));
@@ -252,8 +254,8 @@ fn recycled_cycle(
 fn fill_recycled(
     mode: Recycle,
     uffd: &uffd::Uffd,
-    target: &AlignedAnon,
-    pool: &AlignedAnon,
+    target: &uffd::Mapping,
+    pool: &uffd::Mapping,
     source: &FileSource,
     len: u64,
 ) -> Result<PhaseResult, BoxError> {
@@ -314,7 +316,7 @@ fn pager_sigbus(
     len: u64,
     progress: &ProgressLine,
 ) -> Result<PhaseResult, BoxError> {
-    let target = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     let pager = start_sigbus(&target, source, granule)?;
     let pages = len / 4096;
     let result = touch(target.as_ptr(), 0, pages, order, |n| {
@@ -429,14 +431,18 @@ unsafe fn start_continue(
     // SAFETY: the caller keeps `memory` (and so its alias) alive until the
     // pager is shut down, and nothing else references the alias meanwhile.
     let region = unsafe { Region::new(memory.addr(), len, 0, 4096).with_alias(alias) };
-    Ok(Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
-        .name(name)
-        .strategy(Strategy::Continue)
-        .content_in_place(content_in_place)
-        .granule(plan.granule)
-        .prefetch(plan.prefetch)
-        .wait(WaitMode::Spin(SPIN))
-        .start(uffd, vec![region])?)
+    // SAFETY: the target is a mapping the bench touches only through raw
+    // pointers; no Rust reference covers it.
+    Ok(unsafe {
+        Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
+            .name(name)
+            .strategy(Strategy::Continue)
+            .content_in_place(content_in_place)
+            .granule(plan.granule)
+            .prefetch(plan.prefetch)
+            .wait(WaitMode::Spin(SPIN))
+            .start(uffd, vec![region])
+    }?)
 }
 
 /// MINOR + CONTINUE on shmem: the pager writes each granule through the
@@ -548,6 +554,12 @@ fn medians(rounds: &[Vec<Case>]) -> Vec<Case> {
                     .ratio_vs_copy
                     .map(|_| m(&|x| x.ratio_vs_copy.unwrap_or(0.0))),
                 order: c.order,
+                latency: crate::plot::merge(
+                    &same
+                        .iter()
+                        .map(|x| x.latency.as_slice())
+                        .collect::<Vec<_>>(),
+                ),
             }
         })
         .collect()
@@ -629,7 +641,7 @@ fn bench_round(
         len,
         progress,
     )?;
-    let copy_anon_64k = r;
+    let copy_anon_64k = r.clone();
     cases.push(case("sequential-readahead", mib, Order::Sequential, &r));
     let r = pager_tmpfs_continue(
         "sequential-continue-tmpfs",
@@ -764,4 +776,29 @@ pub fn run(config: &Config, progress: &ProgressLine) -> Result<Vec<Case>, BoxErr
         rounds.push(cases);
     }
     Ok(medians(&rounds))
+}
+
+/// `uffd bench`'s plot: the sampled touches of each case, one panel per
+/// touch order (cases without timed touches are left out).
+pub fn plot_panels(cases: &[Case]) -> Vec<crate::plot::Panel> {
+    [Order::Sequential, Order::Random]
+        .into_iter()
+        .filter_map(|order| {
+            let series: Vec<_> = cases
+                .iter()
+                .filter(|c| c.order == order && !c.latency.is_empty())
+                .map(|c| crate::plot::Distribution {
+                    label: c.name.clone(),
+                    buckets: c.latency.clone(),
+                })
+                .collect();
+            (!series.is_empty()).then(|| crate::plot::Panel::Latency {
+                title: format!(
+                    "time of one sampled touch, {} order, as the touching thread saw it (all rounds)",
+                    order.name()
+                ),
+                series,
+            })
+        })
+        .collect()
 }

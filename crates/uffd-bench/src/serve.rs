@@ -115,6 +115,8 @@ pub struct CaseReport {
     pub vcpus: usize,
     /// Restore-to-done (the VMM's touch time), seconds.
     pub seconds: Spread,
+    /// The same, each round in order.
+    pub seconds_per_round: Vec<f64>,
     /// Faults the server saw (median).
     pub faults: f64,
     /// Server context switches over the restore (median).
@@ -683,6 +685,7 @@ fn run_in(config: &Config, dir: &Path) -> Result<Report, BoxError> {
             case,
             vcpus,
             seconds: Spread::of(&rs.iter().map(|r| r.seconds).collect::<Vec<_>>()),
+            seconds_per_round: rs.iter().map(|r| r.seconds).collect(),
             faults: med(&|r| r.faults as f64),
             ctxt_switches: med(&ctxt),
             cpu_seconds: med(&|r| r.server.cpu_seconds),
@@ -743,6 +746,34 @@ fn run_in(config: &Config, dir: &Path) -> Result<Report, BoxError> {
         ratios,
         mismatched_pages,
     })
+}
+
+/// `uffd serve bench`'s plot: each case's restore-to-done per vCPU count.
+pub fn plot_panels(report: &Report) -> Vec<crate::plot::Panel> {
+    let series = CASES
+        .iter()
+        .map(|&case| crate::plot::RestoreTimes {
+            label: match case {
+                Case::Prefetch => "uffd serve --prefetch".to_string(),
+                Case::OnDemand => "uffd serve, on demand".to_string(),
+                Case::Baseline => "Firecracker-example-style handler".to_string(),
+            },
+            points: report
+                .cases
+                .iter()
+                .filter(|c| c.case == case)
+                .map(|c| (c.vcpus, c.seconds_per_round.clone()))
+                .collect(),
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    vec![crate::plot::Panel::Restores {
+        title: format!(
+            "restore-to-done of a VMM in another process touching {} pages (lower is faster)",
+            report.working_set_pages
+        ),
+        series,
+    }]
 }
 
 #[cfg(test)]

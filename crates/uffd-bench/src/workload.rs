@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::{Features, RegisterMode};
 use uffd_pager::{
-    AlignedAnon, Content, FileSource, Histogram, PageSource, Pager, Prefetch, Region, Strategy,
-    WaitMode,
+    Content, FileSource, Histogram, PageSource, Pager, Prefetch, Region, Strategy, WaitMode,
 };
 
 use crate::fixtures::shuffled;
@@ -89,7 +88,7 @@ pub const PLANS: [Plan; 5] = [
 /// How long a handler spins for the next message before sleeping.
 pub const SPIN: Duration = Duration::from_micros(200);
 /// Touches pages and times a sample of the touches.
-#[derive(Debug, Serialize, Clone, Copy)]
+#[derive(Debug, Serialize, Clone)]
 pub struct PhaseResult {
     /// Pages touched.
     pub pages: u64,
@@ -105,6 +104,9 @@ pub struct PhaseResult {
     pub p99_us: f64,
     /// Slowest sampled touch, µs.
     pub max_us: f64,
+    /// The sampled touches' whole distribution, for plots.
+    #[serde(skip)]
+    pub latency: Vec<uffd_pager::Bucket>,
 }
 
 /// The order pages are touched in.
@@ -175,6 +177,7 @@ pub(crate) fn touch(
         p90_us: s.p90_us,
         p99_us: s.p99_us,
         max_us: s.max_us,
+        latency: histogram.buckets(),
     }
 }
 
@@ -230,15 +233,15 @@ pub fn open_uffd(strategy: Strategy) -> Result<uffd::Uffd, uffd::Error> {
 /// For MOVE, asks for transparent huge pages on the target: a fault then
 /// reaches the handler before any page table is allocated, so a whole
 /// 2 MiB huge page can move in with one PMD update.
-pub fn prepare_target(target: &AlignedAnon, strategy: Strategy) -> std::io::Result<()> {
+pub fn prepare_target(target: &uffd::Mapping, strategy: Strategy) -> std::io::Result<()> {
     if strategy == Strategy::Move {
-        target.advise(rustix::mm::Advice::LinuxHugepage)?;
+        target.advise(0, target.len(), rustix::mm::Advice::LinuxHugepage)?;
     }
     Ok(())
 }
 
 /// Counts pages of `target` that differ from the file.
-pub(crate) fn verify(target: &AlignedAnon, source: &FileSource, len: u64) -> u64 {
+pub(crate) fn verify(target: &uffd::Mapping, source: &FileSource, len: u64) -> u64 {
     count_differing(source, len, |offset, got| {
         // SAFETY: `offset + got.len()` lies inside the target mapping,
         // fully installed by now; nothing writes it concurrently.
@@ -294,21 +297,25 @@ pub fn start_plan(
     source: &Arc<FileSource>,
     len: u64,
     threads: usize,
-) -> Result<(AlignedAnon, Pager, Instant), crate::BoxError> {
+) -> Result<(uffd::Mapping, Pager, Instant), crate::BoxError> {
     let uffd = open_uffd(plan.strategy)?;
-    let target = AlignedAnon::new(len as usize)?;
+    let target = uffd::Mapping::new(uffd::MemoryKind::Anon, len as usize)?;
     prepare_target(&target, plan.strategy)?;
     uffd.register(target.addr(), len, RegisterMode::MISSING)?;
     let started = Instant::now();
-    let pager = Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
-        .name(name)
-        .strategy(plan.strategy)
-        .granule(plan.granule)
-        .prefetch(plan.prefetch)
-        .background_fill(plan.fill)
-        .threads(threads)
-        .wait(WaitMode::Spin(SPIN))
-        .start(uffd, vec![Region::new(target.addr(), len, 0, 4096)])?;
+    // SAFETY: the target is a mapping the bench touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::clone(source) as Arc<dyn PageSource>)
+            .name(name)
+            .strategy(plan.strategy)
+            .granule(plan.granule)
+            .prefetch(plan.prefetch)
+            .background_fill(plan.fill)
+            .threads(threads)
+            .wait(WaitMode::Spin(SPIN))
+            .start(uffd, vec![Region::new(target.addr(), len, 0, 4096)])
+    }?;
     Ok((target, pager, started))
 }
 
@@ -324,6 +331,7 @@ impl PhaseResult {
             p90_us: 0.0,
             p99_us: 0.0,
             max_us: 0.0,
+            latency: Vec::new(),
         }
     }
 }

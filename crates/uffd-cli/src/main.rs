@@ -4,15 +4,23 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cmd;
+
+/// The version and the git revision it was built from (`build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("UFFD_GIT_REVISION"),
+    ")"
+);
 
 /// User-space paging for Linux with userfaultfd.
 ///
 /// Start with `uffd probe` to see what this kernel and this user may do.
 #[derive(Debug, Parser)]
-#[command(name = "uffd", version, about, long_about = None, propagate_version = true)]
+#[command(name = "uffd", version = VERSION, about, long_about = None, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +35,9 @@ enum Command {
     Serve(cmd::serve::Args),
     Compact(cmd::compact::Args),
     Snapshot(cmd::snapshot::Args),
+    PageServer(cmd::page_server::Args),
+    Completions(cmd::docs::CompletionsArgs),
+    Man(cmd::docs::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +50,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Compact(args) => cmd::compact::run(args),
         Command::Snapshot(args) => cmd::snapshot::run(args),
+        Command::PageServer(args) => cmd::page_server::run(args),
+        Command::Completions(args) => cmd::docs::completions(args, Cli::command()),
+        Command::Man(args) => cmd::docs::man(args, Cli::command()),
     };
     match result {
         Ok(code) => code,

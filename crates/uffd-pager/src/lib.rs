@@ -22,12 +22,14 @@
 //! | `engine/mod.rs` | [`Pager`], its builder, configuration checks, shared state |
 //! | `engine/events.rs` | handler threads: epoll wait, batched reads, REMOVE/UNMAP/REMAP/FORK |
 //! | `engine/resolve.rs` | one fault: page state, claims, readahead window, asynchronous reads |
-//! | `engine/install.rs` | fetch and resolving ioctls per [`Strategy`], POISON, the panic guard |
+//! | `engine/install.rs` | fetching claimed pages, runs of zero and data pages, POISON, the panic guard |
+//! | `engine/strategy/` | one file per [`Strategy`] (`copy`, `copy_wp`, `move`, `continue`): where the bytes go, the ioctl, what a fault on a filled page needs, what REMOVE means |
 //! | `engine/fill.rs`, `workingset.rs` | replay of a recorded working set, background fill |
 //! | `engine/lifecycle.rs`, `handover.rs` | shutdown, detach (drain), hand-over to another pager |
 //! | `wait.rs` | the epoll set and adaptive spinning |
 //! | `region.rs` | regions, the table of spans, per-page states |
-//! | `sigbus.rs` | [`SigbusPager`]: the faulting thread serves itself |
+//! | `sigbus/` | [`SigbusPager`]: the faulting thread serves itself (`mod.rs`); the process-wide handler and its table (`handler.rs`) |
+//! | `runs.rs`, `stop.rs` | runs of equal pages (one ioctl per run, engine and SIGBUS handler alike); the stop signal |
 //!
 //! ```
 //! use std::sync::Arc;
@@ -43,10 +45,12 @@
 //! let uffd = OpenOptions::new().user_mode_only(true).open()?;
 //! let regions = vec![Region::new(memory.addr(), memory.len() as u64, 0, 4096)];
 //! uffd_pager::register(&uffd, &regions, RegisterMode::MISSING)?;
-//! let pager = Pager::builder(Arc::new(MemorySource::new(snapshot.clone())))
+//! let builder = Pager::builder(Arc::new(MemorySource::new(snapshot.clone())))
 //!     .strategy(Strategy::Copy)
-//!     .prefetch(Prefetch::Readahead { max_bytes: 2 << 20 })
-//!     .start(uffd, regions)?;
+//!     .prefetch(Prefetch::Readahead { max_bytes: 2 << 20 });
+//! // SAFETY: `memory` is touched only through raw copies (Mapping hands out
+//! // no references), so nothing relies on what its missing pages hold.
+//! let pager = unsafe { builder.start(uffd, regions) }?;
 //! let mut restored = vec![0u8; snapshot.len()];
 //! memory.read(0, &mut restored); // faults, served by the pager
 //! assert_eq!(restored, snapshot);
@@ -61,11 +65,12 @@
 mod config;
 mod engine;
 mod handover;
-mod mem;
 mod region;
+mod runs;
 mod sigbus;
 pub mod source;
 mod stats;
+mod stop;
 mod wait;
 mod workingset;
 
@@ -75,7 +80,6 @@ pub use engine::{
     Progress, RegisteredRange, ShutdownHandle, StillRegistered,
 };
 pub use handover::{PageKind, PagerState, SpanState, StateError};
-pub use mem::AlignedAnon;
 pub use region::Region;
 pub use sigbus::{
     sigbus_handler_installed, SigbusError, SigbusPager, SigbusPagerBuilder, SigbusStats,
@@ -85,5 +89,6 @@ pub use source::{
     AsyncPageSource, AsyncSource, Content, Fetched, FileMode, FileSource, LayeredSource,
     MappedBytes, MemorySource, PageSource, ReadFuture, SourceError, ZeroSource,
 };
-pub use stats::{Histogram, LatencySummary, Stats};
+pub use stats::{panic_message, Bucket, Histogram, LatencySummary, Stats};
+pub use stop::StopSignal;
 pub use workingset::{WorkingSet, WorkingSetError};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 /// A range of the target's memory and where its bytes come from, as
 /// Firecracker describes guest memory: host virtual address in the target
 /// process, size, offset in the memory file, page size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Region {
     /// Start address in the target process (page aligned).
     pub start: u64,
@@ -17,6 +17,7 @@ pub struct Region {
     pub offset: u64,
     /// 4096, or 2 MiB for hugetlb memory.
     pub page_size: u64,
+    #[serde(skip)]
     alias: Option<usize>,
 }
 
@@ -58,6 +59,17 @@ impl Region {
     /// One past the last byte.
     pub fn end(&self) -> u64 {
         self.start + self.len
+    }
+
+    /// Whether `addr` lies in the region.
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.start && addr < self.end()
+    }
+
+    /// The source offset holding the byte at `addr` (which must be inside).
+    pub fn source_offset(&self, addr: u64) -> u64 {
+        debug_assert!(self.contains(addr));
+        self.offset + (addr - self.start)
     }
 
     pub(crate) fn validate(&self) -> Result<(), &'static str> {

@@ -88,6 +88,25 @@ impl Histogram {
         self.max_ns.load(Relaxed)
     }
 
+    /// The non-empty buckets in order: each bucket's smallest value and
+    /// width in nanoseconds, and how many durations fell in it (for plots
+    /// of the whole distribution).
+    pub fn buckets(&self) -> Vec<Bucket> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let count = b.load(Relaxed);
+                let (low_ns, width_ns) = bucket_bounds(i);
+                (count > 0).then_some(Bucket {
+                    low_ns,
+                    width_ns,
+                    count,
+                })
+            })
+            .collect()
+    }
+
     /// p50, p90, p99 and max, in microseconds.
     pub fn summary(&self) -> LatencySummary {
         let us = |ns: u64| ns as f64 / 1000.0;
@@ -99,6 +118,17 @@ impl Histogram {
             max_us: us(self.max_ns.load(Relaxed)),
         }
     }
+}
+
+/// One bucket of a [`Histogram`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Bucket {
+    /// The smallest duration in the bucket, ns.
+    pub low_ns: u64,
+    /// Its width, ns.
+    pub width_ns: u64,
+    /// Durations recorded in it.
+    pub count: u64,
 }
 
 /// Percentiles of a latency distribution.
@@ -225,6 +255,17 @@ impl Counters {
     }
 }
 
+/// The text of a panic payload, when it is one: what the engine logs when
+/// one of its threads panics, and what a server built on it logs for its
+/// own threads.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +296,24 @@ mod tests {
             );
             last = b;
         }
+    }
+
+    #[test]
+    fn buckets_hold_every_sample_where_it_belongs() {
+        let h = Histogram::default();
+        for ns in [3, 3, 1_000, 1_010, 250_000] {
+            h.record_ns(ns);
+        }
+        let b = h.buckets();
+        assert_eq!(b.iter().map(|b| b.count).sum::<u64>(), 5);
+        for ns in [3, 1_000, 1_010, 250_000] {
+            assert!(b
+                .iter()
+                .any(|b| b.low_ns <= ns && ns < b.low_ns + b.width_ns));
+        }
+        assert!(b
+            .windows(2)
+            .all(|w| w[0].low_ns + w[0].width_ns <= w[1].low_ns));
     }
 
     #[test]

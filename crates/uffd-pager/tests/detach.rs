@@ -43,10 +43,14 @@ fn detach_installs_every_page_and_the_target_reads_them_with_no_handler() {
     }
     let (uffd, ours, memory) = registered_with_vmm_copy();
     let (source, bytes) = pattern_source(LEN, 41);
-    let pager = Pager::builder(source)
-        .threads(2)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .threads(2)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     // Some pages touched, some ballooned away (REMOVE), most still missing.
     let m = Arc::clone(&memory);
     let touched = bounded("touching some pages", move || {
@@ -98,9 +102,13 @@ fn pages_not_installed_by_the_deadline_stay_registered_and_are_reported() {
     }
     let (uffd, ours, memory) = registered_with_vmm_copy();
     let source = Arc::new(GatedSource::new(LEN as u64, 4 * 4096));
-    let pager = Pager::builder(Arc::clone(&source) as Arc<dyn PageSource>)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::clone(&source) as Arc<dyn PageSource>)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     let m = Arc::clone(&memory);
     bounded("touching the first 4 pages", move || {
         for p in 0..4 {
@@ -143,10 +151,14 @@ fn detach_completes_faults_pending_when_it_is_called() {
     }
     let (uffd, ours, memory) = registered_with_vmm_copy();
     let source = Arc::new(GatedSource::new(LEN as u64, 0));
-    let pager = Pager::builder(Arc::clone(&source) as Arc<dyn PageSource>)
-        .threads(2)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::clone(&source) as Arc<dyn PageSource>)
+            .threads(2)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     let readers: Vec<_> = (0..6)
         .map(|t| {
             let m = Arc::clone(&memory);
@@ -229,17 +241,21 @@ fn a_page_the_source_cannot_produce_stays_poisoned_after_detach() {
         return;
     };
     drop(touched_w);
-    let pager = Pager::builder(Arc::new(FailingSource {
-        pages: PAGES,
-        bad: BAD,
-        transient: false,
-    }))
-    .source_retries(0)
-    .target_pid(pid)
-    .start(
-        uffd,
-        vec![Region::new(addr, (PAGES * 4096) as u64, 0, 4096)],
-    )
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::new(FailingSource {
+            pages: PAGES,
+            bad: BAD,
+            transient: false,
+        }))
+        .source_retries(0)
+        .target_pid(pid)
+        .start(
+            uffd,
+            vec![Region::new(addr, (PAGES * 4096) as u64, 0, 4096)],
+        )
+    }
     .unwrap();
     rustix::io::write(&go_w, &[1]).unwrap();
     let mut touched = [0u8; 1];

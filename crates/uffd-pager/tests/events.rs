@@ -16,9 +16,12 @@ fn removed_pages_read_as_zero_afterwards() {
     let uffd = open(Features::EVENT_REMOVE);
     let memory = anon_registered(&uffd, LEN);
     let (source, bytes) = pattern_source(LEN, 21);
-    let pager = Pager::builder(source)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source).start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     assert_same(&read_all(&memory, "first read"), &bytes, "before REMOVE");
     // A balloon gives pages 16..32 back.
     memory
@@ -47,16 +50,18 @@ fn unmapped_ranges_are_no_longer_served() {
         return;
     }
     // A raw mapping: part of it is unmapped by the test.
-    let memory = uffd_pager::AlignedAnon::new(LEN).unwrap();
+    let memory = uffd::Mapping::new(uffd::MemoryKind::Anon, LEN).unwrap();
     let base = memory.addr();
     uffd.register(base, LEN as u64, RegisterMode::MISSING)
         .unwrap();
     let (source, bytes) = pattern_source(LEN, 23);
-    let pager = Pager::builder(source)
-        .start(uffd, vec![Region::new(base, LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager =
+        unsafe { Pager::builder(source).start(uffd, vec![Region::new(base, LEN as u64, 0, 4096)]) }
+            .unwrap();
     // SAFETY: unmapping the middle of our own mapping; nothing refers to it
-    // (the AlignedAnon's own munmap at drop tolerates the hole).
+    // (the uffd::Mapping's own munmap at drop tolerates the hole).
     unsafe { rustix::mm::munmap((base + 64 * 4096) as *mut _, 64 * 4096) }.unwrap();
     // The rest is still served.
     let value = bounded("reading past the hole", move || {
@@ -79,14 +84,17 @@ fn remapped_ranges_keep_their_source_offsets() {
         uffd_testkit::skip(uffd_testkit::Need::Feature, format_args!("no EVENT_REMAP"));
         return;
     }
-    let old = uffd_pager::AlignedAnon::new(LEN).unwrap();
-    let new = uffd_pager::AlignedAnon::new(LEN).unwrap();
+    let old = uffd::Mapping::new(uffd::MemoryKind::Anon, LEN).unwrap();
+    let new = uffd::Mapping::new(uffd::MemoryKind::Anon, LEN).unwrap();
     uffd.register(old.addr(), LEN as u64, RegisterMode::MISSING)
         .unwrap();
     let (source, bytes) = pattern_source(LEN, 29);
-    let pager = Pager::builder(source)
-        .start(uffd, vec![Region::new(old.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source).start(uffd, vec![Region::new(old.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     // Touch one page, then move the whole range onto `new`.
     let first = old.addr();
     let v = bounded("reading before mremap", move || {
@@ -95,7 +103,7 @@ fn remapped_ranges_keep_their_source_offsets() {
     });
     assert_eq!(v, bytes[5]);
     // SAFETY: moving our own mapping onto another of our own; neither is
-    // referenced (both AlignedAnon drops then unmap whatever is there).
+    // referenced (both uffd::Mapping drops then unmap whatever is there).
     unsafe {
         rustix::mm::mremap_fixed(
             old.as_ptr().cast(),
@@ -136,9 +144,12 @@ fn a_forked_child_is_served_through_its_own_userfaultfd() {
     }
     let memory = anon_registered(&uffd, LEN);
     let (source, bytes) = pattern_source(LEN, 31);
-    let pager = Pager::builder(source)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source).start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     // The parent touches the first page only.
     assert_eq!(memory.read_byte(1), bytes[1]);
     // What the child must see on every page: the first word of each page.

@@ -40,14 +40,18 @@ fn run_remote_target(source: Arc<dyn PageSource>, first_byte: u8) -> Option<(i32
         let _ = m.read_byte(BAD * 4096); // SIGBUS expected here
         Some(3)
     })?;
-    let pager = Pager::builder(source)
-        .source_retries(2)
-        .target_pid(pid)
-        .start(
-            uffd,
-            vec![Region::new(addr, (PAGES * 4096) as u64, 0, 4096)],
-        )
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .source_retries(2)
+            .target_pid(pid)
+            .start(
+                uffd,
+                vec![Region::new(addr, (PAGES * 4096) as u64, 0, 4096)],
+            )
+    }
+    .unwrap();
     rustix::io::write(&go_w, &[1]).unwrap();
     let status = wait_child(pid);
     assert!(
@@ -147,13 +151,15 @@ fn a_handler_that_panicked_serves_the_next_faults() {
     // page BAD (in write(2)) and get EFAULT instead of this test SIGBUS.
     let uffd = uffd::OpenOptions::new().non_blocking(true).open().unwrap();
     let memory = anon_registered(&uffd, PAGES * 4096);
-    let pager = Pager::builder(Arc::new(PanickingSource))
-        .threads(1)
-        .start(
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::new(PanickingSource)).threads(1).start(
             uffd,
             vec![Region::new(memory.addr(), (PAGES * 4096) as u64, 0, 4096)],
         )
-        .unwrap();
+    }
+    .unwrap();
     let (_r, w) = pipe();
     let bad = memory.addr() + (BAD * 4096) as u64;
     let written = bounded("write(2) from the page whose read panics", move || {

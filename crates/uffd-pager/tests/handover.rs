@@ -22,10 +22,14 @@ fn a_resumed_pager_keeps_present_removed_and_recorded_pages() {
     let memory = anon_registered(&uffd, LEN);
     let (source, bytes) = pattern_source(LEN, 71);
     let regions = vec![Region::new(memory.addr(), LEN as u64, 0, 4096)];
-    let first = Pager::builder(Arc::clone(&source))
-        .record(true)
-        .start(uffd, regions)
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let first = unsafe {
+        Pager::builder(Arc::clone(&source))
+            .record(true)
+            .start(uffd, regions)
+    }
+    .unwrap();
     // The first pager serves the first half; a balloon removes 8 pages of it
     // and 8 pages of the second half, which nobody touched yet.
     let mut half = vec![0u8; LEN / 2];
@@ -48,10 +52,9 @@ fn a_resumed_pager_keeps_present_removed_and_recorded_pages() {
 
     // The state survives the wire (the server sends it as JSON).
     let state: PagerState = serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
-    let second = Pager::builder(source)
-        .record(true)
-        .resume(uffd, state)
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let second = unsafe { Pager::builder(source).record(true).resume(uffd, state) }.unwrap();
     let mut want = bytes.clone();
     want[16 * 4096..24 * 4096].fill(0);
     want[200 * 4096..208 * 4096].fill(0);
@@ -86,9 +89,13 @@ fn a_fault_waiting_during_the_hand_over_is_served_by_the_next_pager() {
     // Reads of the second half wait at the gate: a fault stays pending in
     // the first pager while it hands over.
     let gated = Arc::new(GatedSource::new(LEN as u64, (LEN / 2) as u64));
-    let first = Pager::builder(Arc::clone(&gated) as _)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let first = unsafe {
+        Pager::builder(Arc::clone(&gated) as _)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     let m = Arc::clone(&memory);
     let reader = std::thread::spawn(move || m.read_byte(LEN / 2 + 5));
     wait_for_missing_faults(&first, 1);
@@ -103,7 +110,9 @@ fn a_fault_waiting_during_the_hand_over_is_served_by_the_next_pager() {
     };
     let uffd_pager::HandedOver { uffd, state, .. } = first.hand_over().unwrap();
     opener.join().unwrap();
-    let second = Pager::builder(gated).resume(uffd, state).unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let second = unsafe { Pager::builder(gated).resume(uffd, state) }.unwrap();
     let got = bounded("the reader", move || reader.join().unwrap());
     assert_eq!(got, 0x5A);
     second.shutdown();
@@ -127,6 +136,8 @@ fn a_state_that_does_not_cover_its_span_is_refused() {
         }],
         recorded: Vec::new(),
     };
-    let e = Pager::builder(source).resume(uffd, state).unwrap_err();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let e = unsafe { Pager::builder(source).resume(uffd, state) }.unwrap_err();
     assert!(e.to_string().contains("do not cover"), "{e}");
 }

@@ -19,11 +19,15 @@ fn sequential_readahead_needs_fewer_faults_than_pages() {
     let uffd = open(Features::EVENT_REMOVE);
     let memory = anon_registered(&uffd, LEN);
     let (source, bytes) = pattern_source(LEN, 61);
-    let pager = Pager::builder(source)
-        .granule(16 << 10)
-        .prefetch(Prefetch::Readahead { max_bytes: 1 << 20 })
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .granule(16 << 10)
+            .prefetch(Prefetch::Readahead { max_bytes: 1 << 20 })
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     assert_same(&read_all(&memory, "sequential read"), &bytes, "readahead");
     let stats = pager.shutdown();
     assert!(stats.prefetched_pages > 0, "{stats:?}");
@@ -42,10 +46,14 @@ fn background_fill_installs_everything() {
     let uffd = open(Features::EVENT_REMOVE);
     let memory = anon_registered(&uffd, LEN);
     let (source, bytes) = pattern_source(LEN, 67);
-    let pager = Pager::builder(source)
-        .background_fill(true)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .background_fill(true)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     assert!(pager.wait_filled(LIMIT), "the fill did not finish");
     let progress = pager.progress();
     assert_eq!(progress.installed_pages, progress.total_pages);
@@ -72,10 +80,14 @@ fn working_set_is_recorded_saved_and_replayed() {
     let recorded = {
         let uffd = open(Features::EVENT_REMOVE);
         let memory = anon_registered(&uffd, LEN);
-        let pager = Pager::builder(Arc::clone(&source))
-            .record(true)
-            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-            .unwrap();
+        // SAFETY: the regions are a mapping this test touches only through raw
+        // pointers; no Rust reference covers it.
+        let pager = unsafe {
+            Pager::builder(Arc::clone(&source))
+                .record(true)
+                .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+        }
+        .unwrap();
         let m = Arc::clone(&memory);
         bounded("touching the working set", move || {
             for p in touched {
@@ -96,10 +108,14 @@ fn working_set_is_recorded_saved_and_replayed() {
     // Replay into a restore at another address.
     let uffd = open(Features::EVENT_REMOVE);
     let memory = anon_registered(&uffd, LEN);
-    let pager = Pager::builder(source)
-        .replay(Some(loaded))
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .replay(Some(loaded))
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     assert!(
         pager.wait_filled(Duration::from_secs(30)),
         "replay did not finish"
@@ -162,10 +178,14 @@ fn a_fault_on_a_page_the_fill_claimed_is_served_at_once() {
     let uffd = open(Features::EVENT_REMOVE);
     let memory = anon_registered(&uffd, len);
     let source = Arc::new(BlockedBatches::default());
-    let pager = Pager::builder(Arc::clone(&source) as Arc<dyn uffd_pager::PageSource>)
-        .background_fill(true)
-        .start(uffd, vec![Region::new(memory.addr(), len as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::clone(&source) as Arc<dyn uffd_pager::PageSource>)
+            .background_fill(true)
+            .start(uffd, vec![Region::new(memory.addr(), len as u64, 0, 4096)])
+    }
+    .unwrap();
     // The fill claims the first 2 MiB and waits in its read.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while source.batches_started.load(SeqCst) == 0 {

@@ -295,22 +295,11 @@ fn child_body(mode: &str) {
     match mode {
         "truncated-mapping" => {
             // A genuine bus error: reading past the end of a shrunk file mapping.
-            // SAFETY: a fresh shared read-only mapping of our file.
-            let map = unsafe {
-                rustix::mm::mmap(
-                    std::ptr::null_mut(),
-                    bytes.len(),
-                    rustix::mm::ProtFlags::READ,
-                    rustix::mm::MapFlags::SHARED,
-                    &file,
-                    0,
-                )
-            }
-            .unwrap();
+            let map = uffd::FileMapping::read_only(&file, bytes.len(), true).unwrap();
             file.set_len(0).unwrap();
             let _ = std::fs::remove_file(&path);
             // SAFETY: inside the mapping; the read raises SIGBUS.
-            let v = unsafe { map.cast::<u8>().add(8192).read_volatile() };
+            let v = unsafe { map.as_ptr().add(8192).read_volatile() };
             println!("survived a truncated mapping, read {v}");
         }
         "short-source" => {

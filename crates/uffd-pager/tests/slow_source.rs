@@ -71,10 +71,14 @@ fn sixty_four_faults_on_a_10ms_source_wait_for_about_one_read() {
         fail_page: None,
     });
     let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
-    let pager = Pager::builder(source)
-        .threads(1)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .threads(1)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     let started = Instant::now();
     let readers: Vec<_> = (0..PAGES)
         .map(|i| {
@@ -117,10 +121,14 @@ fn a_failing_read_poisons_only_its_page() {
         fail_page: Some(40),
     });
     let source = Arc::new(AsyncSource::new(slow).unwrap());
-    let pager = Pager::builder(source)
-        .granule(64 << 10)
-        .start(uffd, vec![Region::new(memory.addr(), 64 * 4096, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .granule(64 << 10)
+            .start(uffd, vec![Region::new(memory.addr(), 64 * 4096, 0, 4096)])
+    }
+    .unwrap();
     // A neighbour sharing the bad page's 64 KiB granule (granules are
     // aligned by address, and where the mapping lands varies): the batch
     // read fails, then each page is asked for alone.

@@ -18,10 +18,14 @@ const LEN: usize = 1 << 20;
 fn serve(source: Arc<dyn PageSource>, granule: u64) -> (Vec<u8>, u64) {
     let uffd = open(Features::EVENT_REMOVE);
     let memory = anon_registered(&uffd, LEN);
-    let pager = Pager::builder(source)
-        .granule(granule)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .granule(granule)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     let got = read_all(&memory, "reading served memory");
     (got, pager.shutdown().pages_zero)
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use common::*;
 use uffd::{Features, Mapping, MemoryKind, RegisterMode, Uffd};
-use uffd_pager::{AlignedAnon, MemorySource, Pager, Prefetch, Region, Strategy, WaitMode};
+use uffd_pager::{MemorySource, Pager, Prefetch, Region, Strategy, WaitMode};
 
 const LEN: usize = 4 << 20;
 
@@ -17,10 +17,14 @@ fn copy_with_granule(granule: u64) {
     let uffd = open(Features::EVENT_REMOVE);
     let memory = anon_registered(&uffd, LEN);
     let (source, bytes) = pattern_source(LEN, granule);
-    let pager = Pager::builder(source)
-        .granule(granule)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .expect("start pager");
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .granule(granule)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .expect("start pager");
     let got = read_all(&memory, "reading lazily restored memory");
     assert_same(&got, &bytes, "copy");
     let stats = pager.shutdown();
@@ -56,10 +60,14 @@ fn zero_pages_are_mapped_without_copying() {
     for block in bytes.chunks_mut(64 << 10).step_by(2) {
         block.fill(0);
     }
-    let pager = Pager::builder(Arc::new(MemorySource::new(bytes.clone())))
-        .granule(64 << 10)
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::new(MemorySource::new(bytes.clone())))
+            .granule(64 << 10)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     assert_same(&read_all(&memory, "reading"), &bytes, "zero mix");
     let stats = pager.shutdown();
     assert_eq!(stats.pages_zero, (LEN / 4096 / 2) as u64, "{stats:?}");
@@ -75,15 +83,19 @@ fn move_from_staging() {
     for granule in [4096u64, 64 << 10, 2 << 20] {
         let uffd = open(Features::MOVE);
         // 2 MiB aligned so whole huge pages can move.
-        let target = Arc::new(AlignedAnon::new(LEN).unwrap());
+        let target = Arc::new(uffd::Mapping::new(uffd::MemoryKind::Anon, LEN).unwrap());
         uffd.register(target.addr(), LEN as u64, RegisterMode::MISSING)
             .unwrap();
         let (source, bytes) = pattern_source(LEN, 7 + granule);
-        let pager = Pager::builder(source)
-            .strategy(Strategy::Move)
-            .granule(granule)
-            .start(uffd, vec![Region::new(target.addr(), LEN as u64, 0, 4096)])
-            .unwrap();
+        // SAFETY: the regions are a mapping this test touches only through raw
+        // pointers; no Rust reference covers it.
+        let pager = unsafe {
+            Pager::builder(source)
+                .strategy(Strategy::Move)
+                .granule(granule)
+                .start(uffd, vec![Region::new(target.addr(), LEN as u64, 0, 4096)])
+        }
+        .unwrap();
         let t = Arc::clone(&target);
         let got = bounded("reading moved memory", move || {
             let mut buf = vec![0u8; LEN];
@@ -140,11 +152,15 @@ fn minor_continue_on_shmem_through_the_alias() {
     let region = unsafe {
         Region::new(memory.addr(), LEN as u64, 0, 4096).with_alias(memory.alias_ptr().unwrap())
     };
-    let pager = Pager::builder(source)
-        .strategy(Strategy::Continue)
-        .granule(64 << 10)
-        .start(uffd, vec![region])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .strategy(Strategy::Continue)
+            .granule(64 << 10)
+            .start(uffd, vec![region])
+    }
+    .unwrap();
     assert_same(&read_all(&memory, "reading shmem"), &bytes, "continue");
     let stats = pager.shutdown();
     assert_eq!(stats.pages_continued, (LEN / 4096) as u64, "{stats:?}");
@@ -205,13 +221,17 @@ fn minor_continue_with_content_in_place_maps_without_copying() {
     let region = unsafe {
         Region::new(memory.addr(), LEN as u64, 0, 4096).with_alias(memory.alias_ptr().unwrap())
     };
-    let pager = Pager::builder(Arc::new(UnreadableSource(LEN as u64)))
-        .strategy(Strategy::Continue)
-        .content_in_place(true)
-        .granule(64 << 10)
-        .prefetch(Prefetch::Readahead { max_bytes: 2 << 20 })
-        .start(uffd, vec![region])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(Arc::new(UnreadableSource(LEN as u64)))
+            .strategy(Strategy::Continue)
+            .content_in_place(true)
+            .granule(64 << 10)
+            .prefetch(Prefetch::Readahead { max_bytes: 2 << 20 })
+            .start(uffd, vec![region])
+    }
+    .unwrap();
     assert_same(&read_all(&memory, "reading shmem"), &bytes, "in place");
     let stats = pager.shutdown();
     assert!(stats.pages_continued > 0, "{stats:?}");
@@ -224,12 +244,16 @@ fn content_in_place_needs_continue() {
     if !uffd_testkit::user_uffd() {
         return;
     }
-    let memory = AlignedAnon::new(1 << 20).unwrap();
+    let memory = uffd::Mapping::new(uffd::MemoryKind::Anon, 1 << 20).unwrap();
     let uffd = open(Features::empty());
     let (source, _) = pattern_source(1 << 20, 1);
-    let r = Pager::builder(source)
-        .content_in_place(true)
-        .start(uffd, vec![Region::new(memory.addr(), 1 << 20, 0, 4096)]);
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let r = unsafe {
+        Pager::builder(source)
+            .content_in_place(true)
+            .start(uffd, vec![Region::new(memory.addr(), 1 << 20, 0, 4096)])
+    };
     assert!(r.is_err(), "content_in_place with Copy must be refused");
 }
 
@@ -254,12 +278,15 @@ fn hugetlb_2m_pages_by_copy_and_by_continue() {
             .unwrap();
         let mut bytes = pattern(len, 5);
         bytes[..2 << 20].fill(0); // one zero huge page
-        let pager = Pager::builder(Arc::new(MemorySource::new(bytes.clone())))
-            .start(
+                                  // SAFETY: the regions are a mapping this test touches only through raw
+                                  // pointers; no Rust reference covers it.
+        let pager = unsafe {
+            Pager::builder(Arc::new(MemorySource::new(bytes.clone()))).start(
                 uffd,
                 vec![Region::new(memory.addr(), len as u64, 0, 2 << 20)],
             )
-            .unwrap();
+        }
+        .unwrap();
         assert_same(
             &read_all(&memory, "reading hugetlb"),
             &bytes,
@@ -281,10 +308,14 @@ fn hugetlb_2m_pages_by_copy_and_by_continue() {
         let region = unsafe {
             Region::new(memory.addr(), 2 << 20, 0, 2 << 20).with_alias(memory.alias_ptr().unwrap())
         };
-        let pager = Pager::builder(Arc::new(MemorySource::new(bytes.clone())))
-            .strategy(Strategy::Continue)
-            .start(uffd, vec![region])
-            .unwrap();
+        // SAFETY: the regions are a mapping this test touches only through raw
+        // pointers; no Rust reference covers it.
+        let pager = unsafe {
+            Pager::builder(Arc::new(MemorySource::new(bytes.clone())))
+                .strategy(Strategy::Continue)
+                .start(uffd, vec![region])
+        }
+        .unwrap();
         assert_same(
             &read_all(&memory, "reading hugetlb shared"),
             &bytes,
@@ -317,11 +348,15 @@ fn copy_wp_tracks_dirty_pages() {
     )
     .unwrap();
     let (source, bytes) = pattern_source(LEN, 13);
-    let pager = Pager::builder(source)
-        .strategy(Strategy::CopyWp)
-        .wait(WaitMode::Spin(std::time::Duration::from_micros(20)))
-        .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .strategy(Strategy::CopyWp)
+            .wait(WaitMode::Spin(std::time::Duration::from_micros(20)))
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
     assert_same(&read_all(&memory, "reading"), &bytes, "copy-wp");
     let m = Arc::clone(&memory);
     bounded("writing pages 3 and 700", move || {
@@ -344,16 +379,20 @@ fn many_threads_on_one_page_are_served_once() {
     }
     let uffd = open(Features::EVENT_REMOVE);
     // 64 KiB aligned, so the two touched pages share one granule.
-    let memory = Arc::new(AlignedAnon::new(64 << 10).unwrap());
+    let memory = Arc::new(uffd::Mapping::new(uffd::MemoryKind::Anon, 64 << 10).unwrap());
     uffd.register(memory.addr(), 64 << 10, RegisterMode::MISSING)
         .unwrap();
     let (source, bytes) = pattern_source(64 << 10, 17);
-    let pager = Pager::builder(source)
-        .threads(2)
-        .granule(64 << 10)
-        .prefetch(Prefetch::None)
-        .start(uffd, vec![Region::new(memory.addr(), 64 << 10, 0, 4096)])
-        .unwrap();
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .threads(2)
+            .granule(64 << 10)
+            .prefetch(Prefetch::None)
+            .start(uffd, vec![Region::new(memory.addr(), 64 << 10, 0, 4096)])
+    }
+    .unwrap();
     let m = Arc::clone(&memory);
     let values = bounded("8 threads reading the same pages", move || {
         let readers: Vec<_> = (0..8)

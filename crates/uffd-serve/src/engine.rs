@@ -9,6 +9,9 @@
 //! Firecracker's example on-demand handler is `uffd-bench`'s
 //! `OneByOneEngine`, behind this same trait.
 
+// Handing a VMM's memory to the pager is `unsafe` (see `Engine::start`).
+#![allow(unsafe_code)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +40,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// Starts serving `regions` of the VMM (process `pid`, watched through
     /// `pidfd`, the one watcher of this VM) behind `uffd`.
+    ///
+    /// `uffd` and `regions` are what a VMM sent in its handshake: its own
+    /// memory, which no Rust reference of this process covers (a VMM in
+    /// another process; in tests, one in this process that touches its
+    /// memory only through raw copies, as [`uffd::Mapping`] does). That is
+    /// what makes serving it sound (see `PagerBuilder::start`).
     fn start(
         &self,
         uffd: Uffd,
@@ -196,13 +205,10 @@ impl Engine for PagerEngine {
         pid: i32,
         pidfd: OwnedFd,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
-        let pager = self.builder(regions[0].page_size, pid, pidfd).start(
-            uffd,
-            regions
-                .iter()
-                .map(|r| uffd_pager::Region::new(r.base, r.size, r.offset, r.page_size))
-                .collect(),
-        )?;
+        let builder = self.builder(regions[0].page_size, pid, pidfd);
+        // SAFETY: the VMM's memory, sent in its handshake, which no Rust
+        // reference of this process covers (this trait method's contract).
+        let pager = unsafe { builder.start(uffd, regions.to_vec()) }?;
         Ok(self.running(pager))
     }
 
@@ -218,7 +224,10 @@ impl Engine for PagerEngine {
         page_size: u64,
         state: PagerState,
     ) -> Result<Box<dyn RunningVm>, EngineError> {
-        let pager = self.builder(page_size, pid, pidfd).resume(uffd, state)?;
+        let builder = self.builder(page_size, pid, pidfd);
+        // SAFETY: as in `start`: a VMM's memory that a previous server
+        // handed over.
+        let pager = unsafe { builder.resume(uffd, state) }?;
         Ok(self.running(pager))
     }
 }

@@ -55,7 +55,7 @@ impl Handshake {
 
     /// Total guest memory in bytes.
     pub fn total_size(&self) -> u64 {
-        self.regions.iter().map(|r| r.size).sum()
+        self.regions.iter().map(|r| r.len).sum()
     }
 }
 

@@ -38,43 +38,19 @@ pub struct GuestRegionUffdMapping {
     pub page_size_kib: Option<u64>,
 }
 
-/// A region that passed every check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Region {
-    /// Start in the VMM's address space (page aligned).
-    pub base: u64,
-    /// Length in bytes (a whole number of pages).
-    pub size: u64,
-    /// Start of its contents in the memory file (page aligned).
-    pub offset: u64,
-    /// 4 KiB or 2 MiB.
-    pub page_size: u64,
-}
+/// A region that passed every check: the pager's own region type, so the
+/// handshake hands the engine exactly what it validated.
+pub use uffd_pager::Region;
 
-impl Region {
-    /// One past the last address.
-    pub fn end(&self) -> u64 {
-        self.base + self.size
-    }
-
-    /// Whether `addr` lies in the region.
-    pub fn contains(&self, addr: u64) -> bool {
-        addr >= self.base && addr < self.end()
-    }
-
-    /// The file offset holding the byte at `addr` (which must be inside).
-    pub fn file_offset(&self, addr: u64) -> u64 {
-        self.offset + (addr - self.base)
-    }
-
+impl From<&Region> for GuestRegionUffdMapping {
     /// The message entry Firecracker would send for this region.
-    pub fn to_mapping(&self) -> GuestRegionUffdMapping {
+    fn from(region: &Region) -> GuestRegionUffdMapping {
         GuestRegionUffdMapping {
-            base_host_virt_addr: self.base,
-            size: self.size,
-            offset: self.offset,
-            page_size: Some(self.page_size),
-            page_size_kib: Some(self.page_size),
+            base_host_virt_addr: region.start,
+            size: region.len,
+            offset: region.offset,
+            page_size: Some(region.page_size),
+            page_size_kib: Some(region.page_size),
         }
     }
 }
@@ -239,14 +215,14 @@ pub fn validate(
             other: other.page_size,
         });
     }
-    checked.sort_by_key(|(_, r)| r.base);
+    checked.sort_by_key(|(_, r)| r.start);
     for pair in checked.windows(2) {
         let ((i, a), (j, b)) = (pair[0], pair[1]);
-        if b.base < a.end() {
+        if b.start < a.end() {
             return Err(MessageError::Overlap {
                 first: i.min(j),
                 second: i.max(j),
-                overlap_start: b.base,
+                overlap_start: b.start,
             });
         }
     }
@@ -290,17 +266,17 @@ fn check_region(raw: &GuestRegionUffdMapping, file_len: u64) -> Result<Region, R
     if end > file_len {
         return Err(RegionProblem::PastEndOfFile { end, file_len });
     }
-    Ok(Region {
-        base: raw.base_host_virt_addr,
-        size: raw.size,
-        offset: raw.offset,
+    Ok(Region::new(
+        raw.base_host_virt_addr,
+        raw.size,
+        raw.offset,
         page_size,
-    })
+    ))
 }
 
 /// Encodes regions as the one JSON message Firecracker sends.
 pub fn encode_message(regions: &[Region]) -> Vec<u8> {
-    let mappings: Vec<_> = regions.iter().map(Region::to_mapping).collect();
+    let mappings: Vec<_> = regions.iter().map(GuestRegionUffdMapping::from).collect();
     serde_json::to_vec(&mappings).expect("plain structs always serialise")
 }
 
@@ -330,7 +306,7 @@ mod tests {
         let text = br#"[{"base_host_virt_addr":140000000000000,"size":8192,"offset":0,"page_size":4096,"page_size_kib":4096}]"#;
         let regions = parse_message(text).unwrap().unwrap();
         let valid = validate(&regions, 8192).unwrap();
-        assert_eq!(valid[0].base, 140000000000000 & !4095);
+        assert_eq!(valid[0].start, 140000000000000 & !4095);
         assert_eq!(valid[0].page_size, 4096);
     }
 
@@ -343,12 +319,7 @@ mod tests {
 
     #[test]
     fn prefixes_wait_for_more_and_garbage_is_malformed() {
-        let full = encode_message(&[Region {
-            base: 4096,
-            size: 4096,
-            offset: 0,
-            page_size: 4096,
-        }]);
+        let full = encode_message(&[Region::new(4096, 4096, 0, 4096)]);
         for cut in 0..full.len() {
             assert_eq!(
                 parse_message(&full[..cut]),
@@ -465,6 +436,6 @@ mod tests {
             8192,
         )
         .unwrap();
-        assert_eq!(sorted[0].base, 0x10000);
+        assert_eq!(sorted[0].start, 0x10000);
     }
 }

@@ -122,12 +122,8 @@ impl HandOver {
     /// process, whose contents live at `offset` in the memory file, mapped
     /// with pages of `page_size` bytes (4096, or 2 MiB for hugetlbfs).
     pub fn region(mut self, base: u64, size: u64, offset: u64, page_size: u64) -> Self {
-        self.regions.push(Region {
-            base,
-            size,
-            offset,
-            page_size,
-        });
+        self.regions
+            .push(Region::new(base, size, offset, page_size));
         self
     }
 
@@ -155,10 +151,10 @@ impl HandOver {
             .open()
             .map_err(HandOverError::CreateUffd)?;
         for r in &self.regions {
-            uffd.register(r.base, r.size, RegisterMode::MISSING)
+            uffd.register(r.start, r.len, RegisterMode::MISSING)
                 .map_err(|source| HandOverError::Register {
-                    base: r.base,
-                    size: r.size,
+                    base: r.start,
+                    size: r.len,
                     source,
                 })?;
         }

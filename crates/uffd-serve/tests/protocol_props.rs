@@ -12,18 +12,18 @@ use uffd_serve::protocol::{
 fn check_accepted(regions: &[Region], file_len: u64) {
     for r in regions {
         assert!(r.page_size == 4096 || r.page_size == 2 << 20);
-        assert!(r.size > 0 && r.size % r.page_size == 0);
-        assert_eq!(r.base % r.page_size, 0);
+        assert!(r.len > 0 && r.len % r.page_size == 0);
+        assert_eq!(r.start % r.page_size, 0);
         assert_eq!(r.offset % r.page_size, 0);
         assert!(r
-            .base
-            .checked_add(r.size)
+            .start
+            .checked_add(r.len)
             .is_some_and(|e| e <= USER_SPACE_END));
-        assert!(r.offset.checked_add(r.size).is_some_and(|e| e <= file_len));
+        assert!(r.offset.checked_add(r.len).is_some_and(|e| e <= file_len));
     }
     for pair in regions.windows(2) {
         assert!(
-            pair[0].base + pair[0].size <= pair[1].base,
+            pair[0].start + pair[0].len <= pair[1].start,
             "overlap accepted"
         );
     }
@@ -95,7 +95,7 @@ proptest! {
         cut in any::<proptest::sample::Index>(),
     ) {
         let regions: Vec<Region> = (0..count)
-            .map(|i| Region { base: (i + 1) << 30, size: 1 << 20, offset: i << 20, page_size: 4096 })
+            .map(|i| Region::new((i + 1) << 30, 1 << 20, i << 20, 4096))
             .collect();
         let message = encode_message(&regions);
         let whole = validate(&parse_message(&message).unwrap().unwrap(), count << 20).unwrap();

@@ -251,3 +251,42 @@ impl PageSource for FailingSource {
         )
     }
 }
+
+/// The stand-in VMM (`uffd-standin-vmm`, a binary of the uffd-serve
+/// package) for tests of other packages: Cargo sets `CARGO_BIN_EXE_*` only
+/// for a package's own binaries, so it is built (a no-op when up to date)
+/// with the cargo that builds the test (`cargo`: `env!("CARGO")`), in the
+/// same profile as `next_to` (a binary of the test's package, such as
+/// `env!("CARGO_BIN_EXE_uffd")`), from `manifest_dir`, and located from
+/// cargo's report.
+pub fn standin_vmm(cargo: &str, next_to: &Path, manifest_dir: &str) -> PathBuf {
+    let mut build = std::process::Command::new(cargo);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "uffd-serve",
+        "--bin",
+        "uffd-standin-vmm",
+        "--message-format=json",
+    ]);
+    if next_to.parent().and_then(Path::file_name) == Some("release".as_ref()) {
+        build.arg("--release");
+    }
+    let out = build
+        .current_dir(manifest_dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running cargo to build uffd-standin-vmm");
+    assert!(out.status.success(), "building uffd-standin-vmm failed");
+    // Cargo's JSON messages: the artifact line of the binary names it.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"name\":\"uffd-standin-vmm\"") && l.contains("\"executable\":\""))
+        .find_map(|l| {
+            let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = start + l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..end]))
+        })
+        .expect("cargo reported no uffd-standin-vmm executable")
+}

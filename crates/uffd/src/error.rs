@@ -215,6 +215,17 @@ pub enum Error {
     },
 }
 
+/// For callers whose errors are `std::io::Error`: the kind follows the
+/// errno, the message stays ours.
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> std::io::Error {
+        let kind = e.errno().map_or(std::io::ErrorKind::Other, |errno| {
+            std::io::Error::from_raw_os_error(errno.raw_os_error()).kind()
+        });
+        std::io::Error::new(kind, e)
+    }
+}
+
 impl Error {
     /// The errno behind this error, if there is one.
     pub fn errno(&self) -> Option<Errno> {

@@ -78,7 +78,7 @@ pub use hugepages::{
     free_hugepages, free_hugepages_of, hugepage_size_supported, nr_hugepages, nr_hugepages_of,
     HugepageReservation, SettingLock,
 };
-pub use memory::{Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE};
+pub use memory::{FileMapping, Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use open::{api, open_with, probe, probe_with, raw_api, ApiInfo, OpenMethod, OpenOptions};
 pub use outcome::{Outcome, Resolved};
 pub use pagemap::Pagemap;

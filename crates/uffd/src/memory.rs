@@ -166,23 +166,9 @@ impl Mapping {
         let page = kind.page_size();
         let len = len.div_ceil(page).max(1) * page;
         if kind == MemoryKind::Anon {
-            // SAFETY: a fresh anonymous mapping at an address the kernel
-            // chooses aliases nothing.
-            let ptr = unsafe {
-                rustix::mm::mmap_anonymous(
-                    core::ptr::null_mut(),
-                    len,
-                    ProtFlags::READ | ProtFlags::WRITE,
-                    MapFlags::PRIVATE,
-                )
-            }
-            .map_err(|errno| Error::Memory {
-                what: "mmap of anonymous memory",
-                errno,
-            })?;
             return Ok(Mapping {
                 kind,
-                ptr: non_null(ptr),
+                ptr: map_anon_aligned(len)?,
                 len,
                 alias: None,
                 file: None,
@@ -391,6 +377,127 @@ impl Drop for Mapping {
     }
 }
 
+/// Private anonymous memory of `len` bytes aligned to `len` rounded up to
+/// a power of two, at most 2 MiB: whole transparent huge pages fit it (MOVE
+/// moves one with a single PMD update; a 2 MiB buffer is one huge page),
+/// and any granule up to its length starts on a granule boundary.
+fn map_anon_aligned(len: usize) -> Result<NonNull<u8>, Error> {
+    let what = "mmap of anonymous memory";
+    let align = len.next_power_of_two().clamp(PAGE_SIZE, HUGE_PAGE_SIZE);
+    let padded = len + (align - PAGE_SIZE);
+    // SAFETY: a fresh anonymous mapping at an address the kernel chooses
+    // aliases nothing.
+    let raw = unsafe {
+        rustix::mm::mmap_anonymous(
+            core::ptr::null_mut(),
+            padded,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    }
+    .map_err(|errno| Error::Memory { what, errno })?;
+    let base = raw as usize;
+    let start = base.next_multiple_of(align);
+    let (head, tail) = (start - base, padded - (start - base) - len);
+    // SAFETY: trimming the unaligned head and the tail of the mapping just
+    // made; nothing refers to them.
+    unsafe {
+        if head > 0 {
+            let _ = rustix::mm::munmap(raw, head);
+        }
+        if tail > 0 {
+            let _ = rustix::mm::munmap((start + len) as *mut c_void, tail);
+        }
+    }
+    Ok(non_null(start as *mut c_void))
+}
+
+/// A read-only mapping of a file (a memory snapshot), unmapped on drop.
+///
+/// Its bytes are the file's: when the file shrinks, reading the lost part
+/// raises SIGBUS in user space, while a kernel copy from it (`UFFDIO_COPY`)
+/// fails with `EFAULT`. So it hands out an address, never a slice; who
+/// reads it decides how.
+#[derive(Debug)]
+pub struct FileMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a read-only mapping owned by this struct; nothing is written
+// through it.
+unsafe impl Send for FileMapping {}
+// SAFETY: as above.
+unsafe impl Sync for FileMapping {}
+
+impl FileMapping {
+    /// Maps the first `len` bytes (non-zero) of `file` read-only: `shared`
+    /// sees the page cache (and later writes to the file); private gives a
+    /// copy-on-write view, which is what a process restoring a snapshot
+    /// the kernel's way maps.
+    pub fn read_only(file: impl AsFd, len: usize, shared: bool) -> Result<FileMapping, Error> {
+        let flags = if shared {
+            MapFlags::SHARED
+        } else {
+            MapFlags::PRIVATE
+        };
+        // SAFETY: a fresh read-only mapping of the caller's fd at an
+        // address the kernel chooses; it aliases no Rust object.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                core::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                flags,
+                file.as_fd(),
+                0,
+            )
+        }
+        .map_err(|errno| Error::Memory {
+            what: "mmap of a file",
+            errno,
+        })?;
+        Ok(FileMapping {
+            ptr: non_null(ptr),
+            len,
+        })
+    }
+
+    /// The first byte.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr().cast_const()
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty (never: a mapping has at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `madvise(2)` on the whole mapping (`MADV_POPULATE_READ` maps it all
+    /// now, so serving from it later takes no fault here).
+    pub fn advise(&self, advice: rustix::mm::Advice) -> Result<(), Error> {
+        // SAFETY: advice on our own read-only file mapping; no advice can
+        // change what it reads as, since its bytes are the file's.
+        unsafe { rustix::mm::madvise(self.ptr.as_ptr().cast::<c_void>(), self.len, advice) }
+            .map_err(|errno| Error::Memory {
+                what: "madvise of a file mapping",
+                errno,
+            })
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `read_only`; nothing refers to it.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
 fn map_file(
     file: &OwnedFd,
     len: usize,
@@ -452,6 +559,30 @@ mod tests {
         let mut buf = [0u8; 4];
         m.read_alias(0, &mut buf);
         assert_eq!(&buf, b"file");
+    }
+
+    #[test]
+    fn anonymous_mappings_are_aligned_to_their_size_up_to_huge_pages() {
+        for (len, align) in [
+            (64 << 10, 64 << 10),
+            (HUGE_PAGE_SIZE, HUGE_PAGE_SIZE),
+            (3 * HUGE_PAGE_SIZE + PAGE_SIZE, HUGE_PAGE_SIZE),
+        ] {
+            let m = Mapping::new(MemoryKind::Anon, len).unwrap();
+            assert_eq!(m.addr() % align as u64, 0);
+            m.write_byte(len - 1, 7);
+            assert_eq!(m.read_byte(len - 1), 7);
+        }
+    }
+
+    #[test]
+    fn file_mappings_show_the_file() {
+        let file = rustix::fs::memfd_create("uffd-test", MemfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&file, b"snapshot").unwrap();
+        let m = FileMapping::read_only(&file, 8, true).unwrap();
+        // SAFETY: 8 bytes of a live read-only mapping of an 8-byte file.
+        let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) };
+        assert_eq!(bytes, b"snapshot");
     }
 
     #[test]

@@ -64,7 +64,7 @@ enum Action {
 #[command(verbatim_doc_comment)]
 struct DemoArgs {
     /// Heap size in MiB (64 MiB is about a million objects).
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
     mib: usize,
     /// copy, move, minor or stw.
     #[arg(long, default_value = "move", value_name = "MODE")]
@@ -106,13 +106,16 @@ struct DemoArgs {
 /// compacting-thread CPU time), with MOVE's throughput over COPY's. Prints
 /// /proc/loadavg before and after: on a shared machine read the ratios.
 ///
+/// Output: a table per mode (median, min and max of each figure over the
+/// rounds) and the load average; `--json` prints one object with the same.
+///
 /// Exit status: 0 when every checksum matched, 1 otherwise, 2 when
 /// userfaultfd is denied.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 struct BenchArgs {
     /// Heap size in MiB.
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
     mib: usize,
     /// Rounds (each runs every mode once, order rotated).
     #[arg(long, default_value_t = 3, value_name = "N")]

@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod compact;
 pub mod demo;
+pub mod docs;
+pub mod page_server;
 pub mod probe;
 pub mod selftest;
 pub mod serve;
@@ -10,3 +12,28 @@ pub mod snapshot;
 
 /// What a subcommand returns: an exit code, or an error printed as `uffd: ...`.
 pub type CmdResult = Result<std::process::ExitCode, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Writes a benchmark's plot and says where.
+pub fn write_plot(
+    path: &std::path::Path,
+    title: &str,
+    panels: &[uffd_bench::plot::Panel],
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    uffd_bench::plot::write_svg(path, title, panels)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    eprintln!("plot written to {}", path.display());
+    Ok(())
+}
+
+/// Fails with what to do when this process may not open a userfaultfd;
+/// `what` names the command that needs one.
+pub fn require_userfaultfd(what: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    match uffd::probe() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "{what} needs userfaultfd, which this process cannot open: {e}\n\
+             (`uffd probe` says which ways of opening were refused and how to allow one)"
+        )
+        .into()),
+    }
+}

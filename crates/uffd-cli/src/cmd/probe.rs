@@ -13,6 +13,10 @@ use super::CmdResult;
 /// Report the kernel's userfaultfd support: open paths and privileges,
 /// every feature by name, and the ioctls each memory type offers.
 ///
+/// Output: a report in sections (how a userfaultfd can be opened by this
+/// user and why a path is refused, the API's features, each memory type's
+/// ioctls); `--json` prints the same as one object.
+///
 /// Exit status: 0 when a userfaultfd can be opened at all, 2 when every
 /// path is refused (the explanation says what to change).
 #[derive(Debug, clap::Args)]

@@ -37,13 +37,26 @@ use super::CmdResult;
 /// logged). Then working sets and statistics are written and the server
 /// exits. SIGUSR1 writes working sets now.
 ///
+/// Output: log lines on stderr, one per VM event (connected with its
+/// regions, refused and why, ended, drained), `--json-logs` for JSON
+/// lines; --stats-json writes every VM's statistics as JSON at exit.
+///
+/// Exit status: 0 after a requested stop (SIGTERM, SIGINT, or every VM
+/// handed to a successor), 1 when the server cannot start (a memory file it
+/// cannot serve, a socket path in use or not a socket) or fails, 2 for bad
+/// arguments.
+///
 /// Examples:
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --record vm.ws
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --prefetch vm.ws --background-fill
 ///   uffd serve --source s3://snaps/fleet/vm-1 --socket /run/vm.sock --cache-dir /var/cache/uffd
 ///   uffd serve bench --mib 1024 --vcpus 1,2,4,8
 #[derive(Debug, clap::Args)]
-#[command(args_conflicts_with_subcommands = true, verbatim_doc_comment)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    verbatim_doc_comment
+)]
 pub struct Args {
     #[command(subcommand)]
     action: Option<Action>,
@@ -59,42 +72,53 @@ enum Action {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("image").required(true).args(["mem_file", "source"])))]
 struct ServeArgs {
     /// The memory snapshot file (Firecracker's `mem_file_path` output of
     /// snapshot creation). Region offsets index into it. The same as
-    /// `--source file://PATH`. One of --mem-file and --source is required.
-    #[arg(long, value_name = "PATH", conflicts_with = "source")]
+    /// `--source file://PATH`.
+    #[arg(long, value_name = "PATH")]
     mem_file: Option<PathBuf>,
-    /// Serve a snapshot stored with `uffd snapshot push`:
-    /// s3://bucket/dir/NAME (or gs://, az://), configured by the standard
-    /// environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_REGION,
-    /// AWS_ALLOW_HTTP...). The chunk holding a faulting page is fetched
-    /// once, however many faults and VMs want it, into a cache shared by
-    /// every VM. `file://PATH` serves a memory file (or a local snapshot
-    /// manifest).
+    /// Where the memory image comes from: `file://PATH`, or
+    /// `tcp://HOST:PORT` for `uffd page-server` on another host (post-copy:
+    /// the VM runs here while its pages arrive; faulting pages take the
+    /// demand channel, --prefetch and --background-fill the bulk channel),
+    /// or a snapshot stored with `uffd snapshot push`: s3://BUCKET/DIR/NAME
+    /// (or gs://, az://, or file:// naming a local manifest), configured by
+    /// the standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_REGION, AWS_ALLOW_HTTP...); the chunk holding a faulting page is
+    /// fetched once, however many faults and VMs want it, into a cache
+    /// shared by every VM (--cache-memory, --cache-dir).
     #[arg(long, value_name = "URL")]
     source: Option<String>,
-    /// With --source: bytes of chunks kept in memory (K/M/G suffixes).
+    /// With a tcp:// source: how long to keep reconnecting after the page
+    /// server's connection drops (faulting threads wait meanwhile); past it,
+    /// pages that cannot be fetched are poisoned (SIGBUS on access) and
+    /// logged. A duration such as 60s.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    reconnect_timeout: Duration,
+    /// With an object-store source: bytes of chunks kept in memory (K/M/G
+    /// suffixes), shared by every VM.
     #[arg(long, default_value = "1G", value_name = "BYTES", value_parser = parse_bytes)]
     cache_memory: u64,
-    /// With --source: also keep fetched chunks in this directory, so a
-    /// restarted server (or another on this host) starts warm. Files are
-    /// checked against their hash when used; bad ones are fetched again.
+    /// With an object-store source: also keep fetched chunks in this
+    /// directory, so a restarted server starts warm. Files are checked
+    /// against their hash when used; bad ones are fetched again.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// With --cache-dir: bytes of chunks kept there (least recently used
     /// go first).
     #[arg(long, default_value = "16G", value_name = "BYTES", value_parser = parse_bytes)]
     cache_dir_size: u64,
-    /// With --source: how long one chunk may take, retries of 5xx answers,
-    /// timeouts, lost connections and corrupt chunks included, before its
-    /// pages are poisoned (the guest gets SIGBUS touching them; logged as
-    /// an error).
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
-    fetch_timeout: u64,
+    /// With an object-store source: how long one chunk may take, retries of
+    /// 5xx answers, timeouts, lost connections and corrupt chunks included,
+    /// before its pages are poisoned (the guest gets SIGBUS touching them;
+    /// logged as an error). A duration such as 30s.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    fetch_timeout: Duration,
     /// The Unix socket to listen on (Firecracker's `backend_path`). A stale
     /// socket file is replaced; one with a live server is refused.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", required = true)]
     socket: Option<PathBuf>,
     /// Fault handler threads per VM. One is fastest for a memory file: a
     /// second only contends for the engine's table lock (measured: 3.1
@@ -109,9 +133,9 @@ struct ServeArgs {
     #[arg(long, value_name = "WS")]
     record: Option<PathBuf>,
     /// Install the pages of this recorded working set first, in large
-    /// batches in file order, while faults keep priority. With --source,
-    /// the chunks holding them are also fetched into the cache at start,
-    /// 32 at a time.
+    /// batches in file order, while faults keep priority. From object
+    /// storage, the chunks holding them are also fetched into the cache at
+    /// start, 32 at a time.
     #[arg(long, value_name = "WS")]
     prefetch: Option<PathBuf>,
     /// After the working set (if any), install every other page in the
@@ -153,15 +177,25 @@ struct ServeArgs {
     /// cache) or `pread` (bounded reads; for files that may change size).
     #[arg(long, default_value = "mmap", value_name = "MODE")]
     file_mode: String,
-    /// How long a VMM may take to send its handshake, in milliseconds.
-    #[arg(long, default_value_t = 5000, value_name = "MS")]
-    handshake_timeout_ms: u64,
+    /// How long a VMM may take to send its handshake: a duration such as
+    /// 500ms, 5s or 2m (a bare number is seconds).
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// The old spelling of --handshake-timeout, in milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        hide = true,
+        conflicts_with = "handshake_timeout"
+    )]
+    handshake_timeout_ms: Option<u64>,
     /// On SIGTERM/SIGINT, how long each VM still running may take to be
     /// drained: every page not yet installed is installed and its memory
     /// unregistered, so it runs on without the server. Ranges not installed
     /// in time stay registered (logged as errors): a VM touching them waits.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
-    drain_timeout: u64,
+    /// A duration such as 30s or 2m (a bare number is seconds).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Connections handled at once, handshaking or served; one more is
     /// accepted, logged and closed at once. Default: 256, or fewer when
     /// `ulimit -n` would run out first (8 descriptors per VM).
@@ -218,12 +252,16 @@ struct ServeArgs {
 /// "working_set_pages", "rounds", "server_threads", "server_spin_us",
 /// "server_granule", "load_average_start": {"one","five","fifteen"},
 /// "load_average_end", "cases": [{"case", "vcpus", "seconds": {"median",
-/// "min","max"}, "faults", "ctxt_switches", "cpu_seconds", "per_fault":
+/// "min","max"}, "seconds_per_round", "faults", "ctxt_switches", "cpu_seconds", "per_fault":
 /// {"ctxt_switches", "voluntary_ctxt_switches", "cpu_us", "syscalls"},
 /// "top_syscalls": [[name, calls]]}], "ratios": [{"vcpus",
 /// "on_demand_vs_baseline": {"per_round", "median", "min", "max"},
 /// "prefetch_vs_on_demand": {...}}], "mismatched_pages"}. Per-fault
-/// figures are null when the server saw no fault.
+/// figures are null when the server saw no fault. Without --json, a table
+/// of the same. --plot FILE.svg also draws every round's restore-to-done
+/// per case and vCPU count.
+///
+/// Needs --mib of disk in --dir and about twice --mib of memory.
 ///
 /// Exit status: 0 when every touched page matched the file, 1 on a
 /// mismatch or an error.
@@ -252,8 +290,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
     /// `uffd serve --granule` of those servers (the baseline always
-    /// installs 4096 bytes per fault).
-    #[arg(long, default_value_t = 4096)]
+    /// installs 4096 bytes per fault; K/M suffixes).
+    #[arg(long, default_value = "4096", value_name = "BYTES", value_parser = parse_bytes)]
     granule: u64,
     /// Percentage of zero pages in the snapshot.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -269,6 +307,34 @@ struct BenchArgs {
     /// Print one JSON object (schema above) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write an SVG plot of every round's restore-to-done here.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+/// A duration: a number with an optional unit, ms, s, m or h (none means
+/// seconds), for every timeout flag alike.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (examples: 500ms, 5s, 2m)"))?;
+    let seconds = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use ms, s, m or h"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// A byte count: digits with an optional K, M or G suffix (powers of 1024).
@@ -299,7 +365,7 @@ pub fn run(args: Args) -> CmdResult {
     }
 }
 
-fn init_logs(json: bool) {
+pub(super) fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -313,20 +379,121 @@ fn init_logs(json: bool) {
     };
 }
 
+/// A source, its identity for takeovers, and the object-store source
+/// behind it, if it is one (for its statistics and cache warming).
+type Image = (
+    Arc<dyn PageSource>,
+    Option<String>,
+    Option<Arc<uffd_store::ObjectSource>>,
+);
+
+/// The image `--mem-file` or `--source` names, and an identity for
+/// takeovers (a successor must serve the same image).
+fn open_image(a: &ServeArgs) -> Result<Image, uffd_bench::BoxError> {
+    let mem_file = match (&a.mem_file, a.source.as_deref()) {
+        (Some(path), None) => path.clone(),
+        (None, Some(url)) => match url.split_once("://") {
+            // A memory file, unless it is a manifest of `uffd snapshot push`.
+            Some(("file", path)) if !is_manifest(std::path::Path::new(path)) => {
+                PathBuf::from(path)
+            }
+            Some(("tcp", addr)) => {
+                let remote = uffd_remote::RemoteSource::connect(
+                    addr,
+                    uffd_remote::RemoteConfig {
+                        reconnect_timeout: a.reconnect_timeout,
+                        ..uffd_remote::RemoteConfig::default()
+                    },
+                )?;
+                let identity = format!("{url}:{}", remote.len_and_identity());
+                let source = uffd_pager::AsyncSource::new(Arc::new(remote))?;
+                return Ok((Arc::new(source), Some(identity), None));
+            }
+            Some(("file" | "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss", _)) => {
+                return open_object_store(a, url)
+            }
+            _ => {
+                return Err(format!(
+                    "--source {url}: expected file://PATH, tcp://HOST:PORT, s3://BUCKET/NAME, gs:// or az://"
+                )
+                .into())
+            }
+        },
+        _ => return Err("give the image as --mem-file PATH or --source URL, once".into()),
+    };
+    let file_mode = match a.file_mode.as_str() {
+        "mmap" => FileMode::Mmap,
+        "pread" => FileMode::Pread,
+        other => return Err(format!("--file-mode {other}: expected mmap or pread").into()),
+    };
+    let file = FileSource::open(&mem_file, file_mode)
+        .map_err(|e| format!("cannot serve the memory file: {e}"))?;
+    if !a.no_populate {
+        // One pass over the page tables now, instead of one minor fault in
+        // this process per page every VM touches first.
+        if let Err(e) = file.populate() {
+            tracing::warn!("mapping the memory file ahead of time failed ({e}); serving anyway");
+        }
+    }
+    let identity = Some(file.identity());
+    if file.is_empty() {
+        return Err(format!(
+            "the memory file {} is empty: no VM could be restored from it (is it the snapshot's memory file, not its state file?)",
+            mem_file.display()
+        )
+        .into());
+    }
+    Ok((Arc::new(file), identity, None))
+}
+
+/// True when `path` starts with a snapshot manifest's magic bytes.
+fn is_manifest(path: &std::path::Path) -> bool {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == uffd_store::manifest::MAGIC
+}
+
+/// A snapshot pushed with `uffd snapshot push`, served through the
+/// host-wide chunk cache.
+fn open_object_store(a: &ServeArgs, url: &str) -> Result<Image, uffd_bench::BoxError> {
+    let timeout = a.fetch_timeout.max(Duration::from_millis(100));
+    let location = uffd_store::Location::open(
+        url,
+        &uffd_store::StoreOptions {
+            timeout,
+            ..uffd_store::StoreOptions::default()
+        },
+    )?;
+    let store = Arc::new(uffd_store::ObjectSource::open(
+        location,
+        uffd_store::CacheConfig {
+            memory_bytes: a.cache_memory,
+            dir: a.cache_dir.clone(),
+            dir_bytes: a.cache_dir_size,
+            fetch_timeout: timeout,
+        },
+    )?);
+    if store.manifest().image_len() == 0 {
+        return Err(format!("the snapshot {url} is empty: no VM could be restored from it").into());
+    }
+    let identity = store.identity();
+    tracing::info!(source = %uffd_pager::AsyncPageSource::describe(&*store), "serving from object storage");
+    let source = uffd_pager::AsyncSource::new(store.clone())?;
+    Ok((Arc::new(source), Some(identity), Some(store)))
+}
+
+/// Chunk fetches in flight at once when warming the cache with a working set.
+const WARM_IN_FLIGHT: usize = 32;
+
 fn run_server(a: ServeArgs) -> CmdResult {
     init_logs(a.json_logs);
     let socket = a
         .socket
         .clone()
         .ok_or("--socket PATH is required (where VMMs connect)")?;
-    let (source, source_identity, store) = open_source(&a)?;
-    if source.is_empty() {
-        return Err(format!(
-            "the snapshot {} is empty: no VM could be restored from it (is it the snapshot's memory file, not its state file?)",
-            source.describe()
-        )
-        .into());
-    }
+    let (source, source_identity, store) = open_image(&a)?;
     let prefetch = match &a.prefetch {
         Some(path) => {
             let ws = WorkingSet::load(path, source.len())
@@ -368,8 +535,10 @@ fn run_server(a: ServeArgs) -> CmdResult {
         allow_uid: a.allow_uid,
         record: a.record,
         stats_json: a.stats_json,
-        handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
-        drain_timeout: Duration::from_secs(a.drain_timeout),
+        handshake_timeout: a
+            .handshake_timeout_ms
+            .map_or(a.handshake_timeout, Duration::from_millis),
+        drain_timeout: a.drain_timeout,
         max_connections: match a.max_connections {
             Some(0) => return Err("--max-connections must be at least 1".into()),
             Some(n) => n,
@@ -400,87 +569,9 @@ fn run_server(a: ServeArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Chunk fetches in flight at once when warming the cache with a working set.
-const WARM_IN_FLIGHT: usize = 32;
-
-type Opened = (
-    Arc<dyn PageSource>,
-    Option<String>,
-    Option<Arc<uffd_store::ObjectSource>>,
-);
-
-/// The page source --mem-file or --source names, its identity (for
-/// --takeover), and the object source behind it, if it is one.
-fn open_source(a: &ServeArgs) -> Result<Opened, Box<dyn std::error::Error + Send + Sync>> {
-    let url = match (&a.mem_file, &a.source) {
-        (Some(path), None) => return open_file(a, path),
-        (None, Some(url)) => url,
-        _ => {
-            return Err(
-                "--mem-file PATH or --source URL is required (the memory snapshot to serve)".into(),
-            )
-        }
-    };
-    if let Some(path) = url.strip_prefix("file://") {
-        // A memory file, unless it is a manifest of `uffd snapshot push`.
-        let mut magic = [0u8; 8];
-        let is_manifest = std::fs::File::open(path)
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-            .is_ok()
-            && &magic == uffd_store::manifest::MAGIC;
-        if !is_manifest {
-            return open_file(a, std::path::Path::new(path));
-        }
-    }
-    let timeout = Duration::from_secs(a.fetch_timeout.max(1));
-    let location = uffd_store::Location::open(
-        url,
-        &uffd_store::StoreOptions {
-            timeout,
-            ..uffd_store::StoreOptions::default()
-        },
-    )?;
-    let store = Arc::new(uffd_store::ObjectSource::open(
-        location,
-        uffd_store::CacheConfig {
-            memory_bytes: a.cache_memory,
-            dir: a.cache_dir.clone(),
-            dir_bytes: a.cache_dir_size,
-            fetch_timeout: timeout,
-        },
-    )?);
-    let identity = store.identity();
-    tracing::info!(source = %uffd_pager::AsyncPageSource::describe(&*store), "serving from object storage");
-    let source = uffd_pager::AsyncSource::new(store.clone())?;
-    Ok((Arc::new(source), Some(identity), Some(store)))
-}
-
-fn open_file(
-    a: &ServeArgs,
-    mem_file: &std::path::Path,
-) -> Result<Opened, Box<dyn std::error::Error + Send + Sync>> {
-    let file_mode = match a.file_mode.as_str() {
-        "mmap" => FileMode::Mmap,
-        "pread" => FileMode::Pread,
-        other => return Err(format!("--file-mode {other}: expected mmap or pread").into()),
-    };
-    let file = FileSource::open(mem_file, file_mode)
-        .map_err(|e| format!("cannot serve the memory file: {e}"))?;
-    if !a.no_populate {
-        // One pass over the page tables now, instead of one minor fault in
-        // this process per page every VM touches first.
-        if let Err(e) = file.populate() {
-            tracing::warn!("mapping the memory file ahead of time failed ({e}); serving anyway");
-        }
-    }
-    let identity = Some(file.identity());
-    Ok((Arc::new(file), identity, None))
-}
-
 fn run_bench(a: BenchArgs) -> CmdResult {
-    if let Err(e) = uffd::probe() {
-        return Err(format!("the benchmark needs userfaultfd: {e}").into());
-    }
+    super::require_userfaultfd("uffd serve bench")?;
+    let plot = a.plot.clone();
     let uffd_bin = std::env::current_exe()?;
     let beside = |name: &str| uffd_bin.with_file_name(name);
     let report = uffd_bench::serve::run(&uffd_bench::serve::Config {
@@ -503,6 +594,16 @@ fn run_bench(a: BenchArgs) -> CmdResult {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_serve_bench(&report);
+    }
+    if let Some(path) = &plot {
+        super::write_plot(
+            path,
+            &format!(
+                "uffd serve bench: {} MiB snapshot, VMM in another process",
+                report.mib
+            ),
+            &uffd_bench::serve::plot_panels(&report),
+        )?;
     }
     if report.mismatched_pages > 0 {
         return Err(format!(
@@ -569,5 +670,25 @@ fn print_serve_bench(r: &uffd_bench::serve::Report) {
             s(&x.on_demand_vs_baseline),
             s(&x.prefetch_vs_on_demand)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_byte_counts_parse_with_their_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1e999s").is_err());
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_bytes("2M"), Ok(2 << 20));
+        assert!(parse_bytes("3X").is_err());
+        assert!(parse_bytes("99999999999G").is_err());
     }
 }

@@ -45,15 +45,6 @@ pub(super) fn handle_faults_surviving_panics(shared: &Arc<Shared>, target: &Arc<
     }
 }
 
-/// The text of a panic payload, when it is one.
-pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)")
-}
-
 pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     let _span = debug_span!("handler", pager = %shared.config.name, target = target.id).entered();
     let mut worker = match Worker::new(shared) {
@@ -65,7 +56,7 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
         }
     };
     let pidfd = shared.pidfd.as_ref().filter(|_| target.watch_pid);
-    let waiter = match Waiter::new(&target.uffd, &shared.stop.fd, &shared.completion_fd, pidfd) {
+    let waiter = match Waiter::new(&target.uffd, &*shared.stop, &shared.completion_fd, pidfd) {
         Ok(w) => w,
         Err(e) => {
             error!(error = %e, "handler cannot set up its epoll set");
@@ -225,9 +216,7 @@ pub(super) fn apply_event(
         Event::Remove { start, end } => {
             c.events_remove.fetch_add(1, Ordering::Relaxed);
             debug!(start, end, "REMOVE: pages read as zero from now on");
-            // Shared file mappings keep their page cache contents; only
-            // private memory reads as zero after MADV_DONTNEED/REMOVE.
-            if shared.config.strategy != Strategy::Continue {
+            if shared.resolver().remove_makes_missing() {
                 table.set_range(start, end, state::REMOVED);
             }
         }

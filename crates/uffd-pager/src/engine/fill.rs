@@ -1,16 +1,12 @@
-//! The engine side of the background policies: working-set replay and
-//! background fill, run at a lower priority; demand faults take over the
-//! pages they claimed.
+//! The engine side of the background policies: working-set replay (at
+//! normal priority: the VM needs those pages next) and background fill (at
+//! a lower priority); demand faults take over the pages they claimed.
 
 use super::*;
 
 /// The fill thread: replays the working set, then fills everything else.
 pub(super) fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     let _span = debug_span!("fill", pager = %shared.config.name).entered();
-    // Background work runs at a lower priority than the handlers and the
-    // threads they serve: it never needs to wait for a fault (faults take
-    // its pages over), so on a busy machine it takes only the CPU left.
-    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
     let finish = || {
         *lock(&shared.fill_done) = true;
         shared.fill_cv.notify_all();
@@ -30,6 +26,14 @@ pub(super) fn fill_main(shared: &Arc<Shared>, target: &Arc<Target>) {
         }
     }
     if shared.config.background_fill {
+        // The rest of memory is background work: it runs at a lower
+        // priority than the handlers and the threads they serve, never
+        // needs to wait for a fault (faults take its pages over), and so on
+        // a busy machine takes only the CPU left. The working set above ran
+        // at normal priority: the VM is about to touch those pages, and
+        // against vCPU threads at normal priority a nice-10 replay gets a
+        // tenth of a core, leaving most of the pages to demand faults.
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
         match fill_missing(&mut worker, shared, target, None) {
             FillEnd::Gone => {
                 shared.mark_gone(target);
@@ -69,15 +73,11 @@ fn replay_in_parallel(
     std::thread::scope(|scope| {
         let others: Vec<_> = chunks
             .map(|part| {
-                scope.spawn(move || {
-                    let _ =
-                        rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
-                    match Worker::new(shared) {
-                        Ok(mut w) => replay(&mut w, shared, target, part),
-                        Err(e) => {
-                            error!(error = %e, "a replay thread cannot allocate its buffers");
-                            FillEnd::Done
-                        }
+                scope.spawn(move || match Worker::new(shared) {
+                    Ok(mut w) => replay(&mut w, shared, target, part),
+                    Err(e) => {
+                        error!(error = %e, "a replay thread cannot allocate its buffers");
+                        FillEnd::Done
                     }
                 })
             })

@@ -4,7 +4,9 @@
 
 #![allow(unsafe_code)]
 
+use super::strategy::{Run, Staged};
 use super::*;
+use crate::runs::runs;
 
 impl Worker<'_> {
     /// Undoes claims on `from..` and wakes those pages so that any thread
@@ -36,47 +38,22 @@ impl Worker<'_> {
         let span = &claim.span;
         let ps = span.page_size;
         let len = claims.len() as u64 * ps;
-        let offset = span.source_of(from);
         let all_zero_claims = claims.iter().all(|&c| c == state::CLAIMED_ZERO);
-        let strategy = self.strategy();
-        // Where the bytes end up before the ioctl.
-        let in_place = self.shared.config.content_in_place;
-        // True when `src` is the source's own mapping, which only the
-        // kernel may read (see `MappedBytes`).
-        let mut from_mapping = false;
         let fetched = if all_zero_claims {
-            Ok((Content::Zero, std::ptr::null::<u8>()))
-        } else if in_place {
-            // The page cache holds the content already: map it as it is.
-            let alias = span
-                .alias_of(from)
-                .expect("validated: Continue has an alias");
-            Ok((Content::Data, alias.cast_const()))
-        } else if strategy == Strategy::Continue {
-            let alias = span
-                .alias_of(from)
-                .expect("validated: Continue has an alias");
-            // SAFETY: the alias maps the claimed pages of the region; the
-            // caller of `Region::with_alias` vouched that nothing else
-            // references it, and we own these pages' claims.
-            let buf = unsafe { std::slice::from_raw_parts_mut(alias, len as usize) };
-            self.read_source(offset, buf)
-                .map(|c| (c, alias.cast_const()))
-        } else if let Some(bytes) = self
-            .shared
-            .source
-            .mapped(offset, len as usize)
-            .filter(|_| strategy != Strategy::Move)
-        {
-            from_mapping = true;
-            Ok((Content::Data, bytes.as_ptr()))
+            Ok(Staged {
+                content: Content::Zero,
+                src: std::ptr::null(),
+                from_mapping: false,
+            })
         } else {
-            let buf = self.staging_for(len);
-            self.read_source(offset, buf)
-                .map(|c| (c, self.staging.as_ptr().cast_const()))
+            self.resolver().stage(self, span, from, len)
         };
-        let (content, src) = match fetched {
-            Ok(r) => r,
+        let Staged {
+            content,
+            src,
+            from_mapping,
+        } = match fetched {
+            Ok(staged) => staged,
             Err(e) if claims.len() > 1 => {
                 debug!(error = %e, "batch read failed; retrying page by page");
                 let mut step = Step::Done;
@@ -112,7 +89,7 @@ impl Worker<'_> {
         let ps = span.page_size;
         let len = claims.len() as u64 * ps;
         let offset = span.source_of(from);
-        let strategy = self.strategy();
+        let resolver = self.resolver();
         let in_place = self.shared.config.content_in_place;
         // Per page: zero or data.
         let zero_page = |k: usize| -> bool {
@@ -133,7 +110,7 @@ impl Worker<'_> {
         };
         // A whole aligned huge page of data moves with one PMD update only
         // if it moves in one piece: keep its zero pages in it.
-        let whole_huge_move = strategy == Strategy::Move
+        let whole_huge_move = resolver.keeps_huge_pages_whole()
             && content == Content::Data
             && len == BATCH_BYTES
             && span.addr_of(from) % BATCH_BYTES == 0
@@ -153,25 +130,7 @@ impl Worker<'_> {
                 }
             })
             .collect();
-        if strategy == Strategy::Continue {
-            // Zero pages must read as zero through the alias too.
-            for (k, &kind) in kinds.iter().enumerate() {
-                if kind == 1 {
-                    let alias = span.alias_of(from + k).expect("validated");
-                    // SAFETY: a claimed page of the alias, as above.
-                    let page = unsafe { std::slice::from_raw_parts_mut(alias, ps as usize) };
-                    if !is_zero(page) {
-                        page.fill(0);
-                    }
-                }
-            }
-            if !in_place {
-                Counters::add(
-                    &self.shared.counters.pages_written_through_alias,
-                    kinds.iter().filter(|&&k| k == 2).count() as u64,
-                );
-            }
-        }
+        resolver.prepare(self, span, from, &kinds);
 
         // Install under the read lock, after checking no event overtook us.
         let table = read(&target.table);
@@ -200,24 +159,29 @@ impl Worker<'_> {
             self.release(target, claim, from, claims);
             return Step::Abandoned;
         }
-        let mut k = 0;
-        while k < kinds.len() {
-            let kind = kinds[k];
-            let mut end = k + 1;
-            while end < kinds.len() && kinds[end] == kind {
-                end += 1;
-            }
+        for (run, kind) in runs(kinds.len(), |k| kinds[k]) {
             if kind == 0 {
-                k = end;
                 continue;
             }
+            let (k, end) = (run.start, run.end);
             let idx = from + k;
             let addr = span.addr_of(idx);
             let run = (end - k) as u64 * ps;
             let map = idx < claim.demand_hi || claim.map_now;
             // SAFETY: `src + k * ps` lies inside the `len` bytes read above.
             let data = unsafe { src.add(k * ps as usize) };
-            let result = self.install(target, addr, run, ps, kind == 1, data, map);
+            let result = resolver.install(
+                self,
+                &target.uffd,
+                Run {
+                    addr,
+                    len: run,
+                    page_size: ps,
+                    zero: kind == 1,
+                    data,
+                    map,
+                },
+            );
             let done = match result {
                 Ok(Resolved::Complete {
                     installed,
@@ -225,13 +189,12 @@ impl Worker<'_> {
                 }) => {
                     Counters::add(&self.shared.counters.eexist, existing / ps);
                     Counters::add(&self.shared.counters.bytes_installed, installed);
-                    let counter = match (kind, strategy) {
-                        (1, _) => &self.shared.counters.pages_zero,
-                        (_, Strategy::Move) => &self.shared.counters.pages_moved,
-                        (_, Strategy::Continue) => &self.shared.counters.pages_continued,
-                        _ => &self.shared.counters.pages_copied,
+                    let counter = if kind == 1 {
+                        Some(&self.shared.counters.pages_zero)
+                    } else {
+                        resolver.installed(&self.shared.counters, map)
                     };
-                    if strategy != Strategy::Continue || map || kind == 1 {
+                    if let Some(counter) = counter {
                         Counters::add(counter, installed / ps);
                     }
                     end - k
@@ -282,100 +245,8 @@ impl Worker<'_> {
                 }
             };
             self.mark_installed(claim, from + k, done);
-            k = end;
         }
         Step::Done
-    }
-
-    /// Installs one run of pages of one kind.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn install(
-        &self,
-        target: &Target,
-        addr: u64,
-        len: u64,
-        ps: u64,
-        zero: bool,
-        data: *const u8,
-        map: bool,
-    ) -> Result<Resolved, uffd::Error> {
-        let uffd = &target.uffd;
-        match self.strategy() {
-            Strategy::Continue => {
-                if !map {
-                    // Background: the page cache has the content now; the
-                    // first touch costs only a CONTINUE.
-                    return Ok(Resolved::Complete {
-                        installed: len,
-                        existing: 0,
-                    });
-                }
-                let result = uffd.continue_all(addr, len, ps, ContinueMode::empty());
-                let hole = matches!(
-                    result,
-                    Err(uffd::Error::Ioctl {
-                        errno: uffd::Errno::FAULT,
-                        ..
-                    })
-                );
-                if !(hole && self.shared.config.content_in_place) {
-                    return result;
-                }
-                // Content in place, but the run has holes (pages not in the
-                // page cache: CONTINUE fails with EFAULT). A hole reads as
-                // zeros: allocate it as such with an atomic OR of zero into
-                // one byte through the alias, which leaves pages that exist
-                // unchanged, then map the run again.
-                for page in 0..(len / ps) as usize {
-                    // SAFETY: in place, `data` is the run's alias address
-                    // (writable, shared, mapped for the pager's life by
-                    // `Region::with_alias`'s contract); an atomic OR of 0
-                    // never changes a byte, even under a concurrent writer.
-                    unsafe {
-                        let byte = data.cast_mut().add(page * ps as usize);
-                        std::sync::atomic::AtomicU8::from_ptr(byte).fetch_or(0, Ordering::Relaxed);
-                    }
-                }
-                uffd.continue_all(addr, len, ps, ContinueMode::empty())
-            }
-            Strategy::CopyWp => {
-                let src = if zero {
-                    self.zeros.as_ptr().cast_const()
-                } else {
-                    data
-                };
-                // SAFETY: `src` holds `len` bytes (the zero buffer is 2 MiB
-                // and runs never exceed it); `addr` is a claimed range of a
-                // registered region.
-                unsafe { uffd.copy_all(addr, src, len, ps, CopyMode::WP) }
-            }
-            _ if zero && ps == 4096 => uffd.zeropage_all(addr, len, ps, ZeropageMode::empty()),
-            _ if zero => {
-                // hugetlb has no ZEROPAGE: copy from the never-written buffer.
-                // SAFETY: as above.
-                unsafe { uffd.copy_all(addr, self.zeros.as_ptr(), len, ps, CopyMode::empty()) }
-            }
-            Strategy::Move => {
-                // SAFETY: `data` is this worker's staging buffer, filled
-                // just now; after the move those pages are gone from it and
-                // the next read refills them. `addr` is claimed, registered.
-                let r = unsafe { uffd.move_all(addr, data.cast_mut(), len, ps, MoveMode::empty()) };
-                match r {
-                    Err(e) if e.errno() == Some(rustix::io::Errno::BUSY) => {
-                        // A shared source page (a fork raced the read): copy.
-                        // SAFETY: as for COPY below.
-                        unsafe { uffd.copy_all(addr, data, len, ps, CopyMode::empty()) }
-                    }
-                    r => r,
-                }
-            }
-            Strategy::Copy => {
-                // SAFETY: `data` holds `len` readable bytes that nobody
-                // writes meanwhile (the source's mapping or our staging
-                // buffer); `addr` is a claimed range of a registered region.
-                unsafe { uffd.copy_all(addr, data, len, ps, CopyMode::empty()) }
-            }
-        }
     }
 
     pub(super) fn mark_installed(&self, claim: &Claim, from: usize, pages: usize) {

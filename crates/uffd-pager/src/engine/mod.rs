@@ -4,7 +4,9 @@
 //!
 //! - `events`: handler threads, reading messages and applying events;
 //! - `resolve`: serving one fault (claims, readahead window, async reads);
-//! - `install`: fetching claimed pages and the resolving ioctls;
+//! - `install`: fetching claimed pages, installing them run by run;
+//! - `strategy`: one implementation per strategy (COPY, COPY+WP, MOVE,
+//!   CONTINUE) behind [`strategy::Resolver`];
 //! - `fill` (the background policies' engine side): replay and fill;
 //! - `lifecycle`: shutdown, detach (drain) and hand-over.
 
@@ -26,7 +28,7 @@ use uffd::{
 
 use crate::config::{Config, BATCH_BYTES};
 use crate::handover::{PageKind, PagerState, SpanState, StateError};
-use crate::mem::AlignedAnon;
+
 use crate::region::{state, PageStates, Region, Span, Table};
 use crate::source::{is_zero, Content, Fetched, PageSource, SourceError};
 use crate::stats::{Counters, Stats};
@@ -38,11 +40,15 @@ mod fill;
 mod install;
 mod lifecycle;
 mod resolve;
+mod strategy;
 
-use events::{panic_message, spawn_handlers};
+use crate::stats::panic_message;
+use crate::stop::StopSignal;
+use events::spawn_handlers;
 use fill::{fill_main, fill_missing, FillEnd};
 use install::{release, ClaimGuard};
 pub use lifecycle::{Detached, HandedOver, RegisteredRange, StillRegistered};
+use strategy::{resolver, Resolver};
 
 /// What is wrong with a pager's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -150,25 +156,18 @@ pub struct ShutdownHandle {
     stop: Arc<StopSignal>,
 }
 
-#[derive(Debug)]
-struct StopSignal {
-    flag: AtomicBool,
-    fd: OwnedFd,
-}
-
 impl ShutdownHandle {
     /// Requests shutdown: handler threads stop after the fault they are
     /// serving. Only an atomic store and an eventfd `write(2)`, so it is
     /// async-signal-safe and may be called from a SIGTERM handler.
     /// [`Pager::shutdown`] then wakes every waiter and joins the threads.
     pub fn request(&self) {
-        self.stop.flag.store(true, Ordering::SeqCst);
-        let _ = rustix::io::write(&self.stop.fd, &1u64.to_ne_bytes());
+        self.stop.request();
     }
 
     /// True once shutdown was requested.
     pub fn is_requested(&self) -> bool {
-        self.stop.flag.load(Ordering::SeqCst)
+        self.stop.is_requested()
     }
 }
 
@@ -287,7 +286,16 @@ impl PagerBuilder {
     /// the ioctls act on its memory. The ranges must already be registered
     /// (see [`register`] for this process's own memory). The fd is made
     /// non-blocking.
-    pub fn start(self, uffd: Uffd, regions: Vec<Region>) -> Result<Pager, PagerError> {
+    ///
+    /// # Safety
+    /// The contract of [`Uffd::copy`] for the memory it fills, the same as
+    /// [`crate::SigbusPagerBuilder::start`]'s: if the regions are memory of
+    /// this process, no Rust reference may cover them and no Rust object may
+    /// rely on the contents of their missing pages (the pager fills them
+    /// with the source's bytes, where the kernel would give zeros), for as
+    /// long as the pager serves them. Memory of another process (a VMM that
+    /// sent its userfaultfd) holds no Rust object of ours: nothing to uphold.
+    pub unsafe fn start(self, uffd: Uffd, regions: Vec<Region>) -> Result<Pager, PagerError> {
         Pager::start(self.source, self.config, uffd, regions, None, self.pidfd)
     }
 
@@ -300,7 +308,10 @@ impl PagerBuilder {
     /// it; every range is woken at start, so such a thread faults again and
     /// this pager sees it. Regions with an alias ([`Strategy::Continue`])
     /// cannot be resumed: the alias is another process's address.
-    pub fn resume(self, uffd: Uffd, state: PagerState) -> Result<Pager, PagerError> {
+    ///
+    /// # Safety
+    /// As for [`PagerBuilder::start`].
+    pub unsafe fn resume(self, uffd: Uffd, state: PagerState) -> Result<Pager, PagerError> {
         let regions = state
             .spans
             .iter()
@@ -435,8 +446,7 @@ impl Pager {
         validate(&config, &uffd, &regions)?;
         rustix::fs::fcntl_setfl(&uffd, rustix::fs::OFlags::NONBLOCK)
             .map_err(|e| io_err("making the userfaultfd non-blocking")(e.into()))?;
-        let stop_fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| io_err("eventfd")(e.into()))?;
+        let stop = StopSignal::new().map_err(|e| io_err("eventfd")(e.into()))?;
         let completion_fd =
             rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(|e| io_err("eventfd")(e.into()))?;
@@ -454,7 +464,7 @@ impl Pager {
         };
         let total_pages = regions.iter().map(|r| r.len / r.page_size).sum();
         let record_page_size = regions.iter().map(|r| r.page_size).min().unwrap_or(4096);
-        let track_dirty = config.strategy == Strategy::CopyWp;
+        let track_dirty = resolver(config.strategy).tracks_writes();
         let table = Table::new(&regions, track_dirty);
         let (mut installed, mut recorded) = (0, Vec::new());
         if let Some(state) = resumed {
@@ -471,10 +481,7 @@ impl Pager {
             config,
             source,
             counters: Counters::default(),
-            stop: Arc::new(StopSignal {
-                flag: AtomicBool::new(false),
-                fd: stop_fd,
-            }),
+            stop: Arc::new(stop),
             targets: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             recorded: Mutex::new(recorded),
@@ -636,28 +643,16 @@ fn validate(config: &Config, uffd: &Uffd, regions: &[Region]) -> Result<(), Page
         if config.content_in_place && config.strategy != Strategy::Continue {
             return Err(PagerError::Config(ConfigError::InPlaceNeedsContinue));
         }
-        if config.strategy == Strategy::Continue && r.alias().is_none() {
-            return Err(PagerError::Config(ConfigError::ContinueNeedsAlias));
-        }
-        if config.strategy == Strategy::Move && r.page_size != 4096 {
-            return Err(PagerError::Config(ConfigError::MoveNeedsBasePages));
-        }
     }
+    resolver(config.strategy)
+        .check(uffd, regions)
+        .map_err(PagerError::Config)?;
     let g = config.granule;
     if !g.is_power_of_two() || !(4096..=BATCH_BYTES).contains(&g) {
         return Err(PagerError::Config(ConfigError::Granule(g)));
     }
     if config.threads == 0 {
         return Err(PagerError::Config(ConfigError::NoThreads));
-    }
-    // The kernel gates MOVE on its own support, not on the fd's handshake.
-    let kernel_has_move = uffd::probe().map_or(true, |info| info.features.contains(Features::MOVE));
-    if config.strategy == Strategy::Move && !kernel_has_move {
-        return Err(PagerError::Config(ConfigError::MoveUnsupported));
-    }
-    if config.strategy == Strategy::CopyWp && !uffd.features().contains(Features::PAGEFAULT_FLAG_WP)
-    {
-        return Err(PagerError::Config(ConfigError::CopyWpNeedsWp));
     }
     Ok(())
 }
@@ -676,7 +671,7 @@ fn write(l: &RwLock<Table>) -> std::sync::RwLockWriteGuard<'_, Table> {
 
 impl Shared {
     fn stopping(&self) -> bool {
-        self.stop.flag.load(Ordering::Relaxed)
+        self.stop.is_requested()
     }
 
     fn add_target(&self, uffd: Uffd, table: Table, watch_pid: bool) -> Arc<Target> {
@@ -773,6 +768,11 @@ impl Shared {
         }
     }
 
+    /// This pager's strategy's implementation.
+    fn resolver(&self) -> &'static dyn Resolver {
+        resolver(self.config.strategy)
+    }
+
     fn mark_gone(&self, target: &Target) {
         if !target.gone.swap(true, Ordering::SeqCst) {
             debug!(target = target.id, "target process gone");
@@ -787,8 +787,8 @@ impl Shared {
 #[derive(Debug)]
 struct Worker<'a> {
     shared: &'a Arc<Shared>,
-    staging: AlignedAnon,
-    zeros: AlignedAnon,
+    staging: uffd::Mapping,
+    zeros: uffd::Mapping,
     claims: Vec<u8>,
 }
 

@@ -5,16 +5,16 @@ use super::*;
 
 impl<'a> Worker<'a> {
     pub(super) fn new(shared: &'a Arc<Shared>) -> std::io::Result<Worker<'a>> {
-        let staging = AlignedAnon::new(BATCH_BYTES as usize)?;
+        let staging = uffd::Mapping::new(uffd::MemoryKind::Anon, BATCH_BYTES as usize)?;
         // MOVE needs source pages that only this process maps: a forked
         // child must not share them.
-        staging.advise(Advice::LinuxDontFork)?;
-        if shared.config.strategy == Strategy::Move && shared.config.granule == BATCH_BYTES {
+        staging.advise(0, staging.len(), Advice::LinuxDontFork)?;
+        if shared.resolver().keeps_huge_pages_whole() && shared.config.granule == BATCH_BYTES {
             // Whole 2 MiB granules then move as one huge page.
-            let _ = staging.advise(Advice::LinuxHugepage);
+            let _ = staging.advise(0, staging.len(), Advice::LinuxHugepage);
         }
-        let zeros = AlignedAnon::new(BATCH_BYTES as usize)?;
-        zeros.advise(Advice::LinuxDontFork)?;
+        let zeros = uffd::Mapping::new(uffd::MemoryKind::Anon, BATCH_BYTES as usize)?;
+        zeros.advise(0, zeros.len(), Advice::LinuxDontFork)?;
         Ok(Worker {
             shared,
             staging,
@@ -23,8 +23,9 @@ impl<'a> Worker<'a> {
         })
     }
 
-    pub(super) fn strategy(&self) -> Strategy {
-        self.shared.config.strategy
+    /// This pager's strategy's implementation.
+    pub(super) fn resolver(&self) -> &'static dyn Resolver {
+        self.shared.resolver()
     }
 
     pub(super) fn serve(
@@ -97,13 +98,7 @@ impl<'a> Worker<'a> {
         match current {
             state::CLAIMED | state::CLAIMED_ZERO => {
                 c.duplicate_faults.fetch_add(1, Ordering::Relaxed);
-                if self.strategy() == Strategy::Continue {
-                    // The fill thread writes through the alias without an
-                    // ioctl, so nobody would map this page: come back.
-                    return Step::Defer;
-                }
-                // The claimer's ioctl wakes the whole range.
-                return Step::Done;
+                return self.resolver().on_claimed();
             }
             state::PREFETCHED | state::PRESENT | state::POISONED => {
                 let hit =
@@ -113,33 +108,14 @@ impl<'a> Worker<'a> {
                 }
                 let addr = span.addr_of(p);
                 let ps = span.page_size;
-                if self.strategy() == Strategy::Continue && current != state::POISONED {
-                    // The content is in the page cache; map it.
-                    let r = target
-                        .uffd
-                        .continue_all(addr, ps, ps, ContinueMode::empty());
-                    drop(table);
-                    return match r {
-                        Ok(Resolved::Complete {
-                            installed,
-                            existing,
-                        }) => {
-                            Counters::add(&c.pages_continued, installed / ps);
-                            Counters::add(&c.eexist, existing / ps);
-                            if !hit {
-                                c.latency.record(started.elapsed());
-                            }
-                            Step::Done
-                        }
-                        Ok(Resolved::RetryAfterEvents { .. }) => Step::Defer,
-                        Ok(Resolved::TargetGone) => Step::Gone,
-                        Err(e) => {
-                            c.failed_installs.fetch_add(1, Ordering::Relaxed);
-                            warn!(error = %e, "CONTINUE failed");
-                            let _ = target.uffd.wake(addr, ps);
-                            Step::Done
-                        }
-                    };
+                if current != state::POISONED {
+                    let mapped = self
+                        .resolver()
+                        .map_filled(self, target, addr, ps, !hit, started);
+                    if let Some(step) = mapped {
+                        drop(table);
+                        return step;
+                    }
                 }
                 if !hit {
                     c.duplicate_faults.fetch_add(1, Ordering::Relaxed);
@@ -162,7 +138,7 @@ impl<'a> Worker<'a> {
         // A page the fill or replay claimed is taken over: this fault is
         // served now, not after the background batch.
         let stolen = current == state::CLAIMED_BG
-            && self.strategy() != Strategy::Continue
+            && self.resolver().may_steal_background()
             && span.states.steal(p);
         let first_claim = if stolen {
             c.stolen_from_background.fetch_add(1, Ordering::Relaxed);
@@ -205,7 +181,7 @@ impl<'a> Worker<'a> {
             );
         }
         if let Some(remote) = self.shared.source.asynchronous() {
-            if matches!(self.strategy(), Strategy::Copy | Strategy::CopyWp) {
+            if self.resolver().installs_from_any_buffer() {
                 let claims = self.claims.clone();
                 self.fetch_in_background(remote, target, claim, lo, claims, started);
                 return Step::Done;

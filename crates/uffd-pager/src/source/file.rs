@@ -1,8 +1,5 @@
 //! A source backed by a file: a memory snapshot.
 
-#![allow(unsafe_code)]
-
-use std::ffi::c_void;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
@@ -11,7 +8,7 @@ use std::ptr::NonNull;
 
 use rustix::fs::SeekFrom;
 use rustix::io::Errno;
-use rustix::mm::{MapFlags, ProtFlags};
+use uffd::FileMapping;
 
 use super::{check_bounds, is_zero, Content, MappedBytes, PageSource, SourceError};
 
@@ -43,7 +40,7 @@ pub struct FileSource {
     file: File,
     len: u64,
     mode: FileMode,
-    map: Option<NonNull<u8>>,
+    map: Option<FileMapping>,
     /// Sorted, disjoint `[start, end)` ranges that hold data; everything
     /// else is a hole.
     data: Vec<(u64, u64)>,
@@ -54,12 +51,6 @@ pub struct FileSource {
 
 /// Granularity of [`FileSource`]'s zero-page map.
 const ZERO_MAP_PAGE: u64 = 4096;
-
-// SAFETY: the mapping is read-only, owned by this struct and only read
-// through shared references; the fd is thread-safe.
-unsafe impl Send for FileSource {}
-// SAFETY: as above.
-unsafe impl Sync for FileSource {}
 
 impl FileSource {
     /// Opens `path` for reading in the given mode. Anything but a regular
@@ -82,22 +73,9 @@ impl FileSource {
         let map = match mode {
             FileMode::Pread => None,
             FileMode::Mmap if len == 0 => None,
-            FileMode::Mmap => {
-                // SAFETY: a fresh read-only shared mapping of our own fd at
-                // an address the kernel chooses; it aliases no Rust object.
-                let ptr = unsafe {
-                    rustix::mm::mmap(
-                        std::ptr::null_mut(),
-                        len as usize,
-                        ProtFlags::READ,
-                        MapFlags::SHARED,
-                        &file,
-                        0,
-                    )
-                }
-                .map_err(|e| named(e.into()))?;
-                NonNull::new(ptr.cast::<u8>())
-            }
+            FileMode::Mmap => Some(
+                FileMapping::read_only(&file, len as usize, true).map_err(|e| named(e.into()))?,
+            ),
         };
         let mut source = FileSource {
             path,
@@ -166,16 +144,8 @@ impl FileSource {
     /// for a snapshot that serves many restores. Does nothing in
     /// [`FileMode::Pread`].
     pub fn populate(&self) -> io::Result<()> {
-        if let Some(map) = self.map {
-            // SAFETY: advice on our own read-only mapping; it changes no
-            // contents.
-            unsafe {
-                rustix::mm::madvise(
-                    map.as_ptr().cast::<c_void>(),
-                    self.len as usize,
-                    rustix::mm::Advice::LinuxPopulateRead,
-                )
-            }?;
+        if let Some(map) = &self.map {
+            map.advise(rustix::mm::Advice::LinuxPopulateRead)?;
         }
         Ok(())
     }
@@ -257,11 +227,11 @@ impl PageSource for FileSource {
     }
 
     fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
-        let map = self.map?;
+        let map = self.map.as_ref()?;
         check_bounds(offset, len as u64, self.len).ok()?;
-        // SAFETY: `offset + len <= self.len`, the mapping's length, so the
-        // pointer stays inside the mapping, which lives as long as `self`.
-        let ptr = unsafe { map.add(offset as usize) };
+        // `offset + len <= self.len`, the mapping's length, so the address
+        // stays inside the mapping, which lives as long as `self`.
+        let ptr = NonNull::new(map.as_ptr().wrapping_add(offset as usize).cast_mut())?;
         Some(MappedBytes::from_mapping(ptr, len))
     }
 
@@ -297,16 +267,6 @@ impl PageSource for FileSource {
             FileMode::Mmap => "mmap",
         };
         format!("file {} ({} bytes, {mode})", self.path.display(), self.len)
-    }
-}
-
-impl Drop for FileSource {
-    fn drop(&mut self) {
-        if let Some(map) = self.map {
-            // SAFETY: the mapping made in `open`; no borrow of it outlives
-            // `self`.
-            let _ = unsafe { rustix::mm::munmap(map.as_ptr().cast::<c_void>(), self.len as usize) };
-        }
     }
 }
 

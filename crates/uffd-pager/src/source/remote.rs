@@ -51,6 +51,14 @@ pub trait AsyncPageSource: Send + Sync + fmt::Debug {
     /// Reads `offset..offset + len`.
     fn read(&self, offset: u64, len: usize) -> ReadFuture<'_>;
 
+    /// Reads `offset..offset + len` for background work (replay, fill),
+    /// which nothing waits on yet: a source with a separate path for such
+    /// reads (a bulk channel) keeps them off the one faults use. The
+    /// default is [`AsyncPageSource::read`].
+    fn read_background(&self, offset: u64, len: usize) -> ReadFuture<'_> {
+        self.read(offset, len)
+    }
+
     /// The read size this source works best with (see
     /// [`PageSource::io_size`]).
     fn io_size(&self) -> usize {
@@ -134,7 +142,7 @@ impl AsyncSource {
         };
         self.runtime.spawn(async move {
             let _place = places.acquire_owned().await;
-            let result = read_with_retries(&*inner, offset, len, retries).await;
+            let result = read_with_retries(&*inner, offset, len, retries, Priority::Demand).await;
             done.call(result);
         });
     }
@@ -172,16 +180,24 @@ impl Drop for DoneOnce {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Priority {
+    Demand,
+    Background,
+}
+
 async fn read_with_retries(
     source: &dyn AsyncPageSource,
     offset: u64,
     len: usize,
     retries: u32,
+    priority: Priority,
 ) -> Result<Fetched, SourceError> {
     let mut attempt = 0;
     loop {
         let result = match check_bounds(offset, len as u64, source.len()) {
-            Ok(()) => source.read(offset, len).await,
+            Ok(()) if priority == Priority::Demand => source.read(offset, len).await,
+            Ok(()) => source.read_background(offset, len).await,
             Err(e) => Err(e),
         };
         match result {
@@ -210,9 +226,15 @@ impl PageSource for AsyncSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
-        let result =
-            self.runtime
-                .block_on(read_with_retries(&*self.inner, offset, buf.len(), 0))?;
+        // The blocking path is the background policies' (and that of
+        // strategies that stage bytes themselves).
+        let result = self.runtime.block_on(read_with_retries(
+            &*self.inner,
+            offset,
+            buf.len(),
+            0,
+            Priority::Background,
+        ))?;
         Ok(match result {
             Fetched::Zero => Content::Zero,
             Fetched::Data(bytes) => {

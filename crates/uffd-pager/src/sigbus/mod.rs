@@ -39,18 +39,22 @@
 
 #![allow(unsafe_code)]
 
-use std::ffi::c_void;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::Serialize;
-use uffd::{CopyMode, Features, Outcome, RegisterMode, Uffd, ZeropageMode};
+use uffd::{CopyMode, Features, RegisterMode, Resolved, Uffd, ZeropageMode};
 
+use crate::runs::runs;
 use crate::source::{is_zero, FileSource, MappedBytes, MemorySource};
 use crate::stats::{Histogram, LatencySummary};
-use crate::{AlignedAnon, PageSource, Region};
+use crate::{PageSource, Region};
+
+mod handler;
+
+pub use handler::sigbus_handler_installed;
+use handler::{install_handler, publish, uninstall_handler};
 
 const PAGE: u64 = 4096;
 
@@ -171,7 +175,7 @@ struct Counters {
 
 /// Pre-allocated buffers for pread sources, claimed lock-free by handlers.
 struct Scratch {
-    memory: AlignedAnon,
+    memory: uffd::Mapping,
     busy: Box<[AtomicBool]>,
     size: usize,
 }
@@ -313,9 +317,9 @@ impl SigbusPagerBuilder {
         }
         let scratch = if self.source.needs_scratch() {
             let size = self.granule as usize;
-            let memory = AlignedAnon::new(size * self.scratch_buffers)?;
+            let memory = uffd::Mapping::new(uffd::MemoryKind::Anon, size * self.scratch_buffers)?;
             // Populated now, so the handler takes no fault writing to it.
-            memory.advise(rustix::mm::Advice::LinuxPopulateWrite)?;
+            memory.advise(0, memory.len(), rustix::mm::Advice::LinuxPopulateWrite)?;
             Some(Scratch {
                 memory,
                 busy: (0..self.scratch_buffers)
@@ -366,7 +370,7 @@ impl SigbusPagerBuilder {
 
 /// A pager in SIGBUS mode: faults of its regions are served by the
 /// faulting thread itself, in a SIGBUS handler. How it works and its
-/// limits are described at the top of this crate's `src/sigbus.rs`.
+/// limits are described at the top of this crate's `src/sigbus/mod.rs`.
 ///
 /// Dropping it shuts it down like [`SigbusPager::shutdown`].
 pub struct SigbusPager {
@@ -439,11 +443,7 @@ impl SigbusPager {
     /// Removes this pager from the handler's table and waits until no
     /// handler uses it.
     fn withdraw(&mut self) {
-        let slot = &SLOTS[self.slot];
-        slot.pager.store(std::ptr::null_mut(), Ordering::SeqCst);
-        while slot.users.load(Ordering::SeqCst) != 0 {
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        handler::withdraw(self.slot);
     }
 }
 
@@ -451,210 +451,6 @@ impl Drop for SigbusPager {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-// ---------------------------------------------------------------------------
-// The table the handler reads, and the handler's installation.
-
-/// How many SIGBUS pagers may run at once in one process.
-const MAX_PAGERS: usize = 32;
-
-/// One pager the handler may serve: a pointer to its `Shared` (kept alive
-/// by the `SigbusPager`) and how many handlers are using it right now.
-struct Slot {
-    pager: AtomicPtr<Shared>,
-    users: AtomicUsize,
-}
-
-static SLOTS: [Slot; MAX_PAGERS] = [const {
-    Slot {
-        pager: AtomicPtr::new(std::ptr::null_mut()),
-        users: AtomicUsize::new(0),
-    }
-}; MAX_PAGERS];
-/// Slots below this index may be in use (the handler scans no further).
-static SLOTS_USED: AtomicUsize = AtomicUsize::new(0);
-/// Serialises publishing, installing and uninstalling (never taken by the
-/// handler).
-static INSTALL: Mutex<Install> = Mutex::new(Install {
-    pagers: 0,
-    previous: None,
-});
-
-struct Install {
-    pagers: usize,
-    previous: Option<libc::sigaction>,
-}
-
-// SAFETY: `libc::sigaction` is plain data (a handler address, a mask and
-// flags); it is only moved between threads under the mutex.
-unsafe impl Send for Install {}
-
-/// The previous SIGBUS disposition, for passing signals on. Atomics rather
-/// than a `sigaction` so the handler reads them without a lock.
-static PREVIOUS_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
-static PREVIOUS_FLAGS: AtomicUsize = AtomicUsize::new(0);
-
-fn publish(shared: &Arc<Shared>) -> Result<usize, SigbusError> {
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let ptr = Arc::as_ptr(shared).cast_mut();
-    for (i, slot) in SLOTS.iter().enumerate() {
-        if slot
-            .pager
-            .compare_exchange(
-                std::ptr::null_mut(),
-                ptr,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_ok()
-        {
-            SLOTS_USED.fetch_max(i + 1, Ordering::SeqCst);
-            return Ok(i);
-        }
-    }
-    Err(SigbusError::Invalid(format!(
-        "at most {MAX_PAGERS} SIGBUS pagers can run in one process"
-    )))
-}
-
-fn install_handler() -> std::io::Result<()> {
-    let mut install = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    if install.pagers == 0 {
-        // SAFETY: a zeroed sigaction is a valid value to fill in; sigfillset
-        // and sigaction get pointers to live locals. The handler we install
-        // only does async-signal-safe work (see `on_sigbus`).
-        let previous = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = handler_address();
-            action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            libc::sigfillset(&mut action.sa_mask);
-            let mut previous: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGBUS, &action, &mut previous) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            previous
-        };
-        if previous.sa_sigaction != handler_address() {
-            PREVIOUS_FLAGS.store(previous.sa_flags as usize, Ordering::SeqCst);
-            PREVIOUS_HANDLER.store(previous.sa_sigaction, Ordering::SeqCst);
-        }
-        install.previous = Some(previous);
-    }
-    install.pagers += 1;
-    Ok(())
-}
-
-fn uninstall_handler() {
-    let mut install = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    install.pagers = install.pagers.saturating_sub(1);
-    if install.pagers > 0 {
-        return;
-    }
-    let Some(previous) = install.previous.take() else {
-        return;
-    };
-    // SAFETY: querying and restoring the SIGBUS disposition with pointers
-    // to live locals. We restore only if ours is still installed, so a
-    // handler somebody installed after us stays.
-    unsafe {
-        let mut current: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut current) == 0
-            && current.sa_sigaction == handler_address()
-        {
-            libc::sigaction(libc::SIGBUS, &previous, std::ptr::null_mut());
-        }
-    }
-}
-
-/// True while SIGBUS is handled by a [`SigbusPager`] of this process.
-pub fn sigbus_handler_installed() -> bool {
-    // SAFETY: querying the disposition into a live local.
-    unsafe {
-        let mut current: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut current) == 0
-            && current.sa_sigaction == handler_address()
-    }
-}
-
-/// The address of [`on_sigbus`] as `sigaction` stores it.
-fn handler_address() -> usize {
-    on_sigbus as *const () as usize
-}
-
-/// The SIGBUS handler. Async-signal-safe: atomics, arithmetic, reads of
-/// immutable data owned by a published pager, `pread(2)`, `ioctl(2)`,
-/// `clock_gettime` (vDSO) and `sigaction(2)`. errno is saved and restored.
-extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
-    // SAFETY: errno is thread-local; saving it so the interrupted code sees
-    // its own value afterwards.
-    let errno = unsafe { *libc::__errno_location() };
-    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo.
-    let (code, address) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
-    let served = code == libc::BUS_ADRERR && serve(address);
-    if !served {
-        pass_on(signal, info, context);
-    }
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
-}
-
-/// Hands a SIGBUS we do not serve to the previous disposition. For the
-/// default (or ignore, which the kernel overrides for a fault), restores
-/// the default and returns: the access faults again and the kernel kills
-/// the process with SIGBUS, as it would have without us.
-fn pass_on(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
-    let handler = PREVIOUS_HANDLER.load(Ordering::SeqCst);
-    let flags = PREVIOUS_FLAGS.load(Ordering::SeqCst) as libc::c_int;
-    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-        // SAFETY: sigaction is async-signal-safe; a zeroed action with
-        // SIG_DFL is the default disposition.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
-        }
-    } else if flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: the previous handler was installed with SA_SIGINFO, so
-        // it has this signature; we pass the arguments we were given.
-        unsafe {
-            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut c_void) =
-                std::mem::transmute(handler);
-            f(signal, info, context);
-        }
-    } else {
-        // SAFETY: a handler installed without SA_SIGINFO takes the signal
-        // number only.
-        unsafe {
-            let f: extern "C" fn(libc::c_int) = std::mem::transmute(handler);
-            f(signal);
-        }
-    }
-}
-
-/// Serves a fault at `address` if a published pager covers it. Returns
-/// false when none does or the page could not be produced.
-fn serve(address: u64) -> bool {
-    let used = SLOTS_USED.load(Ordering::SeqCst);
-    for slot in &SLOTS[..used] {
-        slot.users.fetch_add(1, Ordering::SeqCst);
-        let ptr = slot.pager.load(Ordering::SeqCst);
-        // SAFETY: a published pointer stays valid while `users` is raised:
-        // `withdraw` clears it and then waits for `users` to drop to zero
-        // before the `SigbusPager` (which holds the Arc) lets it go.
-        let found = unsafe { ptr.as_ref() }.and_then(|shared| {
-            let region = shared
-                .regions
-                .iter()
-                .find(|r| r.start <= address && address < r.end())?;
-            Some(shared.serve(region, address))
-        });
-        slot.users.fetch_sub(1, Ordering::SeqCst);
-        if let Some(served) = found {
-            return served;
-        }
-    }
-    false
 }
 
 impl Shared {
@@ -728,9 +524,9 @@ impl Shared {
         }
     }
 
-    /// Installs `bytes` at `start`, page by page runs: zero pages (as
+    /// Installs `bytes` at `start` in runs of equal pages: zero pages (as
     /// `is_zero_page(i)` tells for page `i`) as zero pages when detection is
-    /// on, the rest with COPY.
+    /// on, the rest with COPY; one ioctl per run.
     fn copy_or_zero(
         &self,
         start: u64,
@@ -738,65 +534,60 @@ impl Shared {
         is_zero_page: impl Fn(usize) -> bool,
     ) -> bool {
         let pages = bytes.len() / PAGE as usize;
-        if !self.detect_zero_pages {
-            return self.copy(start, bytes, 0, pages);
-        }
-        // Runs of equal zero-ness, each with one ioctl.
-        let mut i = 0;
-        while i < pages {
-            let zero = is_zero_page(i);
-            let mut j = i + 1;
-            while j < pages && is_zero_page(j) == zero {
-                j += 1;
-            }
-            let at = start + i as u64 * PAGE;
-            let ok = if zero {
-                self.zero(at, start + j as u64 * PAGE)
+        let detect = self.detect_zero_pages;
+        let mut runs = runs(pages, move |i| detect && is_zero_page(i));
+        runs.all(|(run, zero)| {
+            let at = start + run.start as u64 * PAGE;
+            if zero {
+                self.zero(at, start + run.end as u64 * PAGE)
             } else {
-                self.copy(at, bytes, i, j)
-            };
-            if !ok {
-                return false;
+                self.copy(at, bytes, run.start, run.end)
             }
-            i = j;
-        }
-        true
+        })
     }
 
     /// Copies pages `first..end` of `bytes` to `start` (the address of
     /// page `first`).
     fn copy(&self, start: u64, bytes: MappedBytes<'_>, first: usize, end: usize) -> bool {
-        let len = (end - first) as u64 * PAGE;
-        self.resolve(start, len, true, |at, len| {
-            let skip = first * PAGE as usize + (at - start) as usize;
-            debug_assert!(skip + len as usize <= bytes.len());
-            let src = bytes.as_ptr().wrapping_add(skip);
-            // SAFETY: `src..src + len` lies in `bytes` (a read-only mapping,
-            // an in-memory source or a scratch buffer this handler owns);
-            // `at..at + len` is missing memory of a registered region of this
-            // process, which no Rust reference covers (`start`'s contract).
-            // No thread waits on a SIGBUS-mode uffd: DONTWAKE skips the
-            // wake-up scan.
-            unsafe { self.uffd.copy(at, src, len, CopyMode::DONTWAKE) }
+        debug_assert!(end * PAGE as usize <= bytes.len());
+        let src = bytes.as_ptr().wrapping_add(first * PAGE as usize);
+        self.settle(start, (end - first) as u64 * PAGE, true, |at, len| {
+            // SAFETY: `src + (at - start)..` plus `len` lies in `bytes` (a
+            // read-only mapping, an in-memory source or a scratch buffer
+            // this handler owns); `at..at + len` is missing memory of a
+            // registered region of this process, which no Rust reference
+            // covers (`start`'s contract). No thread waits on a SIGBUS-mode
+            // uffd: DONTWAKE skips the wake-up scan.
+            unsafe {
+                self.uffd.copy_all(
+                    at,
+                    src.wrapping_add((at - start) as usize),
+                    len,
+                    PAGE,
+                    CopyMode::DONTWAKE,
+                )
+            }
         })
     }
 
     fn zero(&self, start: u64, end: u64) -> bool {
-        self.resolve(start, end - start, false, |at, len| {
-            self.uffd.zeropage(at, len, ZeropageMode::DONTWAKE)
+        self.settle(start, end - start, false, |at, len| {
+            self.uffd
+                .zeropage_all(at, len, PAGE, ZeropageMode::DONTWAKE)
         })
     }
 
-    /// Drives one resolving ioctl over `start..start + len`: continues after
-    /// partial progress, skips pages already present (another thread won the
-    /// race), retries EAGAIN a bounded number of times (then returns: the
-    /// access faults again and retries anyway).
-    fn resolve(
+    /// Drives one of the core's whole-range resolvers (the same ones the
+    /// engine uses: partial progress continued, present pages skipped)
+    /// over `start..start + len`, retrying after pending events a bounded
+    /// number of times (then returns: the access faults again and retries
+    /// anyway).
+    fn settle(
         &self,
         start: u64,
         len: u64,
         copied: bool,
-        mut ioctl: impl FnMut(u64, u64) -> Result<Outcome, uffd::Error>,
+        mut resolve: impl FnMut(u64, u64) -> Result<Resolved, uffd::Error>,
     ) -> bool {
         let counter = if copied {
             &self.counters.pages_copied
@@ -805,26 +596,25 @@ impl Shared {
         };
         let end = start + len;
         let mut at = start;
-        let mut retries = 0;
-        while at < end {
-            match ioctl(at, end - at) {
-                Ok(Outcome::Complete { bytes }) | Ok(Outcome::Partial { bytes }) => {
-                    counter.fetch_add(bytes / PAGE, Ordering::Relaxed);
-                    at += bytes;
+        for _ in 0..=100 {
+            match resolve(at, end - at) {
+                Ok(Resolved::Complete {
+                    installed,
+                    existing,
+                }) => {
+                    counter.fetch_add(installed / PAGE, Ordering::Relaxed);
+                    self.counters
+                        .eexist
+                        .fetch_add(existing / PAGE, Ordering::Relaxed);
+                    return true;
                 }
-                Ok(Outcome::AlreadyPresent) => {
-                    self.counters.eexist.fetch_add(1, Ordering::Relaxed);
-                    at += PAGE;
-                }
-                Ok(Outcome::RetryAfterEvents) => {
+                Ok(Resolved::RetryAfterEvents { done }) => {
+                    counter.fetch_add(done / PAGE, Ordering::Relaxed);
                     self.counters.eagain.fetch_add(1, Ordering::Relaxed);
-                    retries += 1;
-                    if retries > 100 {
-                        return true;
-                    }
+                    at += done;
                 }
                 // Our own process cannot be gone while it runs this.
-                Ok(Outcome::TargetGone) => return true,
+                Ok(Resolved::TargetGone) => return true,
                 // Unregistered by a concurrent shutdown: the access
                 // restarts as an ordinary fault.
                 Err(_) if self.closing.load(Ordering::SeqCst) => return true,

@@ -1,0 +1,368 @@
+//! `uffd page-server bench`: what post-copy over a network costs. The page
+//! server is the real `uffd page-server` binary in a process of its own;
+//! the destination is [`RemoteSource`] in this process, reached through a
+//! user-space link emulator (this kernel has no netem) that adds a one-way
+//! delay without limiting bandwidth.
+//!
+//! Per added delay (0, 1, 5 ms one way): demand-fault latency on an idle
+//! link, the same while the server pushes the whole image on the bulk
+//! channel, the same again with the naive one-connection design (demand
+//! requests queued behind the push) as the baseline; the push's throughput
+//! against a raw TCP copy of as many bytes over the same emulated link; and
+//! time from connecting to the first page for a small and a large image.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use uffd_pager::AsyncPageSource;
+use uffd_remote::{RemoteConfig, RemoteSource};
+
+use crate::fixtures::{make_snapshot, shuffled};
+use crate::report::median;
+use crate::BoxError;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Image size for the latency and throughput cases, MiB.
+    pub mib: u64,
+    /// One-way delays added by the link emulator, ms.
+    pub delays_ms: Vec<u64>,
+    /// Demand reads timed per case.
+    pub samples: usize,
+    /// The `uffd` binary (for `uffd page-server`).
+    pub uffd_bin: PathBuf,
+    /// Scratch directory (default: the temp dir).
+    pub dir: Option<PathBuf>,
+}
+
+/// One delay's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Case {
+    /// One-way delay added, ms.
+    pub delay_ms: u64,
+    /// Median demand read, idle link, µs.
+    pub demand_p50_us: f64,
+    /// 99th percentile, idle link, µs.
+    pub demand_p99_idle_us: f64,
+    /// 99th percentile while the whole image is pushed, µs.
+    pub demand_p99_push_us: f64,
+    /// 99th percentile with demand requests behind the push (one
+    /// connection), µs.
+    pub naive_p99_push_us: f64,
+    /// The push: image bytes over seconds until every page arrived, MB/s.
+    pub bulk_mb_s: f64,
+    /// A raw TCP copy of as many bytes over the same link, MB/s.
+    pub raw_tcp_mb_s: f64,
+    /// The round trip the emulator adds, µs (twice the delay).
+    pub added_rtt_us: f64,
+    /// A plain TCP request of 24 bytes answered by 4 KiB over the same
+    /// emulated link, median, µs: the link's own round trip, relay
+    /// threads included, which a demand fault cannot beat.
+    pub link_rtt_p50_us: f64,
+}
+
+/// Time from connecting to the first page read, per image size.
+#[derive(Debug, Clone, Serialize)]
+pub struct FirstPage {
+    /// Image size, MiB.
+    pub image_mib: u64,
+    /// Connect plus one demand read, ms.
+    pub first_page_ms: f64,
+}
+
+/// The report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// One per delay.
+    pub cases: Vec<Case>,
+    /// First page for a small and a large image (no delay).
+    pub first_page: Vec<FirstPage>,
+}
+
+/// Kills the page server when dropped.
+struct Server(Child, String);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn page_server(uffd: &Path, mem: &Path, push: bool) -> Result<Server, BoxError> {
+    let mut cmd = Command::new(uffd);
+    cmd.args(["page-server", "--mem-file"])
+        .arg(mem)
+        .args(["--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped());
+    if push {
+        cmd.arg("--push");
+    }
+    let mut child = cmd.spawn()?;
+    let mut err = BufReader::new(child.stderr.take().expect("piped"));
+    let mut line = String::new();
+    err.read_line(&mut line)?;
+    let addr = line
+        .split(" on ")
+        .nth(1)
+        .and_then(|r| r.split([',', '\n']).next())
+        .ok_or_else(|| format!("uffd page-server said {line:?}"))?
+        .trim()
+        .to_string();
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    Ok(Server(child, addr))
+}
+
+/// A TCP relay on loopback that delays every byte by `delay` each way,
+/// without limiting bandwidth: what a long fat link does.
+pub fn delay_link(upstream: String, delay: Duration) -> std::io::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (c, s) = (client.try_clone(), server.try_clone());
+            if let (Ok(c), Ok(s)) = (c, s) {
+                delayed_pipe(client, s, delay);
+                delayed_pipe(server, c, delay);
+            }
+        }
+    });
+    Ok(addr)
+}
+
+fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((due, bytes)) = rx.recv() {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// Times up to `samples` demand reads of distinct random pages that had
+/// not arrived yet; a read answered from pushed bytes is not a network
+/// fault and is skipped. With `push_len`, stops once that many bytes were
+/// pushed: later reads would not be under push. Returns the latencies, µs.
+fn demand_latencies(
+    runtime: &tokio::runtime::Runtime,
+    remote: &RemoteSource,
+    pages: u64,
+    samples: usize,
+    push_len: Option<u64>,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(samples);
+    for page in shuffled(pages, 0xD3A7) {
+        let pushed = push_len.is_some_and(|len| remote.stats().pushed_bytes.load(Relaxed) >= len);
+        if out.len() >= samples || pushed {
+            break;
+        }
+        let hits = remote.stats().local_hits.load(Relaxed);
+        let t = Instant::now();
+        let r = runtime.block_on(remote.read(page * 4096, 4096));
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if r.is_ok() && remote.stats().local_hits.load(Relaxed) == hits {
+            out.push(us);
+        }
+        // Space the faults a little, as a guest's are.
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    out
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn connect(addr: &str, single_channel: bool) -> Result<RemoteSource, BoxError> {
+    Ok(RemoteSource::connect(
+        addr,
+        RemoteConfig {
+            single_channel,
+            ..RemoteConfig::default()
+        },
+    )?)
+}
+
+/// Seconds until every pushed byte of a `len`-byte image has arrived.
+fn push_seconds(remote: &RemoteSource, len: u64, started: Instant) -> f64 {
+    let deadline = started + Duration::from_secs(120);
+    while remote.stats().pushed_bytes.load(Relaxed) < len && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// The median round trip of a 24-byte request answered by a page over a
+/// link delayed by `delay`, µs.
+fn link_rtt(delay: Duration, samples: usize) -> Result<f64, BoxError> {
+    let echo = TcpListener::bind("127.0.0.1:0")?;
+    let echo_addr = echo.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = echo.accept() else {
+            return;
+        };
+        let _ = s.set_nodelay(true);
+        let (mut req, page) = ([0u8; 24], vec![7u8; 4096 + 40]);
+        while s.read_exact(&mut req).is_ok() {
+            if s.write_all(&page).is_err() {
+                return;
+            }
+        }
+    });
+    let mut c = TcpStream::connect(delay_link(echo_addr, delay)?)?;
+    c.set_nodelay(true)?;
+    let mut page = vec![0u8; 4096 + 40];
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        c.write_all(&[1u8; 24])?;
+        c.read_exact(&mut page)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(median(times))
+}
+
+/// A raw TCP copy of `len` bytes over a link delayed by `delay`, MB/s.
+fn raw_tcp(len: u64, delay: Duration) -> Result<f64, BoxError> {
+    let sink = TcpListener::bind("127.0.0.1:0")?;
+    let sink_addr = sink.local_addr()?.to_string();
+    let receiver = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut s, _) = sink.accept()?;
+        std::io::copy(&mut s, &mut std::io::sink())
+    });
+    let link = delay_link(sink_addr, delay)?;
+    let mut out = TcpStream::connect(link)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < len {
+        let n = chunk.len().min((len - sent) as usize);
+        out.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    drop(out);
+    let got = receiver.join().map_err(|_| "the receiver panicked")??;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(got as f64 / 1e6 / seconds.max(1e-9))
+}
+
+/// Runs every case.
+pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError> {
+    let dir = config.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let len = config.mib << 20;
+    let snapshot = make_snapshot(&dir, len, 10)?;
+    let pages = len / 4096;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut cases = Vec::new();
+    for &delay_ms in &config.delays_ms {
+        let delay = Duration::from_millis(delay_ms);
+        progress(&format!("{delay_ms} ms: idle link"));
+        let idle = {
+            let server = page_server(&config.uffd_bin, &snapshot.path, false)?;
+            let remote = connect(&delay_link(server.1.clone(), delay)?, false)?;
+            demand_latencies(&runtime, &remote, pages, config.samples, None)
+        };
+        progress(&format!("{delay_ms} ms: under push"));
+        let (under_push, bulk_mb_s) = {
+            let server = page_server(&config.uffd_bin, &snapshot.path, true)?;
+            let started = Instant::now();
+            let remote = Arc::new(connect(&delay_link(server.1.clone(), delay)?, false)?);
+            let watcher = {
+                let remote = Arc::clone(&remote);
+                std::thread::spawn(move || push_seconds(&remote, len, started))
+            };
+            let lat = demand_latencies(&runtime, &remote, pages, config.samples, Some(len));
+            let seconds = watcher.join().map_err(|_| "the push watcher panicked")?;
+            (lat, len as f64 / 1e6 / seconds)
+        };
+        progress(&format!("{delay_ms} ms: one connection, under push"));
+        let naive = {
+            let server = page_server(&config.uffd_bin, &snapshot.path, true)?;
+            let remote = connect(&delay_link(server.1.clone(), delay)?, true)?;
+            demand_latencies(&runtime, &remote, pages, config.samples, Some(len))
+        };
+        progress(&format!("{delay_ms} ms: raw TCP"));
+        let raw_tcp_mb_s = raw_tcp(len, delay)?;
+        let link_rtt_p50_us = link_rtt(delay, config.samples.min(200))?;
+        cases.push(Case {
+            delay_ms,
+            demand_p50_us: median(idle.clone()),
+            demand_p99_idle_us: percentile(idle, 99.0),
+            demand_p99_push_us: percentile(under_push, 99.0),
+            naive_p99_push_us: percentile(naive, 99.0),
+            bulk_mb_s,
+            raw_tcp_mb_s,
+            added_rtt_us: 2.0 * delay_ms as f64 * 1000.0,
+            link_rtt_p50_us,
+        });
+    }
+    let _ = std::fs::remove_file(&snapshot.path);
+    let mut first_page = Vec::new();
+    for image_mib in [256u64, 4096] {
+        progress(&format!("first page of a {image_mib} MiB image"));
+        let path = dir.join(format!(
+            "uffd-first-page-{}-{image_mib}.img",
+            std::process::id()
+        ));
+        let file = std::fs::File::create(&path)?;
+        file.set_len(image_mib << 20)?;
+        drop(file);
+        let server = page_server(&config.uffd_bin, &path, false)?;
+        let started = Instant::now();
+        let remote = Arc::new(connect(&server.1, false)?);
+        runtime
+            .block_on(remote.read(0, 4096))
+            .map_err(|e| format!("first page: {e}"))?;
+        first_page.push(FirstPage {
+            image_mib,
+            first_page_ms: started.elapsed().as_secs_f64() * 1e3,
+        });
+        drop(server);
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(Report { cases, first_page })
+}

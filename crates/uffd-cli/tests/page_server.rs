@@ -1,0 +1,459 @@
+//! Post-copy across a network: a VMM in another process restores through
+//! `uffd serve --source tcp://...` from `uffd page-server`, every byte
+//! verified; the page server restarted mid-restore (nothing lost), gone
+//! for good (SIGBUS on what never arrived, no hang, the server lives on),
+//! and a link that corrupts and cuts frames (caught, asked again).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use uffd_remote::protocol::{Header, HEADER};
+use uffd_testkit::Scratch;
+
+const LEN: u64 = 16 << 20;
+
+fn standin_vmm() -> PathBuf {
+    uffd_testkit::standin_vmm(
+        env!("CARGO"),
+        Path::new(env!("CARGO_BIN_EXE_uffd")),
+        env!("CARGO_MANIFEST_DIR"),
+    )
+}
+
+/// Kills the process when dropped, so no test leaves one behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `uffd page-server` on `listen` and returns it with its address.
+fn page_server(mem: &Path, listen: &str, push: bool) -> (Proc, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uffd"));
+    cmd.args(["page-server", "--mem-file"])
+        .arg(mem)
+        .args(["--listen", listen])
+        .stderr(Stdio::piped());
+    if push {
+        cmd.arg("--push");
+    }
+    let mut child = cmd.spawn().expect("starting uffd page-server");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '\n']).next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim()
+        .to_string();
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    (Proc(child), addr)
+}
+
+fn serve(source: &str, socket: &Path, extra: &[&str]) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args(["serve", "--source", source, "--socket"])
+        .arg(socket)
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting uffd serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "uffd serve never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Proc(child)
+}
+
+fn vmm(socket: &Path, mem: &Path, extra: &[&str]) -> Child {
+    Command::new(standin_vmm())
+        .arg("--socket")
+        .arg(socket)
+        .arg("--mem-file")
+        .arg(mem)
+        .args(["--size", &LEN.to_string(), "--threads", "4"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the stand-in VMM")
+}
+
+/// Waits for the VMM; fails past `limit` (never leaves it blocked).
+fn finish(mut child: Child, limit: Duration) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            return (status, out);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the VMM did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn snapshot(dir: &Scratch) -> PathBuf {
+    let mem = dir.path("mem");
+    uffd_testkit::snapshot_file(&mem, LEN);
+    mem
+}
+
+fn verified(out: &str) -> bool {
+    out.contains("\"mismatched_pages\":0")
+        && out.contains(&format!("\"verified_pages\":{}", LEN / 4096))
+}
+
+#[test]
+fn restores_over_tcp_with_and_without_push() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    for push in [false, true] {
+        let dir = Scratch::new("pg-restore");
+        let mem = snapshot(&dir);
+        let (_ps, addr) = page_server(&mem, "127.0.0.1:0", push);
+        let socket = dir.path("sock");
+        let _server = serve(&format!("tcp://{addr}"), &socket, &[]);
+        let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+        assert!(
+            status.success() && verified(&out),
+            "push {push}: {status:?} {out}"
+        );
+    }
+}
+
+#[test]
+fn a_page_server_restarted_mid_restore_loses_nothing() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-restart");
+    let mem = snapshot(&dir);
+    let (ps, addr) = page_server(&mem, "127.0.0.1:0", false);
+    let socket = dir.path("sock");
+    let _server = serve(&format!("tcp://{addr}"), &socket, &[]);
+    // 4096 pages at 200 µs apart on 4 threads: about 0.2 s of faults.
+    let guest = vmm(&socket, &mem, &["--pace-us", "200"]);
+    std::thread::sleep(Duration::from_millis(60));
+    drop(ps); // SIGKILL: connections cut mid-restore
+    std::thread::sleep(Duration::from_millis(300));
+    let (_ps, again) = page_server(&mem, &addr, false);
+    assert_eq!(again, addr);
+    let (status, out) = finish(guest, Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+}
+
+#[test]
+fn a_page_server_gone_for_good_poisons_what_never_arrived() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-gone");
+    let mem = snapshot(&dir);
+    let (ps, addr) = page_server(&mem, "127.0.0.1:0", false);
+    let socket = dir.path("sock");
+    let mut server = serve(
+        &format!("tcp://{addr}"),
+        &socket,
+        &["--reconnect-timeout", "500ms"],
+    );
+    let guest = vmm(&socket, &mem, &["--pace-us", "500"]);
+    std::thread::sleep(Duration::from_millis(50));
+    drop(ps);
+    let (status, out) = finish(guest, Duration::from_secs(30));
+    assert_eq!(
+        status.signal(),
+        Some(libc_sigbus()),
+        "the VMM should die of SIGBUS on a page that never arrived, not {status:?} {out}"
+    );
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "uffd serve must outlive its page server"
+    );
+}
+
+fn libc_sigbus() -> i32 {
+    7
+}
+
+/// A link that corrupts one data frame in seven (a flipped byte in its
+/// bytes) and cuts the connection in the middle of a frame once.
+fn corrupting_proxy(upstream: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut cut_once = true;
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            let (mut c2s_from, mut c2s_to) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut c2s_from, &mut c2s_to));
+            let cut = std::mem::take(&mut cut_once);
+            std::thread::spawn(move || relay_corrupting(server, client, cut));
+        }
+    });
+    addr
+}
+
+fn relay_corrupting(mut from: TcpStream, mut to: TcpStream, cut: bool) {
+    let mut frames = 0u64;
+    loop {
+        let mut h = [0u8; HEADER];
+        if from.read_exact(&mut h).is_err() {
+            break;
+        }
+        let Ok(header) = Header::decode(&h) else {
+            break;
+        };
+        let mut payload = vec![0u8; header.payload as usize];
+        if from.read_exact(&mut payload).is_err() {
+            break;
+        }
+        frames += 1;
+        let is_data_with_bytes = h[6] == 4 && payload.len() > 16;
+        if is_data_with_bytes && frames % 7 == 0 {
+            let i = 16 + (frames as usize * 31) % (payload.len() - 16);
+            payload[i] ^= 0x5a;
+        }
+        if cut && frames == 40 {
+            let _ = to.write_all(&h);
+            let _ = to.write_all(&payload[..payload.len() / 2]);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if to.write_all(&h).is_err() || to.write_all(&payload).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+fn corrupted_and_cut_frames_are_caught_and_asked_again() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-corrupt");
+    let mem = snapshot(&dir);
+    let (_ps, addr) = page_server(&mem, "127.0.0.1:0", true);
+    let proxy = corrupting_proxy(addr);
+    let socket = dir.path("sock");
+    let _server = serve(&format!("tcp://{proxy}"), &socket, &[]);
+    let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+}
+
+#[test]
+fn the_bench_reports_every_figure_it_promises() {
+    let out = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args([
+            "page-server",
+            "bench",
+            "--mib",
+            "8",
+            "--samples",
+            "10",
+            "--delays-ms",
+            "0",
+            "--json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let case = &report["cases"][0];
+    for key in [
+        "delay_ms",
+        "demand_p50_us",
+        "demand_p99_idle_us",
+        "demand_p99_push_us",
+        "naive_p99_push_us",
+        "bulk_mb_s",
+        "raw_tcp_mb_s",
+        "link_rtt_p50_us",
+    ] {
+        assert!(
+            case[key].as_f64().is_some_and(|v| v >= 0.0),
+            "{key} in {case}"
+        );
+    }
+    assert!(case["bulk_mb_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["first_page"].as_array().unwrap().len(), 2);
+}
+
+/// Two network namespaces joined by a veth pair, with `tbf` limiting the
+/// source side's bandwidth; removed when dropped.
+struct Hosts {
+    source: String,
+    dest: String,
+}
+
+impl Hosts {
+    fn new(tag: &str, rate: &str) -> Option<Hosts> {
+        if !uffd_testkit::root("create network namespaces") {
+            return None;
+        }
+        let id = std::process::id() % 10_000;
+        let hosts = Hosts {
+            source: format!("uffd-{tag}-src-{id}"),
+            dest: format!("uffd-{tag}-dst-{id}"),
+        };
+        let (va, vb) = (format!("us{id}"), format!("ud{id}"));
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output();
+            match out {
+                Ok(o) if o.status.success() => true,
+                Ok(o) => panic!("ip {args:?}: {}", String::from_utf8_lossy(&o.stderr)),
+                Err(e) => panic!("running ip: {e}"),
+            }
+        };
+        if Command::new("ip").arg("-V").output().is_err() {
+            uffd_testkit::skip(uffd_testkit::Need::Tool, "needs iproute2's ip");
+            return None;
+        }
+        ip(&["netns", "add", &hosts.source]);
+        ip(&["netns", "add", &hosts.dest]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &hosts.source]);
+        ip(&["link", "set", &vb, "netns", &hosts.dest]);
+        for (ns, dev, addr) in [
+            (&hosts.source, &va, "10.77.0.1/24"),
+            (&hosts.dest, &vb, "10.77.0.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let tc = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &hosts.source,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                &va,
+                "root",
+                "tbf",
+            ])
+            .args(["rate", rate, "burst", "256kb", "latency", "50ms"])
+            .output()
+            .expect("running tc");
+        assert!(
+            tc.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&tc.stderr)
+        );
+        Some(hosts)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair and so both.
+        for ns in [&self.source, &self.dest] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn restores_between_two_network_namespaces_over_a_limited_link() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let Some(hosts) = Hosts::new("veth", "200mbit") else {
+        return;
+    };
+    let dir = Scratch::new("pg-netns");
+    let mem = snapshot(&dir);
+    let uffd = env!("CARGO_BIN_EXE_uffd");
+    let mut ps = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.source,
+            uffd,
+            "page-server",
+            "--mem-file",
+        ])
+        .arg(&mem)
+        .args(["--listen", "10.77.0.1:7100", "--push"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(ps.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("10.77.0.1:7100"), "{line}");
+    // Keep draining its log so it never writes to a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let _ps = Proc(ps);
+    let socket = dir.path("sock");
+    let server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.dest,
+            uffd,
+            "serve",
+            "--source",
+            "tcp://10.77.0.1:7100",
+            "--socket",
+        ])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Proc(server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "uffd serve never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The VMM talks to the server over a Unix socket: any namespace.
+    let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+    drop(hosts);
+}
+
+#[test]
+fn restores_over_a_link_with_5_ms_of_delay_each_way() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-delay");
+    let mem = snapshot(&dir);
+    let (_ps, addr) = page_server(&mem, "127.0.0.1:0", true);
+    let link = uffd_bench::remote::delay_link(addr, Duration::from_millis(5)).unwrap();
+    let socket = dir.path("sock");
+    let _server = serve(&format!("tcp://{link}"), &socket, &["--background-fill"]);
+    let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+}
