@@ -10,8 +10,13 @@
 //! - [`Scratch`] directories, [`snapshot_file`] and [`page_pattern`]
 //!   (the memory file every server test restores from),
 //!   [`FailingSource`].
+//! - With the `s3` feature, `s3`: a real S3 server on loopback and a
+//!   fault-injecting proxy, for the object-storage tests.
 
 #![deny(unsafe_code)]
+
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};

@@ -49,6 +49,7 @@ use super::CmdResult;
 /// Examples:
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --record vm.ws
 ///   uffd serve --mem-file vm.mem --socket /run/vm.sock --prefetch vm.ws --background-fill
+///   uffd serve --source s3://snaps/fleet/vm-1 --socket /run/vm.sock --cache-dir /var/cache/uffd
 ///   uffd serve bench --mib 1024 --vcpus 1,2,4,8
 #[derive(Debug, clap::Args)]
 #[command(
@@ -81,7 +82,13 @@ struct ServeArgs {
     /// Where the memory image comes from: `file://PATH`, or
     /// `tcp://HOST:PORT` for `uffd page-server` on another host (post-copy:
     /// the VM runs here while its pages arrive; faulting pages take the
-    /// demand channel, --prefetch and --background-fill the bulk channel).
+    /// demand channel, --prefetch and --background-fill the bulk channel),
+    /// or a snapshot stored with `uffd snapshot push`: s3://BUCKET/DIR/NAME
+    /// (or gs://, az://, or file:// naming a local manifest), configured by
+    /// the standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_REGION, AWS_ALLOW_HTTP...); the chunk holding a faulting page is
+    /// fetched once, however many faults and VMs want it, into a cache
+    /// shared by every VM (--cache-memory, --cache-dir).
     #[arg(long, value_name = "URL")]
     source: Option<String>,
     /// With a tcp:// source: how long to keep reconnecting after the page
@@ -90,6 +97,25 @@ struct ServeArgs {
     /// logged. A duration such as 60s.
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     reconnect_timeout: Duration,
+    /// With an object-store source: bytes of chunks kept in memory (K/M/G
+    /// suffixes), shared by every VM.
+    #[arg(long, default_value = "1G", value_name = "BYTES", value_parser = parse_bytes)]
+    cache_memory: u64,
+    /// With an object-store source: also keep fetched chunks in this
+    /// directory, so a restarted server starts warm. Files are checked
+    /// against their hash when used; bad ones are fetched again.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// With --cache-dir: bytes of chunks kept there (least recently used
+    /// go first).
+    #[arg(long, default_value = "16G", value_name = "BYTES", value_parser = parse_bytes)]
+    cache_dir_size: u64,
+    /// With an object-store source: how long one chunk may take, retries of
+    /// 5xx answers, timeouts, lost connections and corrupt chunks included,
+    /// before its pages are poisoned (the guest gets SIGBUS touching them;
+    /// logged as an error). A duration such as 30s.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    fetch_timeout: Duration,
     /// The Unix socket to listen on (Firecracker's `backend_path`). A stale
     /// socket file is replaced; one with a live server is refused.
     #[arg(long, value_name = "PATH", required = true)]
@@ -107,7 +133,9 @@ struct ServeArgs {
     #[arg(long, value_name = "WS")]
     record: Option<PathBuf>,
     /// Install the pages of this recorded working set first, in large
-    /// batches in file order, while faults keep priority.
+    /// batches in file order, while faults keep priority. From object
+    /// storage, the chunks holding them are also fetched into the cache at
+    /// start, 32 at a time.
     #[arg(long, value_name = "WS")]
     prefetch: Option<PathBuf>,
     /// After the working set (if any), install every other page in the
@@ -310,7 +338,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// A byte count: digits with an optional K, M or G suffix (powers of 1024).
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     let (digits, unit) = match text.trim().char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&text.trim()[..i], c.to_ascii_uppercase()),
         _ => (text.trim(), 'B'),
@@ -351,8 +379,13 @@ pub(super) fn init_logs(json: bool) {
     };
 }
 
-/// A source and its identity for takeovers.
-type Image = (Arc<dyn PageSource>, Option<String>);
+/// A source, its identity for takeovers, and the object-store source
+/// behind it, if it is one (for its statistics and cache warming).
+type Image = (
+    Arc<dyn PageSource>,
+    Option<String>,
+    Option<Arc<uffd_store::ObjectSource>>,
+);
 
 /// The image `--mem-file` or `--source` names, and an identity for
 /// takeovers (a successor must serve the same image).
@@ -360,7 +393,10 @@ fn open_image(a: &ServeArgs) -> Result<Image, uffd_bench::BoxError> {
     let mem_file = match (&a.mem_file, a.source.as_deref()) {
         (Some(path), None) => path.clone(),
         (None, Some(url)) => match url.split_once("://") {
-            Some(("file", path)) => PathBuf::from(path),
+            // A memory file, unless it is a manifest of `uffd snapshot push`.
+            Some(("file", path)) if !is_manifest(std::path::Path::new(path)) => {
+                PathBuf::from(path)
+            }
             Some(("tcp", addr)) => {
                 let remote = uffd_remote::RemoteSource::connect(
                     addr,
@@ -371,12 +407,16 @@ fn open_image(a: &ServeArgs) -> Result<Image, uffd_bench::BoxError> {
                 )?;
                 let identity = format!("{url}:{}", remote.len_and_identity());
                 let source = uffd_pager::AsyncSource::new(Arc::new(remote))?;
-                return Ok((Arc::new(source), Some(identity)));
+                return Ok((Arc::new(source), Some(identity), None));
+            }
+            Some(("file" | "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss", _)) => {
+                return open_object_store(a, url)
             }
             _ => {
-                return Err(
-                    format!("--source {url}: expected file://PATH or tcp://HOST:PORT").into(),
+                return Err(format!(
+                    "--source {url}: expected file://PATH, tcp://HOST:PORT, s3://BUCKET/NAME, gs:// or az://"
                 )
+                .into())
             }
         },
         _ => return Err("give the image as --mem-file PATH or --source URL, once".into()),
@@ -403,8 +443,49 @@ fn open_image(a: &ServeArgs) -> Result<Image, uffd_bench::BoxError> {
         )
         .into());
     }
-    Ok((Arc::new(file), identity))
+    Ok((Arc::new(file), identity, None))
 }
+
+/// True when `path` starts with a snapshot manifest's magic bytes.
+fn is_manifest(path: &std::path::Path) -> bool {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == uffd_store::manifest::MAGIC
+}
+
+/// A snapshot pushed with `uffd snapshot push`, served through the
+/// host-wide chunk cache.
+fn open_object_store(a: &ServeArgs, url: &str) -> Result<Image, uffd_bench::BoxError> {
+    let timeout = a.fetch_timeout.max(Duration::from_millis(100));
+    let location = uffd_store::Location::open(
+        url,
+        &uffd_store::StoreOptions {
+            timeout,
+            ..uffd_store::StoreOptions::default()
+        },
+    )?;
+    let store = Arc::new(uffd_store::ObjectSource::open(
+        location,
+        uffd_store::CacheConfig {
+            memory_bytes: a.cache_memory,
+            dir: a.cache_dir.clone(),
+            dir_bytes: a.cache_dir_size,
+            fetch_timeout: timeout,
+        },
+    )?);
+    if store.manifest().image_len() == 0 {
+        return Err(format!("the snapshot {url} is empty: no VM could be restored from it").into());
+    }
+    let identity = store.identity();
+    tracing::info!(source = %uffd_pager::AsyncPageSource::describe(&*store), "serving from object storage");
+    let source = uffd_pager::AsyncSource::new(store.clone())?;
+    Ok((Arc::new(source), Some(identity), Some(store)))
+}
+
+/// Chunk fetches in flight at once when warming the cache with a working set.
+const WARM_IN_FLIGHT: usize = 32;
 
 fn run_server(a: ServeArgs) -> CmdResult {
     init_logs(a.json_logs);
@@ -412,7 +493,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
         .socket
         .clone()
         .ok_or("--socket PATH is required (where VMMs connect)")?;
-    let (source, source_identity) = open_image(&a)?;
+    let (source, source_identity, store) = open_image(&a)?;
     let prefetch = match &a.prefetch {
         Some(path) => {
             let ws = WorkingSet::load(path, source.len())
@@ -422,6 +503,11 @@ fn run_server(a: ServeArgs) -> CmdResult {
         }
         None => None,
     };
+    if let (Some(store), Some(ws)) = (&store, &prefetch) {
+        // The working set's chunks, many in flight, into the host-wide
+        // cache, while the engine replays it page by page.
+        store.warm(ws.pages().iter().copied(), WARM_IN_FLIGHT);
+    }
     if let Err(e) = uffd::probe() {
         tracing::warn!("userfaultfd is not available to this process ({e}); VMMs must still be able to create theirs");
     }
@@ -467,6 +553,19 @@ fn run_server(a: ServeArgs) -> CmdResult {
     };
     uffd_serve::signals::install(server.handle())?;
     server.run()?;
+    if let Some(store) = store {
+        let st = store.stats();
+        tracing::info!(
+            gets = st.gets,
+            fetched_bytes = st.fetched_bytes,
+            memory_hits = st.memory_hits,
+            disk_hits = st.disk_hits,
+            joined = st.joined,
+            corrupt = st.corrupt,
+            failed = st.failed,
+            "chunk cache"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
