@@ -1,0 +1,247 @@
+//! Dirty tracking: which pages were written since the last look.
+//!
+//! [`TrackerMode::Async`] registers the regions for write-protect on a
+//! `WP_ASYNC` userfaultfd (Linux 6.7): the kernel resolves a write to a
+//! protected page itself, with no message and no handler thread, and
+//! `PAGEMAP_SCAN` with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC` on
+//! `PAGE_IS_WRITTEN` reports the written pages and protects them again in
+//! the same page-table walk: no write can fall between the report and the
+//! re-protection.
+//!
+//! [`TrackerMode::SoftDirty`] is the fallback for kernels without
+//! WP_ASYNC: `/proc/self/pagemap` bit 55 after `echo 4 >
+//! /proc/self/clear_refs`. It is two steps, read then clear, and the clear
+//! is process-wide (other users of soft-dirty in this process are reset
+//! too): a page first written between the two is missed, so stop the
+//! writers across [`DirtyTracker::written`] in this mode. It also reports
+//! false positives (VMA merges, mprotect; CRIU #2604), never false
+//! negatives outside that window.
+
+use std::fs::File;
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+
+use uffd::{Features, Outcome, Pagemap, RegisterMode, Uffd, WriteProtectMode};
+
+use crate::error::Error;
+use crate::region::{validate, Region};
+
+/// How a [`DirtyTracker`] learns what was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerMode {
+    /// WP_ASYNC + PAGEMAP_SCAN: atomic, cheap first writes, fast scans.
+    Async,
+    /// Soft-dirty bits: clear_refs + pagemap (see the module docs).
+    SoftDirty,
+}
+
+impl TrackerMode {
+    /// `async` or `soft-dirty`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackerMode::Async => "async",
+            TrackerMode::SoftDirty => "soft-dirty",
+        }
+    }
+}
+
+/// Reports the address ranges of `regions` written since the previous
+/// call (or since it was created).
+#[derive(Debug)]
+pub struct DirtyTracker {
+    regions: Vec<Region>,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Async { _uffd: Uffd, pagemap: Pagemap },
+    SoftDirty { pagemap: File },
+}
+
+impl DirtyTracker {
+    /// A tracker in the best mode this kernel has: [`TrackerMode::Async`]
+    /// where WP_ASYNC is supported, else [`TrackerMode::SoftDirty`].
+    pub fn new(regions: &[Region]) -> Result<DirtyTracker, Error> {
+        let mode = match uffd::probe() {
+            Ok(info) if info.features.contains(Features::WP_ASYNC) => TrackerMode::Async,
+            _ => TrackerMode::SoftDirty,
+        };
+        Self::with_mode(regions, mode)
+    }
+
+    /// A tracker in `mode` (forcing the fallback is how it is tested).
+    pub fn with_mode(regions: &[Region], mode: TrackerMode) -> Result<DirtyTracker, Error> {
+        validate(regions)?;
+        let inner = match mode {
+            TrackerMode::Async => {
+                let supported = uffd::probe()
+                    .map_err(Error::uffd("probing userfaultfd"))?
+                    .features;
+                if !supported.contains(Features::WP_ASYNC) {
+                    return Err(Error::Unsupported(
+                        "WP_ASYNC dirty tracking needs Linux 6.7; use TrackerMode::SoftDirty"
+                            .into(),
+                    ));
+                }
+                let features = Features::WP_ASYNC
+                    | Features::WP_UNPOPULATED
+                    | (supported & Features::WP_HUGETLBFS_SHMEM);
+                // No messages are ever sent in async mode, so user-mode-only
+                // loses nothing and needs no privilege.
+                let uffd = uffd::OpenOptions::new()
+                    .user_mode_only(true)
+                    .features(features)
+                    .open()
+                    .map_err(Error::uffd("opening a WP_ASYNC userfaultfd"))?;
+                for r in regions {
+                    uffd.register(r.addr(), r.len(), RegisterMode::WP)
+                        .map_err(Error::uffd("registering a region for WP_ASYNC tracking"))?;
+                    match uffd
+                        .write_protect(r.addr(), r.len(), WriteProtectMode::WP)
+                        .map_err(Error::uffd("write-protecting a tracked region"))?
+                    {
+                        Outcome::Complete { .. } => {}
+                        other => {
+                            return Err(Error::Unsupported(format!(
+                                "write-protecting {} returned {other:?} on a userfaultfd without events",
+                                r.describe()
+                            )))
+                        }
+                    }
+                }
+                let pagemap =
+                    Pagemap::open_self().map_err(Error::uffd("opening /proc/self/pagemap"))?;
+                Inner::Async {
+                    _uffd: uffd,
+                    pagemap,
+                }
+            }
+            TrackerMode::SoftDirty => {
+                clear_refs()?;
+                let path = "/proc/self/pagemap";
+                let pagemap = File::open(path).map_err(Error::io("opening the pagemap", path))?;
+                Inner::SoftDirty { pagemap }
+            }
+        };
+        Ok(DirtyTracker {
+            regions: regions.to_vec(),
+            inner,
+        })
+    }
+
+    /// The mode in use.
+    pub fn mode(&self) -> TrackerMode {
+        match self.inner {
+            Inner::Async { .. } => TrackerMode::Async,
+            Inner::SoftDirty { .. } => TrackerMode::SoftDirty,
+        }
+    }
+
+    /// The regions tracked.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Address ranges written since the last call, sorted and merged; the
+    /// pages are tracked again from now on. Ranges of a hugetlb region are
+    /// whole huge pages.
+    pub fn written(&mut self) -> Result<Vec<Range<u64>>, Error> {
+        let mut out: Vec<Range<u64>> = Vec::new();
+        match &self.inner {
+            Inner::Async { pagemap, .. } => {
+                for r in &self.regions {
+                    let ranges = pagemap
+                        .written(r.addr(), r.addr() + r.len(), true)
+                        .map_err(Error::uffd("PAGEMAP_SCAN of a tracked region"))?;
+                    let ps = r.page_size();
+                    // Huge pages are reported whole; round to the region's
+                    // page size regardless.
+                    out.extend(
+                        ranges
+                            .into_iter()
+                            .map(|(s, e)| (s & !(ps - 1))..e.next_multiple_of(ps)),
+                    );
+                }
+            }
+            Inner::SoftDirty { pagemap } => {
+                let mut entries = vec![0u8; 8 * 4096];
+                for r in &self.regions {
+                    let first = r.addr() / 4096;
+                    let pages = r.len() / 4096;
+                    let ps = r.page_size();
+                    let mut p = 0;
+                    while p < pages {
+                        let n = (pages - p).min(4096);
+                        let buf = &mut entries[..(n * 8) as usize];
+                        pagemap
+                            .read_exact_at(buf, (first + p) * 8)
+                            .map_err(Error::io("reading the pagemap", "/proc/self/pagemap"))?;
+                        for (i, e) in buf.chunks_exact(8).enumerate() {
+                            let entry = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                            if entry & (1 << 55) != 0 {
+                                let addr = (first + p + i as u64) * 4096;
+                                let start = addr & !(ps - 1);
+                                let range = start..start + ps;
+                                match out.last_mut() {
+                                    Some(last) if last.end >= range.start => {
+                                        last.end = last.end.max(range.end)
+                                    }
+                                    _ => out.push(range),
+                                }
+                            }
+                        }
+                        p += n;
+                    }
+                }
+                clear_refs()?;
+            }
+        }
+        out.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(out.len());
+        for r in out {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// [`DirtyTracker::written`] as image offsets (through the regions'
+    /// offsets), sorted and merged.
+    pub fn written_image_ranges(&mut self) -> Result<Vec<Range<u64>>, Error> {
+        let ranges = self.written()?;
+        Ok(to_image(&self.regions, &ranges))
+    }
+}
+
+/// Address ranges of `regions` as image offsets, sorted and merged.
+pub fn to_image(regions: &[Region], ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = ranges
+        .iter()
+        .flat_map(|a| regions.iter().filter_map(move |r| r.image_range(a.clone())))
+        .collect();
+    out.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(out.len());
+    for r in out {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+fn clear_refs() -> Result<(), Error> {
+    let path = "/proc/self/clear_refs";
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(b"4"))
+        .map_err(Error::io(
+            "clearing soft-dirty bits (needs CONFIG_MEM_SOFT_DIRTY)",
+            path,
+        ))
+}

@@ -1,0 +1,351 @@
+//! Live snapshots on every memory type, with writers running: the image
+//! must equal the memory at t0, page for page.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uffd::{HugepageReservation, Mapping, MemoryKind};
+use uffd_snapshot::check::{page_contents, VersionedMemory, PAGE};
+use uffd_snapshot::{DiscardPolicy, Error, LiveSnapshot, Region, SnapshotOptions};
+use uffd_testkit::{skip, Need, Scratch};
+
+/// Memory of `kind` or a skip (hugetlb reserves pages, restored on drop).
+fn memory(kind: MemoryKind, len: usize) -> Option<(Mapping, Option<HugepageReservation>)> {
+    if !uffd_testkit::vmm_uffd() {
+        return None;
+    }
+    let reservation = if kind.is_hugetlb() {
+        match HugepageReservation::reserve((len / kind.page_size()) as u64) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                skip(Need::Hugetlb, format_args!("no huge pages for {kind}: {e}"));
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    let mapping = Mapping::new(kind, len).expect("mapping memory");
+    Some((mapping, reservation))
+}
+
+/// Fills every page at version 1 or leaves it at 0 (zero): some holes.
+fn fill(vm: &VersionedMemory) {
+    let mut buf = [0u8; PAGE];
+    for p in 0..vm.pages() {
+        if p % 5 != 4 {
+            vm.write_next(p, &mut buf);
+        }
+    }
+}
+
+/// Takes a live snapshot of `vm` while `writers` threads write, then
+/// checks the image against t0.
+fn snapshot_with_writers(
+    vm: Arc<VersionedMemory>,
+    writers: u64,
+    options: SnapshotOptions,
+) -> Result<Vec<u8>, Error> {
+    let scratch = Scratch::new("live");
+    let path = scratch.path("image");
+    let region = Region::of(vm.mapping());
+    let prepared = LiveSnapshot::prepare(&[region], &path, options)?;
+    let threads: Vec<_> = (0..writers)
+        .map(|i| {
+            let vm = vm.clone();
+            std::thread::spawn(move || vm.writer(i, writers, Duration::ZERO))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    let running = vm.at_t0(|| prepared.protect())?;
+    let result = running.finish();
+    vm.stop();
+    for t in threads {
+        t.join().expect("writer");
+    }
+    let report = result?;
+    assert!(
+        report.saved_in_background + report.saved_on_fault
+            >= vm.pages() * PAGE as u64 / region.page_size()
+    );
+    Ok(std::fs::read(&path).expect("reading the image"))
+}
+
+fn consistent_on(kind: MemoryKind, mib: usize, writers: u64) {
+    let Some((mapping, _reservation)) = memory(kind, mib << 20) else {
+        return;
+    };
+    let vm = Arc::new(VersionedMemory::new(mapping));
+    fill(&vm);
+    let image =
+        snapshot_with_writers(vm.clone(), writers, SnapshotOptions::new()).expect("snapshot");
+    assert_eq!(image.len(), vm.mapping().len());
+    let bad = vm.mismatches_at_t0(&image);
+    assert!(
+        bad.is_empty(),
+        "{kind}: pages {bad:?} of the image differ from t0"
+    );
+    // Memory moved on meanwhile: the image is not simply "now".
+    assert!(
+        !vm.mismatches_now(&image).is_empty(),
+        "{kind}: no write landed after t0; the test proved nothing"
+    );
+}
+
+#[test]
+fn anon_image_equals_t0_with_many_writers() {
+    consistent_on(MemoryKind::Anon, 16, 8);
+}
+
+#[test]
+fn shmem_image_equals_t0_with_writers() {
+    consistent_on(MemoryKind::Shmem, 16, 4);
+}
+
+#[test]
+fn shmem_private_image_equals_t0_with_writers() {
+    consistent_on(MemoryKind::ShmemPrivate, 8, 4);
+}
+
+#[test]
+fn hugetlb_image_equals_t0_with_writers() {
+    consistent_on(MemoryKind::Hugetlb, 16, 4);
+}
+
+#[test]
+fn image_is_sparse_where_memory_is_zero() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 8 << 20) else {
+        return;
+    };
+    let vm = VersionedMemory::new(mapping);
+    let mut buf = [0u8; PAGE];
+    vm.write_next(3, &mut buf);
+    let scratch = Scratch::new("sparse");
+    let path = scratch.path("image");
+    vm.at_t0(|| ());
+    let report = LiveSnapshot::take(&[Region::of(vm.mapping())], &path, SnapshotOptions::new())
+        .expect("snapshot");
+    assert_eq!(report.data_bytes, PAGE as u64);
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 8 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 <= 64 << 10,
+        "{} bytes allocated for one page of data",
+        meta.blocks() * 512
+    );
+    assert!(vm
+        .mismatches_at_t0(&std::fs::read(&path).unwrap())
+        .is_empty());
+    // No temporary file left beside it.
+    let names: Vec<_> = std::fs::read_dir(scratch.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["image"]);
+}
+
+#[test]
+fn writers_hammering_the_pages_being_saved_see_no_tear() {
+    // Every writer writes only the first 16 pages: the chunk the saver
+    // starts with, and faults on them while it is being saved.
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 4 << 20) else {
+        return;
+    };
+    let vm = Arc::new(VersionedMemory::new(mapping));
+    fill(&vm);
+    let scratch = Scratch::new("hammer");
+    let path = scratch.path("image");
+    let prepared = LiveSnapshot::prepare(
+        &[Region::of(vm.mapping())],
+        &path,
+        SnapshotOptions::new().chunk(64 << 10),
+    )
+    .unwrap();
+    let threads: Vec<_> = (0..4u64)
+        .map(|i| {
+            let vm = vm.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; PAGE];
+                let mut n = 0u64;
+                while !vm.is_stopped() && n < 2_000_000 {
+                    vm.write_next(i + 4 * (n % 4), &mut buf);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(10));
+    let running = vm.at_t0(|| prepared.protect()).unwrap();
+    let report = running.finish().unwrap();
+    vm.stop();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let image = std::fs::read(&path).unwrap();
+    assert!(vm.mismatches_at_t0(&image).is_empty());
+    assert!(report.faults > 0, "no writer faulted: {report:?}");
+}
+
+#[test]
+fn negative_control_saver_that_skips_the_copy_is_caught() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 32 << 20) else {
+        return;
+    };
+    let vm = Arc::new(VersionedMemory::new(mapping));
+    fill(&vm);
+    let last = vm.pages() - 1;
+    let scratch = Scratch::new("negative");
+    let path = scratch.path("image");
+    let prepared = LiveSnapshot::prepare(
+        &[Region::of(vm.mapping())],
+        &path,
+        SnapshotOptions::new().skip_copy_on_fault(true),
+    )
+    .unwrap();
+    let running = vm.at_t0(|| prepared.protect()).unwrap();
+    // Long before the background pass reaches the last pages.
+    let mut buf = [0u8; PAGE];
+    for p in (last - 7)..=last {
+        vm.write_next(p, &mut buf);
+    }
+    running.finish().unwrap();
+    let image = std::fs::read(&path).unwrap();
+    let bad = vm.mismatches_at_t0(&image);
+    assert!(
+        bad.iter().any(|r| r.end > last - 7),
+        "the checker did not notice pages saved after their write: {bad:?}"
+    );
+}
+
+#[test]
+fn read_syscall_into_protected_memory_waits_for_the_save() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 4 << 20) else {
+        return;
+    };
+    let vm = VersionedMemory::new(mapping);
+    fill(&vm);
+    let target = vm.pages() - 2;
+    let scratch = Scratch::new("read2");
+    let path = scratch.path("image");
+    let prepared =
+        LiveSnapshot::prepare(&[Region::of(vm.mapping())], &path, SnapshotOptions::new()).unwrap();
+    let running = vm.at_t0(|| prepared.protect()).unwrap();
+    let (rx, tx) = rustix::pipe::pipe().unwrap();
+    rustix::io::write(&tx, &[0xAB; PAGE]).unwrap();
+    let dst = vm.mapping().as_ptr() as usize + target as usize * PAGE;
+    // SAFETY: `dst` is one page inside the live mapping; no Rust reference
+    // covers it (VersionedMemory copies through raw pointers), and the
+    // kernel's write into it is what this test is about.
+    let slice = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, PAGE) };
+    let n = rustix::io::read(&rx, slice).expect("read(2) into protected memory");
+    assert_eq!(n, PAGE);
+    let report = running.finish().unwrap();
+    let image = std::fs::read(&path).unwrap();
+    let mut want = [0u8; PAGE];
+    page_contents(target, 1, &mut want);
+    assert_eq!(
+        &image[target as usize * PAGE..][..PAGE],
+        &want[..],
+        "the image holds the page after read(2)"
+    );
+    let mut now = [0u8; PAGE];
+    vm.mapping().read(target as usize * PAGE, &mut now);
+    assert_eq!(now, [0xAB; PAGE]);
+    assert!(report.faults >= 1);
+}
+
+/// MADV_DONTNEED during the snapshot: pages saved before the REMOVE hold
+/// their t0 contents; unsaved ones are lost, which fails the snapshot or,
+/// under DiscardPolicy::Zero, saves them as zero. Either way every page of
+/// the image is exact or reported.
+#[test]
+fn remove_during_snapshot_is_exact_or_reported() {
+    for policy in [DiscardPolicy::Fail, DiscardPolicy::Zero] {
+        let Some((mapping, _)) = memory(MemoryKind::Anon, 32 << 20) else {
+            return;
+        };
+        let vm = VersionedMemory::new(mapping);
+        fill(&vm);
+        let pages = vm.pages();
+        // Two pages the saver reached and, at the end, 64 it has not.
+        let scratch = Scratch::new("remove");
+        let path = scratch.path("image");
+        let prepared = LiveSnapshot::prepare(
+            &[Region::of(vm.mapping())],
+            &path,
+            SnapshotOptions::new().discard(policy),
+        )
+        .unwrap();
+        let running = vm.at_t0(|| prepared.protect()).unwrap();
+        let tail = (pages - 64) as usize * PAGE;
+        vm.mapping()
+            .advise(tail, 64 * PAGE, rustix::mm::Advice::LinuxDontNeed)
+            .unwrap();
+        let finished = running.finish();
+        let expected_t0: Vec<u64> = (0..pages).map(|p| if p % 5 != 4 { 1 } else { 0 }).collect();
+        match (policy, finished) {
+            (DiscardPolicy::Fail, Err(Error::Discarded { ranges })) => {
+                assert!(ranges.iter().all(|r| r.start >= tail as u64), "{ranges:?}");
+                assert!(
+                    !path.exists(),
+                    "an image was written although pages were lost"
+                );
+            }
+            (_, Ok(report)) => {
+                let image = std::fs::read(&path).unwrap();
+                let mut want = [0u8; PAGE];
+                for p in 0..pages {
+                    let at = p * PAGE as u64;
+                    let lost = report.discarded.iter().any(|r| r.contains(&at));
+                    assert!(!lost || policy == DiscardPolicy::Zero);
+                    page_contents(p, if lost { 0 } else { expected_t0[p as usize] }, &mut want);
+                    assert_eq!(
+                        &image[at as usize..][..PAGE],
+                        &want[..],
+                        "page {p} (lost: {lost})"
+                    );
+                }
+                // Memory itself reads zero there now.
+                assert_eq!(vm.version(pages - 1), 0);
+                assert!(report.events >= 1, "no REMOVE event seen");
+            }
+            (policy, other) => panic!("{policy:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn munmap_of_part_of_a_region_during_snapshot() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 8 << 20) else {
+        return;
+    };
+    let vm = VersionedMemory::new(mapping);
+    fill(&vm);
+    let scratch = Scratch::new("unmap");
+    let path = scratch.path("image");
+    let region = Region::of(vm.mapping());
+    let prepared = LiveSnapshot::prepare(
+        &[region],
+        &path,
+        SnapshotOptions::new().discard(DiscardPolicy::Zero),
+    )
+    .unwrap();
+    let running = vm.at_t0(|| prepared.protect()).unwrap();
+    // The last 1 MiB goes away (the Mapping's own munmap covers it again
+    // on drop, which is harmless for an unmapped range).
+    let tail = region.addr() + region.len() - (1 << 20);
+    // SAFETY: the range is the tail of our mapping, which nothing reads
+    // from now on (the test checks only the head).
+    unsafe { rustix::mm::munmap(tail as *mut std::ffi::c_void, 1 << 20) }.unwrap();
+    let report = running.finish().unwrap();
+    let image = std::fs::read(&path).unwrap();
+    let head_pages = (region.len() - (1 << 20)) / PAGE as u64;
+    let mut want = [0u8; PAGE];
+    for p in 0..head_pages {
+        page_contents(p, if p % 5 != 4 { 1 } else { 0 }, &mut want);
+        assert_eq!(&image[p as usize * PAGE..][..PAGE], &want[..], "page {p}");
+    }
+    assert!(report.events >= 1, "no UNMAP event seen");
+    // Dropping `vm` unmaps the whole range again: harmless for its tail.
+}
