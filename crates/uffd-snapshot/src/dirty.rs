@@ -8,8 +8,17 @@
 //! the same page-table walk: no write can fall between the report and the
 //! re-protection.
 //!
-//! [`TrackerMode::SoftDirty`] is the fallback for kernels without
-//! WP_ASYNC: `/proc/self/pagemap` bit 55 after `echo 4 >
+//! [`TrackerMode::SyncWp`] is the fallback for kernels without WP_ASYNC
+//! (Linux 5.7 to 6.6): the same registration on an ordinary userfaultfd,
+//! with a thread that records each first write and unprotects the page
+//! (a write fault round trip each, some microseconds). A page is
+//! unprotected only while it is in the recorded set, and
+//! [`DirtyTracker::written`] takes the set and protects its pages again,
+//! so nothing written after a scan is missed (a write between the take
+//! and the re-protection is in the pages being returned, which the caller
+//! reads afterwards).
+//!
+//! [`TrackerMode::SoftDirty`] is the last resort: `/proc/self/pagemap` bit 55 after `echo 4 >
 //! /proc/self/clear_refs`. It is two steps, read then clear, and the clear
 //! is process-wide (other users of soft-dirty in this process are reset
 //! too): a page first written between the two is missed, so stop the
@@ -17,12 +26,17 @@
 //! false positives (VMA merges, mprotect; CRIU #2604), never false
 //! negatives outside that window.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use uffd::{Features, Outcome, Pagemap, RegisterMode, Uffd, WriteProtectMode};
+use uffd::{Event, EventBuffer, Features, Outcome, Pagemap, RegisterMode, Uffd, WriteProtectMode};
 
 use crate::error::Error;
 use crate::region::{validate, Region};
@@ -32,6 +46,8 @@ use crate::region::{validate, Region};
 pub enum TrackerMode {
     /// WP_ASYNC + PAGEMAP_SCAN: atomic, cheap first writes, fast scans.
     Async,
+    /// Synchronous write-protect faults recorded by a thread.
+    SyncWp,
     /// Soft-dirty bits: clear_refs + pagemap (see the module docs).
     SoftDirty,
 }
@@ -41,6 +57,7 @@ impl TrackerMode {
     pub fn name(self) -> &'static str {
         match self {
             TrackerMode::Async => "async",
+            TrackerMode::SyncWp => "sync-wp",
             TrackerMode::SoftDirty => "soft-dirty",
         }
     }
@@ -57,15 +74,36 @@ pub struct DirtyTracker {
 #[derive(Debug)]
 enum Inner {
     Async { _uffd: Uffd, pagemap: Pagemap },
+    SyncWp(SyncWp),
     SoftDirty { pagemap: File },
+}
+
+/// The thread of [`TrackerMode::SyncWp`] and what it recorded.
+#[derive(Debug)]
+struct SyncWp {
+    uffd: Arc<Uffd>,
+    written: Arc<Mutex<BTreeSet<u64>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), uffd::Error>>>,
+}
+
+impl Drop for SyncWp {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl DirtyTracker {
     /// A tracker in the best mode this kernel has: [`TrackerMode::Async`]
-    /// where WP_ASYNC is supported, else [`TrackerMode::SoftDirty`].
+    /// where WP_ASYNC is supported, else [`TrackerMode::SyncWp`] where
+    /// write-protect is, else [`TrackerMode::SoftDirty`].
     pub fn new(regions: &[Region]) -> Result<DirtyTracker, Error> {
         let mode = match uffd::probe() {
             Ok(info) if info.features.contains(Features::WP_ASYNC) => TrackerMode::Async,
+            Ok(info) if info.features.contains(Features::PAGEFAULT_FLAG_WP) => TrackerMode::SyncWp,
             _ => TrackerMode::SoftDirty,
         };
         Self::with_mode(regions, mode)
@@ -118,7 +156,16 @@ impl DirtyTracker {
                     pagemap,
                 }
             }
+            TrackerMode::SyncWp => Inner::SyncWp(SyncWp::start(regions)?),
             TrackerMode::SoftDirty => {
+                if !soft_dirty_works() {
+                    return Err(Error::Unsupported(
+                        "soft-dirty tracking is not available: this kernel is built without \
+                         CONFIG_MEM_SOFT_DIRTY (pagemap bit 55 never sets); use TrackerMode::Async \
+                         (Linux 6.7) or TrackerMode::SyncWp"
+                            .into(),
+                    ));
+                }
                 clear_refs()?;
                 let path = "/proc/self/pagemap";
                 let pagemap = File::open(path).map_err(Error::io("opening the pagemap", path))?;
@@ -135,6 +182,7 @@ impl DirtyTracker {
     pub fn mode(&self) -> TrackerMode {
         match self.inner {
             Inner::Async { .. } => TrackerMode::Async,
+            Inner::SyncWp(_) => TrackerMode::SyncWp,
             Inner::SoftDirty { .. } => TrackerMode::SoftDirty,
         }
     }
@@ -163,6 +211,35 @@ impl DirtyTracker {
                             .into_iter()
                             .map(|(s, e)| (s & !(ps - 1))..e.next_multiple_of(ps)),
                     );
+                }
+            }
+            Inner::SyncWp(sync) => {
+                if let Some(t) = &sync.thread {
+                    if t.is_finished() {
+                        return Err(Error::Unsupported(
+                            "the write-fault thread of the sync-wp tracker stopped".into(),
+                        ));
+                    }
+                }
+                let pages =
+                    std::mem::take(&mut *sync.written.lock().unwrap_or_else(|e| e.into_inner()));
+                for &page in &pages {
+                    let ps = self
+                        .regions
+                        .iter()
+                        .find(|r| r.addr() <= page && page < r.addr() + r.len())
+                        .map_or(4096, Region::page_size);
+                    loop {
+                        match sync
+                            .uffd
+                            .write_protect(page, ps, WriteProtectMode::WP)
+                            .map_err(Error::uffd("re-protecting written pages"))?
+                        {
+                            Outcome::RetryAfterEvents => std::thread::yield_now(),
+                            _ => break,
+                        }
+                    }
+                    out.push(page..page + ps);
                 }
             }
             Inner::SoftDirty { pagemap } => {
@@ -232,6 +309,87 @@ pub fn to_image(regions: &[Region], ranges: &[Range<u64>]) -> Vec<Range<u64>> {
         }
     }
     merged
+}
+
+impl SyncWp {
+    fn start(regions: &[Region]) -> Result<SyncWp, Error> {
+        let supported = uffd::probe()
+            .map_err(Error::uffd("probing userfaultfd"))?
+            .features;
+        let features = Features::PAGEFAULT_FLAG_WP
+            | (supported & (Features::WP_UNPOPULATED | Features::WP_HUGETLBFS_SHMEM));
+        let uffd = uffd::OpenOptions::new()
+            .non_blocking(true)
+            .features(features)
+            .open()
+            .map_err(Error::uffd("opening a userfaultfd for write tracking"))?;
+        for r in regions {
+            uffd.register(r.addr(), r.len(), RegisterMode::WP)
+                .map_err(Error::uffd("registering a region for write tracking"))?;
+            let _ = uffd
+                .write_protect(r.addr(), r.len(), WriteProtectMode::WP)
+                .map_err(Error::uffd("write-protecting a tracked region"))?;
+        }
+        let uffd = Arc::new(uffd);
+        let written = Arc::new(Mutex::new(BTreeSet::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sizes: Vec<(u64, u64, u64)> = regions
+            .iter()
+            .map(|r| (r.addr(), r.len(), r.page_size()))
+            .collect();
+        let (u, w, st) = (uffd.clone(), written.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("uffd-dirty".into())
+            .spawn(move || {
+                let mut buf = EventBuffer::new(64);
+                while !st.load(Ordering::Acquire) {
+                    if !u.wait_readable(Some(Duration::from_millis(20)))? {
+                        continue;
+                    }
+                    let faults: Vec<u64> = u
+                        .read_events(&mut buf)?
+                        .drain(..)
+                        .filter_map(|e| match e {
+                            Event::Pagefault(f) => Some(f.address),
+                            _ => None,
+                        })
+                        .collect();
+                    for addr in faults {
+                        let ps = sizes
+                            .iter()
+                            .find(|(a, l, _)| *a <= addr && addr < a + l)
+                            .map_or(4096, |s| s.2);
+                        let page = addr & !(ps - 1);
+                        // Recorded before it is unprotected: an unprotected
+                        // page is always in the set.
+                        w.lock().unwrap_or_else(|e| e.into_inner()).insert(page);
+                        let _ = u.write_protect(page, ps, WriteProtectMode::empty())?;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(Error::io("starting the write-fault thread", "/proc/self"))?;
+        Ok(SyncWp {
+            uffd,
+            written,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// True when this kernel keeps soft-dirty bits: a page written in a fresh
+/// mapping is soft-dirty.
+fn soft_dirty_works() -> bool {
+    let Ok(m) = uffd::Mapping::new(uffd::MemoryKind::Anon, 4096) else {
+        return false;
+    };
+    m.write_byte(0, 1);
+    let Ok(f) = File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, m.addr() / 4096 * 8).is_ok() && u64::from_le_bytes(e) & (1 << 55) != 0
 }
 
 fn clear_refs() -> Result<(), Error> {
