@@ -35,6 +35,7 @@ enum Command {
     Serve(cmd::serve::Args),
     Compact(cmd::compact::Args),
     PageServer(cmd::page_server::Args),
+    Snapshot(cmd::snapshot::Args),
     Completions(cmd::docs::CompletionsArgs),
     Man(cmd::docs::ManArgs),
 }
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Compact(args) => cmd::compact::run(args),
         Command::PageServer(args) => cmd::page_server::run(args),
+        Command::Snapshot(args) => cmd::snapshot::run(args),
         Command::Completions(args) => cmd::docs::completions(args, Cli::command()),
         Command::Man(args) => cmd::docs::man(args, Cli::command()),
     };

@@ -356,14 +356,23 @@ impl Running {
 
     /// Waits for every page to be saved, stops the saver (closing the
     /// userfaultfd: nothing stays protected) and commits the image.
-    pub fn finish(mut self) -> Result<Report, Error> {
+    pub fn finish(self) -> Result<Report, Error> {
+        self.stop()?.commit()
+    }
+
+    /// Waits for every page to be saved and stops the saver, closing the
+    /// userfaultfd (with write tracking, the written set ends here), but
+    /// leaves the image's fsync and rename to [`Stopped::commit`]: stop
+    /// writers across this call to hand tracking over to a
+    /// [`crate::DirtyTracker`], and commit after resuming them.
+    pub fn stop(mut self) -> Result<Stopped, Error> {
         while !self.wait_saved(None) {
             if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
                 break;
             }
         }
         self.stop.store(true, Ordering::Release);
-        let thread = self.thread.take().expect("finish runs once");
+        let thread = self.thread.take().expect("stop runs once");
         let saver = match thread.join() {
             Ok(result) => result?,
             Err(panic) => {
@@ -375,7 +384,35 @@ impl Running {
                 return Err(Error::SaverPanicked(why));
             }
         };
-        saver.commit()
+        saver.close()
+    }
+}
+
+/// A snapshot whose pages are all saved and whose userfaultfd is closed;
+/// the image is not yet durable.
+#[derive(Debug)]
+pub struct Stopped {
+    image: SparseImage,
+    report: Report,
+    discard: DiscardPolicy,
+}
+
+impl Stopped {
+    /// What the snapshot did (the image is not in place yet).
+    pub fn report(&self) -> &Report {
+        &self.report
+    }
+
+    /// fsync, rename into place, fsync the directory; fails (and removes
+    /// the temporary file) if pages were lost under [`DiscardPolicy::Fail`].
+    pub fn commit(self) -> Result<Report, Error> {
+        if !self.report.discarded.is_empty() && self.discard == DiscardPolicy::Fail {
+            return Err(Error::Discarded {
+                ranges: self.report.discarded,
+            });
+        }
+        self.image.commit()?;
+        Ok(self.report)
     }
 }
 
@@ -727,7 +764,7 @@ impl Saver {
         }
     }
 
-    fn commit(mut self) -> Result<Report, Error> {
+    fn close(mut self) -> Result<Stopped, Error> {
         let ranges = |units: &[Vec<u8>], regions: &[Region], test: &dyn Fn(u8) -> bool| {
             let mut out: Vec<Range<u64>> = Vec::new();
             for (r, states) in units.iter().enumerate() {
@@ -754,12 +791,10 @@ impl Saver {
         // Close the userfaultfd before anything else can fail: nothing
         // stays protected.
         drop(self.uffd);
-        if !self.report.discarded.is_empty() && self.options.discard == DiscardPolicy::Fail {
-            return Err(Error::Discarded {
-                ranges: self.report.discarded,
-            });
-        }
-        self.image.commit()?;
-        Ok(self.report)
+        Ok(Stopped {
+            image: self.image,
+            report: self.report,
+            discard: self.options.discard,
+        })
     }
 }

@@ -8,6 +8,7 @@ pub mod page_server;
 pub mod probe;
 pub mod selftest;
 pub mod serve;
+pub mod snapshot;
 
 /// What a subcommand returns: an exit code, or an error printed as `uffd: ...`.
 pub type CmdResult = Result<std::process::ExitCode, Box<dyn std::error::Error + Send + Sync>>;
