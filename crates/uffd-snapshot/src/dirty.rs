@@ -229,15 +229,14 @@ impl DirtyTracker {
                         .iter()
                         .find(|r| r.addr() <= page && page < r.addr() + r.len())
                         .map_or(4096, Region::page_size);
-                    loop {
-                        match sync
-                            .uffd
-                            .write_protect(page, ps, WriteProtectMode::WP)
-                            .map_err(Error::uffd("re-protecting written pages"))?
-                        {
-                            Outcome::RetryAfterEvents => std::thread::yield_now(),
-                            _ => break,
-                        }
+                    // No events are enabled on this userfaultfd, so a retry
+                    // is only ever a transient race.
+                    while let Outcome::RetryAfterEvents = sync
+                        .uffd
+                        .write_protect(page, ps, WriteProtectMode::WP)
+                        .map_err(Error::uffd("re-protecting written pages"))?
+                    {
+                        std::thread::yield_now();
                     }
                     out.push(page..page + ps);
                 }

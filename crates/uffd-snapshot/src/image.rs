@@ -91,7 +91,7 @@ impl SparseImage {
         data: &[u8],
         page_size: usize,
     ) -> Result<(), Error> {
-        let page_size = page_size.min(4096).max(1);
+        let page_size = page_size.clamp(1, 4096);
         let mut run: Option<usize> = None;
         let pages = data.len().div_ceil(page_size);
         for i in 0..=pages {

@@ -299,16 +299,13 @@ impl Prepared {
         let started = Instant::now();
         for i in 0..self.saver.regions.len() {
             let r = self.saver.regions[i];
-            loop {
-                match self
-                    .saver
-                    .uffd
-                    .write_protect(r.addr(), r.len(), WriteProtectMode::WP)
-                    .map_err(Error::uffd("write-protecting a region at t0"))?
-                {
-                    Outcome::RetryAfterEvents => self.saver.drain()?,
-                    _ => break,
-                }
+            while let Outcome::RetryAfterEvents = self
+                .saver
+                .uffd
+                .write_protect(r.addr(), r.len(), WriteProtectMode::WP)
+                .map_err(Error::uffd("write-protecting a region at t0"))?
+            {
+                self.saver.drain()?;
             }
         }
         self.saver.report.protect_time = started.elapsed();

@@ -5,7 +5,10 @@
 use proptest::prelude::*;
 use uffd_snapshot::delta::{encode, DeltaIndex, EntryKind, HEADER_LEN};
 
-fn delta() -> impl Strategy<Value = (u64, Vec<(u64, Option<Vec<u8>>)>)> {
+/// Image offsets with their page bytes (`None`: a zero page).
+type Pages = Vec<(u64, Option<Vec<u8>>)>;
+
+fn delta() -> impl Strategy<Value = (u64, Pages)> {
     (
         1u64..64,
         proptest::collection::vec((0u64..4, any::<bool>(), any::<u8>()), 0..12),
