@@ -6,7 +6,7 @@
 //! Page `p` at version `v` holds `v` in its first 8 bytes and a pattern of
 //! `(p, v)` in the rest; version 0 is all zero (untouched memory). Each
 //! writer owns the pages `p % writers == its index`, so a page has one
-//! writer. Writers take [`VersionedMemory::lock`] shared for each write;
+//! writer. Writers take a lock shared for each write;
 //! [`VersionedMemory::at_t0`] takes it exclusively, bumps the epoch and
 //! runs the snapshot's t0 step. The first write to a page in an epoch
 //! records the version it overwrote: the page's version at t0 is that

@@ -349,3 +349,65 @@ fn munmap_of_part_of_a_region_during_snapshot() {
     assert!(report.events >= 1, "no UNMAP event seen");
     // Dropping `vm` unmaps the whole range again: harmless for its tail.
 }
+
+/// mremap of a whole region to another address while the snapshot runs:
+/// the pages move with their protection (EVENT_REMAP), the saver follows
+/// them, and a write at the new address still waits for its page to be
+/// saved first.
+#[test]
+fn mremap_during_snapshot_is_followed() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 8 << 20) else {
+        return;
+    };
+    let len = mapping.len();
+    let mut page = [0u8; PAGE];
+    for p in 0..len / PAGE {
+        page_contents(p as u64, 1, &mut page);
+        mapping.write(p * PAGE, &page);
+    }
+    let scratch = Scratch::new("remap");
+    let path = scratch.path("image");
+    let prepared =
+        LiveSnapshot::prepare(&[Region::of(&mapping)], &path, SnapshotOptions::new()).unwrap();
+    let running = prepared.protect().unwrap();
+    let old = mapping.as_ptr();
+    // A destination to move onto; neither Mapping may unmap its old
+    // address later (something else may live there by then): the memory
+    // lives at `new` and is unmapped by hand at the end.
+    let dest = Mapping::new(MemoryKind::Anon, len).unwrap();
+    let want = dest.as_ptr();
+    std::mem::forget(dest);
+    std::mem::forget(mapping);
+    // SAFETY: `old..old+len` is our mapping and `want..want+len` our
+    // placeholder, neither referenced any more.
+    let new = unsafe {
+        rustix::mm::mremap_fixed(
+            old.cast(),
+            len,
+            len,
+            rustix::mm::MremapFlags::MAYMOVE,
+            want.cast(),
+        )
+    }
+    .expect("mremap") as *mut u8;
+    assert_ne!(new, old, "mremap did not move; the test proves nothing");
+    let target = len / PAGE - 3;
+    // SAFETY: inside the moved mapping, written through a raw pointer.
+    unsafe {
+        new.add(target * PAGE + 8)
+            .cast::<u64>()
+            .write_volatile(0xdead_beef)
+    };
+    let report = running.finish().unwrap();
+    let image = std::fs::read(&path).unwrap();
+    for p in 0..len / PAGE {
+        page_contents(p as u64, 1, &mut page);
+        assert!(
+            image[p * PAGE..(p + 1) * PAGE] == page[..],
+            "page {p} of the image is not its t0 contents"
+        );
+    }
+    assert!(report.events >= 1, "no REMAP event seen: {report:?}");
+    // SAFETY: the moved mapping is ours and unused from here on.
+    unsafe { rustix::mm::munmap(new.cast(), len) }.unwrap();
+}
