@@ -115,6 +115,11 @@ impl SparseImage {
         Ok(())
     }
 
+    /// The temporary file, for a forked child to write into.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// fsync, rename over the final path, fsync the directory.
     pub(crate) fn commit(mut self) -> Result<PathBuf, Error> {
         self.file

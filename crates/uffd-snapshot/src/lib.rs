@@ -24,12 +24,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! This crate has no unsafe code: memory is read through `/proc/self/mem`
-//! (a page unmapped under the saver is an error, not a crash) and every
-//! ioctl goes through the `uffd` crate.
+//! Unsafe code is confined to the fork() baseline ([`ForkImage`]): the
+//! snapshot reads memory through `/proc/self/mem` (a page unmapped under
+//! the saver is an error, not a crash) and every ioctl goes through the
+//! `uffd` crate.
 
 #![deny(unsafe_code)]
 
+mod baseline;
 pub mod check;
 pub mod delta;
 mod dirty;
@@ -39,6 +41,7 @@ mod incremental;
 mod live;
 mod region;
 
+pub use baseline::{copy_image, ForkImage};
 pub use delta::{layered, merge, write_image, DeltaFile, DeltaIndex, DeltaStats};
 pub use dirty::{to_image, DirtyTracker, TrackerMode};
 pub use error::Error;

@@ -411,3 +411,48 @@ fn mremap_during_snapshot_is_followed() {
     // SAFETY: the moved mapping is ours and unused from here on.
     unsafe { rustix::mm::munmap(new.cast(), len) }.unwrap();
 }
+
+/// The baselines the demo compares with are themselves right: fork() with
+/// the child writing, and a stop-the-world copy, both equal t0.
+#[test]
+fn fork_and_stop_the_world_baselines_equal_t0() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 8 << 20) else {
+        return;
+    };
+    let vm = Arc::new(VersionedMemory::new(mapping));
+    fill(&vm);
+    let region = Region::of(vm.mapping());
+    let writers: Vec<_> = (0..3u64)
+        .map(|i| {
+            let vm = vm.clone();
+            std::thread::spawn(move || vm.writer(i, 3, Duration::ZERO))
+        })
+        .collect();
+    let scratch = Scratch::new("baselines");
+    let (fork_path, stw_path) = (scratch.path("fork"), scratch.path("stw"));
+    let forked = vm
+        .at_t0(|| uffd_snapshot::ForkImage::start(&[region], &fork_path))
+        .unwrap();
+    forked.wait().unwrap();
+    let fork_ok = {
+        let _held = vm.pause();
+        vm.mismatches_at_t0(&std::fs::read(&fork_path).unwrap())
+    };
+    vm.at_t0(|| uffd_snapshot::copy_image(&[region], &stw_path))
+        .unwrap();
+    vm.stop();
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(
+        fork_ok.is_empty(),
+        "fork image differs from t0 at {fork_ok:?}"
+    );
+    let stw = std::fs::read(&stw_path).unwrap();
+    assert!(vm.mismatches_at_t0(&stw).is_empty());
+    assert!(
+        !vm.mismatches_now(&std::fs::read(&fork_path).unwrap())
+            .is_empty(),
+        "no write after the fork"
+    );
+}

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::{HugepageReservation, Mapping, MemoryKind};
 use uffd_snapshot::check::{VersionedMemory, PAGE};
-use uffd_snapshot::{merge, write_delta, DirtyTracker, LiveSnapshot, Region, SnapshotOptions};
+use uffd_snapshot::{
+    copy_image, merge, write_delta, DirtyTracker, ForkImage, LiveSnapshot, Region, SnapshotOptions,
+};
 
 use crate::cmd::CmdResult;
 
@@ -30,11 +32,17 @@ use crate::cmd::CmdResult;
 /// Output: the t0 pause, the snapshot's duration, the writers' throughput
 /// and longest stall during it, how pages were saved, each round's dirty
 /// bytes, delta size and scan time, the cost of a first write to a
-/// tracked page, and whether every check passed. --json prints one object:
-/// consistent, layers_consistent, merged_consistent, protect_ms,
-/// snapshot_ms, longest_stall_ms, writer_ops_per_s, saved_on_fault,
+/// tracked page, and whether every check passed. Before the live snapshot,
+/// the same writers run against two baselines, each checked against its
+/// t0 too: fork() with the child writing the image (Redis BGSAVE; anon
+/// memory only, a child shares shmem and hugetlb pages with the writers)
+/// and a stop-the-world copy. --json prints one object: consistent,
+/// layers_consistent, merged_consistent, protect_ms, snapshot_ms,
+/// longest_stall_ms, writer_ops_per_s, saved_on_fault,
 /// saved_in_background, longest_fault_us, image_data_bytes, tracker,
-/// pagemap_scan_ms, first_write_us, rounds[].
+/// pagemap_scan_ms, softdirty_scan_ms (null without soft-dirty),
+/// first_write_us, rounds[], fork{}, fork_longest_stall_ms,
+/// fork_writer_ops_per_s, stop_the_world{}.
 ///
 /// Files go to --dir (default: the temp directory) and are removed at the
 /// end unless --keep.
@@ -102,6 +110,24 @@ struct Summary {
     pagemap_scan_ms: f64,
     first_write_us: f64,
     rounds: Vec<Round>,
+    /// fork() with the child writing the image (anonymous memory only: a
+    /// child shares shmem/hugetlb pages with the writers).
+    fork: Option<Baseline>,
+    fork_longest_stall_ms: Option<f64>,
+    fork_writer_ops_per_s: Option<f64>,
+    /// Writers held while everything is copied.
+    stop_the_world: Baseline,
+    softdirty_scan_ms: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Baseline {
+    consistent: bool,
+    total_ms: f64,
+    /// fork(): the call itself; stop-the-world: the whole copy.
+    pause_ms: f64,
+    longest_stall_ms: f64,
+    writer_ops_per_s: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -175,6 +201,67 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         }
     };
     std::thread::sleep(Duration::from_millis(50));
+
+    // The baselines first, with the same writers: fork() and a child
+    // writing the image, then a stop-the-world copy.
+    let baseline_path = dir.join(format!("uffd-live-{tag}-baseline.mem"));
+    files.0.push(baseline_path.clone());
+    let fork = if a.mem == MemoryKind::Anon {
+        vm.take_ops();
+        vm.take_longest_op();
+        let started = Instant::now();
+        let forked = vm.at_t0(|| ForkImage::start(&[region], &baseline_path));
+        let result = forked.and_then(|f| {
+            let pause = f.fork_time;
+            f.wait().map(|total| (pause, total))
+        });
+        let elapsed = started.elapsed();
+        let (ops, stall) = (vm.take_ops(), vm.take_longest_op());
+        let (pause, total) = match result {
+            Ok(t) => t,
+            Err(e) => {
+                stop_writers(writers);
+                return Err(e.into());
+            }
+        };
+        let paused = vm.pause();
+        let ok = vm
+            .mismatches_at_t0(&std::fs::read(&baseline_path)?)
+            .is_empty();
+        drop(paused);
+        Some(Baseline {
+            consistent: ok,
+            total_ms: ms(total),
+            pause_ms: ms(pause),
+            longest_stall_ms: ms(stall),
+            writer_ops_per_s: ops as f64 / elapsed.as_secs_f64().max(1e-9),
+        })
+    } else {
+        None
+    };
+    vm.take_ops();
+    vm.take_longest_op();
+    let started = Instant::now();
+    let copied = vm.at_t0(|| copy_image(&[region], &baseline_path));
+    let stw_time = started.elapsed();
+    let (ops, stall) = (vm.take_ops(), vm.take_longest_op());
+    if let Err(e) = copied {
+        stop_writers(writers);
+        return Err(e.into());
+    }
+    let paused = vm.pause();
+    let stw_ok = vm
+        .mismatches_at_t0(&std::fs::read(&baseline_path)?)
+        .is_empty();
+    drop(paused);
+    let _ = std::fs::remove_file(&baseline_path);
+    let stop_the_world = Baseline {
+        consistent: stw_ok,
+        total_ms: ms(stw_time),
+        pause_ms: ms(stw_time),
+        longest_stall_ms: ms(stall),
+        writer_ops_per_s: ops as f64 / stw_time.as_secs_f64().max(1e-9),
+    };
 
     // The live snapshot. Write tracking stays on so that the first delta
     // holds what was written while the base was being saved.
@@ -277,6 +364,21 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     }
     let first_write = t.elapsed() / n.max(1) as u32;
     tracker.written()?;
+    let tracker_mode = tracker.mode().name();
+    drop(tracker);
+    // The same scan with soft-dirty bits, where this kernel keeps them.
+    let softdirty_scan =
+        match DirtyTracker::with_mode(&[region], uffd_snapshot::TrackerMode::SoftDirty) {
+            Ok(mut sd) => {
+                for p in (0..vm.pages()).step_by(100) {
+                    vm.mapping().write_byte(p as usize * PAGE + 8, 2);
+                }
+                let t = Instant::now();
+                sd.written()?;
+                Some(t.elapsed())
+            }
+            Err(_) => None,
+        };
 
     let summary = Summary {
         mem: a.mem.to_string(),
@@ -294,12 +396,21 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         faults: report.faults,
         longest_fault_us: report.longest_fault.as_secs_f64() * 1e6,
         image_data_bytes: report.data_bytes,
-        tracker: tracker.mode().name(),
+        tracker: tracker_mode,
         pagemap_scan_ms: ms(last_scan),
         first_write_us: first_write.as_secs_f64() * 1e6,
         rounds,
+        fork_longest_stall_ms: fork.as_ref().map(|f| f.longest_stall_ms),
+        fork_writer_ops_per_s: fork.as_ref().map(|f| f.writer_ops_per_s),
+        fork,
+        stop_the_world,
+        softdirty_scan_ms: softdirty_scan.map(ms),
     };
-    let ok = summary.consistent && summary.layers_consistent && summary.merged_consistent;
+    let ok = summary.consistent
+        && summary.layers_consistent
+        && summary.merged_consistent
+        && summary.stop_the_world.consistent
+        && summary.fork.as_ref().map_or(true, |f| f.consistent);
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -351,6 +462,35 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
                 "DIFFERS from memory"
             }
         );
+        if let Some(f) = &summary.fork {
+            println!(
+                "  fork() baseline: fork {:.3} ms, child done in {:.1} ms, writers {:.0} writes/s, longest stall {:.3} ms, image {}",
+                f.pause_ms,
+                f.total_ms,
+                f.writer_ops_per_s,
+                f.longest_stall_ms,
+                if f.consistent { "equals t0" } else { "DIFFERS from t0" }
+            );
+        }
+        let w = &summary.stop_the_world;
+        println!(
+            "  stop-the-world baseline: writers held {:.1} ms, image {}",
+            w.pause_ms,
+            if w.consistent {
+                "equals t0"
+            } else {
+                "DIFFERS from t0"
+            }
+        );
+        match summary.softdirty_scan_ms {
+            Some(t) => println!(
+                "  soft-dirty scan of the same memory: {t:.3} ms (PAGEMAP_SCAN: {:.3} ms)",
+                summary.pagemap_scan_ms
+            ),
+            None => {
+                println!("  soft-dirty: not available on this kernel (CONFIG_MEM_SOFT_DIRTY off)")
+            }
+        }
         if a.keep {
             println!(
                 "  files kept: {}",
