@@ -483,6 +483,7 @@ impl Saver {
     /// events arrive out of order), then serves the faults.
     fn drain(&mut self) -> Result<(), Error> {
         let mut faults = VecDeque::new();
+        let mut stuck = 0u32;
         loop {
             let events: Vec<Event> = self
                 .uffd
@@ -516,8 +517,25 @@ impl Saver {
                     Step::Done => {
                         self.report.longest_fault = self.report.longest_fault.max(seen.elapsed());
                         faults.pop_front();
+                        stuck = 0;
                     }
-                    Step::Retry => break,
+                    Step::Retry => {
+                        // An event is pending, or the page was unmapped
+                        // or moved and its event is on its way: wait for
+                        // it, but not forever (an error closes the
+                        // userfaultfd, which releases every writer).
+                        stuck += 1;
+                        if stuck > 2000 {
+                            return Err(Error::Mismatch(format!(
+                                "a write fault at {addr:#x} could not be served: its page stayed \
+                                 unreadable or unprotectable with no event to explain it"
+                            )));
+                        }
+                        self.uffd
+                            .wait_readable(Some(Duration::from_millis(1)))
+                            .map_err(Error::uffd("waiting for events"))?;
+                        break;
+                    }
                 }
             }
         }

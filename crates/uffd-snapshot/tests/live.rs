@@ -456,3 +456,37 @@ fn fork_and_stop_the_world_baselines_equal_t0() {
         "no write after the fork"
     );
 }
+
+/// Abandoning a snapshot midway (dropping it) closes its userfaultfd:
+/// writers never stay blocked, and no image is left behind.
+#[test]
+fn dropping_a_running_snapshot_releases_every_writer() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 64 << 20) else {
+        return;
+    };
+    let vm = Arc::new(VersionedMemory::new(mapping));
+    fill(&vm);
+    let scratch = Scratch::new("abandon");
+    let path = scratch.path("image");
+    let prepared =
+        LiveSnapshot::prepare(&[Region::of(vm.mapping())], &path, SnapshotOptions::new()).unwrap();
+    let running = vm.at_t0(|| prepared.protect()).unwrap();
+    drop(running);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let w = vm.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; PAGE];
+        for p in (0..w.pages()).rev().step_by(7) {
+            w.write_next(p, &mut buf);
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("a writer stayed blocked after the snapshot was dropped");
+    assert!(!path.exists());
+    assert_eq!(
+        std::fs::read_dir(scratch.dir()).unwrap().count(),
+        0,
+        "temporary file left behind"
+    );
+}
