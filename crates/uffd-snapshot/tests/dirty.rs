@@ -235,3 +235,74 @@ fn a_delta_of_another_image_size_is_refused() {
     let err = merge(&base, &[d], &scratch.path("out")).unwrap_err();
     assert!(err.to_string().contains("another snapshot"), "{err}");
 }
+
+/// True when the 2 MiB at `addr` are one transparent huge page
+/// (pagemap's "THP" category through smaps' AnonHugePages for the VMA).
+fn anon_huge_kib(addr: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    inside = a <= addr && addr < b;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    0
+}
+
+/// Transparent huge pages under the async tracker: a write to one 4 KiB
+/// page of a THP is reported (the kernel unprotects and reports at the
+/// granularity it mapped: the whole huge page), and nothing outside it.
+#[test]
+fn async_tracker_on_transparent_huge_pages() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let m = Mapping::new(MemoryKind::Anon, 4 << 20).unwrap();
+    if m.advise(0, m.len(), rustix::mm::Advice::LinuxHugepage)
+        .is_err()
+    {
+        return skip(Need::Feature, "madvise(MADV_HUGEPAGE) refused: no THP");
+    }
+    for off in (0..m.len()).step_by(PAGE) {
+        m.write_byte(off, 1);
+    }
+    if anon_huge_kib(m.addr()) < 2048 {
+        return skip(
+            Need::Feature,
+            "the kernel did not back the range with a transparent huge page",
+        );
+    }
+    let mut tracker = DirtyTracker::with_mode(&[Region::of(&m)], TrackerMode::Async).unwrap();
+    assert!(tracker.written().unwrap().is_empty());
+    let page = m.addr() + (2 << 20) + 5 * PAGE as u64;
+    m.write_byte((page - m.addr()) as usize, 9);
+    let got = tracker.written().unwrap();
+    assert!(
+        got.iter().any(|r| r.contains(&page)),
+        "the write at {page:#x} is not in {got:?}"
+    );
+    let huge = (page & !((2 << 20) - 1))..(page & !((2 << 20) - 1)) + (2 << 20);
+    assert!(
+        got.iter()
+            .all(|r| huge.start <= r.start && r.end <= huge.end),
+        "{got:?} reaches outside the huge page {huge:x?}"
+    );
+    eprintln!("THP write reported as {got:x?}");
+    assert!(
+        tracker.written().unwrap().is_empty(),
+        "still reported after a scan"
+    );
+    // And the next write to the same huge page is seen again.
+    m.write_byte((page - m.addr()) as usize + PAGE, 7);
+    assert!(!tracker.written().unwrap().is_empty());
+}

@@ -15,7 +15,9 @@ fn memory(kind: MemoryKind, len: usize) -> Option<(Mapping, Option<HugepageReser
         return None;
     }
     let reservation = if kind.is_hugetlb() {
-        match HugepageReservation::reserve((len / kind.page_size()) as u64) {
+        // A private mapping reserves its own pages beside the shared alias's.
+        let copies = if kind.is_shared() { 1 } else { 2 };
+        match HugepageReservation::reserve(copies * (len / kind.page_size()) as u64) {
             Ok(r) => Some(r),
             Err(e) => {
                 skip(Need::Hugetlb, format_args!("no huge pages for {kind}: {e}"));
@@ -489,4 +491,9 @@ fn dropping_a_running_snapshot_releases_every_writer() {
         0,
         "temporary file left behind"
     );
+}
+
+#[test]
+fn hugetlb_private_image_equals_t0_with_writers() {
+    consistent_on(MemoryKind::HugetlbPrivate, 8, 3);
 }
