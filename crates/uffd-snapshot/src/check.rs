@@ -184,20 +184,69 @@ impl VersionedMemory {
         self.mismatches(image, |p| self.version(p))
     }
 
+    /// [`VersionedMemory::mismatches_at_t0`] of an image file, read a
+    /// chunk at a time (an image as large as memory need not fit beside it).
+    pub fn file_mismatches_at_t0(&self, image: &std::fs::File) -> std::io::Result<Vec<Range<u64>>> {
+        self.file_mismatches(image, |p| self.version_at_t0(p))
+    }
+
+    /// [`VersionedMemory::mismatches_now`] of an image file.
+    pub fn file_mismatches_now(&self, image: &std::fs::File) -> std::io::Result<Vec<Range<u64>>> {
+        self.file_mismatches(image, |p| self.version(p))
+    }
+
+    fn file_mismatches(
+        &self,
+        image: &std::fs::File,
+        version: impl Fn(u64) -> u64,
+    ) -> std::io::Result<Vec<Range<u64>>> {
+        use std::os::unix::fs::FileExt;
+        let len = image.metadata()?.len();
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut chunk = vec![0u8; 256 * PAGE];
+        let mut p = 0;
+        while p < self.pages() {
+            let n = (self.pages() - p).min(256);
+            let at = p * PAGE as u64;
+            let have = len.saturating_sub(at).min(n * PAGE as u64) as usize;
+            image.read_exact_at(&mut chunk[..have], at)?;
+            let part = self.compare(&chunk[..have], p, n, &version);
+            for r in part {
+                push(&mut out, r);
+            }
+            p += n;
+        }
+        Ok(out)
+    }
+
     fn mismatches(&self, image: &[u8], version: impl Fn(u64) -> u64) -> Vec<Range<u64>> {
+        self.compare(image, 0, self.pages(), &version)
+    }
+
+    /// Pages `first..first + n` against `bytes`, which starts at page `first`.
+    fn compare(
+        &self,
+        bytes: &[u8],
+        first: u64,
+        n: u64,
+        version: &impl Fn(u64) -> u64,
+    ) -> Vec<Range<u64>> {
         let mut want = [0u8; PAGE];
         let mut out: Vec<Range<u64>> = Vec::new();
-        for p in 0..self.pages() {
+        for p in first..first + n {
             page_contents(p, version(p), &mut want);
-            let at = p as usize * PAGE;
-            let got = image.get(at..at + PAGE);
-            if got != Some(&want[..]) {
-                match out.last_mut() {
-                    Some(last) if last.end == p => last.end += 1,
-                    _ => out.push(p..p + 1),
-                }
+            let at = (p - first) as usize * PAGE;
+            if bytes.get(at..at + PAGE) != Some(&want[..]) {
+                push(&mut out, p..p + 1);
             }
         }
         out
+    }
+}
+
+fn push(out: &mut Vec<Range<u64>>, r: Range<u64>) {
+    match out.last_mut() {
+        Some(last) if last.end == r.start => last.end = r.end,
+        _ => out.push(r),
     }
 }

@@ -373,13 +373,14 @@ fn header(
     h
 }
 
-/// Writes a delta file from runs of pages, streaming: the table first
-/// (its entries are known before any data is read), then the data through
-/// `read(offset, buf)`, which fills `buf` with the image bytes at `offset`.
-/// Written atomically (temporary file, fsync, rename, directory fsync).
+/// Writes a delta file from runs of image offsets, reading each run once
+/// through `read(offset, buf)` (which fills `buf` with the image bytes at
+/// `offset`) and splitting it into data and zero entries page by page.
+/// The data is held in memory until the table is known (a delta is the
+/// pages written since the previous snapshot, not a whole image), then
+/// written atomically: temporary file, fsync, rename, directory fsync.
 ///
-/// `runs` are sorted, non-overlapping, page-aligned image ranges; each run
-/// is read and split into data and zero entries page by page.
+/// `runs` are sorted, non-overlapping, page-aligned image ranges.
 pub struct DeltaWriter;
 
 impl std::fmt::Debug for DeltaWriter {
@@ -409,9 +410,9 @@ impl DeltaWriter {
         mut read: impl FnMut(u64, &mut [u8]) -> Result<(), Error>,
     ) -> Result<DeltaStats, Error> {
         let page = u64::from(page_size);
-        // Pass 1: read every run once, keep its pages in a temporary data
-        // file while building the table (pages must be classified before
-        // the table can be written, and memory may change afterwards).
+        // Read every run once and classify its pages: the table must be
+        // complete before the data's offset is known, and memory may
+        // change if it were read twice.
         let tmp = temp_path(path)?;
         let guard = Remove(tmp.clone());
         let file = std::fs::OpenOptions::new()

@@ -226,7 +226,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         };
         let paused = vm.pause();
         let ok = vm
-            .mismatches_at_t0(&std::fs::read(&baseline_path)?)
+            .file_mismatches_at_t0(&std::fs::File::open(&baseline_path)?)?
             .is_empty();
         drop(paused);
         Some(Baseline {
@@ -251,7 +251,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     }
     let paused = vm.pause();
     let stw_ok = vm
-        .mismatches_at_t0(&std::fs::read(&baseline_path)?)
+        .file_mismatches_at_t0(&std::fs::File::open(&baseline_path)?)?
         .is_empty();
     drop(paused);
     let _ = std::fs::remove_file(&baseline_path);
@@ -304,9 +304,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         (Ok(_), None) => unreachable!("a tracker is made when the snapshot stopped"),
     };
     let report = stopped.commit()?;
-    let image = std::fs::read(&base)?;
-    let bad = vm.mismatches_at_t0(&image);
-    drop(image);
+    let bad = vm.file_mismatches_at_t0(&std::fs::File::open(&base)?)?;
     drop(paused);
     vm.take_longest_op();
 
@@ -332,7 +330,9 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         // serve --layer` uses, while the writers are still held.
         let check = dir.join(format!("uffd-live-{tag}-check.mem"));
         merge(&base, &layers, &check)?;
-        let ok = vm.mismatches_now(&std::fs::read(&check)?).is_empty();
+        let ok = vm
+            .file_mismatches_now(&std::fs::File::open(&check)?)?
+            .is_empty();
         let _ = std::fs::remove_file(&check);
         drop(paused);
         layers_ok &= ok;
@@ -353,7 +353,9 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     write_delta(&[region], &ranges, &last)?;
     layers.push(last);
     merge(&base, &layers, &merged)?;
-    let merged_ok = vm.mismatches_now(&std::fs::read(&merged)?).is_empty();
+    let merged_ok = vm
+        .file_mismatches_now(&std::fs::File::open(&merged)?)?
+        .is_empty();
 
     // The cost of a first write to a tracked page (writers stopped).
     let n = vm.pages().min(4096);
