@@ -16,15 +16,18 @@
 //! [`DirtyTracker::written`] takes the set and protects its pages again,
 //! so nothing written after a scan is missed (a write between the take
 //! and the re-protection is in the pages being returned, which the caller
-//! reads afterwards).
+//! reads afterwards). Pages dropped with `MADV_DONTNEED` are recorded from
+//! the REMOVE event (PAGEMAP_SCAN reports them in async mode by itself:
+//! an empty PTE has no protection marker, so it counts as written).
 //!
 //! [`TrackerMode::SoftDirty`] is the last resort: `/proc/self/pagemap` bit 55 after `echo 4 >
 //! /proc/self/clear_refs`. It is two steps, read then clear, and the clear
 //! is process-wide (other users of soft-dirty in this process are reset
 //! too): a page first written between the two is missed, so stop the
 //! writers across [`DirtyTracker::written`] in this mode. It also reports
-//! false positives (VMA merges, mprotect; CRIU #2604), never false
-//! negatives outside that window.
+//! false positives (VMA merges, mprotect; CRIU #2604), and it cannot see
+//! a page dropped with `MADV_DONTNEED` (an empty PTE has no soft-dirty
+//! bit), which the other modes report.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -231,12 +234,20 @@ impl DirtyTracker {
                         .map_or(4096, Region::page_size);
                     // No events are enabled on this userfaultfd, so a retry
                     // is only ever a transient race.
-                    while let Outcome::RetryAfterEvents = sync
-                        .uffd
-                        .write_protect(page, ps, WriteProtectMode::WP)
-                        .map_err(Error::uffd("re-protecting written pages"))?
-                    {
-                        std::thread::yield_now();
+                    loop {
+                        match sync.uffd.write_protect(page, ps, WriteProtectMode::WP) {
+                            // A REMOVE being read by the thread: retry.
+                            Ok(Outcome::RetryAfterEvents) => std::thread::yield_now(),
+                            Ok(_) => break,
+                            // Unmapped since: nothing left to track there.
+                            Err(e) if e.errno() == Some(uffd::Errno::NOENT) => break,
+                            Err(e) => {
+                                return Err(Error::Uffd {
+                                    step: "re-protecting written pages",
+                                    source: e,
+                                })
+                            }
+                        }
                     }
                     out.push(page..page + ps);
                 }
@@ -315,7 +326,11 @@ impl SyncWp {
         let supported = uffd::probe()
             .map_err(Error::uffd("probing userfaultfd"))?
             .features;
+        // REMOVE: a page dropped by MADV_DONTNEED changed (it reads as
+        // zero now) without a write fault, and on anonymous memory it
+        // lost its protection too; it is recorded like a written page.
         let features = Features::PAGEFAULT_FLAG_WP
+            | Features::EVENT_REMOVE
             | (supported & (Features::WP_UNPOPULATED | Features::WP_HUGETLBFS_SHMEM));
         let uffd = uffd::OpenOptions::new()
             .non_blocking(true)
@@ -345,14 +360,24 @@ impl SyncWp {
                     if !u.wait_readable(Some(Duration::from_millis(20)))? {
                         continue;
                     }
-                    let faults: Vec<u64> = u
-                        .read_events(&mut buf)?
-                        .drain(..)
-                        .filter_map(|e| match e {
-                            Event::Pagefault(f) => Some(f.address),
-                            _ => None,
-                        })
-                        .collect();
+                    let mut faults = Vec::new();
+                    for e in u.read_events(&mut buf)?.drain(..) {
+                        match e {
+                            Event::Pagefault(f) => faults.push(f.address),
+                            Event::Remove { start, end } => {
+                                let mut set = w.lock().unwrap_or_else(|e| e.into_inner());
+                                for &(a, l, ps) in &sizes {
+                                    let (from, to) = (start.max(a), end.min(a + l));
+                                    let mut page = from & !(ps - 1);
+                                    while page < to {
+                                        set.insert(page);
+                                        page += ps;
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
                     for addr in faults {
                         let ps = sizes
                             .iter()

@@ -66,6 +66,11 @@ pub enum Error {
     /// Layers that do not fit together.
     #[error("{0}")]
     Mismatch(String),
+    /// The saver could not make progress (or was abandoned); it stopped
+    /// and closed its userfaultfd, so no writer stays blocked, and wrote
+    /// no image.
+    #[error("the live snapshot stopped: {0}")]
+    Stuck(String),
     /// The saver thread died (a bug); the userfaultfd was closed with it,
     /// so no thread stays blocked.
     #[error("the snapshot's saver thread panicked: {0}")]

@@ -440,7 +440,7 @@ impl Saver {
                 return Ok(());
             }
             if stop.load(Ordering::Acquire) {
-                return Err(Error::Mismatch(
+                return Err(Error::Stuck(
                     "the snapshot was abandoned before it completed".into(),
                 ));
             }
@@ -452,11 +452,9 @@ impl Saver {
                     *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
                     cv.notify_all();
                 }
-                if !self.options.track_writes {
-                    // Nothing is protected any more; wait for finish().
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
+                // Until finish(): serve write faults (with tracking, saved
+                // pages stay protected) and read events, which madvise and
+                // munmap of the regions wait for.
                 self.uffd
                     .wait_readable(Some(Duration::from_millis(5)))
                     .map_err(Error::uffd("waiting for write faults"))?;
@@ -467,7 +465,7 @@ impl Saver {
                 Step::Retry => {
                     read_failures += 1;
                     if read_failures > 2000 {
-                        return Err(Error::Mismatch(
+                        return Err(Error::Stuck(
                             "memory of a snapshot region stayed unreadable with no UNMAP/REMAP event to explain it".into(),
                         ));
                     }
@@ -526,7 +524,7 @@ impl Saver {
                         // userfaultfd, which releases every writer).
                         stuck += 1;
                         if stuck > 2000 {
-                            return Err(Error::Mismatch(format!(
+                            return Err(Error::Stuck(format!(
                                 "a write fault at {addr:#x} could not be served: its page stayed \
                                  unreadable or unprotectable with no event to explain it"
                             )));
@@ -636,7 +634,7 @@ impl Saver {
                 if scanned > 1 {
                     // Every remaining unit is unreachable (should not happen:
                     // the count and the states disagree).
-                    return Err(Error::Mismatch(format!(
+                    return Err(Error::Stuck(format!(
                         "{} pages neither saved nor reachable",
                         self.remaining
                     )));
@@ -699,7 +697,7 @@ impl Saver {
                 }
                 tries += 1;
                 if tries > 10_000 {
-                    return Err(Error::Mismatch(
+                    return Err(Error::Stuck(
                         "unprotecting saved pages kept failing with EAGAIN".into(),
                     ));
                 }

@@ -306,3 +306,25 @@ fn async_tracker_on_transparent_huge_pages() {
     m.write_byte((page - m.addr()) as usize + PAGE, 7);
     assert!(!tracker.written().unwrap().is_empty());
 }
+
+/// A page dropped with MADV_DONTNEED after a scan reads as zero now, so
+/// it changed: a delta that missed it would restore its old contents.
+#[test]
+fn discarded_pages_are_reported_written() {
+    for mode in [TrackerMode::Async, TrackerMode::SyncWp] {
+        if !uffd_testkit::vmm_uffd() {
+            return;
+        }
+        let m = Mapping::new(MemoryKind::Anon, 8 * PAGE).unwrap();
+        for p in 0..8 {
+            m.write_byte(p * PAGE, 1);
+        }
+        let mut tracker = DirtyTracker::with_mode(&[Region::of(&m)], mode).unwrap();
+        assert!(tracker.written().unwrap().is_empty());
+        m.advise(3 * PAGE, PAGE, rustix::mm::Advice::LinuxDontNeed)
+            .unwrap();
+        let got = pages_of(&tracker.written().unwrap(), m.addr(), PAGE as u64);
+        assert_eq!(got, [3], "{mode:?}: a discarded page must be reported");
+        assert_eq!(m.read_byte(3 * PAGE), 0);
+    }
+}
