@@ -13,35 +13,13 @@ fn uffd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_uffd"))
 }
 
-/// The stand-in VMM of the uffd-serve package, built with this test's cargo
-/// (as in serve_signals.rs: cargo names only this package's binaries).
+/// The stand-in VMM of the uffd-serve package (the testkit builds it).
 fn standin_vmm() -> PathBuf {
-    let uffd = Path::new(env!("CARGO_BIN_EXE_uffd"));
-    let mut build = Command::new(env!("CARGO"));
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "uffd-serve",
-        "--bin",
-        "uffd-standin-vmm",
-        "--message-format=json",
-    ]);
-    if uffd.parent().and_then(Path::file_name) == Some("release".as_ref()) {
-        build.arg("--release");
-    }
-    let out = build
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running cargo to build uffd-standin-vmm");
-    assert!(out.status.success(), "building uffd-standin-vmm failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["target"]["name"] == "uffd-standin-vmm")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reported no uffd-standin-vmm executable")
+    uffd_testkit::standin_vmm(
+        env!("CARGO"),
+        Path::new(env!("CARGO_BIN_EXE_uffd")),
+        env!("CARGO_MANIFEST_DIR"),
+    )
 }
 
 /// Kills the child on drop.
