@@ -360,12 +360,15 @@ impl SyncWp {
                     if !u.wait_readable(Some(Duration::from_millis(20)))? {
                         continue;
                     }
+                    // The set stays locked from the read to the last
+                    // insert: madvise returns once its REMOVE is read, and
+                    // a written() after it must find the range recorded.
+                    let mut set = w.lock().unwrap_or_else(|e| e.into_inner());
                     let mut faults = Vec::new();
                     for e in u.read_events(&mut buf)?.drain(..) {
                         match e {
                             Event::Pagefault(f) => faults.push(f.address),
                             Event::Remove { start, end } => {
-                                let mut set = w.lock().unwrap_or_else(|e| e.into_inner());
                                 for &(a, l, ps) in &sizes {
                                     let (from, to) = (start.max(a), end.min(a + l));
                                     let mut page = from & !(ps - 1);
@@ -386,9 +389,10 @@ impl SyncWp {
                         let page = addr & !(ps - 1);
                         // Recorded before it is unprotected: an unprotected
                         // page is always in the set.
-                        w.lock().unwrap_or_else(|e| e.into_inner()).insert(page);
+                        set.insert(page);
                         let _ = u.write_protect(page, ps, WriteProtectMode::empty())?;
                     }
+                    drop(set);
                 }
                 Ok(())
             })
