@@ -28,6 +28,10 @@
 //! false positives (VMA merges, mprotect; CRIU #2604), and it cannot see
 //! a page dropped with `MADV_DONTNEED` (an empty PTE has no soft-dirty
 //! bit), which the other modes report.
+//!
+//! In every mode the regions must stay where they are while tracked: a
+//! tracker follows no mremap and forgets nothing on munmap (a live
+//! snapshot does both).
 
 use std::collections::BTreeSet;
 use std::fs::File;
