@@ -116,6 +116,12 @@ struct ServeArgs {
     /// logged as an error). A duration such as 30s.
     #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
     fetch_timeout: Duration,
+    /// A delta (from `uffd snapshot live-demo` or `uffd_snapshot::write_delta`)
+    /// laid over the image (--mem-file or --source): its pages are served instead of the memory
+    /// file's. Repeat in the order the deltas were taken; later ones win.
+    /// Each is checked (format, every field, every checksum) at start.
+    #[arg(long = "layer", value_name = "PATH")]
+    layers: Vec<PathBuf>,
     /// The Unix socket to listen on (Firecracker's `backend_path`). A stale
     /// socket file is replaced; one with a live server is refused.
     #[arg(long, value_name = "PATH", required = true)]
@@ -487,13 +493,31 @@ fn open_object_store(a: &ServeArgs, url: &str) -> Result<Image, uffd_bench::BoxE
 /// Chunk fetches in flight at once when warming the cache with a working set.
 const WARM_IN_FLIGHT: usize = 32;
 
+/// The image with each `--layer` delta laid over it, in order. A
+/// takeover must serve the same bytes, so the layers join the identity.
+fn with_layers(image: Image, layers: &[PathBuf]) -> Result<Image, uffd_bench::BoxError> {
+    let (source, identity, store) = image;
+    if layers.is_empty() {
+        return Ok((source, identity, store));
+    }
+    let identity = identity.map(|mut id| {
+        for layer in layers {
+            let len = std::fs::metadata(layer).map(|m| m.len()).unwrap_or(0);
+            id.push_str(&format!(" + layer {} ({len} bytes)", layer.display()));
+        }
+        id
+    });
+    let source = uffd_snapshot::layered(source, layers).map_err(|e| format!("--layer: {e}"))?;
+    Ok((source, identity, store))
+}
+
 fn run_server(a: ServeArgs) -> CmdResult {
     init_logs(a.json_logs);
     let socket = a
         .socket
         .clone()
         .ok_or("--socket PATH is required (where VMMs connect)")?;
-    let (source, source_identity, store) = open_image(&a)?;
+    let (source, source_identity, store) = with_layers(open_image(&a)?, &a.layers)?;
     let prefetch = match &a.prefetch {
         Some(path) => {
             let ws = WorkingSet::load(path, source.len())

@@ -1,0 +1,813 @@
+//! Live snapshots: a point-in-time image of this process's memory taken
+//! while its threads keep writing (QEMU's background snapshot, without a VM).
+//!
+//! 1. [`LiveSnapshot::prepare`] opens a userfaultfd (write-protect faults,
+//!    REMOVE/UNMAP/REMAP events, WP_UNPOPULATED so untouched anonymous
+//!    pages are protected too) and registers every region for WP.
+//! 2. [`Prepared::protect`] is t0: one `UFFDIO_WRITEPROTECT` per region.
+//!    It walks the page tables while writers run, so a writer may still
+//!    land a write on a page the walk has not reached; for an image of one
+//!    instant across threads, stop the writers around this call (it takes
+//!    a page-table walk: well under a millisecond per GiB of 4 KiB pages).
+//! 3. One saver thread does the rest: it serves write faults first (the
+//!    faulting page is saved, then unprotected, which wakes the writer),
+//!    and between faults saves the other pages in order, a chunk at a
+//!    time, unprotecting each chunk once it is on disk. A write from the
+//!    kernel (`read(2)` into protected memory) faults the same way, so the
+//!    userfaultfd catches kernel-mode faults unless
+//!    [`SnapshotOptions::user_mode_only`] is set.
+//! 4. [`Running::finish`] waits for the image: sparse (zero pages stay
+//!    holes), fsync'd, renamed into place: the raw layout
+//!    `uffd serve --mem-file` restores.
+//!
+//! Events: the kernel delivers REMOVE (`MADV_DONTNEED`/`MADV_REMOVE`)
+//! before it drops the pages and waits until the event is read; since the
+//! one saver thread both reads events and copies pages, every page it
+//! copied before reading a REMOVE held its t0 contents. Pages a REMOVE or
+//! UNMAP covers that were not saved yet are lost: [`DiscardPolicy`]
+//! decides whether that fails the snapshot or saves them as zero. REMAP
+//! (`mremap`) moves pages with their protection; the saver follows them.
+//!
+//! The saver reads memory through `/proc/self/mem`, so a page unmapped
+//! under it is an error it recovers from, not a crash. If the thread dies,
+//! the userfaultfd closes with it and every blocked writer runs on.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use uffd::{Event, EventBuffer, Features, Outcome, RegisterMode, Uffd, WriteProtectMode};
+
+use crate::error::Error;
+use crate::image::{ProcMem, SparseImage};
+use crate::region::{validate, Region};
+
+/// What to do with pages discarded or unmapped during a snapshot before
+/// they were saved (their t0 contents are gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiscardPolicy {
+    /// Fail the snapshot ([`Error::Discarded`]); no image is written.
+    #[default]
+    Fail,
+    /// Save them as zero: right when discarded memory is garbage to the
+    /// application (a balloon), as Firecracker treats REMOVE.
+    Zero,
+}
+
+/// Options of a live snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    chunk: u64,
+    discard: DiscardPolicy,
+    track_writes: bool,
+    user_mode_only: bool,
+    skip_copy_on_fault: bool,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        SnapshotOptions {
+            chunk: 64 << 10,
+            discard: DiscardPolicy::Fail,
+            track_writes: false,
+            user_mode_only: false,
+            skip_copy_on_fault: false,
+        }
+    }
+}
+
+impl SnapshotOptions {
+    /// Defaults: 64 KiB chunks, [`DiscardPolicy::Fail`], no write tracking,
+    /// kernel-mode faults caught.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes the background saver copies between looks at the fault queue
+    /// (rounded up to a page): the longest a faulting writer waits behind
+    /// it. Default 64 KiB.
+    pub fn chunk(mut self, bytes: u64) -> Self {
+        self.chunk = bytes.max(4096);
+        self
+    }
+
+    /// See [`DiscardPolicy`].
+    pub fn discard(mut self, policy: DiscardPolicy) -> Self {
+        self.discard = policy;
+        self
+    }
+
+    /// Keep saved pages protected, so that the first write to each after
+    /// t0 faults and is recorded: [`Report::written`] then lists every page
+    /// written since t0, the first delta of an incremental chain. Costs one
+    /// fault per page first written during the snapshot.
+    pub fn track_writes(mut self, on: bool) -> Self {
+        self.track_writes = on;
+        self
+    }
+
+    /// Open the userfaultfd user-mode-only (needs no privilege): a kernel
+    /// write into protected memory (`read(2)` into it) then fails with
+    /// EFAULT instead of waiting for the page to be saved.
+    pub fn user_mode_only(mut self, on: bool) -> Self {
+        self.user_mode_only = on;
+        self
+    }
+
+    /// Negative control for tests: unprotect a faulting page without saving
+    /// it first (the image then holds the later contents). Never use.
+    #[doc(hidden)]
+    pub fn skip_copy_on_fault(mut self, on: bool) -> Self {
+        self.skip_copy_on_fault = on;
+        self
+    }
+}
+
+/// What a live snapshot did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The image written.
+    pub image: PathBuf,
+    /// Its length.
+    pub image_len: u64,
+    /// Bytes of data written (the rest are holes).
+    pub data_bytes: u64,
+    /// How long t0 (protecting every region) took.
+    pub protect_time: Duration,
+    /// From t0 to the last page saved.
+    pub save_time: Duration,
+    /// Pages saved because a writer faulted on them.
+    pub saved_on_fault: u64,
+    /// Pages saved by the background pass.
+    pub saved_in_background: u64,
+    /// Write faults served (including those on pages already saved).
+    pub faults: u64,
+    /// The longest time from reading a fault to unprotecting its page.
+    pub longest_fault: Duration,
+    /// REMOVE, UNMAP and REMAP events handled.
+    pub events: u64,
+    /// Image offsets of pages discarded or unmapped before they were saved
+    /// (saved as zero under [`DiscardPolicy::Zero`]).
+    pub discarded: Vec<Range<u64>>,
+    /// With [`SnapshotOptions::track_writes`]: image offsets of pages
+    /// written (or discarded) since t0, until [`Running::finish`].
+    pub written: Vec<Range<u64>>,
+}
+
+/// Entry point; see the module docs.
+#[derive(Debug)]
+pub struct LiveSnapshot;
+
+const UNSAVED: u8 = 0;
+const SAVED: u8 = 1;
+const LOST: u8 = 2;
+const STATE: u8 = 3;
+const WRITTEN: u8 = 4;
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    region: usize,
+    first_unit: u64,
+    addr: u64,
+    units: u64,
+}
+
+#[derive(Debug)]
+struct Saver {
+    uffd: Uffd,
+    regions: Vec<Region>,
+    units: Vec<Vec<u8>>,
+    segments: Vec<Segment>,
+    remaining: u64,
+    cursor: (usize, u64),
+    mem: ProcMem,
+    image: SparseImage,
+    buf: Vec<u8>,
+    events: EventBuffer,
+    options: SnapshotOptions,
+    report: Report,
+    t0: Option<Instant>,
+}
+
+/// Snapshot registered, not yet protected.
+#[derive(Debug)]
+pub struct Prepared {
+    saver: Saver,
+}
+
+/// A snapshot in progress: the saver thread runs until the image is
+/// complete (and, with write tracking, until [`Running::finish`]).
+#[derive(Debug)]
+pub struct Running {
+    thread: Option<JoinHandle<Result<Saver, Error>>>,
+    saved: Arc<(Mutex<bool>, Condvar)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LiveSnapshot {
+    /// Opens the userfaultfd, registers `regions` for write-protect and
+    /// creates the image's temporary file beside `path`.
+    pub fn prepare(
+        regions: &[Region],
+        path: &Path,
+        options: SnapshotOptions,
+    ) -> Result<Prepared, Error> {
+        let image_len = validate(regions)?;
+        let supported = uffd::probe()
+            .map_err(Error::uffd("probing userfaultfd"))?
+            .features;
+        let mut features = Features::PAGEFAULT_FLAG_WP
+            | Features::WP_UNPOPULATED
+            | Features::EVENT_REMOVE
+            | Features::EVENT_UNMAP
+            | Features::EVENT_REMAP;
+        let missing = features - supported;
+        if !missing.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "a live snapshot needs userfaultfd features this kernel lacks: {missing:?} \
+                 (write-protect of unpopulated memory needs Linux 6.4)"
+            )));
+        }
+        features |= supported & Features::WP_HUGETLBFS_SHMEM;
+        let uffd = uffd::OpenOptions::new()
+            .non_blocking(true)
+            .user_mode_only(options.user_mode_only)
+            .features(features)
+            .open()
+            .map_err(Error::uffd("opening a userfaultfd for the snapshot"))?;
+        for r in regions {
+            uffd.register(r.addr(), r.len(), RegisterMode::WP).map_err(|source| Error::Uffd {
+                step: "registering a region for write-protect (shmem and hugetlb need WP_HUGETLBFS_SHMEM, Linux 5.19)",
+                source,
+            })?;
+        }
+        let image = SparseImage::create(path, image_len)?;
+        let max_page = regions.iter().map(Region::page_size).max().unwrap_or(4096);
+        let chunk = options.chunk.next_multiple_of(4096).max(max_page);
+        Ok(Prepared {
+            saver: Saver {
+                uffd,
+                units: regions
+                    .iter()
+                    .map(|r| vec![UNSAVED; r.pages() as usize])
+                    .collect(),
+                segments: regions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| Segment {
+                        region: i,
+                        first_unit: 0,
+                        addr: r.addr(),
+                        units: r.pages(),
+                    })
+                    .collect(),
+                remaining: regions.iter().map(Region::pages).sum(),
+                regions: regions.to_vec(),
+                cursor: (0, 0),
+                mem: ProcMem::open()?,
+                image,
+                buf: vec![0; chunk as usize],
+                events: EventBuffer::new(64),
+                options,
+                report: Report {
+                    image: path.to_path_buf(),
+                    image_len,
+                    ..Report::default()
+                },
+                t0: None,
+            },
+        })
+    }
+
+    /// prepare, protect and finish: the whole snapshot in one call.
+    pub fn take(
+        regions: &[Region],
+        path: &Path,
+        options: SnapshotOptions,
+    ) -> Result<Report, Error> {
+        Self::prepare(regions, path, options)?.protect()?.finish()
+    }
+}
+
+impl Prepared {
+    /// t0: write-protects every region and starts the saver thread.
+    pub fn protect(mut self) -> Result<Running, Error> {
+        let started = Instant::now();
+        for i in 0..self.saver.regions.len() {
+            let r = self.saver.regions[i];
+            while let Outcome::RetryAfterEvents = self
+                .saver
+                .uffd
+                .write_protect(r.addr(), r.len(), WriteProtectMode::WP)
+                .map_err(Error::uffd("write-protecting a region at t0"))?
+            {
+                self.saver.drain()?;
+            }
+        }
+        self.saver.report.protect_time = started.elapsed();
+        self.saver.t0 = Some(Instant::now());
+        let saved = Arc::new((Mutex::new(false), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (saved.clone(), stop.clone());
+        let mut saver = self.saver;
+        let thread = std::thread::Builder::new()
+            .name("uffd-snapshot".into())
+            .spawn(move || saver.run(&s, &st).map(|()| saver))
+            .map_err(Error::io("starting the saver thread", "/proc/self"))?;
+        Ok(Running {
+            thread: Some(thread),
+            saved,
+            stop,
+        })
+    }
+}
+
+impl Running {
+    /// Waits until every page is saved (true), or `timeout` passes.
+    pub fn wait_saved(&self, timeout: Option<Duration>) -> bool {
+        let (lock, cv) = &*self.saved;
+        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while !*done {
+            if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+                return false;
+            }
+            let wait = deadline
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_millis(100))
+                .min(Duration::from_millis(100));
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+            done = cv
+                .wait_timeout(done, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Waits for every page to be saved, stops the saver (closing the
+    /// userfaultfd: nothing stays protected) and commits the image.
+    pub fn finish(self) -> Result<Report, Error> {
+        self.stop()?.commit()
+    }
+
+    /// Waits for every page to be saved and stops the saver, closing the
+    /// userfaultfd (with write tracking, the written set ends here), but
+    /// leaves the image's fsync and rename to [`Stopped::commit`]: stop
+    /// writers across this call to hand tracking over to a
+    /// [`crate::DirtyTracker`], and commit after resuming them.
+    pub fn stop(mut self) -> Result<Stopped, Error> {
+        while !self.wait_saved(None) {
+            if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+                break;
+            }
+        }
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.take().expect("stop runs once");
+        let saver = match thread.join() {
+            Ok(result) => result?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(Error::SaverPanicked(why));
+            }
+        };
+        saver.close()
+    }
+}
+
+/// A snapshot whose pages are all saved and whose userfaultfd is closed;
+/// the image is not yet durable.
+#[derive(Debug)]
+pub struct Stopped {
+    image: SparseImage,
+    report: Report,
+    discard: DiscardPolicy,
+}
+
+impl Stopped {
+    /// What the snapshot did (the image is not in place yet).
+    pub fn report(&self) -> &Report {
+        &self.report
+    }
+
+    /// fsync, rename into place, fsync the directory; fails (and removes
+    /// the temporary file) if pages were lost under [`DiscardPolicy::Fail`].
+    pub fn commit(self) -> Result<Report, Error> {
+        if !self.report.discarded.is_empty() && self.discard == DiscardPolicy::Fail {
+            return Err(Error::Discarded {
+                ranges: self.report.discarded,
+            });
+        }
+        self.image.commit()?;
+        Ok(self.report)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Why saving a run of pages did not complete.
+enum Step {
+    Done,
+    /// An event is pending (EAGAIN) or memory moved under the read: drain
+    /// events and retry.
+    Retry,
+}
+
+impl Saver {
+    fn run(&mut self, saved: &(Mutex<bool>, Condvar), stop: &AtomicBool) -> Result<(), Error> {
+        let mut announced = false;
+        let mut read_failures = 0u32;
+        loop {
+            self.drain()?;
+            if stop.load(Ordering::Acquire) && (self.remaining == 0 || announced) {
+                return Ok(());
+            }
+            if stop.load(Ordering::Acquire) {
+                return Err(Error::Stuck(
+                    "the snapshot was abandoned before it completed".into(),
+                ));
+            }
+            if self.remaining == 0 {
+                if !announced {
+                    announced = true;
+                    self.report.save_time = self.t0.map_or(Duration::ZERO, |t| t.elapsed());
+                    let (lock, cv) = saved;
+                    *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    cv.notify_all();
+                }
+                // Until finish(): serve write faults (with tracking, saved
+                // pages stay protected) and read events, which madvise and
+                // munmap of the regions wait for.
+                self.uffd
+                    .wait_readable(Some(Duration::from_millis(5)))
+                    .map_err(Error::uffd("waiting for write faults"))?;
+                continue;
+            }
+            match self.save_next()? {
+                Step::Done => read_failures = 0,
+                Step::Retry => {
+                    read_failures += 1;
+                    if read_failures > 2000 {
+                        return Err(Error::Stuck(
+                            "memory of a snapshot region stayed unreadable with no UNMAP/REMAP event to explain it".into(),
+                        ));
+                    }
+                    self.uffd
+                        .wait_readable(Some(Duration::from_millis(1)))
+                        .map_err(Error::uffd("waiting for events"))?;
+                }
+            }
+        }
+    }
+
+    /// Reads every queued message; applies the events first (faults and
+    /// events arrive out of order), then serves the faults.
+    fn drain(&mut self) -> Result<(), Error> {
+        let mut faults = VecDeque::new();
+        let mut stuck = 0u32;
+        loop {
+            let events: Vec<Event> = self
+                .uffd
+                .read_events(&mut self.events)
+                .map_err(Error::uffd("reading userfaultfd messages"))?
+                .drain(..)
+                .collect();
+            if events.is_empty() && faults.is_empty() {
+                return Ok(());
+            }
+            for event in events {
+                match event {
+                    Event::Pagefault(f) => faults.push_back((f.address, Instant::now())),
+                    Event::Remove { start, end } => {
+                        self.report.events += 1;
+                        self.discard(start, end, false);
+                    }
+                    Event::Unmap { start, end } => {
+                        self.report.events += 1;
+                        self.discard(start, end, true);
+                    }
+                    Event::Remap { from, to, len } => {
+                        self.report.events += 1;
+                        self.remap(from, to, len);
+                    }
+                    Event::Fork { .. } | Event::Unknown { .. } => {}
+                }
+            }
+            while let Some(&(addr, seen)) = faults.front() {
+                match self.fault(addr)? {
+                    Step::Done => {
+                        self.report.longest_fault = self.report.longest_fault.max(seen.elapsed());
+                        faults.pop_front();
+                        stuck = 0;
+                    }
+                    Step::Retry => {
+                        // An event is pending, or the page was unmapped
+                        // or moved and its event is on its way: wait for
+                        // it, but not forever (an error closes the
+                        // userfaultfd, which releases every writer).
+                        stuck += 1;
+                        if stuck > 2000 {
+                            return Err(Error::Stuck(format!(
+                                "a write fault at {addr:#x} could not be served: its page stayed \
+                                 unreadable or unprotectable with no event to explain it"
+                            )));
+                        }
+                        self.uffd
+                            .wait_readable(Some(Duration::from_millis(1)))
+                            .map_err(Error::uffd("waiting for events"))?;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn lookup(&self, addr: u64) -> Option<(usize, u64, u64)> {
+        self.segments.iter().find_map(|s| {
+            let ps = self.regions[s.region].page_size();
+            let end = s.addr + s.units * ps;
+            (s.addr <= addr && addr < end).then(|| {
+                let unit = (addr - s.addr) / ps;
+                (s.region, s.first_unit + unit, s.addr + unit * ps)
+            })
+        })
+    }
+
+    fn address_of(&self, region: usize, unit: u64) -> Option<(u64, u64)> {
+        self.segments.iter().find_map(|s| {
+            (s.region == region && s.first_unit <= unit && unit < s.first_unit + s.units).then(
+                || {
+                    let ps = self.regions[region].page_size();
+                    (
+                        s.addr + (unit - s.first_unit) * ps,
+                        s.first_unit + s.units - unit,
+                    )
+                },
+            )
+        })
+    }
+
+    fn fault(&mut self, addr: u64) -> Result<Step, Error> {
+        self.report.faults += 1;
+        let Some((r, unit, page_addr)) = self.lookup(addr) else {
+            // Not ours (any more): let the writer retry.
+            let page = addr & !4095;
+            let _ = self.uffd.wake(page, 4096);
+            return Ok(Step::Done);
+        };
+        let ps = self.regions[r].page_size();
+        if self.units[r][unit as usize] & STATE == UNSAVED && !self.options.skip_copy_on_fault {
+            if let Step::Retry = self.save(r, unit, 1, page_addr)? {
+                return Ok(Step::Retry);
+            }
+            self.report.saved_on_fault += 1;
+        }
+        if self.options.track_writes {
+            self.units[r][unit as usize] |= WRITTEN;
+        }
+        self.unprotect(page_addr, ps)
+    }
+
+    fn unprotect(&mut self, addr: u64, len: u64) -> Result<Step, Error> {
+        match self
+            .uffd
+            .write_protect(addr, len, WriteProtectMode::empty())
+        {
+            Ok(Outcome::RetryAfterEvents) => Ok(Step::Retry),
+            Ok(_) => Ok(Step::Done),
+            // Unmapped or unregistered meanwhile: nothing left to wake.
+            Err(e) if e.errno() == Some(uffd::Errno::NOENT) => Ok(Step::Done),
+            Err(e) => Err(Error::Uffd {
+                step: "unprotecting a saved page",
+                source: e,
+            }),
+        }
+    }
+
+    /// Copies `n` units of region `r` from `addr` into the image and marks
+    /// them saved.
+    fn save(&mut self, r: usize, first: u64, n: u64, addr: u64) -> Result<Step, Error> {
+        let region = self.regions[r];
+        let len = (n * region.page_size()) as usize;
+        if self.mem.read(addr, &mut self.buf[..len]).is_err() {
+            return Ok(Step::Retry);
+        }
+        let offset = region.offset() + first * region.page_size();
+        self.image.write_pages(offset, &self.buf[..len], 4096)?;
+        for u in first..first + n {
+            let s = &mut self.units[r][u as usize];
+            if *s & STATE == UNSAVED {
+                self.remaining -= 1;
+            }
+            *s = (*s & !STATE) | SAVED;
+        }
+        Ok(Step::Done)
+    }
+
+    /// Saves the next run of unsaved pages after the cursor.
+    fn save_next(&mut self) -> Result<Step, Error> {
+        let (mut r, mut u) = self.cursor;
+        let total = self.regions.len();
+        let mut scanned = 0;
+        loop {
+            if r >= total {
+                r = 0;
+                u = 0;
+                scanned += 1;
+                if scanned > 1 {
+                    // Every remaining unit is unreachable (should not happen:
+                    // the count and the states disagree).
+                    return Err(Error::Stuck(format!(
+                        "{} pages neither saved nor reachable",
+                        self.remaining
+                    )));
+                }
+            }
+            let units = &self.units[r];
+            match units[u as usize..]
+                .iter()
+                .position(|s| s & STATE == UNSAVED)
+            {
+                Some(p) => {
+                    u += p as u64;
+                    break;
+                }
+                None => {
+                    r += 1;
+                    u = 0;
+                }
+            }
+        }
+        let Some((addr, contiguous)) = self.address_of(r, u) else {
+            // Unsaved but in no segment: unmapped and its event not handled?
+            // UNMAP marks such pages lost, so this is a moment of a REMAP.
+            self.cursor = (r, u);
+            return Ok(Step::Retry);
+        };
+        let ps = self.regions[r].page_size();
+        let max = (self.buf.len() as u64 / ps).max(1).min(contiguous);
+        let mut n = 1;
+        while n < max && self.units[r][(u + n) as usize] & STATE == UNSAVED {
+            n += 1;
+        }
+        if let Step::Retry = self.save(r, u, n, addr)? {
+            self.cursor = (r, u);
+            return Ok(Step::Retry);
+        }
+        self.report.saved_in_background += n;
+        self.cursor = (r, u + n);
+        if !self.options.track_writes {
+            let mut tries = 0;
+            loop {
+                // The units are saved; their addresses may have moved if
+                // events were drained in between.
+                let mut retry = false;
+                let mut at = u;
+                while at < u + n {
+                    match self.address_of(r, at) {
+                        Some((a, run)) => {
+                            let k = run.min(u + n - at);
+                            if let Step::Retry = self.unprotect(a, k * ps)? {
+                                retry = true;
+                            }
+                            at += k;
+                        }
+                        None => at += 1,
+                    }
+                }
+                if !retry {
+                    break;
+                }
+                tries += 1;
+                if tries > 10_000 {
+                    return Err(Error::Stuck(
+                        "unprotecting saved pages kept failing with EAGAIN".into(),
+                    ));
+                }
+                self.drain()?;
+            }
+        }
+        Ok(Step::Done)
+    }
+
+    /// Makes `addr` a segment boundary.
+    fn split_at(&mut self, addr: u64) {
+        let mut i = 0;
+        while i < self.segments.len() {
+            let s = self.segments[i];
+            let ps = self.regions[s.region].page_size();
+            let end = s.addr + s.units * ps;
+            if s.addr < addr && addr < end {
+                let head = (addr - s.addr) / ps;
+                if head > 0 && head < s.units {
+                    self.segments[i].units = head;
+                    self.segments.insert(
+                        i + 1,
+                        Segment {
+                            region: s.region,
+                            first_unit: s.first_unit + head,
+                            addr: s.addr + head * ps,
+                            units: s.units - head,
+                        },
+                    );
+                }
+                return;
+            }
+            i += 1;
+        }
+    }
+
+    /// REMOVE (`unmapped` false) or UNMAP of `start..end`: unsaved pages
+    /// there lose their t0 contents; unmapped ones leave the segments.
+    fn discard(&mut self, start: u64, end: u64, unmapped: bool) {
+        self.split_at(start);
+        self.split_at(end);
+        let mut keep = Vec::with_capacity(self.segments.len());
+        for s in std::mem::take(&mut self.segments) {
+            let ps = self.regions[s.region].page_size();
+            let (a, b) = (s.addr.max(start), (s.addr + s.units * ps).min(end));
+            if a < b {
+                let first = s.first_unit + (a - s.addr) / ps;
+                let last = s.first_unit + (b - s.addr).div_ceil(ps);
+                for u in first..last {
+                    let st = &mut self.units[s.region][u as usize];
+                    if *st & STATE == UNSAVED {
+                        *st = (*st & !STATE) | LOST;
+                        self.remaining -= 1;
+                    }
+                    if self.options.track_writes {
+                        *st |= WRITTEN;
+                    }
+                }
+                if unmapped && s.addr >= start && s.addr + s.units * ps <= end {
+                    continue;
+                }
+            }
+            keep.push(s);
+        }
+        self.segments = keep;
+    }
+
+    /// REMAP: pages moved from `from` to `to`, protection and all.
+    fn remap(&mut self, from: u64, to: u64, len: u64) {
+        self.split_at(from);
+        self.split_at(from + len);
+        for s in &mut self.segments {
+            let ps = self.regions[s.region].page_size();
+            if s.addr >= from && s.addr + s.units * ps <= from + len {
+                s.addr = s.addr - from + to;
+            }
+        }
+    }
+
+    fn close(mut self) -> Result<Stopped, Error> {
+        let ranges = |units: &[Vec<u8>], regions: &[Region], test: &dyn Fn(u8) -> bool| {
+            let mut out: Vec<Range<u64>> = Vec::new();
+            for (r, states) in units.iter().enumerate() {
+                let region = regions[r];
+                let ps = region.page_size();
+                for (u, &s) in states.iter().enumerate() {
+                    if test(s) {
+                        let start = region.offset() + u as u64 * ps;
+                        match out.last_mut() {
+                            Some(last) if last.end == start => last.end += ps,
+                            _ => out.push(start..start + ps),
+                        }
+                    }
+                }
+            }
+            out.sort_by_key(|r| r.start);
+            out
+        };
+        self.report.discarded = ranges(&self.units, &self.regions, &|s| s & STATE == LOST);
+        if self.options.track_writes {
+            self.report.written = ranges(&self.units, &self.regions, &|s| s & WRITTEN != 0);
+        }
+        self.report.data_bytes = self.image.data_bytes;
+        // Close the userfaultfd before anything else can fail: nothing
+        // stays protected.
+        drop(self.uffd);
+        Ok(Stopped {
+            image: self.image,
+            report: self.report,
+            discard: self.options.discard,
+        })
+    }
+}
