@@ -627,8 +627,14 @@ mod tests {
             Err(ProtocolError::Checksum { .. })
         ));
         // Random bytes do not shrink: sent as they are.
-        let noise: Vec<u8> = (0..4096u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
             .collect();
         assert!(compressed_data(1, 0, 4096, &noise).is_none());
     }

@@ -146,7 +146,15 @@ impl HugepageReservation {
             count,
             _lock: lock,
         };
-        let now_free = free_hugepages_of(page_size);
+        let mut now_free = free_hugepages_of(page_size);
+        if now_free < count {
+            // Free memory is often there but in pieces (page cache spread
+            // over it): ask the kernel to compact it once, then to grow the
+            // pool again.
+            let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+            let _ = std::fs::write(&nr_file, wanted.to_string());
+            now_free = free_hugepages_of(page_size);
+        }
         if now_free < count {
             return Err(io_error(
                 &format!(
