@@ -24,6 +24,8 @@ fn check(name: &str, kind: Option<MemoryKind>) {
         Status::Skip => {
             let need = if report.line().contains("gup_test") {
                 uffd_testkit::Need::GupTest
+            } else if report.line().contains("1048576 KiB") {
+                uffd_testkit::Need::Hugetlb1G
             } else {
                 uffd_testkit::Need::Feature
             };

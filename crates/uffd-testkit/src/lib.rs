@@ -37,6 +37,10 @@ pub enum Need {
     Root,
     /// Reserved huge pages.
     Hugetlb,
+    /// A 1 GiB huge page: one contiguous gigabyte of free memory, which a
+    /// busy machine (page cache, tests running beside) may not have even
+    /// when it has plenty free.
+    Hugetlb1G,
     /// A program the test runs (setpriv, mkswap...).
     Tool,
     /// The kernel's gup_test debugfs file (CONFIG_GUP_TEST).
@@ -52,6 +56,7 @@ impl Need {
             Need::Feature => "feature",
             Need::Root => "root",
             Need::Hugetlb => "hugetlb",
+            Need::Hugetlb1G => "hugetlb-1g",
             Need::Tool => "tool",
             Need::GupTest => "gup-test",
         }

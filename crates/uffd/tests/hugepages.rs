@@ -15,7 +15,7 @@ fn a_reservation_grows_the_pool_and_restores_it_on_drop() {
         Ok(r) => r,
         Err(e) => {
             uffd_testkit::skip(
-                uffd_testkit::Need::Hugetlb,
+                uffd_testkit::Need::Hugetlb1G,
                 format_args!("cannot grow the 1 GiB pool: {e}"),
             );
             return;
