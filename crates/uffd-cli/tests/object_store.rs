@@ -20,15 +20,7 @@ fn standin_vmm() -> PathBuf {
     )
 }
 
-/// Kills the child on drop (a failed assertion must not leave it behind).
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use uffd_testkit::Reaped;
 
 fn uffd(endpoint: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_uffd"));

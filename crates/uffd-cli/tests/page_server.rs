@@ -24,22 +24,14 @@ fn standin_vmm() -> PathBuf {
     )
 }
 
-/// Kills the process when dropped, so no test leaves one behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use uffd_testkit::Reaped;
 
 /// Starts `uffd page-server` on `listen` and returns it with its address.
-fn page_server(mem: &Path, listen: &str, push: bool) -> (Proc, String) {
+fn page_server(mem: &Path, listen: &str, push: bool) -> (Reaped, String) {
     page_server_with(mem, listen, if push { &["--push"] } else { &[] })
 }
 
-fn page_server_with(mem: &Path, listen: &str, flags: &[&str]) -> (Proc, String) {
+fn page_server_with(mem: &Path, listen: &str, flags: &[&str]) -> (Reaped, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_uffd"));
     cmd.args(["page-server", "--mem-file"])
         .arg(mem)
@@ -59,10 +51,10 @@ fn page_server_with(mem: &Path, listen: &str, flags: &[&str]) -> (Proc, String) 
         .to_string();
     // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    (Proc(child), addr)
+    (Reaped(child), addr)
 }
 
-fn serve(source: &str, socket: &Path, extra: &[&str]) -> Proc {
+fn serve(source: &str, socket: &Path, extra: &[&str]) -> Reaped {
     let child = Command::new(env!("CARGO_BIN_EXE_uffd"))
         .args(["serve", "--source", source, "--socket"])
         .arg(socket)
@@ -75,7 +67,7 @@ fn serve(source: &str, socket: &Path, extra: &[&str]) -> Proc {
         assert!(Instant::now() < deadline, "uffd serve never listened");
         std::thread::sleep(Duration::from_millis(10));
     }
-    Proc(child)
+    Reaped(child)
 }
 
 fn vmm(socket: &Path, mem: &Path, extra: &[&str]) -> Child {
@@ -440,7 +432,7 @@ fn restores_between_two_network_namespaces_over_a_limited_link() {
     assert!(line.contains("10.77.0.1:7100"), "{line}");
     // Keep draining its log so it never writes to a closed pipe.
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    let _ps = Proc(ps);
+    let _ps = Reaped(ps);
     let socket = dir.path("sock");
     let server = Command::new("ip")
         .args([
@@ -457,7 +449,7 @@ fn restores_between_two_network_namespaces_over_a_limited_link() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _server = Proc(server);
+    let _server = Reaped(server);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "uffd serve never listened");

@@ -27,15 +27,7 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Kills the child on drop (a failed assertion must not leave it behind).
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use uffd_testkit::Reaped;
 
 fn signal(child: &Child, signal: Signal) {
     let pid = Pid::from_raw(child.id() as i32).unwrap();

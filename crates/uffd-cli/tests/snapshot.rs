@@ -3,7 +3,7 @@
 //! process, which checks every byte against the merged file.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use uffd_snapshot::delta::encode;
@@ -22,15 +22,7 @@ fn standin_vmm() -> PathBuf {
     )
 }
 
-/// Kills the child on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use uffd_testkit::Reaped;
 
 #[test]
 fn live_demo_json_reports_consistent_images_on_every_memory_type() {

@@ -295,3 +295,15 @@ pub fn standin_vmm(cargo: &str, next_to: &Path, manifest_dir: &str) -> PathBuf {
         })
         .expect("cargo reported no uffd-standin-vmm executable")
 }
+
+/// A child process killed and reaped when dropped, so a failed assertion
+/// never leaves a server or a VMM behind.
+#[derive(Debug)]
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
