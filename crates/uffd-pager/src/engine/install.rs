@@ -282,9 +282,31 @@ impl Worker<'_> {
     }
 
     pub(super) fn read_source(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        self.retrying(offset, buf, |source, offset, buf| {
+            source.read_at(offset, buf)
+        })
+    }
+
+    /// [`PageSource::read_into_page_cache`], retried like [`Worker::read_source`].
+    pub(super) fn read_source_into_page_cache(
+        &self,
+        offset: u64,
+        page_cache: &mut [u8],
+    ) -> Result<Content, SourceError> {
+        self.retrying(offset, page_cache, |source, offset, buf| {
+            source.read_into_page_cache(offset, buf)
+        })
+    }
+
+    fn retrying(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        read: impl Fn(&dyn PageSource, u64, &mut [u8]) -> Result<Content, SourceError>,
+    ) -> Result<Content, SourceError> {
         let mut attempt = 0;
         loop {
-            match self.shared.source.read_at(offset, buf) {
+            match read(&*self.shared.source, offset, buf) {
                 Err(e) if e.is_transient() && attempt < self.shared.config.source_retries => {
                     attempt += 1;
                     self.shared

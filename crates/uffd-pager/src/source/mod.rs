@@ -139,6 +139,27 @@ pub trait PageSource: Send + Sync + fmt::Debug {
         false
     }
 
+    /// [`crate::Strategy::Continue`]: puts the bytes of
+    /// `offset..offset + page_cache.len()` into `page_cache`, the pager's
+    /// alias of the regions' file at exactly those source offsets, so that
+    /// `UFFDIO_CONTINUE` can map them. The default reads them in with
+    /// [`PageSource::read_at`].
+    ///
+    /// A source that writes the same file's page cache itself (a network
+    /// destination landing pushed pages through an alias of its own) leaves
+    /// the pages that are there alone, since they *are* the bytes: a page
+    /// that arrived costs no copy and no request. Such a source must write
+    /// each page at most once and only before it returns it here, or a
+    /// mapped page (which the workload may have written) would change under
+    /// the workload.
+    fn read_into_page_cache(
+        &self,
+        offset: u64,
+        page_cache: &mut [u8],
+    ) -> Result<Content, SourceError> {
+        self.read_at(offset, page_cache)
+    }
+
     /// A hint that `offset..offset + len` will probably be read soon; a
     /// remote source can start fetching it. The default does nothing.
     fn advise(&self, offset: u64, len: u64) {

@@ -32,7 +32,7 @@ impl Resolver for Continue {
         // caller of `Region::with_alias` vouched that nothing else
         // references it, and we own these pages' claims.
         let buf = unsafe { std::slice::from_raw_parts_mut(alias, len as usize) };
-        let content = worker.read_source(span.source_of(from), buf)?;
+        let content = worker.read_source_into_page_cache(span.source_of(from), buf)?;
         Ok(Staged {
             content,
             src: alias.cast_const(),
