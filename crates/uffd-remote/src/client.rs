@@ -4,8 +4,9 @@
 //! and survives the connection dropping.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -48,8 +49,18 @@ pub struct RemoteStats {
     pub local_hits: AtomicU64,
     /// Reads sent on the demand channel.
     pub demand_requests: AtomicU64,
+    /// Pages those demand reads asked for.
+    pub demand_pages: AtomicU64,
     /// Reads sent on the bulk channel.
     pub bulk_requests: AtomicU64,
+    /// Pages written into the landing area (or the page cache) from
+    /// pushed frames. Every page is written once, so these three sum to
+    /// the pages that arrived.
+    pub pages_landed_pushed: AtomicU64,
+    /// Pages written from answers on the demand channel.
+    pub pages_landed_demand: AtomicU64,
+    /// Pages written from answers to background reads on the bulk channel.
+    pub pages_landed_bulk: AtomicU64,
     /// Bytes that arrived unasked (push).
     pub pushed_bytes: AtomicU64,
     /// Frames that failed their checksum and were asked for again.
@@ -58,57 +69,213 @@ pub struct RemoteStats {
     pub reconnects: AtomicU64,
 }
 
-/// Pages that arrived, kept until read: the destination's landing area.
+/// A page's state in the [`Landing`]. Each page is written at most once:
+/// one writer moves it from `EMPTY` or `DEMANDED` to `WRITING` (a
+/// compare-and-swap, so a page pushed and demanded at once is written by
+/// whichever frame comes first, and only by it), copies its bytes and
+/// publishes it as `ARRIVED` or `ZERO`. Nothing reads a page before that,
+/// and nothing writes it after: in the page cache a published page may be
+/// mapped already and written by the workload.
+mod page {
+    /// No bytes, nobody asked.
+    pub const EMPTY: u8 = 0;
+    /// A fault asked for it on the demand channel; no bytes yet.
+    pub const DEMANDED: u8 = 1;
+    /// One writer is copying its bytes in.
+    pub const WRITING: u8 = 2;
+    /// Its bytes are in place.
+    pub const ARRIVED: u8 = 3;
+    /// It arrived as all zero and nothing was written: anonymous memory
+    /// and a page-cache hole both read as zero.
+    pub const ZERO: u8 = 4;
+}
+
+/// Where a page's bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Push,
+    Demand,
+    BulkRead,
+}
+
+/// Pages that arrived: the destination's landing area. Either private
+/// anonymous memory, where they wait to be copied out (the pager installs
+/// them with COPY), or the workload's own memfd, written through its alias
+/// (the page cache), where they wait to be mapped with CONTINUE.
 struct Landing {
-    memory: uffd::Mapping,
-    /// One bit per page: arrived.
-    present: Vec<AtomicU64>,
+    memory: Arc<uffd::Mapping>,
+    page_cache: bool,
+    states: Vec<AtomicU8>,
+    /// Pages published (`ARRIVED` or `ZERO`).
+    landed: AtomicU64,
+    /// Threads waiting for a page to leave `DEMANDED` or `WRITING`;
+    /// writers notify `changed` only when there are any.
+    waiters: AtomicUsize,
+    changed: (Mutex<()>, Condvar),
 }
 
 impl Landing {
-    fn new(len: u64) -> std::io::Result<Landing> {
-        let pages = len.div_ceil(4096) as usize;
-        Ok(Landing {
-            memory: uffd::Mapping::new(uffd::MemoryKind::Anon, (len as usize).max(4096))?,
-            present: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        })
+    /// An anonymous landing area of `len` bytes.
+    fn anonymous(len: u64) -> std::io::Result<Landing> {
+        let memory = uffd::Mapping::new(uffd::MemoryKind::Anon, (len as usize).max(4096))?;
+        Ok(Landing::over(Arc::new(memory), false, len))
     }
 
-    fn has(&self, page: u64) -> bool {
-        let p = page as usize;
-        self.present[p / 64].load(Relaxed) & (1 << (p % 64)) != 0
+    /// The page cache of `memory`'s memfd, `len` bytes of it, written
+    /// through its alias.
+    fn page_cache(memory: Arc<uffd::Mapping>, len: u64) -> Landing {
+        debug_assert!(memory.alias_ptr().is_some());
+        Landing::over(memory, true, len)
     }
 
-    /// Keeps whole pages of `offset..offset + len` (`None`: all zero).
-    fn store(&self, offset: u64, len: u32, bytes: Option<&[u8]>) {
-        if offset % 4096 != 0 || offset + u64::from(len) > self.memory.len() as u64 {
-            return;
+    fn over(memory: Arc<uffd::Mapping>, page_cache: bool, len: u64) -> Landing {
+        let pages = len.div_ceil(4096).min(memory.len() as u64 / 4096) as usize;
+        Landing {
+            memory,
+            page_cache,
+            states: (0..pages).map(|_| AtomicU8::new(page::EMPTY)).collect(),
+            landed: AtomicU64::new(0),
+            waiters: AtomicUsize::new(0),
+            changed: (Mutex::new(()), Condvar::new()),
         }
-        let pages = u64::from(len) / 4096;
-        if let Some(b) = bytes {
-            self.memory
-                .write(offset as usize, &b[..(pages * 4096) as usize]);
+    }
+
+    fn state(&self, page: u64) -> u8 {
+        self.states[page as usize].load(Acquire)
+    }
+
+    fn published(state: u8) -> bool {
+        state == page::ARRIVED || state == page::ZERO
+    }
+
+    /// The pages of `offset..offset + len`, if it is whole pages inside
+    /// the landing area.
+    fn pages(&self, offset: u64, len: u64) -> Option<std::ops::Range<u64>> {
+        let end = offset.checked_add(len)?;
+        if offset % 4096 != 0 || end / 4096 > self.states.len() as u64 {
+            return None;
         }
-        // Anonymous memory reads as zero already: zero pages only need
-        // their bit, and a zero page never overwrites data that arrived.
-        for page in offset / 4096..offset / 4096 + pages {
-            let p = page as usize;
-            self.present[p / 64].fetch_or(1 << (p % 64), Relaxed);
+        Some(offset / 4096..end / 4096)
+    }
+
+    /// Publishes a page this thread was writing.
+    fn publish(&self, page: u64, state: u8) {
+        self.states[page as usize].store(state, SeqCst);
+        self.landed.fetch_add(1, Relaxed);
+        self.notify();
+    }
+
+    /// Wakes whoever waits for a page to change state; called after the
+    /// change (a SeqCst store or compare-and-swap).
+    fn notify(&self) {
+        // The change, then a SeqCst load: a waiter that registered before
+        // the change is seen here, and one that registers after it sees
+        // the new state when it checks under the lock.
+        if self.waiters.load(SeqCst) > 0 {
+            let _guard = self
+                .changed
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.changed.1.notify_all();
         }
+    }
+
+    /// Waits (at most `timeout`) for some page's state to change, unless
+    /// `done` already holds.
+    fn wait_change(&self, timeout: Duration, done: impl Fn() -> bool) {
+        let guard = self
+            .changed
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.waiters.fetch_add(1, SeqCst);
+        if !done() {
+            let _ = self
+                .changed
+                .1
+                .wait_timeout(guard, timeout)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        self.waiters.fetch_sub(1, SeqCst);
+    }
+
+    /// Keeps the whole pages of `offset..offset + len` (`None`: all zero)
+    /// that nobody wrote yet; returns how many it wrote.
+    fn store(&self, offset: u64, len: u32, bytes: Option<&[u8]>) -> u64 {
+        let Some(pages) = self.pages(offset, u64::from(len) / 4096 * 4096) else {
+            return 0;
+        };
+        if bytes.is_some_and(|b| (b.len() as u64) < (pages.end - pages.start) * 4096) {
+            return 0;
+        }
+        let mut written = 0;
+        for page in pages.clone() {
+            let claimed = [page::EMPTY, page::DEMANDED].into_iter().any(|from| {
+                self.states[page as usize]
+                    .compare_exchange(from, page::WRITING, AcqRel, Acquire)
+                    .is_ok()
+            });
+            if !claimed {
+                // Being written or written: by this frame's twin (pushed
+                // and demanded at once), never twice.
+                continue;
+            }
+            let state = match bytes {
+                Some(b) => {
+                    let k = ((page - pages.start) * 4096) as usize;
+                    let at = (page * 4096) as usize;
+                    let b = &b[k..k + 4096];
+                    if self.page_cache {
+                        self.memory.write_alias(at, b);
+                    } else {
+                        self.memory.write(at, b);
+                    }
+                    page::ARRIVED
+                }
+                None => page::ZERO,
+            };
+            self.publish(page, state);
+            written += 1;
+        }
+        written
     }
 
     /// The range, if every page of it arrived.
     fn fetch(&self, offset: u64, len: usize) -> Option<Fetched> {
-        if offset % 4096 != 0 || len % 4096 != 0 {
+        let pages = self.pages(offset, len as u64)?;
+        if len % 4096 != 0 || !pages.clone().all(|p| Landing::published(self.state(p))) {
             return None;
         }
-        let first = offset / 4096;
-        if !(first..first + len as u64 / 4096).all(|p| self.has(p)) {
-            return None;
+        if pages.clone().all(|p| self.state(p) == page::ZERO) {
+            return Some(Fetched::Zero);
         }
         let mut buf = vec![0u8; len];
-        self.memory.read(offset as usize, &mut buf);
+        self.read(offset, &mut buf);
         Some(Fetched::Data(buf))
+    }
+
+    /// Copies published pages out.
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        if self.page_cache {
+            self.memory.read_alias(offset as usize, buf);
+        } else {
+            self.memory.read(offset as usize, buf);
+        }
+    }
+
+    /// Pages of `pages` that arrived as zero get a page in the page cache
+    /// (CONTINUE cannot map a hole). A read through the alias allocates
+    /// one, zeroed, and changes nothing: not even a page the workload
+    /// mapped and wrote meanwhile.
+    fn materialise_zeros(&self, pages: std::ops::Range<u64>) {
+        if !self.page_cache {
+            return;
+        }
+        let mut byte = [0u8; 1];
+        for p in pages.filter(|&p| self.state(p) == page::ZERO) {
+            self.memory.read_alias((p * 4096) as usize, &mut byte);
+        }
     }
 }
 
@@ -132,6 +299,30 @@ struct Shared {
     landing: Landing,
     dead: AtomicBool,
     stats: RemoteStats,
+}
+
+impl Shared {
+    /// Writes what a data frame brought into the landing area, counted by
+    /// where it came from.
+    fn land(&self, origin: Origin, offset: u64, len: u32, bytes: Option<&[u8]>) {
+        let written = self.landing.store(offset, len, bytes);
+        let counter = match origin {
+            Origin::Push => &self.stats.pages_landed_pushed,
+            Origin::Demand => &self.stats.pages_landed_demand,
+            Origin::BulkRead => &self.stats.pages_landed_bulk,
+        };
+        if written > 0 {
+            counter.fetch_add(written, Relaxed);
+        }
+    }
+
+    fn failed(&self, offset: u64, len: u64, why: &str) -> SourceError {
+        SourceError::Failed {
+            offset,
+            len,
+            source: std::io::Error::other(format!("page server {}: {why}", self.addr)),
+        }
+    }
 }
 
 /// A page source fetching from `uffd page-server` at `tcp://HOST:PORT`.
@@ -173,6 +364,48 @@ pub enum ConnectError {
 impl RemoteSource {
     /// Connects both channels to `addr` (HOST:PORT) and learns the image.
     pub fn connect(addr: &str, config: RemoteConfig) -> Result<RemoteSource, ConnectError> {
+        RemoteSource::connect_with(addr, config, Landing::anonymous)
+    }
+
+    /// Connects like [`RemoteSource::connect`], landing pages in the page
+    /// cache of a new shmem memfd as long as the image, through its alias;
+    /// returns that memory too (the workload's, see [`crate::shmem`]).
+    pub(crate) fn connect_page_cache(
+        addr: &str,
+        config: RemoteConfig,
+    ) -> Result<(RemoteSource, Arc<uffd::Mapping>), ConnectError> {
+        let mut memory = None;
+        let remote = RemoteSource::connect_with(addr, config, |len| {
+            if len == 0 || len % 4096 != 0 {
+                return Err(std::io::Error::other(format!(
+                    "the image is {len} bytes, not a whole number of 4 KiB pages: \
+                     shmem memory cannot end in part of a page"
+                )));
+            }
+            // The peer names the length: memory larger than this machine
+            // has could never be restored, and its page table alone
+            // (a byte a page) could exhaust memory.
+            let info = rustix::system::sysinfo();
+            let ram = u64::from(info.mem_unit).saturating_mul(info.totalram as u64);
+            if len > ram {
+                return Err(std::io::Error::other(format!(
+                    "the image is {len} bytes, more than this machine's {ram} bytes of memory"
+                )));
+            }
+            let len_usize = usize::try_from(len).map_err(std::io::Error::other)?;
+            let m = Arc::new(uffd::Mapping::new(uffd::MemoryKind::Shmem, len_usize)?);
+            memory = Some(Arc::clone(&m));
+            Ok(Landing::page_cache(m, len))
+        })?;
+        let memory = memory.expect("the landing was made");
+        Ok((remote, memory))
+    }
+
+    fn connect_with(
+        addr: &str,
+        config: RemoteConfig,
+        landing: impl FnOnce(u64) -> std::io::Result<Landing>,
+    ) -> Result<RemoteSource, ConnectError> {
         // One thread per channel, the bulk one niced, so the demand channel
         // never waits for the bulk channel's work.
         let runtime = crate::runtime("uffd-remote-demand", 0)?;
@@ -203,7 +436,7 @@ impl RemoteSource {
             image_len,
             identity,
             config,
-            landing: Landing::new(image_len)?,
+            landing: landing(image_len)?,
             dead: AtomicBool::new(false),
             stats: RemoteStats::default(),
         });
@@ -233,45 +466,169 @@ impl RemoteSource {
 
     fn request(&self, channel: Channel, offset: u64, len: usize) -> ReadFuture<'_> {
         let shared = &self.shared;
-        let tx = match channel {
-            Channel::Demand => &self.demand,
-            Channel::Bulk => &self.bulk,
-        };
         Box::pin(async move {
             if let Some(hit) = shared.landing.fetch(offset, len) {
                 shared.stats.local_hits.fetch_add(1, Relaxed);
                 return Ok(hit);
             }
-            let failed = |why: &str| SourceError::Failed {
-                offset,
-                len: len as u64,
-                source: std::io::Error::other(format!("page server {}: {why}", shared.addr)),
-            };
-            if shared.dead.load(Relaxed) {
-                return Err(failed("unreachable past the reconnect timeout"));
-            }
-            if len == 0 || len > MAX_REQUEST as usize {
-                return Err(failed("a read longer than one request may be"));
-            }
-            let (reply, answer) = oneshot::channel();
-            let counter = match channel {
-                Channel::Demand => &shared.stats.demand_requests,
-                Channel::Bulk => &shared.stats.bulk_requests,
-            };
-            counter.fetch_add(1, Relaxed);
-            tx.send(Pending {
-                offset,
-                len: len as u32,
-                priority: u8::from(channel == Channel::Bulk),
-                checksum_failures: 0,
-                broken_links: 0,
-                reply,
-            })
-            .map_err(|_| failed("the link has stopped"))?;
+            let answer = self.send(channel, offset, len)?;
             answer
                 .await
-                .unwrap_or_else(|_| Err(failed("the link has stopped")))
+                .unwrap_or_else(|_| Err(shared.failed(offset, len as u64, "the link has stopped")))
         })
+    }
+
+    /// Sends one read on `channel`; the answer comes on the receiver.
+    fn send(
+        &self,
+        channel: Channel,
+        offset: u64,
+        len: usize,
+    ) -> Result<oneshot::Receiver<Result<Fetched, SourceError>>, SourceError> {
+        let shared = &self.shared;
+        let failed = |why: &str| shared.failed(offset, len as u64, why);
+        if shared.dead.load(Relaxed) {
+            return Err(failed("unreachable past the reconnect timeout"));
+        }
+        if len == 0 || len > MAX_REQUEST as usize {
+            return Err(failed("a read longer than one request may be"));
+        }
+        let (reply, answer) = oneshot::channel();
+        let (tx, counter) = match channel {
+            Channel::Demand => {
+                let pages = (len as u64).div_ceil(4096);
+                shared.stats.demand_pages.fetch_add(pages, Relaxed);
+                (&self.demand, &shared.stats.demand_requests)
+            }
+            Channel::Bulk => (&self.bulk, &shared.stats.bulk_requests),
+        };
+        counter.fetch_add(1, Relaxed);
+        tx.send(Pending {
+            offset,
+            len: len as u32,
+            priority: u8::from(channel == Channel::Bulk),
+            checksum_failures: 0,
+            broken_links: 0,
+            reply,
+        })
+        .map_err(|_| failed("the link has stopped"))?;
+        Ok(answer)
+    }
+
+    /// The channel faulting pages' reads go on.
+    fn demand_channel(&self) -> Channel {
+        if self.shared.config.single_channel {
+            Channel::Bulk
+        } else {
+            Channel::Demand
+        }
+    }
+
+    /// Pages whose bytes are in the landing area (or the page cache).
+    pub fn landed_pages(&self) -> u64 {
+        self.shared.landing.landed.load(Relaxed)
+    }
+
+    /// Makes every page of `offset..offset + len` (whole pages) arrive in
+    /// the landing area: pages there already cost nothing, pages on their
+    /// way (being written, or asked for by another reader) are waited for,
+    /// and only the rest are asked for on the demand channel, in runs.
+    /// Blocks the calling thread, which must not be a runtime's.
+    pub(crate) fn ensure_landed(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        let shared = &self.shared;
+        let landing = &shared.landing;
+        let Some(pages) = landing.pages(offset, len).filter(|_| len % 4096 == 0) else {
+            return Err(shared.failed(offset, len, "not whole pages of the image"));
+        };
+        loop {
+            // Claim what nobody has asked for yet; those are ours to ask.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            let mut on_the_way = false;
+            for p in pages.clone() {
+                let claimed = landing.states[p as usize]
+                    .compare_exchange(page::EMPTY, page::DEMANDED, AcqRel, Acquire)
+                    .is_ok();
+                if claimed {
+                    match runs.last_mut() {
+                        Some((first, n))
+                            if *first + *n == p && *n < u64::from(MAX_REQUEST) / 4096 =>
+                        {
+                            *n += 1
+                        }
+                        _ => runs.push((p, 1)),
+                    }
+                } else if !Landing::published(landing.state(p)) {
+                    on_the_way = true;
+                }
+            }
+            if runs.is_empty() && !on_the_way {
+                landing.materialise_zeros(pages);
+                return Ok(());
+            }
+            let mut first_error = None;
+            let sent: Vec<_> = runs
+                .iter()
+                .map(|&(p, n)| {
+                    (
+                        p,
+                        n,
+                        self.send(self.demand_channel(), p * 4096, (n * 4096) as usize),
+                    )
+                })
+                .collect();
+            for (p, n, answer) in sent {
+                let result = answer.and_then(|rx| {
+                    rx.blocking_recv().unwrap_or_else(|_| {
+                        Err(shared.failed(p * 4096, n * 4096, "the link has stopped"))
+                    })
+                });
+                match result {
+                    // The link landed the answer already; landing it again
+                    // is a no-op unless it could not (then this does).
+                    Ok(Fetched::Data(bytes)) => {
+                        shared.land(Origin::Demand, p * 4096, (n * 4096) as u32, Some(&bytes))
+                    }
+                    Ok(Fetched::Zero) => {
+                        shared.land(Origin::Demand, p * 4096, (n * 4096) as u32, None)
+                    }
+                    Err(e) => {
+                        // Give the pages back, so that a retry (or another
+                        // reader) asks again instead of waiting forever.
+                        for q in p..p + n {
+                            if landing.states[q as usize]
+                                .compare_exchange(page::DEMANDED, page::EMPTY, SeqCst, Acquire)
+                                .is_ok()
+                            {
+                                landing.notify();
+                            }
+                        }
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+            if runs.is_empty() {
+                if shared.dead.load(Relaxed) {
+                    return Err(shared.failed(
+                        offset,
+                        len,
+                        "unreachable past the reconnect timeout",
+                    ));
+                }
+                // Written right now by the other channel, or asked for by
+                // another reader: both end in a publish, which wakes us.
+                landing.wait_change(Duration::from_millis(20), || {
+                    pages.clone().all(|p| Landing::published(landing.state(p)))
+                });
+            }
+        }
+    }
+
+    /// Copies published pages out of the landing area.
+    pub(crate) fn read_landed(&self, offset: u64, buf: &mut [u8]) {
+        self.shared.landing.read(offset, buf);
     }
 }
 
@@ -281,12 +638,7 @@ impl AsyncPageSource for RemoteSource {
     }
 
     fn read(&self, offset: u64, len: usize) -> ReadFuture<'_> {
-        let channel = if self.shared.config.single_channel {
-            Channel::Bulk
-        } else {
-            Channel::Demand
-        };
-        self.request(channel, offset, len)
+        self.request(self.demand_channel(), offset, len)
     }
 
     fn read_background(&self, offset: u64, len: usize) -> ReadFuture<'_> {
@@ -322,6 +674,7 @@ async fn link(shared: Arc<Shared>, channel: Channel, mut rx: mpsc::UnboundedRece
                 backoff = Duration::from_millis(10);
                 let end = serve_link(
                     &shared,
+                    channel,
                     &mut pending,
                     &mut next_id,
                     &mut rx,
@@ -465,6 +818,7 @@ async fn send(wr: &mut Writer, id: u64, p: &Pending) -> std::io::Result<()> {
 /// Runs one connection until it fails (`Err`) or the source is dropped.
 async fn serve_link(
     shared: &Shared,
+    channel: Channel,
     pending: &mut HashMap<u64, Pending>,
     next_id: &mut u64,
     rx: &mut mpsc::UnboundedReceiver<Pending>,
@@ -491,8 +845,10 @@ async fn serve_link(
             frame = reader.next() => match frame {
                 Ok(Some(Frame::Data { id, offset, len, bytes })) => {
                     if id == 0 {
+                        shared.land(Origin::Push, offset, len, bytes.as_deref());
+                        // After landing: whoever sees the bytes counted
+                        // sees them landed too (or dropped as a late copy).
                         shared.stats.pushed_bytes.fetch_add(u64::from(len), Relaxed);
-                        shared.landing.store(offset, len, bytes.as_deref());
                         // The push never pauses: give the demand channel
                         // its turn between frames.
                         tokio::task::yield_now().await;
@@ -506,7 +862,11 @@ async fn serve_link(
                         pending.insert(id, p);
                         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why).into());
                     }
-                    shared.landing.store(offset, len, bytes.as_deref());
+                    let origin = match channel {
+                        Channel::Demand => Origin::Demand,
+                        Channel::Bulk => Origin::BulkRead,
+                    };
+                    shared.land(origin, offset, len, bytes.as_deref());
                     let fetched = match bytes {
                         Some(b) => Fetched::Data(b),
                         None => Fetched::Zero,

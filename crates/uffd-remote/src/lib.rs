@@ -10,7 +10,10 @@
 //!   `uffd serve --source tcp://HOST:PORT`: a demand channel for faulting
 //!   pages, a bulk channel for background reads and the push, reconnects
 //!   that lose no page, and POISON (never a zero page, never a hang) past
-//!   the reconnect timeout.
+//!   the reconnect timeout;
+//! - [`shmem`]: [`ShmemDestination`], a process's own memory restored into
+//!   a shmem memfd: pushed pages land in the page cache with no ioctl, a
+//!   first touch costs one CONTINUE.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -19,6 +22,7 @@ pub mod client;
 mod io;
 pub mod protocol;
 pub mod server;
+pub mod shmem;
 
 /// A runtime of one worker thread at nice `nice`: bulk work (the push,
 /// background reads) runs on one at 10, so faulting pages' requests and
@@ -39,3 +43,4 @@ fn runtime(name: &str, nice: i32) -> std::io::Result<tokio::runtime::Runtime> {
 pub use client::{ConnectError, RemoteConfig, RemoteSource, RemoteStats};
 pub use io::{FrameReader, LinkError};
 pub use server::{image_identity, PageServer, PageServerConfig, PageServerHandle, SessionStats};
+pub use shmem::{ShmemDestination, ShmemError, ShmemOptions};

@@ -1,0 +1,516 @@
+//! The shmem destination over loopback against a real page server (and a
+//! scripted one for the races): every byte verified; pushed pages are
+//! mapped with one CONTINUE each and never asked for; a page pushed and
+//! demanded at once lands once, with the right bytes, and a late pushed
+//! copy never overwrites what the workload wrote.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use uffd::{Features, Mapping};
+use uffd_pager::{MemorySource, PageSource, Stats};
+use uffd_remote::protocol::{Channel, Frame, HEADER};
+use uffd_remote::{
+    PageServer, PageServerConfig, PageServerHandle, RemoteStats, ShmemDestination, ShmemOptions,
+};
+
+const PAGES: usize = 512;
+
+/// True when this process may catch MISSING and MINOR faults on shmem.
+fn available() -> bool {
+    if !uffd_testkit::user_uffd() {
+        return false;
+    }
+    let needed = Features::MISSING_SHMEM | Features::MINOR_SHMEM;
+    let supported = uffd::probe().expect("probed above").features;
+    if !supported.contains(needed) {
+        uffd_testkit::skip(
+            uffd_testkit::Need::Feature,
+            format_args!("no MISSING_SHMEM|MINOR_SHMEM (Linux 5.14)"),
+        );
+        return false;
+    }
+    true
+}
+
+/// The testkit's page pattern (every fourth page zero), with pages
+/// 64..128 all zero too: one whole push chunk, which travels as a zero
+/// range without bytes.
+fn image(pages: usize) -> Vec<u8> {
+    let mut data = vec![0u8; pages * 4096];
+    for (i, page) in data.chunks_mut(4096).enumerate() {
+        if !(64..128).contains(&i) {
+            uffd_testkit::page_pattern(i, page);
+        }
+    }
+    data
+}
+
+/// A page server on loopback in a thread of this process, stopped and
+/// joined on drop.
+struct Served {
+    addr: String,
+    stop: PageServerHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Served {
+    fn start(image: &[u8], config: PageServerConfig) -> Served {
+        let source: Arc<dyn PageSource> = Arc::new(MemorySource::new(image.to_vec()));
+        let server = PageServer::bind("127.0.0.1:0", source, 7, config).unwrap();
+        let addr = server.local_addr().unwrap().to_string();
+        let stop = server.handle();
+        let thread = std::thread::spawn(move || {
+            server.run().expect("the page server");
+        });
+        Served {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The link's counters, read before the destination is shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    demand_requests: u64,
+    demand_pages: u64,
+    pushed: u64,
+    demand: u64,
+    bulk: u64,
+}
+
+impl Link {
+    fn of(r: &RemoteStats) -> Link {
+        Link {
+            demand_requests: r.demand_requests.load(Relaxed),
+            demand_pages: r.demand_pages.load(Relaxed),
+            pushed: r.pages_landed_pushed.load(Relaxed),
+            demand: r.pages_landed_demand.load(Relaxed),
+            bulk: r.pages_landed_bulk.load(Relaxed),
+        }
+    }
+
+    fn landed(&self) -> u64 {
+        self.pushed + self.demand + self.bulk
+    }
+}
+
+/// Runs `work` on the destination's memory in a thread of its own.
+fn touch<T: Send + 'static>(
+    dest: &ShmemDestination,
+    work: impl FnOnce(&Mapping) -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let memory = Arc::clone(dest.memory());
+    std::thread::spawn(move || work(&memory))
+}
+
+/// Waits up to a minute for `toucher`, then shuts the destination down.
+/// A toucher still blocked on a fault is freed by the shutdown (the kernel
+/// serves its faults once the userfaultfd is closed) and the test fails:
+/// nothing is left waiting.
+fn finish<T>(dest: ShmemDestination, toucher: JoinHandle<T>) -> (T, Link, Stats) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !toucher.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let finished = toucher.is_finished();
+    let link = Link::of(dest.remote_stats());
+    let stats = dest.shutdown();
+    let value = toucher
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    assert!(
+        finished,
+        "the workload was still waiting on a fault after a minute; {link:?} {stats:?}"
+    );
+    (value, link, stats)
+}
+
+fn wait_for(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+fn assert_pages(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(p) = (0..want.len() / 4096)
+        .find(|&p| got[p * 4096..(p + 1) * 4096] != want[p * 4096..(p + 1) * 4096])
+    {
+        panic!("{what}: page {p} differs");
+    }
+}
+
+#[test]
+fn pushed_pages_are_mapped_with_one_continue_and_never_asked_for() {
+    if !available() {
+        return;
+    }
+    let image = image(PAGES);
+    let server = Served::start(
+        &image,
+        PageServerConfig {
+            push: true,
+            ..PageServerConfig::default()
+        },
+    );
+    let dest = ShmemDestination::start(&server.addr, ShmemOptions::default()).unwrap();
+    let arrived = wait_for("the whole push", Duration::from_secs(30), || {
+        dest.landed_pages() == PAGES as u64
+    });
+    let toucher = touch(&dest, |memory| {
+        let mut all = vec![0u8; memory.len()];
+        memory.read(0, &mut all);
+        all
+    });
+    let (all, link, stats) = finish(dest, toucher);
+    arrived.unwrap();
+    assert_pages(&all, &image, "read back");
+    assert_eq!(link.demand_requests, 0, "{link:?}");
+    assert_eq!(link.demand_pages, 0, "{link:?}");
+    assert_eq!(link.pushed, PAGES as u64, "{link:?}");
+    assert_eq!(link.landed(), PAGES as u64, "{link:?}");
+    // Every page with bytes was in the page cache when touched: a MINOR
+    // fault each. The zero chunk came as a range without bytes and stays
+    // a hole until touched (a MISSING fault); either way one CONTINUE
+    // (counted as continued, or zero for all-zero pages) maps a page.
+    assert_eq!(stats.faults_minor, PAGES as u64 - 64, "{stats:?}");
+    assert_eq!(stats.faults_missing, 64, "{stats:?}");
+    assert_eq!(
+        stats.pages_continued + stats.pages_zero,
+        PAGES as u64,
+        "{stats:?}"
+    );
+    assert!(stats.pages_zero >= 64, "the zero chunk: {stats:?}");
+    assert_eq!(stats.eexist, 0, "{stats:?}");
+    assert_eq!(stats.failed_installs, 0, "{stats:?}");
+    assert_eq!(stats.poisoned, 0, "{stats:?}");
+}
+
+#[test]
+fn without_a_push_only_touched_pages_travel_and_each_once() {
+    if !available() {
+        return;
+    }
+    let image = image(PAGES);
+    let server = Served::start(&image, PageServerConfig::default());
+    let dest = ShmemDestination::start(&server.addr, ShmemOptions::default()).unwrap();
+    let touched: Vec<usize> = (0..PAGES).rev().step_by(3).collect();
+    let pages = touched.clone();
+    let toucher = touch(&dest, move |memory| {
+        let mut got = Vec::new();
+        // Twice: the second pass finds every page mapped.
+        for _ in 0..2 {
+            for &p in &pages {
+                let mut page = vec![0u8; 4096];
+                memory.read(p * 4096, &mut page);
+                got.push((p, page));
+            }
+        }
+        got
+    });
+    let (got, link, stats) = finish(dest, toucher);
+    for (p, page) in got {
+        assert_pages(
+            &page,
+            &image[p * 4096..(p + 1) * 4096],
+            &format!("page {p}"),
+        );
+    }
+    let n = touched.len() as u64;
+    assert_eq!(link.demand_pages, n, "{link:?}");
+    assert_eq!(link.demand, n, "{link:?}");
+    assert_eq!(link.pushed, 0, "{link:?}");
+    // Nothing in the page cache before its fault: MISSING faults only.
+    assert_eq!(stats.faults_missing, n, "{stats:?}");
+    assert_eq!(stats.faults_minor, 0, "{stats:?}");
+    assert_eq!(stats.pages_continued + stats.pages_zero, n, "{stats:?}");
+    assert_eq!(stats.eexist, 0, "{stats:?}");
+}
+
+#[test]
+fn racing_the_push_every_page_lands_once_and_keeps_the_workloads_writes() {
+    if !available() {
+        return;
+    }
+    let image = Arc::new(image(PAGES));
+    // Small frames: many of them, so the push and the faults interleave.
+    let server = Served::start(
+        &image,
+        PageServerConfig {
+            push: true,
+            push_chunk: 16 << 10,
+            ..PageServerConfig::default()
+        },
+    );
+    let dest = ShmemDestination::start(
+        &server.addr,
+        ShmemOptions {
+            threads: 3,
+            ..ShmemOptions::default()
+        },
+    )
+    .unwrap();
+    let want = Arc::clone(&image);
+    // Four threads, each its own pages, from the end (the push starts at
+    // the front): each reads a page, checks it and writes its mark.
+    let toucher = touch(&dest, move |memory| {
+        std::thread::scope(|s| {
+            for t in 0..4usize {
+                let want = &want;
+                s.spawn(move || {
+                    for p in (0..PAGES).rev().filter(|p| p % 4 == t) {
+                        let mut page = vec![0u8; 4096];
+                        memory.read(p * 4096, &mut page);
+                        assert_pages(&page, &want[p * 4096..(p + 1) * 4096], "first read");
+                        memory.write(p * 4096, &mark(p));
+                    }
+                });
+            }
+        });
+    });
+    let landed = wait_for("the rest of the push", Duration::from_secs(30), || {
+        dest.landed_pages() == PAGES as u64
+    });
+    // What the push brought after the marks were written must not have
+    // replaced them.
+    let memory = Arc::clone(dest.memory());
+    let ((), link, stats) = finish(dest, toucher);
+    landed.unwrap();
+    let mut all = vec![0u8; PAGES * 4096];
+    memory.read(0, &mut all);
+    for p in 0..PAGES {
+        let page = &all[p * 4096..(p + 1) * 4096];
+        assert_eq!(page[..8], mark(p), "page {p} lost the workload's write");
+        assert_eq!(page[8..], image[p * 4096 + 8..(p + 1) * 4096], "page {p}");
+    }
+    // Each page written into the page cache exactly once, mapped exactly
+    // once.
+    assert_eq!(link.landed(), PAGES as u64, "{link:?}");
+    assert!(link.demand <= link.demand_pages, "{link:?}");
+    assert_eq!(
+        stats.pages_continued + stats.pages_zero,
+        PAGES as u64,
+        "{stats:?}"
+    );
+    assert_eq!(stats.eexist, 0, "{stats:?}");
+    assert_eq!(stats.failed_installs, 0, "{stats:?}");
+    eprintln!("landed by push {}, by demand {}", link.pushed, link.demand);
+}
+
+fn mark(p: usize) -> [u8; 8] {
+    (!(p as u64)).to_le_bytes()
+}
+
+/// A page server whose demand answers and pushes the test sends, in the
+/// order it chooses: the races, made deterministic.
+struct Scripted {
+    addr: String,
+    image: Arc<Vec<u8>>,
+    requests: mpsc::Receiver<(u64, u64, u32)>,
+    demand: Arc<Mutex<Option<TcpStream>>>,
+    bulk: Arc<Mutex<Option<TcpStream>>>,
+}
+
+fn read_frame(conn: &mut TcpStream) -> Option<Frame> {
+    let mut buf = vec![0u8; HEADER];
+    conn.read_exact(&mut buf).ok()?;
+    let len = u32::from_le_bytes(buf[8..12].try_into().unwrap()) as usize;
+    assert!(len <= 64, "a destination sends small frames only");
+    buf.resize(HEADER + len, 0);
+    conn.read_exact(&mut buf[HEADER..]).ok()?;
+    uffd_remote::protocol::decode(&buf).ok()?.map(|(f, _)| f)
+}
+
+impl Scripted {
+    fn start(image: Vec<u8>) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let image_len = image.len() as u64;
+        let (tx, requests) = mpsc::channel();
+        let demand: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let bulk: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let (d, b) = (Arc::clone(&demand), Arc::clone(&bulk));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut hello = Vec::new();
+                Frame::Hello {
+                    page_size: 4096,
+                    image_len,
+                    identity: 1,
+                }
+                .encode(&mut hello);
+                if conn.write_all(&hello).is_err() {
+                    continue;
+                }
+                let Some(Frame::Attach { channel, .. }) = read_frame(&mut conn) else {
+                    continue;
+                };
+                let slot = if channel == Channel::Demand { &d } else { &b };
+                *slot.lock().unwrap() = Some(conn.try_clone().unwrap());
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    while let Some(frame) = read_frame(&mut conn) {
+                        if let Frame::Request {
+                            id, offset, len, ..
+                        } = frame
+                        {
+                            if tx.send((id, offset, len)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            image: Arc::new(image),
+            requests,
+            demand,
+            bulk,
+        }
+    }
+
+    fn send(&self, on: &Mutex<Option<TcpStream>>, id: u64, offset: u64, len: u32) {
+        let (o, l) = (offset as usize, len as usize);
+        let mut frame = Vec::new();
+        Frame::Data {
+            id,
+            offset,
+            len,
+            bytes: Some(self.image[o..o + l].to_vec()),
+        }
+        .encode(&mut frame);
+        // Both channels connect at once; give the other one a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while on.lock().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut conn = on.lock().unwrap();
+        conn.as_mut().expect("connected").write_all(&frame).unwrap();
+    }
+
+    fn answer(&self, id: u64, offset: u64, len: u32) {
+        self.send(&self.demand, id, offset, len);
+    }
+
+    fn push(&self, offset: u64, len: u32) {
+        self.send(&self.bulk, 0, offset, len);
+    }
+}
+
+fn scripted_image() -> Vec<u8> {
+    let mut data = vec![0u8; 16 * 4096];
+    for (i, page) in data.chunks_mut(4096).enumerate() {
+        uffd_testkit::page_pattern(i, page);
+    }
+    data
+}
+
+#[test]
+fn a_page_pushed_while_it_is_demanded_is_written_once_by_the_push() {
+    if !available() {
+        return;
+    }
+    let server = Scripted::start(scripted_image());
+    let dest = ShmemDestination::start(&server.addr, ShmemOptions::default()).unwrap();
+    let toucher = touch(&dest, |memory| {
+        let mut page = vec![0u8; 4096];
+        memory.read(5 * 4096, &mut page);
+        page
+    });
+    let script = (|| {
+        let (id, offset, len) = server
+            .requests
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|e| format!("no demand request: {e}"))?;
+        if (offset, len) != (5 * 4096, 4096) {
+            return Err(format!("asked for {offset:#x}+{len:#x}"));
+        }
+        // The push of the same page while the fault's read is out...
+        server.push(offset, len);
+        let pushed = wait_for("the pushed copy to land", Duration::from_secs(20), || {
+            dest.remote_stats().pages_landed_pushed.load(Relaxed) == 1
+        });
+        // ...and the answer after it, which must then change nothing.
+        server.answer(id, offset, len);
+        pushed
+    })();
+    let (page, link, stats) = finish(dest, toucher);
+    script.unwrap();
+    assert_pages(&page, &server.image[5 * 4096..6 * 4096], "page 5");
+    assert_eq!(link.demand_pages, 1, "{link:?}");
+    assert_eq!(link.pushed, 1, "{link:?}");
+    assert_eq!(link.demand, 0, "the answer was written too: {link:?}");
+    assert_eq!(stats.pages_continued, 1, "{stats:?}");
+    assert_eq!(stats.eexist, 0, "{stats:?}");
+}
+
+#[test]
+fn a_page_pushed_after_its_answer_never_replaces_the_workloads_write() {
+    if !available() {
+        return;
+    }
+    let server = Scripted::start(scripted_image());
+    let dest = ShmemDestination::start(&server.addr, ShmemOptions::default()).unwrap();
+    let (written_tx, written) = mpsc::channel();
+    let (checked_tx, check) = mpsc::channel::<()>();
+    let toucher = touch(&dest, move |memory| {
+        let mut page = vec![0u8; 4096];
+        memory.read(6 * 4096, &mut page);
+        memory.write(6 * 4096, b"the workload's");
+        let _ = written_tx.send(());
+        // Read again once the late pushed copy has come.
+        let _ = check.recv_timeout(Duration::from_secs(30));
+        let mut after = vec![0u8; 4096];
+        memory.read(6 * 4096, &mut after);
+        (page, after)
+    });
+    let script = (|| {
+        let (id, offset, len) = server
+            .requests
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|e| format!("no demand request: {e}"))?;
+        server.answer(id, offset, len);
+        written
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|e| format!("the workload did not write: {e}"))?;
+        server.push(offset, len);
+        let r = wait_for("the late push to arrive", Duration::from_secs(20), || {
+            dest.remote_stats().pushed_bytes.load(Relaxed) >= 4096
+        });
+        let _ = checked_tx.send(());
+        r
+    })();
+    let ((page, after), link, stats) = finish(dest, toucher);
+    script.unwrap();
+    let want = &server.image[6 * 4096..7 * 4096];
+    assert_pages(&page, want, "page 6");
+    assert_eq!(&after[..14], b"the workload's");
+    assert_eq!(after[14..], want[14..]);
+    assert_eq!(link.demand, 1, "{link:?}");
+    assert_eq!(link.pushed, 0, "the late copy was written: {link:?}");
+    assert_eq!(stats.pages_continued, 1, "{stats:?}");
+}
