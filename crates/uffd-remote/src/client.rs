@@ -849,6 +849,9 @@ async fn serve_link(
                         // After landing: whoever sees the bytes counted
                         // sees them landed too (or dropped as a late copy).
                         shared.stats.pushed_bytes.fetch_add(u64::from(len), Relaxed);
+                        if let Some(b) = bytes {
+                            reader.recycle(b);
+                        }
                         // The push never pauses: give the demand channel
                         // its turn between frames.
                         tokio::task::yield_now().await;

@@ -325,6 +325,50 @@ impl Header {
         })
     }
 
+    /// The length of a data frame's bytes when they travel as they are
+    /// (neither a zero range nor compressed): a reader may read them
+    /// straight into a buffer of their own and decode the frame with
+    /// [`Header::data`].
+    pub fn direct_len(&self) -> Option<usize> {
+        let raw = self.kind == Kind::Data && self.flags & (ZERO | LZ4) == 0;
+        (raw && self.payload >= 16).then(|| self.payload as usize - 16)
+    }
+
+    /// Decodes a data frame read in two parts, its 16 fixed bytes and its
+    /// bytes (see [`Header::direct_len`]), with the checks
+    /// [`Header::frame`] makes, and without copying the bytes.
+    pub fn data(&self, fixed: &[u8; 16], bytes: Vec<u8>) -> Result<Frame, ProtocolError> {
+        let bad = |why| ProtocolError::Malformed {
+            kind: self.kind,
+            len: 16 + bytes.len(),
+            why,
+        };
+        if self.direct_len() != Some(bytes.len()) {
+            return Err(bad("the payload is not the length the header announced"));
+        }
+        let offset = u64::from_le_bytes(fixed[0..8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_REQUEST || offset.checked_add(u64::from(len)).is_none() {
+            return Err(bad("the range is empty, too long or wraps around"));
+        }
+        if bytes.len() != len as usize {
+            return Err(bad("the bytes are not the range's length"));
+        }
+        if data_crc(offset, len, Some(&bytes)) != self.crc {
+            return Err(ProtocolError::Checksum {
+                id: self.id,
+                offset,
+                len,
+            });
+        }
+        Ok(Frame::Data {
+            id: self.id,
+            offset,
+            len,
+            bytes: Some(bytes),
+        })
+    }
+
     /// Decodes the payload that followed this header.
     pub fn frame(&self, p: &[u8]) -> Result<Frame, ProtocolError> {
         let bad = |why| ProtocolError::Malformed {
