@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use uffd_pager::{AsyncPageSource, Fetched, ReadFuture, SourceError};
 
-use crate::io::{write_frame, FrameReader, LinkError};
+use crate::io::{write_frame, FrameReader, LinkError, Read};
 use crate::protocol::{Channel, Frame, ProtocolError, MAX_REQUEST};
 
 /// How a destination behaves when the link fails.
@@ -279,6 +279,64 @@ impl Landing {
     }
 }
 
+/// Pushed frames are read from the socket straight into the landing area
+/// (the page cache, for shmem): their pages are claimed like any writer's,
+/// so a page being written or written already is never written again.
+#[allow(unsafe_code)]
+// SAFETY: `claim` holds only pages it moved to WRITING, which nothing else
+// reads or writes until `publish` or `abandon`; `at` points into
+// `memory` (its alias for the page cache), mapped while the landing lives,
+// one contiguous mapping.
+unsafe impl crate::io::Place for Landing {
+    fn claim(&self, offset: u64, len: u32) -> Option<crate::io::Claim> {
+        if len % 4096 != 0 {
+            return None;
+        }
+        let pages = self.pages(offset, u64::from(len))?;
+        let held = pages
+            .map(|page| {
+                [page::EMPTY, page::DEMANDED].into_iter().any(|from| {
+                    self.states[page as usize]
+                        .compare_exchange(from, page::WRITING, AcqRel, Acquire)
+                        .is_ok()
+                })
+            })
+            .collect();
+        Some(crate::io::Claim { offset, held })
+    }
+
+    fn at(&self, offset: u64) -> *mut u8 {
+        let base = match self.memory.alias_ptr() {
+            Some(alias) if self.page_cache => alias,
+            _ => self.memory.as_ptr(),
+        };
+        base.wrapping_add(offset as usize)
+    }
+
+    fn publish(&self, claim: &crate::io::Claim) {
+        for (k, _) in claim.held.iter().enumerate().filter(|(_, &h)| h) {
+            self.publish(claim.offset / 4096 + k as u64, page::ARRIVED);
+        }
+    }
+
+    fn abandon(&self, claim: &crate::io::Claim) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        for (k, _) in claim.held.iter().enumerate().filter(|(_, &h)| h) {
+            let page = claim.offset / 4096 + k as u64;
+            // Back to zero, as a page nobody wrote reads: a zero range
+            // landing on it later writes nothing.
+            let at = (page * 4096) as usize;
+            if self.page_cache {
+                self.memory.write_alias(at, &ZEROS);
+            } else {
+                self.memory.write(at, &ZEROS);
+            }
+            self.states[page as usize].store(page::EMPTY, SeqCst);
+        }
+        self.notify();
+    }
+}
+
 struct Pending {
     offset: u64,
     len: u32,
@@ -296,7 +354,7 @@ struct Shared {
     image_len: u64,
     identity: u64,
     config: RemoteConfig,
-    landing: Landing,
+    landing: Arc<Landing>,
     dead: AtomicBool,
     stats: RemoteStats,
 }
@@ -436,7 +494,7 @@ impl RemoteSource {
             image_len,
             identity,
             config,
-            landing: landing(image_len)?,
+            landing: Arc::new(landing(image_len)?),
             dead: AtomicBool::new(false),
             stats: RemoteStats::default(),
         });
@@ -825,6 +883,9 @@ async fn serve_link(
     reader: &mut Reader,
     wr: &mut Writer,
 ) -> Result<(), LinkError> {
+    // Pushed frames go straight into the landing area.
+    let place: Option<Arc<dyn crate::io::Place>> = (channel == Channel::Bulk)
+        .then(|| Arc::clone(&shared.landing) as Arc<dyn crate::io::Place>);
     // What the last connection left unanswered goes out first.
     let mut ids: Vec<u64> = pending.keys().copied().collect();
     ids.sort_unstable();
@@ -842,8 +903,17 @@ async fn serve_link(
                 pending.insert(id, p);
                 send(wr, id, &pending[&id]).await?;
             }
-            frame = reader.next() => match frame {
-                Ok(Some(Frame::Data { id, offset, len, bytes })) => {
+            read = reader.next_placed(place.as_ref()) => match read {
+                Ok(Some(Read::Landed { len, written })) => {
+                    // A pushed frame, read into the landing area and
+                    // published.
+                    if written > 0 {
+                        shared.stats.pages_landed_pushed.fetch_add(written, Relaxed);
+                    }
+                    shared.stats.pushed_bytes.fetch_add(u64::from(len), Relaxed);
+                    tokio::task::yield_now().await;
+                }
+                Ok(Some(Read::Frame(Frame::Data { id, offset, len, bytes }))) => {
                     if id == 0 {
                         shared.land(Origin::Push, offset, len, bytes.as_deref());
                         // After landing: whoever sees the bytes counted
@@ -876,7 +946,7 @@ async fn serve_link(
                     };
                     let _ = p.reply.send(Ok(fetched));
                 }
-                Ok(Some(Frame::Error { id, message, .. })) => {
+                Ok(Some(Read::Frame(Frame::Error { id, message, .. }))) => {
                     if let Some(p) = pending.remove(&id) {
                         let _ = p.reply.send(Err(SourceError::Failed {
                             offset: p.offset,
@@ -885,7 +955,7 @@ async fn serve_link(
                         }));
                     }
                 }
-                Ok(Some(_)) => {
+                Ok(Some(Read::Frame(_))) => {
                     return Err(std::io::Error::other("an unexpected frame from the page server").into())
                 }
                 Ok(None) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),

@@ -338,28 +338,16 @@ impl Header {
     /// bytes (see [`Header::direct_len`]), with the checks
     /// [`Header::frame`] makes, and without copying the bytes.
     pub fn data(&self, fixed: &[u8; 16], bytes: Vec<u8>) -> Result<Frame, ProtocolError> {
-        let bad = |why| ProtocolError::Malformed {
-            kind: self.kind,
-            len: 16 + bytes.len(),
-            why,
-        };
         if self.direct_len() != Some(bytes.len()) {
-            return Err(bad("the payload is not the length the header announced"));
-        }
-        let offset = u64::from_le_bytes(fixed[0..8].try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes"));
-        if len == 0 || len > MAX_REQUEST || offset.checked_add(u64::from(len)).is_none() {
-            return Err(bad("the range is empty, too long or wraps around"));
-        }
-        if bytes.len() != len as usize {
-            return Err(bad("the bytes are not the range's length"));
-        }
-        if data_crc(offset, len, Some(&bytes)) != self.crc {
-            return Err(ProtocolError::Checksum {
-                id: self.id,
-                offset,
-                len,
+            return Err(ProtocolError::Malformed {
+                kind: self.kind,
+                len: 16 + bytes.len(),
+                why: "the payload is not the length the header announced",
             });
+        }
+        let (offset, len) = self.data_range(fixed)?;
+        if data_crc(offset, len, Some(&bytes)) != self.crc {
+            return Err(self.checksum_error(offset, len));
         }
         Ok(Frame::Data {
             id: self.id,
@@ -367,6 +355,49 @@ impl Header {
             len,
             bytes: Some(bytes),
         })
+    }
+
+    /// The range a data frame whose bytes travel as they are (see
+    /// [`Header::direct_len`]) carries, from its 16 fixed bytes, checked as
+    /// [`Header::frame`] checks it.
+    pub fn data_range(&self, fixed: &[u8; 16]) -> Result<(u64, u32), ProtocolError> {
+        let bad = |why| ProtocolError::Malformed {
+            kind: self.kind,
+            len: self.payload as usize,
+            why,
+        };
+        let Some(bytes) = self.direct_len() else {
+            return Err(bad("not a data frame whose bytes travel as they are"));
+        };
+        let offset = u64::from_le_bytes(fixed[0..8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(fixed[8..12].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_REQUEST || offset.checked_add(u64::from(len)).is_none() {
+            return Err(bad("the range is empty, too long or wraps around"));
+        }
+        if bytes != len as usize {
+            return Err(bad("the bytes are not the range's length"));
+        }
+        Ok((offset, len))
+    }
+
+    /// The request a frame answers (0: pushed).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The checksum the header carries.
+    pub fn crc(&self) -> u32 {
+        self.crc
+    }
+
+    /// The error for a data frame of this header whose bytes fail the
+    /// checksum.
+    pub fn checksum_error(&self, offset: u64, len: u32) -> ProtocolError {
+        ProtocolError::Checksum {
+            id: self.id,
+            offset,
+            len,
+        }
     }
 
     /// Decodes the payload that followed this header.
@@ -539,13 +570,20 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
 /// The CRC a data frame carries: over its offset, length and bytes (a zero
 /// range: offset and length only).
 pub fn data_crc(offset: u64, len: u32, bytes: Option<&[u8]>) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&offset.to_le_bytes());
-    h.update(&len.to_le_bytes());
+    let mut h = data_crc_start(offset, len);
     if let Some(b) = bytes {
         h.update(b);
     }
     h.finalize()
+}
+
+/// [`data_crc`] before the bytes, for a reader that checks them as they
+/// arrive.
+pub(crate) fn data_crc_start(offset: u64, len: u32) -> crc32fast::Hasher {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&offset.to_le_bytes());
+    h.update(&len.to_le_bytes());
+    h
 }
 
 impl fmt::Display for Channel {

@@ -403,13 +403,33 @@ impl Scripted {
             bytes: Some(self.image[o..o + l].to_vec()),
         }
         .encode(&mut frame);
+        self.send_raw(on, &frame);
+    }
+
+    fn send_raw(&self, on: &Mutex<Option<TcpStream>>, frame: &[u8]) {
         // Both channels connect at once; give the other one a moment.
         let deadline = Instant::now() + Duration::from_secs(10);
         while on.lock().unwrap().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
         let mut conn = on.lock().unwrap();
-        conn.as_mut().expect("connected").write_all(&frame).unwrap();
+        conn.as_mut().expect("connected").write_all(frame).unwrap();
+    }
+
+    /// Pushes `offset..offset + len` with one byte flipped in transit.
+    fn push_corrupt(&self, offset: u64, len: u32) {
+        let (o, l) = (offset as usize, len as usize);
+        let mut frame = Vec::new();
+        Frame::Data {
+            id: 0,
+            offset,
+            len,
+            bytes: Some(self.image[o..o + l].to_vec()),
+        }
+        .encode(&mut frame);
+        let last = frame.len() - 100;
+        frame[last] ^= 0x20;
+        self.send_raw(&self.bulk, &frame);
     }
 
     fn answer(&self, id: u64, offset: u64, len: u32) {
@@ -512,5 +532,43 @@ fn a_page_pushed_after_its_answer_never_replaces_the_workloads_write() {
     assert_eq!(after[14..], want[14..]);
     assert_eq!(link.demand, 1, "{link:?}");
     assert_eq!(link.pushed, 0, "the late copy was written: {link:?}");
+    assert_eq!(stats.pages_continued, 1, "{stats:?}");
+}
+
+#[test]
+fn a_pushed_frame_that_fails_its_checksum_lands_nothing_and_its_pages_are_asked_for() {
+    if !available() {
+        return;
+    }
+    let server = Scripted::start(scripted_image());
+    let dest = ShmemDestination::start(&server.addr, ShmemOptions::default()).unwrap();
+    // Four pages, read from the socket straight into the page cache, then
+    // found corrupt: not one of them may be mapped with those bytes.
+    server.push_corrupt(0, 4 * 4096);
+    let seen = wait_for("the checksum failure", Duration::from_secs(20), || {
+        dest.remote_stats().checksum_failures.load(Relaxed) == 1
+    });
+    let toucher = touch(&dest, |memory| {
+        let mut page = vec![0u8; 4096];
+        memory.read(4096, &mut page);
+        page
+    });
+    let script = (|| {
+        seen?;
+        let (id, offset, len) = server
+            .requests
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|e| format!("no demand request: {e}"))?;
+        if (offset, len) != (4096, 4096) {
+            return Err(format!("asked for {offset:#x}+{len:#x}"));
+        }
+        server.answer(id, offset, len);
+        Ok(())
+    })();
+    let (page, link, stats) = finish(dest, toucher);
+    script.unwrap();
+    assert_pages(&page, &server.image[4096..8192], "page 1");
+    assert_eq!(link.pushed, 0, "{link:?}");
+    assert_eq!(link.demand, 1, "{link:?}");
     assert_eq!(stats.pages_continued, 1, "{stats:?}");
 }
