@@ -329,8 +329,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(64 << 10);
             }
             // Straight into the buffer's spare room (cancel-safe: a read
-            // either happened or did not).
-            let n = self.inner.read_buf(&mut self.buf).await?;
+            // either happened or did not). Where frames may be placed (the
+            // bulk channel: mostly pushed frames of 256 KiB), no further
+            // than the next header and fixed fields: the bytes after them
+            // are read into place, not into this buffer and copied out.
+            let n = if place.is_some() && self.buf.len() < HEADER + 16 {
+                let head = (HEADER + 16 - self.buf.len()) as u64;
+                (&mut self.inner).take(head).read_buf(&mut self.buf).await?
+            } else {
+                self.inner.read_buf(&mut self.buf).await?
+            };
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
