@@ -591,6 +591,9 @@ impl RemoteSource {
     /// the landing area: pages there already cost nothing, pages on their
     /// way (being written, or asked for by another reader) are waited for,
     /// and only the rest are asked for on the demand channel, in runs.
+    /// A page of a pushed frame still arriving waits for the frame's end
+    /// (its checksum): on loopback a 256 KiB frame is a fraction of a
+    /// millisecond, on a slow link a smaller push chunk keeps that short.
     /// Blocks the calling thread, which must not be a runtime's.
     pub(crate) fn ensure_landed(&self, offset: u64, len: u64) -> Result<(), SourceError> {
         let shared = &self.shared;

@@ -33,6 +33,10 @@
 //!   after its last; a page that is claimed or published is never written
 //!   again, so the loser of a push/demand race drops its copy and the
 //!   page is written once;
+//! - a pushed frame is read from the socket straight into the page cache,
+//!   so its pages are held from before its first byte until the whole
+//!   frame passed its checksum; one that fails (or is cut short) is zeroed
+//!   back and released, never published, and a touch then asks for it;
 //! - the pager maps a page (CONTINUE) only after
 //!   [`PageSource::read_into_page_cache`] returned for it, which waits for
 //!   `ARRIVED`: a fault on a half-written page (MINOR) waits for the
