@@ -572,3 +572,56 @@ fn a_pushed_frame_that_fails_its_checksum_lands_nothing_and_its_pages_are_asked_
     assert_eq!(link.demand, 1, "{link:?}");
     assert_eq!(stats.pages_continued, 1, "{stats:?}");
 }
+
+/// The anonymous destination shares the landing area's rules: pushed
+/// frames read straight into it, each page landed once, every byte right
+/// when the pager copies them out.
+#[test]
+fn the_anonymous_destination_lands_each_pushed_page_once() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let image = image(PAGES);
+    let server = Served::start(
+        &image,
+        PageServerConfig {
+            push: true,
+            push_chunk: 64 << 10,
+            ..PageServerConfig::default()
+        },
+    );
+    let remote = Arc::new(
+        uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
+            .unwrap(),
+    );
+    let pushed = wait_for("the whole push", Duration::from_secs(30), || {
+        remote.landed_pages() == PAGES as u64
+    });
+    let link = Link::of(remote.stats());
+    let source: Arc<dyn PageSource> =
+        Arc::new(uffd_pager::AsyncSource::new(Arc::clone(&remote) as _).unwrap());
+    let memory = Mapping::new(uffd::MemoryKind::Anon, PAGES * 4096).unwrap();
+    let uffd = uffd::OpenOptions::new()
+        .user_mode_only(true)
+        .open()
+        .unwrap();
+    let regions = vec![uffd_pager::Region::new(
+        memory.addr(),
+        memory.len() as u64,
+        0,
+        4096,
+    )];
+    uffd_pager::register(&uffd, &regions, uffd::RegisterMode::MISSING).unwrap();
+    // SAFETY: `memory` is touched only through raw copies (Mapping hands
+    // out no references), so nothing relies on what its missing pages hold.
+    let pager = unsafe { uffd_pager::Pager::builder(source).start(uffd, regions) }.unwrap();
+    let mut all = vec![0u8; PAGES * 4096];
+    memory.read(0, &mut all);
+    let stats = pager.shutdown();
+    pushed.unwrap();
+    assert_pages(&all, &image, "read back");
+    assert_eq!(link.pushed, PAGES as u64, "{link:?}");
+    assert_eq!(link.landed(), PAGES as u64, "{link:?}");
+    assert_eq!(remote.stats().demand_requests.load(Relaxed), 0);
+    assert_eq!(stats.poisoned, 0, "{stats:?}");
+}
