@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
-use uffd_pager::{AsyncPageSource, Fetched, ReadFuture, SourceError};
+use uffd_pager::{AsyncPageSource, Fetched, MappedBytes, ReadFuture, SourceError};
 
 use crate::io::{write_frame, FrameReader, LinkError, Read};
 use crate::protocol::{Channel, Frame, ProtocolError, MAX_REQUEST};
@@ -253,6 +253,22 @@ impl Landing {
         let mut buf = vec![0u8; len];
         self.read(offset, &mut buf);
         Some(Fetched::Data(buf))
+    }
+
+    /// The bytes of `pages`, every one of them published, of the
+    /// anonymous landing area.
+    #[allow(unsafe_code)]
+    fn published_bytes(&self, pages: std::ops::Range<u64>) -> &[u8] {
+        assert!(!self.page_cache);
+        debug_assert!(pages.clone().all(|p| Landing::published(self.state(p))));
+        let (offset, len) = (pages.start * 4096, (pages.end - pages.start) * 4096);
+        // SAFETY: `pages` lies inside the mapping (`Landing::pages`
+        // checked), which lives as long as `self`; published pages of the
+        // anonymous landing area are never written again (only held
+        // pages are, see `page`), and nothing else maps them.
+        unsafe {
+            std::slice::from_raw_parts(self.memory.as_ptr().add(offset as usize), len as usize)
+        }
     }
 
     /// Copies published pages out.
@@ -704,6 +720,27 @@ impl AsyncPageSource for RemoteSource {
 
     fn read_background(&self, offset: u64, len: usize) -> ReadFuture<'_> {
         self.request(Channel::Bulk, offset, len)
+    }
+
+    fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
+        let landing = &self.shared.landing;
+        // Published pages of the page cache may be mapped and written by
+        // the workload; only the anonymous landing area's stay as landed.
+        if landing.page_cache || len == 0 || len % 4096 != 0 {
+            return None;
+        }
+        let pages = landing.pages(offset, len as u64)?;
+        if !pages.clone().all(|p| Landing::published(landing.state(p))) {
+            return None;
+        }
+        Some(MappedBytes::new(landing.published_bytes(pages)))
+    }
+
+    fn is_known_zero(&self, offset: u64, len: u64) -> bool {
+        let landing = &self.shared.landing;
+        landing.pages(offset, len).is_some_and(|mut pages| {
+            len % 4096 == 0 && pages.all(|p| landing.state(p) == page::ZERO)
+        })
     }
 
     fn io_size(&self) -> usize {

@@ -575,7 +575,7 @@ fn a_pushed_frame_that_fails_its_checksum_lands_nothing_and_its_pages_are_asked_
 
 /// The anonymous destination shares the landing area's rules: pushed
 /// frames read straight into it, each page landed once, every byte right
-/// when the pager copies them out.
+/// when the pager copies them out, straight from the landing area.
 #[test]
 fn the_anonymous_destination_lands_each_pushed_page_once() {
     if !uffd_testkit::user_uffd() {
@@ -623,5 +623,14 @@ fn the_anonymous_destination_lands_each_pushed_page_once() {
     assert_eq!(link.pushed, PAGES as u64, "{link:?}");
     assert_eq!(link.landed(), PAGES as u64, "{link:?}");
     assert_eq!(remote.stats().demand_requests.load(Relaxed), 0);
+    // Every page was there: each was installed from the landing area by
+    // the faulting page's handler thread (COPY, or a zero page), with no
+    // read on the source's runtime.
+    assert_eq!(stats.async_fetches, 0, "{stats:?}");
+    assert_eq!(
+        stats.pages_copied + stats.pages_zero,
+        PAGES as u64,
+        "{stats:?}"
+    );
     assert_eq!(stats.poisoned, 0, "{stats:?}");
 }

@@ -19,7 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use super::{check_bounds, Content, PageSource, SourceError};
+use super::{check_bounds, Content, MappedBytes, PageSource, SourceError};
 
 /// What an asynchronous read produced: the bytes, or the knowledge that
 /// they are all zero (then no bytes travel).
@@ -57,6 +57,23 @@ pub trait AsyncPageSource: Send + Sync + fmt::Debug {
     /// default is [`AsyncPageSource::read`].
     fn read_background(&self, offset: u64, len: usize) -> ReadFuture<'_> {
         self.read(offset, len)
+    }
+
+    /// The bytes at `offset..offset + len` if they are here already,
+    /// mapped in this process (pages a push brought): the engine then
+    /// installs them straight from there on the faulting page's handler
+    /// thread, with no read on the runtime and no copy into a buffer. The
+    /// contract of [`PageSource::mapped`]; the default has none.
+    fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
+        let _ = (offset, len);
+        None
+    }
+
+    /// As [`PageSource::is_known_zero`], for the bytes
+    /// [`AsyncPageSource::mapped`] offers.
+    fn is_known_zero(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
     }
 
     /// The read size this source works best with (see
@@ -242,6 +259,14 @@ impl PageSource for AsyncSource {
                 Content::Data
             }
         })
+    }
+
+    fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
+        self.inner.mapped(offset, len)
+    }
+
+    fn is_known_zero(&self, offset: u64, len: u64) -> bool {
+        self.inner.is_known_zero(offset, len)
     }
 
     fn io_size(&self) -> usize {
