@@ -100,15 +100,9 @@ struct Summary {
     consistent: bool,
     layers_consistent: bool,
     merged_consistent: bool,
-    protect_ms: f64,
-    snapshot_ms: f64,
-    longest_stall_ms: f64,
-    writer_ops_per_s: f64,
-    saved_on_fault: u64,
-    saved_in_background: u64,
-    faults: u64,
-    longest_fault_us: f64,
-    image_data_bytes: u64,
+    /// The live snapshot as a backup takes it.
+    #[serde(flatten)]
+    live: LiveFigures,
     tracker: &'static str,
     pagemap_scan_ms: f64,
     first_write_us: f64,
@@ -119,7 +113,7 @@ struct Summary {
     fork_longest_stall_ms: Option<f64>,
     fork_writer_ops_per_s: Option<f64>,
     /// The chain's base: the same snapshot with write tracking.
-    tracked: LiveFigures,
+    tracked: Tracked,
     /// Writers held while everything is copied.
     stop_the_world: Baseline,
     softdirty_scan_ms: Option<f64>,
@@ -128,7 +122,6 @@ struct Summary {
 /// One live snapshot's figures.
 #[derive(Debug, Serialize)]
 struct LiveFigures {
-    consistent: bool,
     protect_ms: f64,
     snapshot_ms: f64,
     longest_stall_ms: f64,
@@ -140,16 +133,21 @@ struct LiveFigures {
     image_data_bytes: u64,
 }
 
+#[derive(Debug, Serialize)]
+struct Tracked {
+    consistent: bool,
+    #[serde(flatten)]
+    figures: LiveFigures,
+}
+
 impl LiveFigures {
     fn of(
         report: &uffd_snapshot::Report,
         elapsed: Duration,
         ops: u64,
         longest_stall: Duration,
-        consistent: bool,
     ) -> LiveFigures {
         LiveFigures {
-            consistent,
             protect_ms: ms(report.protect_time),
             snapshot_ms: ms(elapsed),
             longest_stall_ms: ms(longest_stall),
@@ -169,7 +167,7 @@ fn live_untracked(
     vm: &VersionedMemory,
     region: Region,
     path: &std::path::Path,
-) -> Result<LiveFigures, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(LiveFigures, bool), Box<dyn std::error::Error + Send + Sync>> {
     let prepared = LiveSnapshot::prepare(&[region], path, SnapshotOptions::new())?;
     vm.take_ops();
     vm.take_longest_op();
@@ -184,11 +182,8 @@ fn live_untracked(
         .file_mismatches_at_t0(&std::fs::File::open(path)?)?
         .is_empty();
     drop(paused);
-    Ok(LiveFigures::of(
-        &report,
-        elapsed,
-        ops,
-        longest_stall,
+    Ok((
+        LiveFigures::of(&report, elapsed, ops, longest_stall),
         consistent,
     ))
 }
@@ -340,7 +335,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     // write tracking, so a page faults at most once, before it is saved.
     let untracked_path = dir.join(format!("uffd-live-{tag}-untracked.mem"));
     files.0.push(untracked_path.clone());
-    let untracked = match live_untracked(&vm, region, &untracked_path) {
+    let (untracked, untracked_ok) = match live_untracked(&vm, region, &untracked_path) {
         Ok(figures) => figures,
         Err(e) => {
             stop_writers(writers);
@@ -473,19 +468,14 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         mem: a.mem.to_string(),
         mib: a.mib,
         threads: a.threads,
-        consistent: bad.is_empty() && untracked.consistent,
+        consistent: bad.is_empty() && untracked_ok,
         layers_consistent: layers_ok,
         merged_consistent: merged_ok,
-        protect_ms: untracked.protect_ms,
-        snapshot_ms: untracked.snapshot_ms,
-        longest_stall_ms: untracked.longest_stall_ms,
-        writer_ops_per_s: untracked.writer_ops_per_s,
-        saved_on_fault: untracked.saved_on_fault,
-        saved_in_background: untracked.saved_in_background,
-        faults: untracked.faults,
-        longest_fault_us: untracked.longest_fault_us,
-        image_data_bytes: untracked.image_data_bytes,
-        tracked: LiveFigures::of(&report, snapshot_time, ops, longest_stall, bad.is_empty()),
+        live: untracked,
+        tracked: Tracked {
+            consistent: bad.is_empty(),
+            figures: LiveFigures::of(&report, snapshot_time, ops, longest_stall),
+        },
         tracker: tracker_mode,
         pagemap_scan_ms: ms(last_scan),
         first_write_us: first_write.as_secs_f64() * 1e6,
@@ -521,24 +511,24 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         );
         println!(
             "  t0 pause {:.3} ms; saved in {:.1} ms ({} pages on a writer's fault, {} in the background)",
-            summary.protect_ms, summary.snapshot_ms, summary.saved_on_fault, summary.saved_in_background
+            summary.live.protect_ms, summary.live.snapshot_ms, summary.live.saved_on_fault, summary.live.saved_in_background
         );
         println!(
             "  writers meanwhile: {:.0} writes/s, longest stall {:.3} ms (longest fault served in {:.0} us)",
-            summary.writer_ops_per_s, summary.longest_stall_ms, summary.longest_fault_us
+            summary.live.writer_ops_per_s, summary.live.longest_stall_ms, summary.live.longest_fault_us
         );
         println!(
             "  image: {} bytes of data in a sparse file of {} bytes",
-            summary.image_data_bytes, len
+            summary.live.image_data_bytes, len
         );
-        let t = &summary.tracked;
+        let t = &summary.tracked.figures;
         println!(
             "  with write tracking (the base of the deltas): t0 pause {:.3} ms, saved in {:.1} ms, writers {:.0} writes/s, longest stall {:.3} ms, image {}",
             t.protect_ms,
             t.snapshot_ms,
             t.writer_ops_per_s,
             t.longest_stall_ms,
-            if t.consistent { "equals t0" } else { "DIFFERS from t0" }
+            if summary.tracked.consistent { "equals t0" } else { "DIFFERS from t0" }
         );
         for (i, r) in summary.rounds.iter().enumerate() {
             println!(
