@@ -371,18 +371,34 @@ pub fn run(args: Args) -> CmdResult {
     }
 }
 
-pub(super) fn init_logs(json: bool) {
+/// Logs to stderr through a writer thread that drops lines when stderr
+/// does not keep up (a pipe its reader stopped reading, or closed), so a
+/// server never waits on its log. Keep the guard until exit: dropping it
+/// flushes what is queued.
+pub(super) fn init_logs(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("uffd-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+    guard
+}
+
+/// Writes one line to stderr, ignoring failure (a closed pipe must not
+/// take the caller down, as `eprintln!` would).
+pub(super) fn note(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A source, its identity for takeovers, and the object-store source
@@ -512,7 +528,7 @@ fn with_layers(image: Image, layers: &[PathBuf]) -> Result<Image, uffd_bench::Bo
 }
 
 fn run_server(a: ServeArgs) -> CmdResult {
-    init_logs(a.json_logs);
+    let _logs = init_logs(a.json_logs);
     let socket = a
         .socket
         .clone()
