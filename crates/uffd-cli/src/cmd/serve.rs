@@ -165,6 +165,12 @@ struct ServeArgs {
     /// server with cores of its own).
     #[arg(long)]
     spin_always: bool,
+    /// Instead of --threads and spinning: one handler thread per CPU (up
+    /// to 8), each pinned to its CPU and sleeping until a fault arrives; a
+    /// fault wakes them all and the one on the CPU the faulting vCPU just
+    /// left usually serves it, on that core, with no cross-core wake-up.
+    #[arg(long, conflicts_with_all = ["threads", "spin_always"])]
+    handler_per_cpu: bool,
     /// Bytes installed per fault on 4 KiB regions: 4096 serves exactly the
     /// faulting page (as Firecracker's handler does); a larger power of two
     /// up to 2 MiB also installs its aligned neighbours (fewer faults, more
@@ -295,6 +301,9 @@ struct BenchArgs {
     /// adaptive spinning, which backs off while vCPUs need the core).
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
+    /// `uffd serve --handler-per-cpu` for those servers.
+    #[arg(long)]
+    handler_per_cpu: bool,
     /// `uffd serve --granule` of those servers (the baseline always
     /// installs 4096 bytes per fault; K/M suffixes).
     #[arg(long, default_value = "4096", value_name = "BYTES", value_parser = parse_bytes)]
@@ -561,6 +570,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
             background_fill: a.background_fill,
             spin: Duration::from_micros(a.spin_us),
             spin_adaptive: !a.spin_always,
+            handler_per_cpu: a.handler_per_cpu,
             granule: a.granule,
             readahead: match a.readahead {
                 0 => 0,
@@ -621,6 +631,7 @@ fn run_bench(a: BenchArgs) -> CmdResult {
         rounds: a.rounds as usize,
         threads: a.threads.max(1),
         spin_us: a.spin_us,
+        handler_per_cpu: a.handler_per_cpu,
         granule: a.granule,
         zero_percent: a.zero_percent,
         dir: a.dir,
