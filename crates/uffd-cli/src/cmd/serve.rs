@@ -169,7 +169,8 @@ struct ServeArgs {
     /// to 8), each pinned to its CPU and sleeping until a fault arrives; a
     /// fault wakes them all and the one on the CPU the faulting vCPU just
     /// left usually serves it, on that core, with no cross-core wake-up.
-    #[arg(long, conflicts_with_all = ["threads", "spin_always"])]
+    /// Overrides --threads, --spin-us and --spin-always.
+    #[arg(long)]
     handler_per_cpu: bool,
     /// Bytes installed per fault on 4 KiB regions: 4096 serves exactly the
     /// faulting page (as Firecracker's handler does); a larger power of two
