@@ -244,7 +244,7 @@ fn run(o: &Options) -> Result<bool, BoxError> {
     let pushed = rt.block_on(uffd_store::snapshot::push(
         &snap.path,
         &location,
-        chunk_size,
+        &uffd_store::PushOptions::new(chunk_size),
         &|_, _| {},
     ))?;
 
@@ -314,7 +314,7 @@ fn run(o: &Options) -> Result<bool, BoxError> {
     let changed_push = rt.block_on(uffd_store::snapshot::push(
         &changed,
         &second,
-        chunk_size,
+        &uffd_store::PushOptions::new(chunk_size),
         &|_, _| {},
     ))?;
 

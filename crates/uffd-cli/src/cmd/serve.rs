@@ -530,7 +530,11 @@ fn run_server(a: ServeArgs) -> CmdResult {
     if let (Some(store), Some(ws)) = (&store, &prefetch) {
         // The working set's chunks, many in flight, into the host-wide
         // cache, while the engine replays it page by page.
-        store.warm(ws.pages().iter().copied(), WARM_IN_FLIGHT);
+        store.warm(
+            ws.pages().iter().copied(),
+            WARM_IN_FLIGHT,
+            uffd_store::ThenFill::No,
+        );
     }
     if let Err(e) = uffd::probe() {
         tracing::warn!("userfaultfd is not available to this process ({e}); VMMs must still be able to create theirs");

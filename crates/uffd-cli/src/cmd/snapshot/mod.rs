@@ -13,7 +13,7 @@ mod store;
 /// Memory snapshots: kept in object storage, taken live, layered, merged.
 ///
 /// In object storage a snapshot is a manifest object plus content-addressed
-/// chunks: zero chunks are not stored, and a chunk held by any snapshot in
+/// chunks: zero pages are not stored, and a chunk held by any snapshot in
 /// the same folder is stored once. `uffd serve --source URL` restores VMs
 /// from it directly, fetching the chunks their faults need. URLs:
 /// s3://bucket/dir/NAME (also gs://, az://, file:///dir/NAME). The store is
