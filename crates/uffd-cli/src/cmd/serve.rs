@@ -527,14 +527,22 @@ fn run_server(a: ServeArgs) -> CmdResult {
         }
         None => None,
     };
-    if let (Some(store), Some(ws)) = (&store, &prefetch) {
+    if let Some(store) = &store {
         // The working set's chunks, many in flight, into the host-wide
-        // cache, while the engine replays it page by page.
-        store.warm(
-            ws.pages().iter().copied(),
-            WARM_IN_FLIGHT,
-            uffd_store::ThenFill::No,
-        );
+        // cache, while the engine replays it page by page; with background
+        // fill, then every other chunk in the order they were packed (the
+        // engine's fill goes in image order, which in a snapshot packed
+        // working set first or pushed against a parent jumps between
+        // chunks).
+        let pages = prefetch.iter().flat_map(|ws| ws.pages().iter().copied());
+        let then = if a.background_fill {
+            uffd_store::ThenFill::Every(uffd_store::FILL_IN_FLIGHT)
+        } else {
+            uffd_store::ThenFill::No
+        };
+        if prefetch.is_some() || a.background_fill {
+            store.warm(pages, WARM_IN_FLIGHT, then);
+        }
     }
     if let Err(e) = uffd::probe() {
         tracing::warn!("userfaultfd is not available to this process ({e}); VMMs must still be able to create theirs");

@@ -21,6 +21,17 @@ use super::super::CmdResult;
 /// the manifest (extents: image range -> bytes of a chunk) is written
 /// last, so a snapshot is visible only once complete.
 ///
+/// --parent URL (a snapshot in the same folder) downloads only its
+/// manifest and page index, references its chunks for every page that is
+/// unchanged, and packs only the changed pages into new chunks: pushing a
+/// snapshot that differs from its parent in 5% of its pages uploads about
+/// 5% of its bytes, wherever the changes are.
+///
+/// --working-set FILE (recorded by `uffd serve --record`) packs those
+/// pages first, in the recorded order, into chunks of their own, so that
+/// `uffd serve --prefetch FILE` downloads about the working set's bytes
+/// before the VM needs them, not every chunk it is scattered over.
+///
 /// Chunk size is a trade-off: a fault fetches one whole chunk (larger:
 /// fewer requests, more bytes per fault).
 ///
@@ -46,6 +57,12 @@ pub struct PushArgs {
     /// Chunk size: a power of two from 4K to 64M (K/M suffixes).
     #[arg(long, default_value = "4M", value_name = "BYTES", value_parser = crate::cmd::serve::parse_bytes)]
     chunk_size: u64,
+    /// A snapshot in the same folder to store only the changes against.
+    #[arg(long, value_name = "URL")]
+    parent: Option<String>,
+    /// A working-set file (uffd serve --record) whose pages to pack first.
+    #[arg(long, value_name = "PATH")]
+    working_set: Option<PathBuf>,
     /// Show progress on stderr even when it is not a terminal.
     #[arg(long)]
     progress: bool,
@@ -192,7 +209,24 @@ pub fn push(a: PushArgs) -> CmdResult {
     let chunk_size = u32::try_from(a.chunk_size)
         .map_err(|_| format!("--chunk-size {}: at most 64M", a.chunk_size))?;
     let location = open(&a.to)?;
-    let options = snapshot::PushOptions::new(chunk_size);
+    let parent = a.parent.as_deref().map(open).transpose()?;
+    let working_set = match &a.working_set {
+        Some(path) => {
+            let len = std::fs::metadata(&a.mem_file)
+                .map_err(|e| format!("{}: {e}", a.mem_file.display()))?
+                .len();
+            Some(
+                uffd_pager::WorkingSet::load(path, len)
+                    .map_err(|e| format!("--working-set {}: {e}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let options = snapshot::PushOptions {
+        chunk_size,
+        parent: parent.as_ref(),
+        working_set: working_set.as_ref(),
+    };
     let meter = Meter::new("push", a.progress);
     let report = uffd_store::io_runtime()?.block_on(snapshot::push(
         &a.mem_file,
