@@ -262,6 +262,43 @@ fn a_push_against_a_parent_uploads_only_the_changed_pages_and_restores_exactly()
     let src = source(&ep, "grandchild", CacheConfig::default());
     assert!(bytes(read(&src, 0, changed.len()).unwrap(), changed.len()) == changed);
 
+    // A grown image (three more pages and a partial one): the old pages
+    // still come from the parent; the old last page was whole, so only the
+    // four new ones are new. Shrunk back, the partial page is new only.
+    let mut grown = changed.clone();
+    let extra = full_image(644, None);
+    grown.extend_from_slice(&extra[640 * 4096..643 * 4096 + 100]);
+    let r = push_with(
+        &ep,
+        &dir,
+        "grown",
+        &grown,
+        &PushOptions {
+            parent: Some(&location(&ep, "child")),
+            ..PushOptions::new(CHUNK)
+        },
+    )
+    .unwrap();
+    assert_eq!(r.new_pages, 4, "{r:?}");
+    assert_eq!(r.pages, 644);
+    let src = source(&ep, "grown", CacheConfig::default());
+    assert!(bytes(read(&src, 0, grown.len()).unwrap(), grown.len()) == grown);
+    let shrunk = &grown[..642 * 4096 + 10];
+    let r = push_with(
+        &ep,
+        &dir,
+        "shrunk",
+        shrunk,
+        &PushOptions {
+            parent: Some(&location(&ep, "grown")),
+            ..PushOptions::new(CHUNK)
+        },
+    )
+    .unwrap();
+    assert_eq!(r.new_pages, 1, "a page cut short is another page: {r:?}");
+    let src = source(&ep, "shrunk", CacheConfig::default());
+    assert!(bytes(read(&src, 0, shrunk.len()).unwrap(), shrunk.len()) == shrunk);
+
     // A parent in another folder cannot lend its chunks.
     let elsewhere = Location::open(&format!("s3://{BUCKET}/other/base"), &options(&ep)).unwrap();
     let err = push_with(
