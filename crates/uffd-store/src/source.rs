@@ -675,35 +675,40 @@ impl AsyncPageSource for ObjectSource {
                 len: len as u64,
                 source: std::io::Error::other(source),
             };
-            let chunk_of = |e: &Extent| manifest.chunks()[e.chunk as usize];
+            let copy = |e: &Extent, bytes: &[u8], buf: &mut [u8]| {
+                let (lo, hi) = (e.offset.max(offset), e.end().min(end));
+                copy_out(e, bytes, lo, hi, &mut buf[(lo - offset) as usize..])
+            };
+            let mut buf = vec![0u8; len];
             // A fault's page is in one extent, or a few of one chunk: one
-            // fetch, awaited directly. A larger read needing several chunks
-            // fetches them all at once.
-            let one = extents.iter().all(|e| e.chunk == extents[0].chunk);
-            let fetched: Vec<(u32, Bytes)> = if one {
-                let bytes = inner.chunk(chunk_of(&extents[0])).await.map_err(failed)?;
-                vec![(extents[0].chunk, bytes)]
+            // fetch, awaited directly, nothing allocated but the page. A
+            // larger read needing several chunks fetches them all at once.
+            let first = extents[0].chunk;
+            if extents.iter().all(|e| e.chunk == first) {
+                let chunk = manifest.chunks()[first as usize];
+                let bytes = inner.chunk(chunk).await.map_err(failed)?;
+                for e in extents {
+                    copy(e, &bytes, &mut buf)?;
+                }
             } else {
                 let mut wanted: Vec<u32> = extents.iter().map(|e| e.chunk).collect();
                 wanted.sort_unstable();
                 wanted.dedup();
                 let inner = &inner;
-                futures::future::try_join_all(wanted.into_iter().map(|k| async move {
-                    let chunk = manifest.chunks()[k as usize];
-                    inner.chunk(chunk).await.map(|b| (k, b))
-                }))
+                let fetched = futures::future::try_join_all(
+                    wanted
+                        .iter()
+                        .map(|&k| async move { inner.chunk(manifest.chunks()[k as usize]).await }),
+                )
                 .await
-                .map_err(failed)?
-            };
-            let mut buf = vec![0u8; len];
-            for e in extents {
-                let bytes = fetched
-                    .iter()
-                    .find(|(k, _)| *k == e.chunk)
-                    .map(|(_, b)| b)
-                    .expect("every wanted chunk was fetched");
-                let (lo, hi) = (e.offset.max(offset), e.end().min(end));
-                copy_out(e, bytes, lo, hi, &mut buf[(lo - offset) as usize..])?;
+                .map_err(failed)?;
+                for e in extents {
+                    // `wanted` is sorted and holds every extent's chunk.
+                    let at = wanted
+                        .binary_search(&e.chunk)
+                        .expect("every chunk was fetched");
+                    copy(e, &fetched[at], &mut buf)?;
+                }
             }
             Ok(Fetched::Data(buf))
         })

@@ -141,11 +141,15 @@ struct ServeArgs {
     /// Install the pages of this recorded working set first, in large
     /// batches in file order, while faults keep priority. From object
     /// storage, the chunks holding them are also fetched into the cache at
-    /// start, 32 at a time.
+    /// start, 32 at a time, in recorded order (a snapshot pushed with
+    /// `uffd snapshot push --working-set` keeps them in chunks of their
+    /// own).
     #[arg(long, value_name = "WS")]
     prefetch: Option<PathBuf>,
     /// After the working set (if any), install every other page in the
-    /// background, so the VM stops faulting altogether.
+    /// background, so the VM stops faulting altogether. From object
+    /// storage, every chunk is also fetched into the cache, 4 at a time,
+    /// in the order the push packed them (up to --cache-memory).
     #[arg(long)]
     background_fill: bool,
     /// Write every VM's statistics (and refused connections) as JSON here,
