@@ -249,7 +249,9 @@ enum Place {
         chunk: u32,
         at: u32,
     },
-    /// To be packed; then chunk `chunk` of the packing, at `at`.
+    /// Not stored yet: to be packed into a new chunk.
+    ToPack,
+    /// Packed: chunk `chunk` of this push's packing, at `at`.
     New {
         chunk: u32,
         at: u32,
@@ -346,7 +348,7 @@ pub async fn push(
         {
             p
         } else {
-            Place::New { chunk: 0, at: 0 }
+            Place::ToPack
         };
         places.push(place);
     }
@@ -360,7 +362,7 @@ pub async fn push(
             let first = offset / PAGE_SIZE;
             let last = offset.saturating_add(step).div_ceil(PAGE_SIZE).min(pages);
             for i in first..last {
-                if matches!(places[i as usize], Place::New { .. }) && !taken[i as usize] {
+                if places[i as usize] == Place::ToPack && !taken[i as usize] {
                     taken[i as usize] = true;
                     order.push(i);
                 }
@@ -369,7 +371,7 @@ pub async fn push(
     }
     let working_set_pages = order.len() as u64;
     for (i, p) in places.iter().enumerate() {
-        if matches!(p, Place::New { .. }) && !taken[i] {
+        if *p == Place::ToPack && !taken[i] {
             order.push(i as u64);
         }
     }
@@ -507,6 +509,7 @@ pub async fn push(
                 at,
             ),
             Place::New { chunk, at } => (new_map[chunk as usize], at),
+            Place::ToPack => unreachable!("every page to pack is in a pack"),
         };
         let offset = i as u64 * PAGE_SIZE;
         let len = page_len(i as u64) as u32;
