@@ -141,11 +141,15 @@ struct ServeArgs {
     /// Install the pages of this recorded working set first, in large
     /// batches in file order, while faults keep priority. From object
     /// storage, the chunks holding them are also fetched into the cache at
-    /// start, 32 at a time.
+    /// start, 32 at a time, in recorded order (a snapshot pushed with
+    /// `uffd snapshot push --working-set` keeps them in chunks of their
+    /// own).
     #[arg(long, value_name = "WS")]
     prefetch: Option<PathBuf>,
     /// After the working set (if any), install every other page in the
-    /// background, so the VM stops faulting altogether.
+    /// background, so the VM stops faulting altogether. From object
+    /// storage, every chunk is also fetched into the cache, 4 at a time,
+    /// in the order the push packed them (up to --cache-memory).
     #[arg(long)]
     background_fill: bool,
     /// Write every VM's statistics (and refused connections) as JSON here,
@@ -553,10 +557,22 @@ fn run_server(a: ServeArgs) -> CmdResult {
         }
         None => None,
     };
-    if let (Some(store), Some(ws)) = (&store, &prefetch) {
+    if let Some(store) = &store {
         // The working set's chunks, many in flight, into the host-wide
-        // cache, while the engine replays it page by page.
-        store.warm(ws.pages().iter().copied(), WARM_IN_FLIGHT);
+        // cache, while the engine replays it page by page; with background
+        // fill, then every other chunk in the order they were packed (the
+        // engine's fill goes in image order, which in a snapshot packed
+        // working set first or pushed against a parent jumps between
+        // chunks).
+        let pages = prefetch.iter().flat_map(|ws| ws.pages().iter().copied());
+        let then = if a.background_fill {
+            uffd_store::ThenFill::Every(uffd_store::FILL_IN_FLIGHT)
+        } else {
+            uffd_store::ThenFill::No
+        };
+        if prefetch.is_some() || a.background_fill {
+            store.warm(pages, WARM_IN_FLIGHT, then);
+        }
     }
     if let Err(e) = uffd::probe() {
         tracing::warn!("userfaultfd is not available to this process ({e}); VMMs must still be able to create theirs");
