@@ -352,6 +352,30 @@ impl ObjectSource {
         });
     }
 
+    /// True when every chunk holding `offset..offset + len` is in the
+    /// memory cache (or the range is all zero): [`ObjectSource::read_cached`]
+    /// will then most likely produce it. One lock, no allocation, the
+    /// cache's order unchanged.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        let inner = &self.inner;
+        let Some(end) = offset
+            .checked_add(len)
+            .filter(|&end| end <= inner.manifest.image_len())
+        else {
+            return false;
+        };
+        let extents = inner.manifest.extents_in(offset, end);
+        if extents.is_empty() {
+            return true;
+        }
+        let state = inner.state.lock().expect("cache lock");
+        extents.iter().all(|e| {
+            state
+                .memory
+                .contains(&inner.manifest.chunks()[e.chunk as usize].hash)
+        })
+    }
+
     /// Copies image bytes `offset..offset + buf.len()` into `buf` if every
     /// chunk they need is in the memory cache: the synchronous fast path,
     /// one lock and no allocation. `None` when a chunk is missing (read
@@ -659,6 +683,14 @@ impl Jitter {
 impl AsyncPageSource for ObjectSource {
     fn len(&self) -> u64 {
         self.inner.manifest.image_len()
+    }
+
+    fn is_ready(&self, offset: u64, len: u64) -> bool {
+        self.is_cached(offset, len)
+    }
+
+    fn read_ready(&self, offset: u64, buf: &mut [u8]) -> Option<Result<Content, SourceError>> {
+        self.read_cached(offset, buf)
     }
 
     fn read(&self, offset: u64, len: usize) -> ReadFuture<'_> {

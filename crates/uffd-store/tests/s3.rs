@@ -610,9 +610,19 @@ fn the_source_serves_every_byte_fetching_each_chunk_once_and_zero_pages_never() 
         .unwrap()
         .is_err());
     assert_eq!(gets(&proxy), 12);
-    // A source that has fetched nothing has nothing ready.
+    assert!(src.is_cached(at, 5 * 4096));
+    assert!(src.is_cached(0, data.len() as u64));
+    assert!(
+        !src.is_cached(data.len() as u64 - 4096, 8192),
+        "past the end"
+    );
+    // A source that has fetched nothing has nothing ready but zeros.
     let cold = source(&proxy.endpoint(), "vm", CacheConfig::default());
+    let opened = gets(&proxy);
     assert!(cold.read_cached(0, &mut buf).is_none());
+    assert!(!cold.is_cached(0, 4096));
+    assert!(cold.is_cached(2 * cs, 8192), "a zero range needs nothing");
+    assert_eq!(gets(&proxy), opened, "asking costs no request");
 }
 
 #[test]
