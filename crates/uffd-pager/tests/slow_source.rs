@@ -29,6 +29,8 @@ struct SlowSource {
     /// Bytes below this offset are at hand (a warm cache).
     ready_below: u64,
     ready_reads: AtomicU64,
+    /// Every range read asynchronously.
+    ranges: std::sync::Mutex<Vec<(u64, usize)>>,
 }
 
 fn fill_pages(offset: u64, buf: &mut [u8]) {
@@ -46,6 +48,7 @@ impl AsyncPageSource for SlowSource {
     fn read(&self, offset: u64, len: usize) -> ReadFuture<'_> {
         Box::pin(async move {
             self.reads.fetch_add(1, Ordering::SeqCst);
+            self.ranges.lock().unwrap().push((offset, len));
             tokio::time::sleep(self.delay).await;
             let first = offset / 4096;
             if let Some(bad) = self.fail_page {
@@ -94,6 +97,7 @@ fn sixty_four_faults_on_a_10ms_source_wait_for_about_one_read() {
         fail_page: None,
         ready_below: 0,
         ready_reads: AtomicU64::new(0),
+        ranges: Default::default(),
     });
     let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
     // SAFETY: the regions are a mapping this test touches only through raw
@@ -146,6 +150,7 @@ fn a_failing_read_poisons_only_its_page() {
         fail_page: Some(40),
         ready_below: 0,
         ready_reads: AtomicU64::new(0),
+        ranges: Default::default(),
     });
     let source = Arc::new(AsyncSource::new(slow).unwrap());
     // SAFETY: the regions are a mapping this test touches only through raw
@@ -199,6 +204,7 @@ fn pages_at_hand_are_served_by_the_handler_thread_without_an_asynchronous_read()
         fail_page: None,
         ready_below: half,
         ready_reads: AtomicU64::new(0),
+        ranges: Default::default(),
     });
     let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
     // SAFETY: the regions are a mapping this test touches only through raw
@@ -229,4 +235,54 @@ fn pages_at_hand_are_served_by_the_handler_thread_without_an_asynchronous_read()
     assert_eq!(slow.ready_reads.load(Ordering::SeqCst), cached);
     assert_eq!(stats.async_fetches, PAGES as u64 - cached, "{stats:?}");
     assert_eq!(slow.reads.load(Ordering::SeqCst), PAGES as u64 - cached);
+}
+
+#[test]
+fn a_replay_from_an_asynchronous_source_reads_only_the_recorded_pages() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let uffd = open(Features::empty());
+    let memory = anon_registered(&uffd, LEN);
+    let slow = Arc::new(SlowSource {
+        delay: Duration::from_millis(1),
+        reads: AtomicU64::new(0),
+        fail_page: None,
+        ready_below: 0,
+        ready_reads: AtomicU64::new(0),
+        ranges: Default::default(),
+    });
+    // Every third page, and a run of four: sparse inside each 2 MiB window.
+    let mut recorded: Vec<u64> = (0..(LEN / 4096) as u64).step_by(3).collect();
+    recorded.extend(100..104);
+    recorded.sort_unstable();
+    recorded.dedup();
+    let ws = uffd_pager::WorkingSet::new(4096, recorded.iter().map(|p| p * 4096).collect());
+    let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .replay(Some(ws))
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
+    assert!(
+        pager.wait_filled(Duration::from_secs(60)),
+        "replay did not finish"
+    );
+    let stats = pager.shutdown();
+    let wanted: std::collections::HashSet<u64> = recorded.iter().copied().collect();
+    let ranges = slow.ranges.lock().unwrap().clone();
+    assert!(!ranges.is_empty());
+    for &(offset, len) in &ranges {
+        for p in offset / 4096..(offset + len as u64) / 4096 {
+            assert!(
+                wanted.contains(&p),
+                "page {p} was read but not recorded: {ranges:?}"
+            );
+        }
+    }
+    let read: u64 = ranges.iter().map(|&(_, len)| len as u64 / 4096).sum();
+    assert_eq!(read, recorded.len() as u64, "{stats:?}");
 }
