@@ -48,6 +48,8 @@ pub struct Config {
     pub threads: usize,
     /// `uffd serve --spin-us`.
     pub spin_us: u64,
+    /// `uffd serve --handler-per-cpu`.
+    pub handler_per_cpu: bool,
     /// `uffd serve --granule`.
     pub granule: u64,
     /// Percentage of zero pages in the snapshot.
@@ -165,6 +167,8 @@ pub struct Report {
     pub server_threads: usize,
     /// Spin time, µs.
     pub server_spin_us: u64,
+    /// `uffd serve --handler-per-cpu`.
+    pub server_handler_per_cpu: bool,
     /// Bytes per fault.
     pub server_granule: u64,
     /// /proc/loadavg when the bench started.
@@ -222,6 +226,9 @@ impl ServerProcess {
                     .arg(config.spin_us.to_string())
                     .arg("--granule")
                     .arg(config.granule.to_string());
+                if config.handler_per_cpu {
+                    c.arg("--handler-per-cpu");
+                }
                 c
             }
         };
@@ -739,6 +746,7 @@ fn run_in(config: &Config, dir: &Path) -> Result<Report, BoxError> {
         rounds,
         server_threads: config.threads,
         server_spin_us: config.spin_us,
+        server_handler_per_cpu: config.handler_per_cpu,
         server_granule: config.granule,
         load_average_start,
         load_average_end: LoadAverage::now()?,

@@ -155,9 +155,11 @@ fn push_ls_info_and_pull_round_trip_through_the_cli() {
     ));
     assert_eq!(info["image_len"], 8 * MIB);
     assert_eq!(info["chunk_size"], 64 << 10);
-    assert_eq!(info["chunks"], 128);
-    // Every 4th page of the pattern is zero: no 64 KiB chunk is all zero.
-    assert_eq!(info["zero_chunks"], 0);
+    // Every 4th page of the pattern is zero (not stored): the other 1536
+    // pages are packed 16 to a 64 KiB chunk.
+    assert_eq!(info["chunks"], 96);
+    assert_eq!(info["zero_pages"], 512);
+    assert_eq!(info["version"], 2);
     let listed = json(&run_ok(uffd(&ep).args([
         "snapshot",
         "ls",
@@ -227,8 +229,8 @@ fn two_vms_restore_from_s3_every_byte_right_each_chunk_fetched_once_through_5xx(
     let all = gets.len();
     gets.sort();
     gets.dedup();
-    assert_eq!(gets.len(), 128, "every chunk fetched");
-    assert_eq!(all, 128, "each chunk once, for both VMs");
+    assert_eq!(gets.len(), 96, "every chunk fetched");
+    assert_eq!(all, 96, "each chunk once, for both VMs");
     assert!(server.0.try_wait().unwrap().is_none(), "the server runs on");
 }
 
@@ -323,7 +325,7 @@ fn a_restarted_server_restores_from_its_cache_dir_without_fetching_with_fill_and
         );
         assert!(status.success());
     }
-    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 128);
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 96);
     assert!(ws.exists(), "the working set was recorded");
     s.proxy.clear();
     let (_server, socket, log) = serve(
@@ -345,4 +347,122 @@ fn a_restarted_server_restores_from_its_cache_dir_without_fetching_with_fill_and
     );
     assert_eq!(r["mismatched_pages"], 0);
     assert!(chunk_gets(&s.proxy).is_empty(), "{:?}", s.proxy.seen());
+}
+
+/// Pushes `mem` as `name` with `extra` flags; returns push's JSON report.
+fn push_json(s: &Setup, mem: &Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    json(&run_ok(
+        uffd(&s.proxy.endpoint())
+            .args(["snapshot", "push", "--chunk-size", "64K", "--json"])
+            .arg("--mem-file")
+            .arg(mem)
+            .args(["--to", &format!("s3://{BUCKET}/fleet/{name}")])
+            .args(extra),
+    ))
+}
+
+/// Serves snapshot `name` and restores one VM from it, whose every page
+/// is checked against `mem`; returns the chunk GETs it took.
+fn restore_checked(
+    s: &Setup,
+    standin: &Path,
+    name: &str,
+    mem: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let url = format!("s3://{BUCKET}/fleet/{name}");
+    let socket = s.dir.path(&format!("{name}.sock"));
+    let log = s.dir.path(&format!("{name}.log"));
+    let _server = Reaped(
+        uffd(&s.proxy.endpoint())
+            .args(["serve", "--source", &url])
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let sock = socket.clone();
+    wait_for("the server listening", Duration::from_secs(30), || {
+        sock.exists()
+    });
+    s.proxy.clear();
+    let mut v = vm(standin, &socket, mem, &["--threads", "2"]);
+    let status = wait_exit(&mut v.0, "a VM restoring", Duration::from_secs(120));
+    let r = report(&mut v);
+    assert!(
+        status.success(),
+        "{name}: {status:?} {r} server log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(r["mismatched_pages"], 0, "{name}: {r}");
+    assert_eq!(r["verified_pages"], 2048, "{name}: {r}");
+    chunk_gets(&s.proxy)
+}
+
+#[test]
+fn a_push_against_a_parent_and_a_working_set_first_push_restore_every_byte_in_a_vm() {
+    let s = setup("cli-parent");
+    // 2% of the pages changed, scattered (every 50th page).
+    let mut data = std::fs::read(&s.mem).unwrap();
+    for page in (0..2048).step_by(50) {
+        data[page * 4096 + 200] ^= 0xa5;
+    }
+    let changed = s.dir.path("vm-2.mem");
+    std::fs::write(&changed, &data).unwrap();
+    s.proxy.clear();
+    let r = push_json(&s, &changed, "vm-2", &["--parent", &s.url]);
+    // 41 pages changed (none of them one of the zero 4th pages), packed
+    // into 3 chunks of 16; the other 1495 non-zero pages are the parent's.
+    assert_eq!(r["new_pages"], 41, "{r}");
+    assert_eq!(r["parent_pages"], 1536 - 41, "{r}");
+    assert_eq!(r["uploaded_chunks"], 3, "{r}");
+    let puts = s.proxy.seen().iter().filter(|x| x.method == "PUT").count();
+    assert_eq!(puts, 3 + 2, "three chunks, the index, the manifest");
+    let image = data.len() as u64;
+    assert!(
+        r["uploaded_bytes"].as_u64().unwrap() * 20 < image,
+        "under 5% of the image uploaded: {r}"
+    );
+    assert!(
+        chunk_gets(&s.proxy).is_empty(),
+        "no chunk downloaded to push"
+    );
+
+    // The working set: 200 pages scattered over the image, recorded order.
+    let pages: Vec<u64> = (0..200u64).map(|i| (i * 977) % 2048).collect();
+    let ws = s.dir.path("vm.ws");
+    uffd_pager::WorkingSet::new(4096, pages.iter().map(|p| p * 4096).collect())
+        .with_source_len(image)
+        .save(&ws)
+        .unwrap();
+    let w = push_json(
+        &s,
+        &s.mem,
+        "vm-ws",
+        &["--working-set", ws.to_str().unwrap()],
+    );
+    // Every 4th page is zero: 150 of the 200 are stored, first.
+    assert_eq!(w["working_set_pages"], 150, "{w}");
+
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let standin = standin_vmm();
+    let once = |mut gets: Vec<String>| {
+        let all = gets.len();
+        gets.sort();
+        gets.dedup();
+        assert_eq!(gets.len(), all, "each chunk fetched once");
+    };
+    once(restore_checked(&s, &standin, "vm-2", &changed, &[]));
+    let ws_arg = ws.to_str().unwrap().to_string();
+    once(restore_checked(
+        &s,
+        &standin,
+        "vm-ws",
+        &s.mem,
+        &["--prefetch", &ws_arg, "--background-fill"],
+    ));
 }

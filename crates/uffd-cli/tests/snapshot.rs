@@ -61,6 +61,7 @@ fn live_demo_json_reports_consistent_images_on_every_memory_type() {
         assert_eq!(v["layers_consistent"], true, "{mem}: {v}");
         assert_eq!(v["merged_consistent"], true, "{mem}: {v}");
         assert_eq!(v["rounds"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v["tracked"]["consistent"], true, "{mem}: {v}");
         for key in [
             "protect_ms",
             "snapshot_ms",

@@ -77,7 +77,7 @@ mod workingset;
 pub use config::{Prefetch, Strategy, WaitMode, BATCH_BYTES};
 pub use engine::{
     register, ConfigError, Detached, HandedOver, Pager, PagerBuilder, PagerError, PoisonedPage,
-    Progress, RegisteredRange, ShutdownHandle, StillRegistered,
+    Progress, RegisteredRange, ShutdownHandle, StillRegistered, MAX_HANDLERS_PER_CPU,
 };
 pub use handover::{PageKind, PagerState, SpanState, StateError};
 pub use region::Region;

@@ -240,6 +240,9 @@ counters! {
     /// Reads started on an asynchronous source (each for one claimed run
     /// of pages, however many faults wanted it).
     async_fetches,
+    /// Runs an asynchronous source had at hand (a cache hit), read and
+    /// installed by the handler thread at once, with no asynchronous read.
+    async_ready,
     /// Most asynchronous reads in flight at once.
     async_in_flight_max,
     /// Demand faults on pages the fill or replay had claimed, served at

@@ -47,14 +47,14 @@ impl Waiter {
         stop: impl AsFd,
         completions: impl AsFd,
         pidfd: Option<impl AsFd>,
+        exclusive: bool,
     ) -> std::io::Result<Waiter> {
         let epoll = epoll::create(CreateFlags::CLOEXEC)?;
-        epoll::add(
-            &epoll,
-            uffd,
-            EventData::new_u64(UFFD),
-            EventFlags::IN | EventFlags::EXCLUSIVE,
-        )?;
+        let mut flags = EventFlags::IN;
+        if exclusive {
+            flags |= EventFlags::EXCLUSIVE;
+        }
+        epoll::add(&epoll, uffd, EventData::new_u64(UFFD), flags)?;
         epoll::add(&epoll, stop, EventData::new_u64(STOP), EventFlags::IN)?;
         epoll::add(
             &epoll,

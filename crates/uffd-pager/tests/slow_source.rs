@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use uffd::Features;
-use uffd_pager::{AsyncPageSource, AsyncSource, Fetched, Pager, ReadFuture, Region, SourceError};
+use uffd_pager::{
+    AsyncPageSource, AsyncSource, Content, Fetched, Pager, ReadFuture, Region, SourceError,
+};
 
 const PAGES: usize = 64;
 /// Far enough apart that no two faults share a granule or a readahead.
@@ -24,6 +26,18 @@ struct SlowSource {
     delay: Duration,
     reads: AtomicU64,
     fail_page: Option<u64>,
+    /// Bytes below this offset are at hand (a warm cache).
+    ready_below: u64,
+    ready_reads: AtomicU64,
+    /// Every range read asynchronously.
+    ranges: std::sync::Mutex<Vec<(u64, usize)>>,
+}
+
+fn fill_pages(offset: u64, buf: &mut [u8]) {
+    let first = offset / 4096;
+    for (i, page) in buf.chunks_mut(4096).enumerate() {
+        page.fill((first as usize + i) as u8 | 1);
+    }
 }
 
 impl AsyncPageSource for SlowSource {
@@ -34,6 +48,7 @@ impl AsyncPageSource for SlowSource {
     fn read(&self, offset: u64, len: usize) -> ReadFuture<'_> {
         Box::pin(async move {
             self.reads.fetch_add(1, Ordering::SeqCst);
+            self.ranges.lock().unwrap().push((offset, len));
             tokio::time::sleep(self.delay).await;
             let first = offset / 4096;
             if let Some(bad) = self.fail_page {
@@ -46,11 +61,22 @@ impl AsyncPageSource for SlowSource {
                 }
             }
             let mut bytes = vec![0u8; len];
-            for (i, page) in bytes.chunks_mut(4096).enumerate() {
-                page.fill((first as usize + i) as u8 | 1);
-            }
+            fill_pages(offset, &mut bytes);
             Ok(Fetched::Data(bytes))
         })
+    }
+
+    fn is_ready(&self, offset: u64, len: u64) -> bool {
+        offset + len <= self.ready_below
+    }
+
+    fn read_ready(&self, offset: u64, buf: &mut [u8]) -> Option<Result<Content, SourceError>> {
+        if offset + buf.len() as u64 > self.ready_below {
+            return None;
+        }
+        self.ready_reads.fetch_add(1, Ordering::SeqCst);
+        fill_pages(offset, buf);
+        Some(Ok(Content::Data))
     }
 
     fn describe(&self) -> String {
@@ -69,6 +95,9 @@ fn sixty_four_faults_on_a_10ms_source_wait_for_about_one_read() {
         delay: Duration::from_millis(10),
         reads: AtomicU64::new(0),
         fail_page: None,
+        ready_below: 0,
+        ready_reads: AtomicU64::new(0),
+        ranges: Default::default(),
     });
     let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
     // SAFETY: the regions are a mapping this test touches only through raw
@@ -119,6 +148,9 @@ fn a_failing_read_poisons_only_its_page() {
         delay: Duration::from_millis(1),
         reads: AtomicU64::new(0),
         fail_page: Some(40),
+        ready_below: 0,
+        ready_reads: AtomicU64::new(0),
+        ranges: Default::default(),
     });
     let source = Arc::new(AsyncSource::new(slow).unwrap());
     // SAFETY: the regions are a mapping this test touches only through raw
@@ -155,4 +187,102 @@ fn a_failing_read_poisons_only_its_page() {
     assert_eq!(poisoned.len(), 1, "{poisoned:?}; {:?}", pager.stats());
     assert_eq!(poisoned[0].source_offset, 40 * 4096);
     pager.shutdown();
+}
+
+#[test]
+fn pages_at_hand_are_served_by_the_handler_thread_without_an_asynchronous_read() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let uffd = open(Features::empty());
+    let memory = anon_registered(&uffd, LEN);
+    // The first half of the image is "cached"; the second half takes 10 ms.
+    let half = (LEN / 2) as u64;
+    let slow = Arc::new(SlowSource {
+        delay: Duration::from_millis(10),
+        reads: AtomicU64::new(0),
+        fail_page: None,
+        ready_below: half,
+        ready_reads: AtomicU64::new(0),
+        ranges: Default::default(),
+    });
+    let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .threads(1)
+            .granule(4096)
+            .prefetch(uffd_pager::Prefetch::None)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
+    let readers: Vec<_> = (0..PAGES)
+        .map(|i| {
+            let m = Arc::clone(&memory);
+            std::thread::spawn(move || m.read_byte(i * STRIDE * 4096 + 100))
+        })
+        .collect();
+    let got: Vec<u8> = bounded("readers of a half-cached source", move || {
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (i, &b) in got.iter().enumerate() {
+        assert_eq!(b, (i * STRIDE) as u8 | 1, "page {i}");
+    }
+    let stats = pager.shutdown();
+    let cached = PAGES as u64 / 2;
+    assert_eq!(stats.async_ready, cached, "{stats:?}");
+    assert_eq!(slow.ready_reads.load(Ordering::SeqCst), cached);
+    assert_eq!(stats.async_fetches, PAGES as u64 - cached, "{stats:?}");
+    assert_eq!(slow.reads.load(Ordering::SeqCst), PAGES as u64 - cached);
+}
+
+#[test]
+fn a_replay_from_an_asynchronous_source_reads_only_the_recorded_pages() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let uffd = open(Features::empty());
+    let memory = anon_registered(&uffd, LEN);
+    let slow = Arc::new(SlowSource {
+        delay: Duration::from_millis(1),
+        reads: AtomicU64::new(0),
+        fail_page: None,
+        ready_below: 0,
+        ready_reads: AtomicU64::new(0),
+        ranges: Default::default(),
+    });
+    // Every third page, and a run of four: sparse inside each 2 MiB window.
+    let mut recorded: Vec<u64> = (0..(LEN / 4096) as u64).step_by(3).collect();
+    recorded.extend(100..104);
+    recorded.sort_unstable();
+    recorded.dedup();
+    let ws = uffd_pager::WorkingSet::new(4096, recorded.iter().map(|p| p * 4096).collect());
+    let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .replay(Some(ws))
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
+    assert!(
+        pager.wait_filled(Duration::from_secs(60)),
+        "replay did not finish"
+    );
+    let stats = pager.shutdown();
+    let wanted: std::collections::HashSet<u64> = recorded.iter().copied().collect();
+    let ranges = slow.ranges.lock().unwrap().clone();
+    assert!(!ranges.is_empty());
+    for &(offset, len) in &ranges {
+        for p in offset / 4096..(offset + len as u64) / 4096 {
+            assert!(
+                wanted.contains(&p),
+                "page {p} was read but not recorded: {ranges:?}"
+            );
+        }
+    }
+    let read: u64 = ranges.iter().map(|&(_, len)| len as u64 / 4096).sum();
+    assert_eq!(read, recorded.len() as u64, "{stats:?}");
 }

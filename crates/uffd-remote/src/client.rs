@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
-use uffd_pager::{AsyncPageSource, Fetched, MappedBytes, ReadFuture, SourceError};
+use uffd_pager::{AsyncPageSource, Content, Fetched, MappedBytes, ReadFuture, SourceError};
 
 use crate::io::{write_frame, FrameReader, LinkError, Read};
 use crate::protocol::{Channel, Frame, ProtocolError, MAX_REQUEST};
@@ -720,6 +720,26 @@ impl AsyncPageSource for RemoteSource {
 
     fn read_background(&self, offset: u64, len: usize) -> ReadFuture<'_> {
         self.request(Channel::Bulk, offset, len)
+    }
+
+    fn is_ready(&self, offset: u64, len: u64) -> bool {
+        let landing = &self.shared.landing;
+        len % 4096 == 0
+            && landing
+                .pages(offset, len)
+                .is_some_and(|mut pages| pages.all(|p| Landing::published(landing.state(p))))
+    }
+
+    fn read_ready(&self, offset: u64, buf: &mut [u8]) -> Option<Result<Content, SourceError>> {
+        let fetched = self.shared.landing.fetch(offset, buf.len())?;
+        self.shared.stats.local_hits.fetch_add(1, Relaxed);
+        Some(Ok(match fetched {
+            Fetched::Zero => Content::Zero,
+            Fetched::Data(bytes) => {
+                buf.copy_from_slice(&bytes);
+                Content::Data
+            }
+        }))
     }
 
     fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {

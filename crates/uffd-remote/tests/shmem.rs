@@ -627,6 +627,7 @@ fn the_anonymous_destination_lands_each_pushed_page_once() {
     // the faulting page's handler thread (COPY, or a zero page), with no
     // read on the source's runtime.
     assert_eq!(stats.async_fetches, 0, "{stats:?}");
+    assert!(stats.async_ready > 0, "{stats:?}");
     assert_eq!(
         stats.pages_copied + stats.pages_zero,
         PAGES as u64,

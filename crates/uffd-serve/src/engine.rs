@@ -128,6 +128,10 @@ pub struct PagerEngineConfig {
     /// Spin only while no other thread wants the core (see
     /// [`WaitMode::Adaptive`]); false spins regardless.
     pub spin_adaptive: bool,
+    /// One handler thread per CPU, pinned, sleeping (see
+    /// [`uffd_pager::PagerBuilder::handler_per_cpu`]); `threads` and
+    /// `spin` are then unused.
+    pub handler_per_cpu: bool,
     /// Unit of one resolve on 4 KiB regions (4 KiB = exactly the faulting page).
     pub granule: u64,
     /// Adaptive sequential readahead up to this many bytes per fault (0:
@@ -146,6 +150,7 @@ impl Default for PagerEngineConfig {
             background_fill: false,
             spin: Duration::ZERO,
             spin_adaptive: true,
+            handler_per_cpu: false,
             granule: PAGE_4K,
             readahead: 0,
         }
@@ -271,6 +276,7 @@ impl PagerEngine {
             })
             .threads(self.config.threads.max(1))
             .wait(wait)
+            .handler_per_cpu(self.config.handler_per_cpu)
             .replay(replay)
             .background_fill(self.config.background_fill)
             .record(self.config.record)

@@ -49,6 +49,7 @@ pub(crate) struct SparseImage {
     tmp: PathBuf,
     path: PathBuf,
     done: bool,
+    len: u64,
     pub(crate) data_bytes: u64,
 }
 
@@ -74,6 +75,7 @@ impl SparseImage {
             tmp,
             path: path.to_path_buf(),
             done: false,
+            len,
             data_bytes: 0,
         };
         image
@@ -113,6 +115,11 @@ impl SparseImage {
             }
         }
         Ok(())
+    }
+
+    /// The image's length.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
     }
 
     /// The temporary file, for a forked child to write into.

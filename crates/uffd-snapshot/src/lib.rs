@@ -40,6 +40,7 @@ mod image;
 mod incremental;
 mod live;
 mod region;
+mod staging;
 
 pub use baseline::{copy_image, ForkImage};
 pub use delta::{layered, merge, write_image, DeltaFile, DeltaIndex, DeltaStats};

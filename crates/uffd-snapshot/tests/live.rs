@@ -112,6 +112,31 @@ fn anon_image_equals_t0_with_many_writers() {
 }
 
 #[test]
+fn anon_image_equals_t0_when_several_threads_walk_t0() {
+    // 192 MiB: t0 is walked in pieces by up to three threads at once.
+    consistent_on(MemoryKind::Anon, 192, 2);
+}
+
+#[test]
+fn a_staging_bound_far_below_the_image_only_makes_the_saver_wait() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 32 << 20) else {
+        return;
+    };
+    let vm = Arc::new(VersionedMemory::new(mapping));
+    fill(&vm);
+    // 1 MiB of buffers for a 32 MiB image: the background pass and then
+    // the faults wait for the image writer again and again.
+    let options = SnapshotOptions::new().staging(1 << 20);
+    let image = snapshot_with_writers(vm.clone(), 4, options).expect("snapshot");
+    let bad = vm.mismatches_at_t0(&image);
+    assert!(bad.is_empty(), "pages {bad:?} of the image differ from t0");
+    assert!(
+        !vm.mismatches_now(&image).is_empty(),
+        "no write landed after t0"
+    );
+}
+
+#[test]
 fn shmem_image_equals_t0_with_writers() {
     consistent_on(MemoryKind::Shmem, 16, 4);
 }

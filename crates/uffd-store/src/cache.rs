@@ -35,6 +35,11 @@ impl<V: Clone> Lru<V> {
         }
     }
 
+    /// True when `key` is held (its recency unchanged).
+    pub(crate) fn contains(&self, key: &ChunkHash) -> bool {
+        self.slots.contains_key(key)
+    }
+
     /// The value for `key`, now the most recently used.
     pub(crate) fn get(&mut self, key: &ChunkHash) -> Option<V> {
         self.tick += 1;

@@ -124,7 +124,6 @@ mod tests {
 
     fn entry_for(bytes: &[u8], e: &Encoded) -> ChunkRef {
         ChunkRef {
-            offset: 0,
             len: bytes.len() as u32,
             stored_len: e.stored.len() as u32,
             compression: e.compression,

@@ -1,6 +1,9 @@
 //! Serving a snapshot from object storage: an [`AsyncPageSource`] that
 //! fetches the chunk holding a faulting page into a host-wide cache.
 //!
+//! - A fault finds its page's extent by binary search (no allocation),
+//!   fetches that extent's whole chunk and copies its pages out; a page in
+//!   no extent is zero and costs no request.
 //! - One fetch per chunk however many faults and VMs want it: concurrent
 //!   readers of a chunk that is being fetched wait for that fetch
 //!   (single-flight), and a fetched chunk is kept in a bounded memory
@@ -14,7 +17,10 @@
 //!   within the fetch timeout. Past it the read fails for good, so the
 //!   engine poisons the pages (the VM gets SIGBUS on them): never a silent
 //!   zero page, never a VM waiting forever.
-//! - Zero chunks are not fetched at all.
+//! - Warming goes chunk by chunk: a working set's chunks in the order its
+//!   pages were recorded (pushed with `--working-set`, they are its own
+//!   chunks, packed in that order), then, for background fill, every other
+//!   chunk in the order the push packed them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,11 +32,11 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
-use uffd_pager::{AsyncPageSource, Fetched, ReadFuture, SourceError};
+use uffd_pager::{AsyncPageSource, Content, Fetched, ReadFuture, SourceError};
 
 use crate::cache::{self, Lru};
 use crate::chunk;
-use crate::manifest::{ChunkHash, ChunkRef, Manifest};
+use crate::manifest::{ChunkHash, ChunkRef, Extent, Manifest};
 use crate::snapshot::{read_manifest, SnapshotError};
 use crate::store::Location;
 
@@ -163,7 +169,8 @@ impl std::fmt::Debug for ObjectSource {
         f.debug_struct("ObjectSource")
             .field("url", &self.inner.location.url)
             .field("image_len", &self.inner.manifest.image_len())
-            .field("chunk_size", &self.inner.manifest.chunk_size())
+            .field("chunks", &self.inner.manifest.chunks().len())
+            .field("extents", &self.inner.manifest.extents().len())
             .finish()
     }
 }
@@ -214,11 +221,7 @@ impl ObjectSource {
             }
             tracing::info!(dir = %dir.display(), chunks = disk.len(), bytes = disk.used(), "chunk cache directory opened");
         }
-        let identity = format!(
-            "{} (manifest {})",
-            location.url,
-            ChunkHash::of(&manifest.encode())
-        );
+        let identity = format!("{} (manifest {})", location.url, manifest.checksum());
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 memory: Lru::new(config.memory_bytes),
@@ -265,55 +268,187 @@ impl ObjectSource {
     }
 }
 
+/// What warming fetches after the chunks of the pages it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThenFill {
+    /// Nothing.
+    No,
+    /// Every other chunk, in the order the push packed them, this many in
+    /// flight (background fill: fewer than for the working set, so faults
+    /// keep most of the link).
+    Every(usize),
+}
+
+/// Chunk fetches in flight at once for [`ThenFill::Every`], by default.
+pub const FILL_IN_FLIGHT: usize = 4;
+
 impl ObjectSource {
     /// Starts fetching the chunks that hold the image bytes at `offsets`
     /// (a working set's pages, say) into the cache, `parallel` at a time,
-    /// in the background, in the order given; returns at once. Stops at as
-    /// many chunks as the memory cache holds (more would evict the first
-    /// before they are used). Reads of those chunks meanwhile join these
-    /// fetches.
-    pub fn warm(&self, offsets: impl IntoIterator<Item = u64>, parallel: usize) {
+    /// in the background, in the order given; then, with
+    /// [`ThenFill::Every`], the other chunks in packed order. Returns at
+    /// once. Stops at as many chunks as the memory cache holds (more would
+    /// evict the first before they are used). Reads of those chunks
+    /// meanwhile join these fetches.
+    pub fn warm(&self, offsets: impl IntoIterator<Item = u64>, parallel: usize, then: ThenFill) {
         let manifest = &self.inner.manifest;
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = vec![false; manifest.chunks().len()];
         let mut room = self.inner.config.memory_bytes;
-        let mut entries = Vec::new();
-        for offset in offsets {
-            let Some(entry) = manifest.chunk_at(offset) else {
-                continue;
-            };
-            if !seen.insert(entry.offset) {
-                continue;
+        let mut first = Vec::new();
+        let mut full = false;
+        let mut take = |k: u32, into: &mut Vec<ChunkRef>| {
+            if full || std::mem::replace(&mut seen[k as usize], true) {
+                return;
             }
-            let Some(left) = room.checked_sub(u64::from(entry.len)) else {
-                break;
-            };
-            room = left;
-            entries.push(*entry);
+            let chunk = manifest.chunks()[k as usize];
+            match room.checked_sub(u64::from(chunk.len)) {
+                Some(left) => {
+                    room = left;
+                    into.push(chunk);
+                }
+                None => full = true,
+            }
+        };
+        for offset in offsets {
+            if let Some(e) = manifest.extent_at(offset) {
+                take(e.chunk, &mut first);
+            }
+        }
+        let mut rest = Vec::new();
+        if let ThenFill::Every(_) = then {
+            for k in 0..manifest.chunks().len() {
+                take(k as u32, &mut rest);
+            }
         }
         let inner = Arc::clone(&self.inner);
         self.inner.handle.spawn(async move {
-            let started = std::time::Instant::now();
-            let n = entries.len();
-            futures::stream::iter(entries)
-                .for_each_concurrent(parallel.max(1), |entry| {
-                    let inner = &inner;
+            let inner: &Arc<Inner> = &inner;
+            let fetch_all = move |chunks: Vec<ChunkRef>, parallel: usize| {
+                futures::stream::iter(chunks).for_each_concurrent(parallel.max(1), move |chunk| {
                     async move {
                         // Failures are logged by the fetch; a fault on those
                         // pages later tries again.
-                        let _ = inner.chunk(entry).await;
+                        let _ = inner.chunk(chunk).await;
                     }
                 })
-                .await;
+            };
+            let started = std::time::Instant::now();
+            let n = first.len();
+            fetch_all(first, parallel).await;
             tracing::info!(
                 chunks = n,
                 seconds = started.elapsed().as_secs_f64(),
                 "working set's chunks fetched into the cache"
             );
+            if let ThenFill::Every(parallel) = then {
+                let n = rest.len();
+                fetch_all(rest, parallel).await;
+                tracing::info!(
+                    chunks = n,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "every chunk fetched into the cache"
+                );
+            }
         });
+    }
+
+    /// True when every chunk holding `offset..offset + len` is in the
+    /// memory cache (or the range is all zero): [`ObjectSource::read_cached`]
+    /// will then most likely produce it. One lock, no allocation, the
+    /// cache's order unchanged.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        let inner = &self.inner;
+        let Some(end) = offset
+            .checked_add(len)
+            .filter(|&end| end <= inner.manifest.image_len())
+        else {
+            return false;
+        };
+        let extents = inner.manifest.extents_in(offset, end);
+        if extents.is_empty() {
+            return true;
+        }
+        let state = inner.state.lock().expect("cache lock");
+        extents.iter().all(|e| {
+            state
+                .memory
+                .contains(&inner.manifest.chunks()[e.chunk as usize].hash)
+        })
+    }
+
+    /// Copies image bytes `offset..offset + buf.len()` into `buf` if every
+    /// chunk they need is in the memory cache: the synchronous fast path,
+    /// one lock and no allocation. `None` when a chunk is missing (read
+    /// with [`AsyncPageSource::read`] then); `Content::Zero` (with `buf`
+    /// untouched) when the bytes are all zero.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<Result<Content, SourceError>> {
+        let inner = &self.inner;
+        let end = match inner.range(offset, buf.len()) {
+            Ok(end) => end,
+            Err(e) => return Some(Err(e)),
+        };
+        let extents = inner.manifest.extents_in(offset, end);
+        if extents.is_empty() {
+            return Some(Ok(Content::Zero));
+        }
+        let mut state = inner.state.lock().expect("cache lock");
+        let mut filled = offset;
+        for e in extents {
+            let chunk = &inner.manifest.chunks()[e.chunk as usize];
+            let bytes = state.memory.get(&chunk.hash)?;
+            let (lo, hi) = (e.offset.max(offset), e.end().min(end));
+            buf[(filled - offset) as usize..(lo - offset) as usize].fill(0);
+            if let Err(e) = copy_out(e, &bytes, lo, hi, &mut buf[(lo - offset) as usize..]) {
+                return Some(Err(e));
+            }
+            filled = hi;
+        }
+        drop(state);
+        buf[(filled - offset) as usize..].fill(0);
+        inner.counters.memory_hits.fetch_add(1, Relaxed);
+        Some(Ok(Content::Data))
+    }
+}
+
+/// Copies image bytes `lo..hi` of extent `e` from its chunk's `bytes` to
+/// the start of `out`. The manifest was validated against the chunk's
+/// length and the chunk's bytes against it, so this cannot fail on a
+/// well-formed cache; it refuses rather than panics all the same.
+fn copy_out(e: &Extent, bytes: &[u8], lo: u64, hi: u64, out: &mut [u8]) -> Result<(), SourceError> {
+    let n = (hi - lo) as usize;
+    let from = e.chunk_offset as usize + (lo - e.offset) as usize;
+    match bytes.get(from..from + n) {
+        Some(part) => {
+            out[..n].copy_from_slice(part);
+            Ok(())
+        }
+        None => Err(SourceError::Failed {
+            offset: lo,
+            len: n as u64,
+            source: std::io::Error::other(format!(
+                "chunk {} holds {} bytes, the extent needs {}..{}",
+                e.chunk,
+                bytes.len(),
+                from,
+                from + n
+            )),
+        }),
     }
 }
 
 impl Inner {
+    /// The end of `offset..offset + len`, if it lies inside the image.
+    fn range(&self, offset: u64, len: usize) -> Result<u64, SourceError> {
+        offset
+            .checked_add(len as u64)
+            .filter(|&end| end <= self.manifest.image_len())
+            .ok_or(SourceError::OutOfRange {
+                offset,
+                len: len as u64,
+                size: self.manifest.image_len(),
+            })
+    }
+
     /// The bytes of `entry`'s chunk: from memory, from a fetch in flight,
     /// or from a new fetch (disk first, then the store).
     async fn chunk(self: &Arc<Self>, entry: ChunkRef) -> Result<Bytes, FetchError> {
@@ -375,7 +510,7 @@ impl Inner {
                 state
                     .gave_up
                     .insert(entry.hash, (std::time::Instant::now(), e.clone()));
-                tracing::error!(chunk = %entry.hash, offset = entry.offset, len = entry.len, "giving up on a chunk; its pages will be poisoned: {e}");
+                tracing::error!(chunk = %entry.hash, len = entry.len, "giving up on a chunk; its pages will be poisoned: {e}");
             }
         }
         // Under the same lock as the insertion: a reader sees the chunk in
@@ -550,45 +685,64 @@ impl AsyncPageSource for ObjectSource {
         self.inner.manifest.image_len()
     }
 
+    fn is_ready(&self, offset: u64, len: u64) -> bool {
+        self.is_cached(offset, len)
+    }
+
+    fn read_ready(&self, offset: u64, buf: &mut [u8]) -> Option<Result<Content, SourceError>> {
+        self.read_cached(offset, buf)
+    }
+
     fn read(&self, offset: u64, len: usize) -> ReadFuture<'_> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            let failed = |source: std::io::Error| SourceError::Failed {
+            let end = inner.range(offset, len)?;
+            let manifest = &inner.manifest;
+            let extents = manifest.extents_in(offset, end);
+            if extents.is_empty() {
+                return Ok(Fetched::Zero);
+            }
+            let failed = |source: FetchError| SourceError::Failed {
                 offset,
                 len: len as u64,
-                source,
+                source: std::io::Error::other(source),
             };
-            let end = offset
-                .checked_add(len as u64)
-                .filter(|&end| end <= inner.manifest.image_len())
-                .ok_or(SourceError::OutOfRange {
-                    offset,
-                    len: len as u64,
-                    size: inner.manifest.image_len(),
-                })?;
-            let cs = u64::from(inner.manifest.chunk_size());
-            let mut out: Option<Vec<u8>> = None;
-            let mut at = offset;
-            while at < end {
-                let chunk_start = at - at % cs;
-                let chunk_end = (chunk_start + cs).min(end);
-                if let Some(entry) = inner.manifest.chunk_at(at).copied() {
-                    let bytes = inner
-                        .chunk(entry)
-                        .await
-                        .map_err(|e| failed(std::io::Error::other(e)))?;
-                    let buf = out.get_or_insert_with(|| vec![0; len]);
-                    let from = (at - chunk_start) as usize;
-                    let n = (chunk_end - at) as usize;
-                    let to = (at - offset) as usize;
-                    buf[to..to + n].copy_from_slice(&bytes[from..from + n]);
+            let copy = |e: &Extent, bytes: &[u8], buf: &mut [u8]| {
+                let (lo, hi) = (e.offset.max(offset), e.end().min(end));
+                copy_out(e, bytes, lo, hi, &mut buf[(lo - offset) as usize..])
+            };
+            let mut buf = vec![0u8; len];
+            // A fault's page is in one extent, or a few of one chunk: one
+            // fetch, awaited directly, nothing allocated but the page. A
+            // larger read needing several chunks fetches them all at once.
+            let first = extents[0].chunk;
+            if extents.iter().all(|e| e.chunk == first) {
+                let chunk = manifest.chunks()[first as usize];
+                let bytes = inner.chunk(chunk).await.map_err(failed)?;
+                for e in extents {
+                    copy(e, &bytes, &mut buf)?;
                 }
-                at = chunk_end;
+            } else {
+                let mut wanted: Vec<u32> = extents.iter().map(|e| e.chunk).collect();
+                wanted.sort_unstable();
+                wanted.dedup();
+                let inner = &inner;
+                let fetched = futures::future::try_join_all(
+                    wanted
+                        .iter()
+                        .map(|&k| async move { inner.chunk(manifest.chunks()[k as usize]).await }),
+                )
+                .await
+                .map_err(failed)?;
+                for e in extents {
+                    // `wanted` is sorted and holds every extent's chunk.
+                    let at = wanted
+                        .binary_search(&e.chunk)
+                        .expect("every chunk was fetched");
+                    copy(e, &fetched[at], &mut buf)?;
+                }
             }
-            Ok(match out {
-                Some(bytes) => Fetched::Data(bytes),
-                None => Fetched::Zero,
-            })
+            Ok(Fetched::Data(buf))
         })
     }
 
@@ -597,12 +751,15 @@ impl AsyncPageSource for ObjectSource {
     }
 
     fn describe(&self) -> String {
+        let m = &self.inner.manifest;
         format!(
-            "{} ({} bytes in {} KiB chunks, {} not zero)",
+            "{} ({} bytes, {} in {} extents of {} chunks packed to {} KiB)",
             self.inner.location.url,
-            self.inner.manifest.image_len(),
-            self.inner.manifest.chunk_size() >> 10,
-            self.inner.manifest.entries().len()
+            m.image_len(),
+            m.data_bytes(),
+            m.extents().len(),
+            m.chunks().len(),
+            m.chunk_size() >> 10
         )
     }
 }

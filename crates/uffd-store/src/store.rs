@@ -4,7 +4,9 @@
 //! `s3://bucket/dir/NAME` names the manifest object `dir/NAME`; its chunks
 //! live under `dir/.chunks/<blake3 hex>`, shared by every snapshot in
 //! `dir/`, which is what makes identical chunks stored once across
-//! snapshots.
+//! snapshots (and lets a snapshot use its parent's chunks). Its page index
+//! is `dir/.pages/NAME`: in a folder of its own, so that no snapshot name
+//! can collide with it and `ls` sees manifests only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,8 @@ use crate::manifest::ChunkHash;
 
 /// The folder, next to the snapshots, that holds their chunks.
 pub const CHUNK_DIR: &str = ".chunks";
+/// The folder, next to the snapshots, that holds their page indexes.
+pub const PAGES_DIR: &str = ".pages";
 
 /// How to reach the store.
 #[derive(Debug, Clone)]
@@ -156,6 +160,22 @@ impl Location {
         let mut parts: Vec<_> = self.path.parts().collect();
         parts.pop();
         Path::from_iter(parts)
+    }
+
+    /// The snapshot's page index object.
+    pub fn index_path(&self) -> Result<Path, StoreError> {
+        let name = self.name()?.to_string();
+        Ok(self.folder().join(PAGES_DIR).join(name.as_str()))
+    }
+
+    /// The folder part of the URL (`s3://bucket/dir` of
+    /// `s3://bucket/dir/NAME`): two snapshots share chunks when theirs are
+    /// the same.
+    pub fn folder_url(&self) -> &str {
+        self.url
+            .trim_end_matches('/')
+            .rsplit_once('/')
+            .map_or(self.url.as_str(), |(folder, _)| folder)
     }
 
     /// The object of chunk `hash`, shared by every snapshot in the folder.

@@ -13,8 +13,11 @@
 //! download_first   uffd snapshot pull, then serve that file (pull included)
 //! ```
 //!
-//! and the bytes uploaded when pushing a second snapshot that differs from
-//! the first in --changed-percent of its pages. Ratios: download_first /
+//! The snapshot is pushed with its working set packed first (`push
+//! --working-set`), as a fleet would push it; then the bytes uploaded
+//! when pushing a second snapshot that differs from the first in
+//! --changed-percent of its pages (scattered at random) against the first
+//! as its parent (`push --parent`). Ratios: download_first /
 //! prefetch (goal >= 5), local_file / warm (goal >= 0.9), uploaded share
 //! of the changed push (goal <= 0.10). One round; the figures are the
 //! caller's to judge (the load average is printed beside them).
@@ -221,9 +224,9 @@ fn run(o: &Options) -> Result<bool, BoxError> {
     let touch = dir.join("touch.list");
     write_page_list(&touch, &ws_pages)?;
     let ws_file = dir.join("vm.ws");
-    uffd_pager::WorkingSet::new(4096, ws_pages.iter().map(|p| p * 4096).collect())
-        .with_source_len(len)
-        .save(&ws_file)?;
+    let ws = uffd_pager::WorkingSet::new(4096, ws_pages.iter().map(|p| p * 4096).collect())
+        .with_source_len(len);
+    ws.save(&ws_file)?;
 
     let s3 = S3Server::start();
     let proxy = Proxy::start(s3.addr());
@@ -238,13 +241,16 @@ fn run(o: &Options) -> Result<bool, BoxError> {
     };
     let url = format!("s3://{BUCKET}/bench/vm");
     let rt = uffd_store::io_runtime()?;
-    progress("pushing it");
+    progress("pushing it, working set first");
     let location = uffd_store::Location::open(&url, &store_options)?;
     let chunk_size = o.chunk_kib << 10;
     let pushed = rt.block_on(uffd_store::snapshot::push(
         &snap.path,
         &location,
-        chunk_size,
+        &uffd_store::PushOptions {
+            working_set: Some(&ws),
+            ..uffd_store::PushOptions::new(chunk_size)
+        },
         &|_, _| {},
     ))?;
 
@@ -295,7 +301,7 @@ fn run(o: &Options) -> Result<bool, BoxError> {
     };
 
     progress(&format!(
-        "pushing a snapshot with {}% of its pages changed",
+        "pushing a snapshot with {}% of its pages changed, against the first as its parent",
         o.changed_percent
     ));
     let changed = dir.join("changed.mem");
@@ -314,7 +320,10 @@ fn run(o: &Options) -> Result<bool, BoxError> {
     let changed_push = rt.block_on(uffd_store::snapshot::push(
         &changed,
         &second,
-        chunk_size,
+        &uffd_store::PushOptions {
+            parent: Some(&location),
+            ..uffd_store::PushOptions::new(chunk_size)
+        },
         &|_, _| {},
     ))?;
 

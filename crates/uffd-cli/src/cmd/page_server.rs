@@ -183,7 +183,7 @@ fn serve(
     compress: bool,
     stats_json: Option<&std::path::Path>,
 ) -> CmdResult {
-    super::serve::init_logs(false);
+    let _logs = super::serve::init_logs(false);
     let file = std::fs::File::open(mem_file).map_err(|e| format!("{}: {e}", mem_file.display()))?;
     let identity = image_identity(&file)?;
     let source = FileSource::open(mem_file, FileMode::Pread)
@@ -208,12 +208,12 @@ fn serve(
         },
     )
     .map_err(|e| format!("listening on {}: {e}", listen))?;
-    eprintln!(
+    super::serve::note(format_args!(
         "uffd page-server: serving {} ({len} bytes) on {}{}",
         mem_file.display(),
         server.local_addr()?,
         if push { ", pushing every page" } else { "" }
-    );
+    ));
     let handle = server.handle();
     std::thread::Builder::new()
         .name("uffd-page-server-signals".into())
@@ -235,7 +235,9 @@ fn serve(
                     _ = int.recv() => {}
                 }
             });
-            eprintln!("uffd page-server: stopping");
+            // Through the log (which never blocks), not stderr itself: a
+            // full stderr pipe must not keep the server from stopping.
+            tracing::info!("stopping on a signal");
             handle.stop();
         })?;
     let stats = server.run()?;

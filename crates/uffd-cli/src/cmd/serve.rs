@@ -141,11 +141,15 @@ struct ServeArgs {
     /// Install the pages of this recorded working set first, in large
     /// batches in file order, while faults keep priority. From object
     /// storage, the chunks holding them are also fetched into the cache at
-    /// start, 32 at a time.
+    /// start, 32 at a time, in recorded order (a snapshot pushed with
+    /// `uffd snapshot push --working-set` keeps them in chunks of their
+    /// own).
     #[arg(long, value_name = "WS")]
     prefetch: Option<PathBuf>,
     /// After the working set (if any), install every other page in the
-    /// background, so the VM stops faulting altogether.
+    /// background, so the VM stops faulting altogether. From object
+    /// storage, every chunk is also fetched into the cache, 4 at a time,
+    /// in the order the push packed them (up to --cache-memory).
     #[arg(long)]
     background_fill: bool,
     /// Write every VM's statistics (and refused connections) as JSON here,
@@ -165,6 +169,13 @@ struct ServeArgs {
     /// server with cores of its own).
     #[arg(long)]
     spin_always: bool,
+    /// Instead of --threads and spinning: one handler thread per CPU (up
+    /// to 8), each pinned to its CPU and sleeping until a fault arrives; a
+    /// fault wakes them all and the one on the CPU the faulting vCPU just
+    /// left usually serves it, on that core, with no cross-core wake-up.
+    /// Overrides --threads, --spin-us and --spin-always.
+    #[arg(long)]
+    handler_per_cpu: bool,
     /// Bytes installed per fault on 4 KiB regions: 4096 serves exactly the
     /// faulting page (as Firecracker's handler does); a larger power of two
     /// up to 2 MiB also installs its aligned neighbours (fewer faults, more
@@ -295,6 +306,9 @@ struct BenchArgs {
     /// adaptive spinning, which backs off while vCPUs need the core).
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
+    /// `uffd serve --handler-per-cpu` for those servers.
+    #[arg(long)]
+    handler_per_cpu: bool,
     /// `uffd serve --granule` of those servers (the baseline always
     /// installs 4096 bytes per fault; K/M suffixes).
     #[arg(long, default_value = "4096", value_name = "BYTES", value_parser = parse_bytes)]
@@ -371,18 +385,34 @@ pub fn run(args: Args) -> CmdResult {
     }
 }
 
-pub(super) fn init_logs(json: bool) {
+/// Logs to stderr through a writer thread that drops lines when stderr
+/// does not keep up (a pipe its reader stopped reading, or closed), so a
+/// server never waits on its log. Keep the guard until exit: dropping it
+/// flushes what is queued.
+pub(super) fn init_logs(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("uffd-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+    guard
+}
+
+/// Writes one line to stderr, ignoring failure (a closed pipe must not
+/// take the caller down, as `eprintln!` would).
+pub(super) fn note(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A source, its identity for takeovers, and the object-store source
@@ -512,7 +542,7 @@ fn with_layers(image: Image, layers: &[PathBuf]) -> Result<Image, uffd_bench::Bo
 }
 
 fn run_server(a: ServeArgs) -> CmdResult {
-    init_logs(a.json_logs);
+    let _logs = init_logs(a.json_logs);
     let socket = a
         .socket
         .clone()
@@ -527,10 +557,22 @@ fn run_server(a: ServeArgs) -> CmdResult {
         }
         None => None,
     };
-    if let (Some(store), Some(ws)) = (&store, &prefetch) {
+    if let Some(store) = &store {
         // The working set's chunks, many in flight, into the host-wide
-        // cache, while the engine replays it page by page.
-        store.warm(ws.pages().iter().copied(), WARM_IN_FLIGHT);
+        // cache, while the engine replays it page by page; with background
+        // fill, then every other chunk in the order they were packed (the
+        // engine's fill goes in image order, which in a snapshot packed
+        // working set first or pushed against a parent jumps between
+        // chunks).
+        let pages = prefetch.iter().flat_map(|ws| ws.pages().iter().copied());
+        let then = if a.background_fill {
+            uffd_store::ThenFill::Every(uffd_store::FILL_IN_FLIGHT)
+        } else {
+            uffd_store::ThenFill::No
+        };
+        if prefetch.is_some() || a.background_fill {
+            store.warm(pages, WARM_IN_FLIGHT, then);
+        }
     }
     if let Err(e) = uffd::probe() {
         tracing::warn!("userfaultfd is not available to this process ({e}); VMMs must still be able to create theirs");
@@ -545,6 +587,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
             background_fill: a.background_fill,
             spin: Duration::from_micros(a.spin_us),
             spin_adaptive: !a.spin_always,
+            handler_per_cpu: a.handler_per_cpu,
             granule: a.granule,
             readahead: match a.readahead {
                 0 => 0,
@@ -605,6 +648,7 @@ fn run_bench(a: BenchArgs) -> CmdResult {
         rounds: a.rounds as usize,
         threads: a.threads.max(1),
         spin_us: a.spin_us,
+        handler_per_cpu: a.handler_per_cpu,
         granule: a.granule,
         zero_percent: a.zero_percent,
         dir: a.dir,

@@ -3,13 +3,37 @@
 
 use super::*;
 
+/// Most handler threads [`crate::PagerBuilder::handler_per_cpu`] starts:
+/// each fault wakes every one of them.
+pub const MAX_HANDLERS_PER_CPU: usize = 8;
+
 pub(super) fn spawn_handlers(shared: &Arc<Shared>, target: &Arc<Target>) -> Result<(), PagerError> {
-    for n in 0..shared.config.threads {
+    let cpus: Vec<Option<usize>> = if shared.config.handler_per_cpu {
+        let allowed = rustix::thread::sched_getaffinity(None)
+            .map_err(|e| io_err("reading this process's CPU affinity")(e.into()))?;
+        (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| allowed.is_set(c))
+            .take(MAX_HANDLERS_PER_CPU)
+            .map(Some)
+            .collect()
+    } else {
+        vec![None; shared.config.threads]
+    };
+    for (n, cpu) in cpus.into_iter().enumerate() {
         let s = Arc::clone(shared);
         let t = Arc::clone(target);
         let handle = std::thread::Builder::new()
             .name(format!("{}-{}-{n}", shared.config.name, target.id))
-            .spawn(move || handle_faults_surviving_panics(&s, &t))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    let mut set = rustix::thread::CpuSet::new();
+                    set.set(cpu);
+                    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+                        warn!(cpu, error = %e, "cannot pin a handler thread; it runs unpinned");
+                    }
+                }
+                handle_faults_surviving_panics(&s, &t)
+            })
             .map_err(io_err("spawning a handler thread"))?;
         lock(&shared.threads).push(handle);
     }
@@ -56,7 +80,16 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
         }
     };
     let pidfd = shared.pidfd.as_ref().filter(|_| target.watch_pid);
-    let waiter = match Waiter::new(&target.uffd, &*shared.stop, &shared.completion_fd, pidfd) {
+    // Per-CPU handlers are all woken by a fault (the first to read it
+    // serves it); otherwise one is.
+    let exclusive = !shared.config.handler_per_cpu;
+    let waiter = match Waiter::new(
+        &target.uffd,
+        &*shared.stop,
+        &shared.completion_fd,
+        pidfd,
+        exclusive,
+    ) {
         Ok(w) => w,
         Err(e) => {
             error!(error = %e, "handler cannot set up its epoll set");
@@ -68,6 +101,7 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     let mut faults: Vec<(Pagefault, Instant)> = Vec::with_capacity(128);
     let mut deferred: Vec<(Pagefault, Instant)> = Vec::new();
     let mut spin = match shared.config.wait {
+        _ if shared.config.handler_per_cpu => SpinPolicy::block(),
         WaitMode::Block => SpinPolicy::block(),
         WaitMode::Spin(budget) => SpinPolicy::fixed(budget),
         WaitMode::Adaptive(budget) => SpinPolicy::adaptive(budget),

@@ -292,7 +292,36 @@ pub(super) fn fill_chunk(
         from: lo,
         claims: &claims,
     };
-    let step = worker.fetch_and_install(target, &claim, lo, &claims);
+    let step = if selected.is_some() && shared.source.asynchronous().is_some() {
+        // A far source fetches whatever a read spans (whole chunks of an
+        // object store): reading first..last of a sparse working set would
+        // download the pages between, which a working-set-first snapshot
+        // keeps in other chunks. Only the claimed runs, then.
+        let mut step = Step::Done;
+        let mut i = 0;
+        while i < claims.len() {
+            if claims[i] == 0 {
+                i += 1;
+                continue;
+            }
+            let run = claims[i..]
+                .iter()
+                .position(|&c| c == 0)
+                .unwrap_or(claims.len() - i);
+            match worker.fetch_and_install(target, &claim, lo + i, &claims[i..i + run]) {
+                Step::Done => {}
+                Step::Gone => {
+                    step = Step::Gone;
+                    break;
+                }
+                other => step = other,
+            }
+            i += run;
+        }
+        step
+    } else {
+        worker.fetch_and_install(target, &claim, lo, &claims)
+    };
     drop(guard);
     worker.claims = claims;
     step

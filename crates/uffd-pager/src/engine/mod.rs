@@ -45,6 +45,7 @@ mod strategy;
 use crate::stats::panic_message;
 use crate::stop::StopSignal;
 use events::spawn_handlers;
+pub use events::MAX_HANDLERS_PER_CPU;
 use fill::{fill_main, fill_missing, FillEnd};
 use install::{release, ClaimGuard};
 pub use lifecycle::{Detached, HandedOver, RegisteredRange, StillRegistered};
@@ -196,6 +197,21 @@ impl PagerBuilder {
     /// Handler threads per userfaultfd (default 1).
     pub fn threads(mut self, threads: usize) -> Self {
         self.config.threads = threads;
+        self
+    }
+
+    /// One handler thread per CPU this process may run on (at most
+    /// [`MAX_HANDLERS_PER_CPU`]), each pinned to its CPU and sleeping
+    /// until a fault arrives (no spinning; replaces [`Self::threads`] and
+    /// [`Self::wait`]). A fault wakes all of them and the first to read it
+    /// serves it: usually the one on the CPU the faulting thread just left
+    /// idle, so the fault is served on that core and the faulting thread
+    /// woken there, with no cross-core wake-up. That is what a one-thread
+    /// handler gets when the scheduler happens to place it beside a
+    /// serially faulting vCPU (measured on a 2-core VM: 5 us per fault
+    /// instead of 14). Default off.
+    pub fn handler_per_cpu(mut self, on: bool) -> Self {
+        self.config.handler_per_cpu = on;
         self
     }
 

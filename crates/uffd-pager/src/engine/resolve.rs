@@ -181,17 +181,12 @@ impl<'a> Worker<'a> {
             );
         }
         if let Some(remote) = self.shared.source.asynchronous() {
-            // Bytes the source holds mapped already (pages a push brought)
-            // are installed from there now, by this thread: no read on
-            // the runtime, no copy into a buffer, no hand-over back.
             let ps = claim.span.page_size;
-            let here = self.resolver().stages_from_mapping()
-                && self
-                    .shared
-                    .source
-                    .mapped(claim.span.source_of(lo), (hi - lo) * ps as usize)
-                    .is_some();
-            if !here && self.resolver().installs_from_any_buffer() {
+            if remote.is_ready(claim.span.source_of(lo), (hi - lo) as u64 * ps) {
+                // At hand (a warm cache): served below like a local source,
+                // by this thread, with no trip through the runtime.
+                Counters::add(&self.shared.counters.async_ready, 1);
+            } else if self.resolver().installs_from_any_buffer() {
                 let claims = self.claims.clone();
                 self.fetch_in_background(remote, target, claim, lo, claims, started);
                 return Step::Done;

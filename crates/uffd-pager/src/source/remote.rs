@@ -59,11 +59,31 @@ pub trait AsyncPageSource: Send + Sync + fmt::Debug {
         self.read(offset, len)
     }
 
-    /// The bytes at `offset..offset + len` if they are here already,
-    /// mapped in this process (pages a push brought): the engine then
-    /// installs them straight from there on the faulting page's handler
-    /// thread, with no read on the runtime and no copy into a buffer. The
-    /// contract of [`PageSource::mapped`]; the default has none.
+    /// True when `offset..offset + len` is at hand now (in memory: a cache
+    /// hit), so that [`AsyncPageSource::read_ready`] will most likely
+    /// produce it without waiting. Must be cheap: the engine asks for
+    /// every fault. The default: never.
+    fn is_ready(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
+    /// Copies `offset..offset + buf.len()` into `buf` if it is at hand
+    /// now, without waiting for anything (no await, no I/O beyond memory);
+    /// `None` when it is not, and the engine then reads it with
+    /// [`AsyncPageSource::read`]. The handler thread calls this itself, so
+    /// a warm cache serves a fault as a local file does, with no trip
+    /// through the runtime. The default: never at hand.
+    fn read_ready(&self, offset: u64, buf: &mut [u8]) -> Option<Result<Content, SourceError>> {
+        let _ = (offset, buf);
+        None
+    }
+
+    /// Bytes at hand (see [`AsyncPageSource::is_ready`]) that are also
+    /// mapped in this process (pages a push brought): strategies that
+    /// install from a source's mapping (COPY) then take them from there,
+    /// with no copy into a buffer first. The contract of
+    /// [`PageSource::mapped`]; the default has none.
     fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
         let _ = (offset, len);
         None
@@ -138,6 +158,11 @@ impl AsyncSource {
     /// The source it wraps.
     pub fn inner(&self) -> &Arc<dyn AsyncPageSource> {
         &self.inner
+    }
+
+    /// [`AsyncPageSource::is_ready`], within bounds.
+    pub(crate) fn is_ready(&self, offset: u64, len: u64) -> bool {
+        check_bounds(offset, len, self.inner.len()).is_ok() && self.inner.is_ready(offset, len)
     }
 
     /// Starts reading `offset..offset + len` and calls `done` with the
@@ -243,8 +268,13 @@ impl PageSource for AsyncSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        check_bounds(offset, buf.len() as u64, self.inner.len())?;
+        if let Some(ready) = self.inner.read_ready(offset, buf) {
+            return ready;
+        }
         // The blocking path is the background policies' (and that of
-        // strategies that stage bytes themselves).
+        // strategies that stage bytes themselves), and a fault's whose
+        // bytes were at hand a moment ago and no longer are.
         let result = self.runtime.block_on(read_with_retries(
             &*self.inner,
             offset,

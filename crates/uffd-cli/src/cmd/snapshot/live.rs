@@ -24,7 +24,10 @@ use crate::cmd::CmdResult;
 /// The snapshot write-protects everything at t0 (the writers are held for
 /// that step only), then a saver thread copies each page before its first
 /// write and all others in the background. The image is checked against
-/// the memory at t0, page for page. Then --rounds rounds: writers run for
+/// the memory at t0, page for page. This is done twice: as a backup takes
+/// it (no write tracking: the figures reported at the top level), then
+/// with write tracking as the base of the deltas (every page first written
+/// meanwhile faults once; its figures under "tracked"). Then --rounds rounds: writers run for
 /// --round-ms, are held while the pages written since the previous round
 /// (WP_ASYNC + PAGEMAP_SCAN) go to a delta file, and base + deltas are
 /// checked against memory; finally `merge` of all layers is checked too.
@@ -41,7 +44,7 @@ use crate::cmd::CmdResult;
 /// longest_stall_ms, writer_ops_per_s, saved_on_fault,
 /// saved_in_background, longest_fault_us, image_data_bytes, tracker,
 /// pagemap_scan_ms, softdirty_scan_ms (null without soft-dirty),
-/// first_write_us, rounds[], fork{}, fork_longest_stall_ms,
+/// first_write_us, rounds[], tracked{}, fork{}, fork_longest_stall_ms,
 /// fork_writer_ops_per_s, stop_the_world{}.
 ///
 /// Files go to --dir (default: the temp directory) and are removed at the
@@ -97,15 +100,9 @@ struct Summary {
     consistent: bool,
     layers_consistent: bool,
     merged_consistent: bool,
-    protect_ms: f64,
-    snapshot_ms: f64,
-    longest_stall_ms: f64,
-    writer_ops_per_s: f64,
-    saved_on_fault: u64,
-    saved_in_background: u64,
-    faults: u64,
-    longest_fault_us: f64,
-    image_data_bytes: u64,
+    /// The live snapshot as a backup takes it.
+    #[serde(flatten)]
+    live: LiveFigures,
     tracker: &'static str,
     pagemap_scan_ms: f64,
     first_write_us: f64,
@@ -115,9 +112,80 @@ struct Summary {
     fork: Option<Baseline>,
     fork_longest_stall_ms: Option<f64>,
     fork_writer_ops_per_s: Option<f64>,
+    /// The chain's base: the same snapshot with write tracking.
+    tracked: Tracked,
     /// Writers held while everything is copied.
     stop_the_world: Baseline,
     softdirty_scan_ms: Option<f64>,
+}
+
+/// One live snapshot's figures.
+#[derive(Debug, Serialize)]
+struct LiveFigures {
+    protect_ms: f64,
+    snapshot_ms: f64,
+    longest_stall_ms: f64,
+    writer_ops_per_s: f64,
+    saved_on_fault: u64,
+    saved_in_background: u64,
+    faults: u64,
+    longest_fault_us: f64,
+    image_data_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Tracked {
+    consistent: bool,
+    #[serde(flatten)]
+    figures: LiveFigures,
+}
+
+impl LiveFigures {
+    fn of(
+        report: &uffd_snapshot::Report,
+        elapsed: Duration,
+        ops: u64,
+        longest_stall: Duration,
+    ) -> LiveFigures {
+        LiveFigures {
+            protect_ms: ms(report.protect_time),
+            snapshot_ms: ms(elapsed),
+            longest_stall_ms: ms(longest_stall),
+            writer_ops_per_s: ops as f64 / elapsed.as_secs_f64().max(1e-9),
+            saved_on_fault: report.saved_on_fault,
+            saved_in_background: report.saved_in_background,
+            faults: report.faults,
+            longest_fault_us: report.longest_fault.as_secs_f64() * 1e6,
+            image_data_bytes: report.data_bytes,
+        }
+    }
+}
+
+/// A live snapshot without write tracking, taken and checked against t0
+/// while the writers run.
+fn live_untracked(
+    vm: &VersionedMemory,
+    region: Region,
+    path: &std::path::Path,
+) -> Result<(LiveFigures, bool), Box<dyn std::error::Error + Send + Sync>> {
+    let prepared = LiveSnapshot::prepare(&[region], path, SnapshotOptions::new())?;
+    vm.take_ops();
+    vm.take_longest_op();
+    let started = Instant::now();
+    let running = vm.at_t0(|| prepared.protect())?;
+    running.wait_saved(None);
+    let elapsed = started.elapsed();
+    let (ops, longest_stall) = (vm.take_ops(), vm.take_longest_op());
+    let report = running.finish()?;
+    let paused = vm.pause();
+    let consistent = vm
+        .file_mismatches_at_t0(&std::fs::File::open(path)?)?
+        .is_empty();
+    drop(paused);
+    Ok((
+        LiveFigures::of(&report, elapsed, ops, longest_stall),
+        consistent,
+    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -263,8 +331,22 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         writer_ops_per_s: ops as f64 / stw_time.as_secs_f64().max(1e-9),
     };
 
-    // The live snapshot. Write tracking stays on so that the first delta
-    // holds what was written while the base was being saved.
+    // The live snapshot as a backup takes it, and the bench's figures: no
+    // write tracking, so a page faults at most once, before it is saved.
+    let untracked_path = dir.join(format!("uffd-live-{tag}-untracked.mem"));
+    files.0.push(untracked_path.clone());
+    let (untracked, untracked_ok) = match live_untracked(&vm, region, &untracked_path) {
+        Ok(figures) => figures,
+        Err(e) => {
+            stop_writers(writers);
+            return Err(e);
+        }
+    };
+    let _ = std::fs::remove_file(&untracked_path);
+
+    // The base of the incremental chain. Write tracking stays on so that
+    // the first delta holds what was written while the base was being
+    // saved (every page first written during the snapshot faults once).
     let prepared =
         match LiveSnapshot::prepare(&[region], &base, SnapshotOptions::new().track_writes(true)) {
             Ok(p) => p,
@@ -386,18 +468,14 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         mem: a.mem.to_string(),
         mib: a.mib,
         threads: a.threads,
-        consistent: bad.is_empty(),
+        consistent: bad.is_empty() && untracked_ok,
         layers_consistent: layers_ok,
         merged_consistent: merged_ok,
-        protect_ms: ms(report.protect_time),
-        snapshot_ms: ms(snapshot_time),
-        longest_stall_ms: ms(longest_stall),
-        writer_ops_per_s: ops as f64 / snapshot_time.as_secs_f64().max(1e-9),
-        saved_on_fault: report.saved_on_fault,
-        saved_in_background: report.saved_in_background,
-        faults: report.faults,
-        longest_fault_us: report.longest_fault.as_secs_f64() * 1e6,
-        image_data_bytes: report.data_bytes,
+        live: untracked,
+        tracked: Tracked {
+            consistent: bad.is_empty(),
+            figures: LiveFigures::of(&report, snapshot_time, ops, longest_stall),
+        },
         tracker: tracker_mode,
         pagemap_scan_ms: ms(last_scan),
         first_write_us: first_write.as_secs_f64() * 1e6,
@@ -433,15 +511,24 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         );
         println!(
             "  t0 pause {:.3} ms; saved in {:.1} ms ({} pages on a writer's fault, {} in the background)",
-            summary.protect_ms, summary.snapshot_ms, summary.saved_on_fault, summary.saved_in_background
+            summary.live.protect_ms, summary.live.snapshot_ms, summary.live.saved_on_fault, summary.live.saved_in_background
         );
         println!(
             "  writers meanwhile: {:.0} writes/s, longest stall {:.3} ms (longest fault served in {:.0} us)",
-            summary.writer_ops_per_s, summary.longest_stall_ms, summary.longest_fault_us
+            summary.live.writer_ops_per_s, summary.live.longest_stall_ms, summary.live.longest_fault_us
         );
         println!(
             "  image: {} bytes of data in a sparse file of {} bytes",
-            summary.image_data_bytes, len
+            summary.live.image_data_bytes, len
+        );
+        let t = &summary.tracked.figures;
+        println!(
+            "  with write tracking (the base of the deltas): t0 pause {:.3} ms, saved in {:.1} ms, writers {:.0} writes/s, longest stall {:.3} ms, image {}",
+            t.protect_ms,
+            t.snapshot_ms,
+            t.writer_ops_per_s,
+            t.longest_stall_ms,
+            if summary.tracked.consistent { "equals t0" } else { "DIFFERS from t0" }
         );
         for (i, r) in summary.rounds.iter().enumerate() {
             println!(

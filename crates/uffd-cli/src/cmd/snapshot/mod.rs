@@ -13,8 +13,9 @@ mod store;
 /// Memory snapshots: kept in object storage, taken live, layered, merged.
 ///
 /// In object storage a snapshot is a manifest object plus content-addressed
-/// chunks: zero chunks are not stored, and a chunk held by any snapshot in
-/// the same folder is stored once. `uffd serve --source URL` restores VMs
+/// chunks: zero pages are not stored, a chunk held by any snapshot in the
+/// same folder is stored once, and with --parent only the pages changed
+/// since the parent are. `uffd serve --source URL` restores VMs
 /// from it directly, fetching the chunks their faults need. URLs:
 /// s3://bucket/dir/NAME (also gs://, az://, file:///dir/NAME). The store is
 /// configured by the standard environment variables: for S3
@@ -30,7 +31,8 @@ mod store;
 /// memory file.
 ///
 /// Examples:
-///   uffd snapshot push --mem-file vm.mem --to s3://snaps/fleet/vm-1
+///   uffd snapshot push --mem-file vm.mem --to s3://snaps/fleet/vm-1 --working-set vm.ws
+///   uffd snapshot push --mem-file vm2.mem --to s3://snaps/fleet/vm-2 --parent s3://snaps/fleet/vm-1
 ///   uffd snapshot ls s3://snaps/fleet
 ///   uffd snapshot info s3://snaps/fleet/vm-1 --json
 ///   uffd snapshot pull --from s3://snaps/fleet/vm-1 --to vm.mem

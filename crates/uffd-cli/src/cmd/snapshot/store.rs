@@ -13,20 +13,35 @@ use super::super::CmdResult;
 
 /// Store a memory file as a snapshot in object storage.
 ///
-/// The file is cut into chunks of --chunk-size; each chunk that is not all
-/// zero is stored under its blake3 hash in `.chunks/` next to the snapshot
-/// (LZ4-compressed when that saves at least an eighth), unless a snapshot
-/// in the same folder stored it already. The manifest is written last, so
-/// a snapshot is visible only once complete. Chunk size is a trade-off: a
-/// fault fetches one whole chunk (larger: fewer requests, more bytes per
-/// fault; smaller: better dedup).
+/// Every 4 KiB page is hashed. Zero pages are not stored. The other pages
+/// are packed into chunks of up to --chunk-size, each stored under its
+/// blake3 hash in `.chunks/` next to the snapshot (LZ4-compressed when that
+/// saves at least an eighth) unless a snapshot in the same folder stored
+/// it already. A page index (16 bytes per page) goes to `.pages/NAME`, and
+/// the manifest (extents: image range -> bytes of a chunk) is written
+/// last, so a snapshot is visible only once complete.
 ///
-/// Output: a summary (chunks, zero chunks, unique, reused, uploaded,
-/// bytes uploaded), or with --json one object {"url", "image_len",
-/// "chunk_size", "chunks", "zero_chunks", "unique_chunks",
-/// "reused_chunks", "uploaded_chunks", "uploaded_bytes",
-/// "compressed_chunks"}. Progress goes to stderr on a terminal or with
-/// --progress.
+/// --parent URL (a snapshot in the same folder) downloads only its
+/// manifest and page index, references its chunks for every page that is
+/// unchanged, and packs only the changed pages into new chunks: pushing a
+/// snapshot that differs from its parent in 5% of its pages uploads about
+/// 5% of its bytes, wherever the changes are.
+///
+/// --working-set FILE (recorded by `uffd serve --record`) packs those
+/// pages first, in the recorded order, into chunks of their own, so that
+/// `uffd serve --prefetch FILE` downloads about the working set's bytes
+/// before the VM needs them, not every chunk it is scattered over.
+///
+/// Chunk size is a trade-off: a fault fetches one whole chunk (larger:
+/// fewer requests, more bytes per fault).
+///
+/// Output: a summary, or with --json one object {"url", "parent",
+/// "image_len", "chunk_size", "pages", "zero_pages", "parent_pages",
+/// "new_pages", "working_set_pages", "extents", "unique_chunks",
+/// "parent_chunks", "reused_chunks", "uploaded_chunks",
+/// "compressed_chunks", "uploaded_bytes", "manifest_bytes",
+/// "index_bytes", "downloaded_bytes"}. Progress goes to stderr on a
+/// terminal or with --progress.
 ///
 /// Exit status: 0 when the snapshot is stored, 1 on an error (nothing
 /// half-written is visible: the manifest is not written).
@@ -42,6 +57,12 @@ pub struct PushArgs {
     /// Chunk size: a power of two from 4K to 64M (K/M suffixes).
     #[arg(long, default_value = "4M", value_name = "BYTES", value_parser = crate::cmd::serve::parse_bytes)]
     chunk_size: u64,
+    /// A snapshot in the same folder to store only the changes against.
+    #[arg(long, value_name = "URL")]
+    parent: Option<String>,
+    /// A working-set file (uffd serve --record) whose pages to pack first.
+    #[arg(long, value_name = "PATH")]
+    working_set: Option<PathBuf>,
     /// Show progress on stderr even when it is not a terminal.
     #[arg(long)]
     progress: bool,
@@ -52,7 +73,7 @@ pub struct PushArgs {
 
 /// Download a snapshot into a memory file.
 ///
-/// Every chunk is checked against its hash; zero chunks are left as holes
+/// Every chunk is checked against its hash; zero pages are left as holes
 /// in the file. The file is written under a temporary name next to --to
 /// and renamed when complete.
 ///
@@ -100,11 +121,15 @@ pub struct LsArgs {
 
 /// Describe a snapshot from its manifest.
 ///
-/// Output: image size, chunk size, chunks, zero chunks and the zero share
-/// of the image, unique chunks and their bytes (uncompressed and as
-/// stored), or with --json {"url", "version", "image_len", "chunk_size",
-/// "chunks", "zero_chunks", "zero_share", "unique_chunks",
-/// "unique_bytes", "stored_bytes", "compressed_chunks"}.
+/// Output: image size, chunk size, chunks and extents, zero pages and the
+/// zero share of the image, the chunks' bytes (uncompressed and as
+/// stored), and with --shared the chunks and bytes it shares with the
+/// other snapshots of its folder (this reads every manifest there); or
+/// with --json {"url", "version", "image_len", "chunk_size", "chunks",
+/// "extents", "zero_pages", "zero_share", "unique_chunks",
+/// "unique_bytes", "stored_bytes", "compressed_chunks",
+/// "other_snapshots", "shared_chunks", "shared_bytes"} (the last three
+/// null without --shared).
 ///
 /// Exit status: 0 when the manifest is valid, 1 when it is missing,
 /// corrupt or unreachable.
@@ -114,6 +139,9 @@ pub struct InfoArgs {
     /// The snapshot: s3://bucket/dir/NAME.
     #[arg(value_name = "URL", required = true)]
     url: String,
+    /// Also count what it shares with the other snapshots of its folder.
+    #[arg(long)]
+    shared: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -181,11 +209,29 @@ pub fn push(a: PushArgs) -> CmdResult {
     let chunk_size = u32::try_from(a.chunk_size)
         .map_err(|_| format!("--chunk-size {}: at most 64M", a.chunk_size))?;
     let location = open(&a.to)?;
+    let parent = a.parent.as_deref().map(open).transpose()?;
+    let working_set = match &a.working_set {
+        Some(path) => {
+            let len = std::fs::metadata(&a.mem_file)
+                .map_err(|e| format!("{}: {e}", a.mem_file.display()))?
+                .len();
+            Some(
+                uffd_pager::WorkingSet::load(path, len)
+                    .map_err(|e| format!("--working-set {}: {e}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let options = snapshot::PushOptions {
+        chunk_size,
+        parent: parent.as_ref(),
+        working_set: working_set.as_ref(),
+    };
     let meter = Meter::new("push", a.progress);
     let report = uffd_store::io_runtime()?.block_on(snapshot::push(
         &a.mem_file,
         &location,
-        chunk_size,
+        &options,
         &|d, t| meter.update(d, t),
     ));
     meter.finish();
@@ -194,17 +240,21 @@ pub fn push(a: PushArgs) -> CmdResult {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{}: {:.1} MiB in {} chunks of {} KiB: {} zero (not stored), {} unique, {} already stored, {} uploaded ({} compressed), {:.1} MiB uploaded",
+            "{}: {:.1} MiB, {} pages: {} zero (not stored), {} unchanged in the parent, {} new ({} of the working set first); {} chunks packed to {} KiB: {} already stored, {} uploaded ({} compressed); {:.1} MiB uploaded, {:.1} MiB downloaded",
             r.url,
             mib(r.image_len),
-            r.chunks,
-            r.chunk_size >> 10,
-            r.zero_chunks,
+            r.pages,
+            r.zero_pages,
+            r.parent_pages,
+            r.new_pages,
+            r.working_set_pages,
             r.unique_chunks,
+            r.chunk_size >> 10,
             r.reused_chunks,
             r.uploaded_chunks,
             r.compressed_chunks,
-            mib(r.uploaded_bytes)
+            mib(r.uploaded_bytes),
+            mib(r.downloaded_bytes)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -255,7 +305,7 @@ pub fn ls(a: LsArgs) -> CmdResult {
 /// Runs `uffd snapshot info`.
 pub fn info(a: InfoArgs) -> CmdResult {
     let location = open(&a.url)?;
-    let i = uffd_store::io_runtime()?.block_on(snapshot::info(&location))?;
+    let i = uffd_store::io_runtime()?.block_on(snapshot::info(&location, a.shared))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&i)?);
     } else {
@@ -265,10 +315,16 @@ pub fn info(a: InfoArgs) -> CmdResult {
             mib(i.image_len),
             i.image_len
         );
-        println!("chunks        {} of {} KiB", i.chunks, i.chunk_size >> 10);
+        println!("layout        version {}", i.version);
         println!(
-            "zero          {} chunks, {:.1}% of the image",
-            i.zero_chunks,
+            "chunks        {} packed to {} KiB, {} extents",
+            i.chunks,
+            i.chunk_size >> 10,
+            i.extents
+        );
+        println!(
+            "zero          {} pages, {:.1}% of the image",
+            i.zero_pages,
             i.zero_share * 100.0
         );
         println!(
@@ -278,6 +334,12 @@ pub fn info(a: InfoArgs) -> CmdResult {
             mib(i.stored_bytes),
             i.compressed_chunks
         );
+        if let (Some(n), Some(c), Some(b)) = (i.other_snapshots, i.shared_chunks, i.shared_bytes) {
+            println!(
+                "shared        {c} chunks, {:.1} MiB stored, with the {n} other snapshots of the folder",
+                mib(b)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -124,10 +124,6 @@ impl Resolver for Continue {
         false
     }
 
-    fn stages_from_mapping(&self) -> bool {
-        false
-    }
-
     fn on_claimed(&self) -> Step {
         // The fill thread writes through the alias without an ioctl, so
         // nobody would map this page: come back.

@@ -108,12 +108,6 @@ pub(super) trait Resolver: Sync + std::fmt::Debug {
         true
     }
 
-    /// [`Resolver::stage`] installs from the source's mapping when it has
-    /// one.
-    fn stages_from_mapping(&self) -> bool {
-        true
-    }
-
     /// A fault on a page another thread claimed: that thread's ioctl
     /// wakes it.
     fn on_claimed(&self) -> Step {

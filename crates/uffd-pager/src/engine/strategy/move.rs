@@ -19,10 +19,6 @@ impl Resolver for Move {
         staged(worker, span.source_of(from), len)
     }
 
-    fn stages_from_mapping(&self) -> bool {
-        false
-    }
-
     fn install(&self, worker: &Worker<'_>, uffd: &Uffd, run: Run) -> Result<Resolved, uffd::Error> {
         if run.zero {
             return install_zeros(worker, uffd, run);
