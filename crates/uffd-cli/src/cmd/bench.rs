@@ -77,12 +77,8 @@ pub struct Args {
     /// the rounds (ratios: the median of each round's own ratio).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     rounds: u32,
-    /// Print `{"cases": [...]}` as JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Also write an SVG plot of the touch-time distributions here.
-    #[arg(long, value_name = "FILE.svg")]
-    plot: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    report: super::ReportArgs,
 }
 
 /// Runs the benchmark.
@@ -98,7 +94,7 @@ pub fn run(args: Args) -> CmdResult {
         },
         &progress,
     )?;
-    if args.json {
+    if args.report.json {
         println!("{}", serde_json::json!({ "cases": cases }));
     } else {
         println!(
@@ -130,7 +126,7 @@ pub fn run(args: Args) -> CmdResult {
             );
         }
     }
-    if let Some(path) = &args.plot {
+    if let Some(path) = &args.report.plot {
         super::write_plot(
             path,
             &format!("uffd bench (in this process): {} MiB", args.mib),

@@ -67,13 +67,8 @@ pub struct Args {
     /// Directory for the snapshot file (default: the system's temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// Also write an SVG plot here: touch-time distributions of the random
-    /// half, and pages installed over time (on demand, by readahead, by background fill).
-    #[arg(long, value_name = "FILE.svg")]
-    plot: Option<PathBuf>,
+    #[command(flatten)]
+    report: super::ReportArgs,
 }
 
 /// Runs the demo.
@@ -90,12 +85,12 @@ pub fn run(args: Args) -> CmdResult {
         },
         &progress,
     )?;
-    if args.json {
+    if args.report.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);
     }
-    if let Some(path) = &args.plot {
+    if let Some(path) = &args.report.plot {
         super::write_plot(
             path,
             &format!("uffd demo: lazy restore of {} MiB", report.mib),

@@ -13,6 +13,19 @@ pub mod snapshot;
 /// What a subcommand returns: an exit code, or an error printed as `uffd: ...`.
 pub type CmdResult = Result<std::process::ExitCode, Box<dyn std::error::Error + Send + Sync>>;
 
+/// `--json` and `--plot`, the same on every benchmark and demo.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReportArgs {
+    /// Print one JSON object (the schema is in this command's help)
+    /// instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write an SVG plot of the figures here (what it draws is in
+    /// this command's help).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
+}
+
 /// Writes a benchmark's plot and says where.
 pub fn write_plot(
     path: &std::path::Path,

@@ -327,12 +327,8 @@ struct BenchArgs {
     /// default: a temporary directory, removed).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Print one JSON object (schema above) instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Also write an SVG plot of every round's restore-to-done here.
-    #[arg(long, value_name = "FILE.svg")]
-    plot: Option<PathBuf>,
+    #[command(flatten)]
+    report: super::ReportArgs,
 }
 
 /// A duration: a number with an optional unit, ms, s, m or h (none means
@@ -642,7 +638,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
 
 fn run_bench(a: BenchArgs) -> CmdResult {
     super::require_userfaultfd("uffd serve bench")?;
-    let plot = a.plot.clone();
+    let plot = a.report.plot.clone();
     let uffd_bin = std::env::current_exe()?;
     let beside = |name: &str| uffd_bin.with_file_name(name);
     let report = uffd_bench::serve::run(&uffd_bench::serve::Config {
@@ -662,7 +658,7 @@ fn run_bench(a: BenchArgs) -> CmdResult {
         uffd_bin,
         progress: true,
     })?;
-    if a.json {
+    if a.report.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_serve_bench(&report);
