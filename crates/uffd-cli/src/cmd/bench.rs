@@ -126,12 +126,9 @@ pub fn run(args: Args) -> CmdResult {
             );
         }
     }
-    if let Some(path) = &args.report.plot {
-        super::write_plot(
-            path,
-            &format!("uffd bench (in this process): {} MiB", args.mib),
-            &pager::plot_panels(&cases),
-        )?;
-    }
+    args.report.write_plot(
+        || format!("uffd bench (in this process): {} MiB", args.mib),
+        || pager::plot_panels(&cases),
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -90,13 +90,10 @@ pub fn run(args: Args) -> CmdResult {
     } else {
         print_table(&report);
     }
-    if let Some(path) = &args.report.plot {
-        super::write_plot(
-            path,
-            &format!("uffd demo: lazy restore of {} MiB", report.mib),
-            &demo::plot_panels(&report),
-        )?;
-    }
+    args.report.write_plot(
+        || format!("uffd demo: lazy restore of {} MiB", report.mib),
+        || demo::plot_panels(&report),
+    )?;
     Ok(if report.verified {
         ExitCode::SUCCESS
     } else {

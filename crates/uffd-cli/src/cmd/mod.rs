@@ -26,16 +26,21 @@ pub struct ReportArgs {
     pub plot: Option<std::path::PathBuf>,
 }
 
-/// Writes a benchmark's plot and says where.
-pub fn write_plot(
-    path: &std::path::Path,
-    title: &str,
-    panels: &[uffd_bench::plot::Panel],
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    uffd_bench::plot::write_svg(path, title, panels)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    eprintln!("plot written to {}", path.display());
-    Ok(())
+impl ReportArgs {
+    /// With `--plot`, draws `panels` under `title` and says where.
+    pub fn write_plot(
+        &self,
+        title: impl FnOnce() -> String,
+        panels: impl FnOnce() -> Vec<uffd_bench::plot::Panel>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let Some(path) = &self.plot else {
+            return Ok(());
+        };
+        uffd_bench::plot::write_svg(path, &title(), &panels())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+        Ok(())
+    }
 }
 
 /// Fails with what to do when this process may not open a userfaultfd;

@@ -638,7 +638,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
 
 fn run_bench(a: BenchArgs) -> CmdResult {
     super::require_userfaultfd("uffd serve bench")?;
-    let plot = a.report.plot.clone();
+    let report_args = a.report.clone();
     let uffd_bin = std::env::current_exe()?;
     let beside = |name: &str| uffd_bin.with_file_name(name);
     let report = uffd_bench::serve::run(&uffd_bench::serve::Config {
@@ -663,16 +663,15 @@ fn run_bench(a: BenchArgs) -> CmdResult {
     } else {
         print_serve_bench(&report);
     }
-    if let Some(path) = &plot {
-        super::write_plot(
-            path,
-            &format!(
+    report_args.write_plot(
+        || {
+            format!(
                 "uffd serve bench: {} MiB snapshot, VMM in another process",
                 report.mib
-            ),
-            &uffd_bench::serve::plot_panels(&report),
-        )?;
-    }
+            )
+        },
+        || uffd_bench::serve::plot_panels(&report),
+    )?;
     if report.mismatched_pages > 0 {
         return Err(format!(
             "{} pages did not match the snapshot",
