@@ -109,15 +109,17 @@ fn page_server(uffd: &Path, mem: &Path, push: bool) -> Result<Server, BoxError> 
     let mut err = BufReader::new(child.stderr.take().expect("piped"));
     let mut line = String::new();
     err.read_line(&mut line)?;
-    let addr = line
-        .split(" on ")
-        .nth(1)
-        .and_then(|r| r.split([',', '\n']).next())
-        .ok_or_else(|| format!("uffd page-server said {line:?}"))?
-        .trim()
-        .to_string();
+    let addr = serving_address(&line).ok_or_else(|| format!("uffd page-server said {line:?}"))?;
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     Ok(Server(child, addr))
+}
+
+/// The address in the first line `uffd page-server` writes to stderr
+/// ("uffd page-server: serving FILE (N bytes) on ADDR[, pushing every
+/// page]"), which is how a script learns the port of `--listen HOST:0`.
+pub fn serving_address(line: &str) -> Option<String> {
+    let addr = line.split(" on ").nth(1)?.split([',', '\n']).next()?.trim();
+    (!addr.is_empty()).then(|| addr.to_string())
 }
 
 /// A TCP relay on loopback that delays every byte by `delay` each way,

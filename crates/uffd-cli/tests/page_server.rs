@@ -2,10 +2,12 @@
 //! `uffd serve --source tcp://...` from `uffd page-server`, every byte
 //! verified; the page server restarted mid-restore (nothing lost), gone
 //! for good (SIGBUS on what never arrived, no hang, the server lives on),
-//! and a link that corrupts and cuts frames (caught, asked again).
+//! and a link that corrupts and cuts frames (caught, asked again); a
+//! stderr nobody reads (full or closed) never stops the page server.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,26 +34,38 @@ fn page_server(mem: &Path, listen: &str, push: bool) -> (Reaped, String) {
 }
 
 fn page_server_with(mem: &Path, listen: &str, flags: &[&str]) -> (Reaped, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uffd"));
-    cmd.args(["page-server", "--mem-file"])
+    let (read_end, write_end) = rustix::pipe::pipe().expect("a pipe");
+    let (server, addr, mut err) = page_server_logging_to(mem, listen, flags, write_end, read_end);
+    // Keep draining its log so that a full pipe never costs it a line.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    (server, addr)
+}
+
+/// Starts `uffd page-server` with its stderr into the pipe `write_end`
+/// (whose read end is `read_end`); returns it, its address (read from its
+/// first line) and the rest of its log.
+fn page_server_logging_to(
+    mem: &Path,
+    listen: &str,
+    flags: &[&str],
+    write_end: OwnedFd,
+    read_end: OwnedFd,
+) -> (Reaped, String, BufReader<std::fs::File>) {
+    let child = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args(["page-server", "--mem-file"])
         .arg(mem)
         .args(["--listen", listen])
         .args(flags)
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("starting uffd page-server");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
+        .stderr(Stdio::from(write_end))
+        .spawn()
+        .expect("starting uffd page-server");
+    let child = Reaped(child);
+    let mut err = BufReader::new(std::fs::File::from(read_end));
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
-    let addr = line
-        .split(" on ")
-        .nth(1)
-        .and_then(|rest| rest.split([',', '\n']).next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .trim()
-        .to_string();
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    (Reaped(child), addr)
+    let addr = uffd_bench::remote::serving_address(&line)
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (child, addr, err)
 }
 
 fn serve(source: &str, socket: &Path, extra: &[&str]) -> Reaped {
@@ -474,4 +488,81 @@ fn restores_over_a_link_with_5_ms_of_delay_each_way() {
     let _server = serve(&format!("tcp://{link}"), &socket, &["--background-fill"]);
     let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
     assert!(status.success() && verified(&out), "{status:?} {out}");
+}
+
+/// Fills the pipe behind `write_end` to the brim, so that the next write
+/// to it would block.
+fn fill(write_end: OwnedFd) {
+    let capacity = rustix::pipe::fcntl_getpipe_size(&write_end).expect("F_GETPIPE_SZ");
+    let mut file = std::fs::File::from(write_end);
+    // A thread of its own: should the server write meanwhile, this write
+    // would block on the last bytes; the pipe is full either way.
+    std::thread::spawn(move || {
+        let _ = file.write_all(&vec![b'.'; capacity]);
+        // Hold the write end open: a reader would see EOF otherwise.
+        std::thread::sleep(Duration::from_secs(3600));
+    });
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+fn restores_through(addr: &str, mem: &Path, dir: &Scratch) {
+    let socket = dir.path("sock");
+    let _ = std::fs::remove_file(&socket);
+    let _server = serve(&format!("tcp://{addr}"), &socket, &[]);
+    let (status, out) = finish(vmm(&socket, mem, &[]), Duration::from_secs(60));
+    assert!(status.success() && verified(&out), "{status:?} {out}");
+}
+
+fn stops_on_sigterm(mut server: Reaped) {
+    let pid = rustix::process::Pid::from_raw(server.0.id() as i32).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "page-server still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "page-server after SIGTERM: {status:?}");
+}
+
+/// A server's log must never stop it: with its stderr a pipe nobody reads
+/// any more, `uffd page-server` still serves restores and stops on SIGTERM.
+#[test]
+fn a_full_stderr_pipe_does_not_stop_the_page_server() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("ps-full-log");
+    let mem = snapshot(&dir);
+    let (read_end, write_end) = rustix::pipe::pipe().expect("a pipe");
+    let ours = write_end.try_clone().expect("dup of the write end");
+    let (server, addr, _log) =
+        page_server_logging_to(&mem, "127.0.0.1:0", &[], write_end, read_end);
+    fill(ours);
+    // Each destination's connections are logged: with a blocking log the
+    // server's runtime would stop at the first of them.
+    restores_through(&addr, &mem, &dir);
+    restores_through(&addr, &mem, &dir);
+    stops_on_sigterm(server);
+}
+
+/// The same with its stderr's reader gone.
+#[test]
+fn a_closed_stderr_does_not_stop_the_page_server() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("ps-closed-log");
+    let mem = snapshot(&dir);
+    let (read_end, write_end) = rustix::pipe::pipe().expect("a pipe");
+    let (server, addr, log) = page_server_logging_to(&mem, "127.0.0.1:0", &[], write_end, read_end);
+    drop(log);
+    restores_through(&addr, &mem, &dir);
+    // "stopping" goes to the closed pipe too.
+    stops_on_sigterm(server);
 }

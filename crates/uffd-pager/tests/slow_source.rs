@@ -33,6 +33,21 @@ struct SlowSource {
     ranges: std::sync::Mutex<Vec<(u64, usize)>>,
 }
 
+impl SlowSource {
+    /// Each read sleeps `delay`; reads covering `fail_page` fail; bytes
+    /// below `ready_below` are at hand.
+    fn new(delay: Duration, fail_page: Option<u64>, ready_below: u64) -> Arc<SlowSource> {
+        Arc::new(SlowSource {
+            delay,
+            reads: AtomicU64::new(0),
+            fail_page,
+            ready_below,
+            ready_reads: AtomicU64::new(0),
+            ranges: Default::default(),
+        })
+    }
+}
+
 fn fill_pages(offset: u64, buf: &mut [u8]) {
     let first = offset / 4096;
     for (i, page) in buf.chunks_mut(4096).enumerate() {
@@ -91,14 +106,7 @@ fn sixty_four_faults_on_a_10ms_source_wait_for_about_one_read() {
     }
     let uffd = open(Features::empty());
     let memory = anon_registered(&uffd, LEN);
-    let slow = Arc::new(SlowSource {
-        delay: Duration::from_millis(10),
-        reads: AtomicU64::new(0),
-        fail_page: None,
-        ready_below: 0,
-        ready_reads: AtomicU64::new(0),
-        ranges: Default::default(),
-    });
+    let slow = SlowSource::new(Duration::from_millis(10), None, 0);
     let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
     // SAFETY: the regions are a mapping this test touches only through raw
     // pointers; no Rust reference covers it.
@@ -144,14 +152,7 @@ fn a_failing_read_poisons_only_its_page() {
     }
     let uffd = open(Features::empty());
     let memory = anon_registered(&uffd, 64 * 4096);
-    let slow = Arc::new(SlowSource {
-        delay: Duration::from_millis(1),
-        reads: AtomicU64::new(0),
-        fail_page: Some(40),
-        ready_below: 0,
-        ready_reads: AtomicU64::new(0),
-        ranges: Default::default(),
-    });
+    let slow = SlowSource::new(Duration::from_millis(1), Some(40), 0);
     let source = Arc::new(AsyncSource::new(slow).unwrap());
     // SAFETY: the regions are a mapping this test touches only through raw
     // pointers; no Rust reference covers it.
@@ -198,14 +199,7 @@ fn pages_at_hand_are_served_by_the_handler_thread_without_an_asynchronous_read()
     let memory = anon_registered(&uffd, LEN);
     // The first half of the image is "cached"; the second half takes 10 ms.
     let half = (LEN / 2) as u64;
-    let slow = Arc::new(SlowSource {
-        delay: Duration::from_millis(10),
-        reads: AtomicU64::new(0),
-        fail_page: None,
-        ready_below: half,
-        ready_reads: AtomicU64::new(0),
-        ranges: Default::default(),
-    });
+    let slow = SlowSource::new(Duration::from_millis(10), None, half);
     let source = Arc::new(AsyncSource::new(slow.clone()).unwrap());
     // SAFETY: the regions are a mapping this test touches only through raw
     // pointers; no Rust reference covers it.
@@ -244,14 +238,7 @@ fn a_replay_from_an_asynchronous_source_reads_only_the_recorded_pages() {
     }
     let uffd = open(Features::empty());
     let memory = anon_registered(&uffd, LEN);
-    let slow = Arc::new(SlowSource {
-        delay: Duration::from_millis(1),
-        reads: AtomicU64::new(0),
-        fail_page: None,
-        ready_below: 0,
-        ready_reads: AtomicU64::new(0),
-        ranges: Default::default(),
-    });
+    let slow = SlowSource::new(Duration::from_millis(1), None, 0);
     // Every third page, and a run of four: sparse inside each 2 MiB window.
     let mut recorded: Vec<u64> = (0..(LEN / 4096) as u64).step_by(3).collect();
     recorded.extend(100..104);

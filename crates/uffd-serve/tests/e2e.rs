@@ -12,20 +12,14 @@ use uffd_serve::engine::PagerEngineConfig;
 
 const MIB: u64 = 1 << 20;
 
-#[test]
-fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
+/// A VMM of two regions, four threads and a balloon restores through a
+/// server with `config`, every byte verified.
+fn restores_across_regions_with_balloon(tag: &str, config: PagerEngineConfig) {
     if !uffd_testkit::vmm_uffd() {
         return;
     }
-    let (dir, mem) = scratch_with_memory("e2e", 32 * MIB);
-    let server = TestServer::start(
-        dir.path("sock"),
-        &mem,
-        PagerEngineConfig {
-            threads: 2,
-            ..Default::default()
-        },
-    );
+    let (dir, mem) = scratch_with_memory(tag, 32 * MIB);
+    let server = TestServer::start(dir.path("sock"), &mem, config);
     let child = standin(&server.socket, &mem)
         .args(["--regions", "2", "--threads", "4", "--balloon-every", "5"])
         .spawn()
@@ -51,30 +45,25 @@ fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
 }
 
 #[test]
+fn standin_vmm_restores_every_byte_across_regions_with_balloon() {
+    restores_across_regions_with_balloon(
+        "e2e",
+        PagerEngineConfig {
+            threads: 2,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
 fn per_cpu_handlers_restore_every_byte_with_balloon() {
-    if !uffd_testkit::vmm_uffd() {
-        return;
-    }
-    let (dir, mem) = scratch_with_memory("e2e-per-cpu", 32 * MIB);
-    let server = TestServer::start(
-        dir.path("sock"),
-        &mem,
+    restores_across_regions_with_balloon(
+        "e2e-per-cpu",
         PagerEngineConfig {
             handler_per_cpu: true,
             ..Default::default()
         },
     );
-    let child = standin(&server.socket, &mem)
-        .args(["--regions", "2", "--threads", "4", "--balloon-every", "5"])
-        .spawn()
-        .unwrap();
-    let (ok, out) = finish(child, "the stand-in VMM", Duration::from_secs(120));
-    assert!(ok, "stand-in VMM failed: {out}");
-    assert!(out.contains("\"mismatched_pages\":0"), "{out}");
-    let report = &server.wait_reports(1, Duration::from_secs(10))[0];
-    assert_eq!(report.ended, "vmm-exited");
-    assert!(report.engine.faults >= 8192, "{report:?}");
-    assert!(report.engine.removes > 0, "{report:?}");
 }
 
 #[test]
