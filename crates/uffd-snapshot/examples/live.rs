@@ -21,12 +21,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 i += 1;
             }
         });
-        // t0 is protect(); the writer keeps running (a write to a page not
-        // saved yet waits for that page only). With track_writes, pages
-        // written after t0 are recorded for the first delta.
+        // arm() walks the page tables with the writer running; t0 is
+        // protect(), which protects again only what the writer wrote
+        // meanwhile (a real program holds its writers across it for an
+        // image of one instant). After t0 a write to a page not saved yet
+        // waits for that page only. With track_writes, pages written after
+        // t0 are recorded for the first delta.
         let options = SnapshotOptions::new().track_writes(true);
-        let running =
-            LiveSnapshot::prepare(&[region], &dir.join("base.mem"), options)?.protect()?;
+        let armed = LiveSnapshot::prepare(&[region], &dir.join("base.mem"), options)?.arm()?;
+        let running = armed.protect()?;
         running.wait_saved(None);
         stop.store(true, Ordering::Relaxed);
         writer.join().expect("writer");

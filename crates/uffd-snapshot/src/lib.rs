@@ -47,5 +47,7 @@ pub use delta::{layered, merge, write_image, DeltaFile, DeltaIndex, DeltaStats};
 pub use dirty::{to_image, DirtyTracker, TrackerMode};
 pub use error::Error;
 pub use incremental::write_delta;
-pub use live::{DiscardPolicy, LiveSnapshot, Prepared, Report, Running, SnapshotOptions, Stopped};
+pub use live::{
+    Armed, DiscardPolicy, LiveSnapshot, Prepared, Report, Running, SnapshotOptions, Stopped,
+};
 pub use region::Region;

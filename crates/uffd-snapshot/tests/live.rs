@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use uffd::{HugepageReservation, Mapping, MemoryKind};
 use uffd_snapshot::check::{page_contents, VersionedMemory, PAGE};
-use uffd_snapshot::{DiscardPolicy, Error, LiveSnapshot, Region, SnapshotOptions};
+use uffd_snapshot::{
+    DiscardPolicy, Error, LiveSnapshot, Prepared, Region, Running, SnapshotOptions,
+};
 use uffd_testkit::{skip, Need, Scratch};
 
 /// Memory of `kind` or a skip (hugetlb reserves pages, restored on drop).
@@ -47,6 +49,7 @@ fn snapshot_with_writers(
     vm: Arc<VersionedMemory>,
     writers: u64,
     options: SnapshotOptions,
+    t0: T0,
 ) -> Result<Vec<u8>, Error> {
     let scratch = Scratch::new("live");
     let path = scratch.path("image");
@@ -63,7 +66,7 @@ fn snapshot_with_writers(
         })
         .collect();
     std::thread::sleep(Duration::from_millis(20));
-    let running = vm.at_t0(|| prepared.protect())?;
+    let running = t0.reach(&vm, prepared)?;
     let mut buf = [0u8; PAGE];
     let mine = (vm.pages() - 1) / stride * stride + writers;
     let mine = if mine < vm.pages() {
@@ -85,24 +88,51 @@ fn snapshot_with_writers(
     Ok(std::fs::read(&path).expect("reading the image"))
 }
 
+/// How a test reaches t0 (the writers are held for the call that is t0).
+#[derive(Debug, Clone, Copy)]
+enum T0 {
+    /// `protect()`: the whole walk is t0.
+    Walk,
+    /// `arm()` with the writers running, then `protect()` of what they
+    /// wrote meanwhile.
+    Arm,
+}
+
+impl T0 {
+    fn reach(self, vm: &VersionedMemory, prepared: Prepared) -> Result<Running, Error> {
+        match self {
+            T0::Walk => vm.at_t0(|| prepared.protect()),
+            T0::Arm => {
+                let armed = prepared.arm()?;
+                vm.at_t0(|| armed.protect())
+            }
+        }
+    }
+}
+
 fn consistent_on(kind: MemoryKind, mib: usize, writers: u64) {
+    consistent_reaching(kind, mib, writers, T0::Walk);
+    consistent_reaching(kind, mib, writers, T0::Arm);
+}
+
+fn consistent_reaching(kind: MemoryKind, mib: usize, writers: u64, t0: T0) {
     let Some((mapping, _reservation)) = memory(kind, mib << 20) else {
         return;
     };
     let vm = Arc::new(VersionedMemory::new(mapping));
     fill(&vm);
     let image =
-        snapshot_with_writers(vm.clone(), writers, SnapshotOptions::new()).expect("snapshot");
+        snapshot_with_writers(vm.clone(), writers, SnapshotOptions::new(), t0).expect("snapshot");
     assert_eq!(image.len(), vm.mapping().len());
     let bad = vm.mismatches_at_t0(&image);
     assert!(
         bad.is_empty(),
-        "{kind}: pages {bad:?} of the image differ from t0"
+        "{kind}, {t0:?}: pages {bad:?} of the image differ from t0"
     );
     // Memory moved on meanwhile: the image is not simply "now".
     assert!(
         !vm.mismatches_now(&image).is_empty(),
-        "{kind}: no write landed after t0; the test proved nothing"
+        "{kind}, {t0:?}: no write landed after t0; the test proved nothing"
     );
 }
 
@@ -127,7 +157,7 @@ fn a_staging_bound_far_below_the_image_only_makes_the_saver_wait() {
     // 1 MiB of buffers for a 32 MiB image: the background pass and then
     // the faults wait for the image writer again and again.
     let options = SnapshotOptions::new().staging(1 << 20);
-    let image = snapshot_with_writers(vm.clone(), 4, options).expect("snapshot");
+    let image = snapshot_with_writers(vm.clone(), 4, options, T0::Walk).expect("snapshot");
     let bad = vm.mismatches_at_t0(&image);
     assert!(bad.is_empty(), "pages {bad:?} of the image differ from t0");
     assert!(
@@ -555,4 +585,108 @@ fn dropping_a_running_snapshot_releases_every_writer() {
 #[test]
 fn hugetlb_private_image_equals_t0_with_writers() {
     consistent_on(MemoryKind::HugetlbPrivate, 8, 3);
+}
+
+/// Pages written between arm() and t0, and pages discarded then (anonymous
+/// memory loses its protection with its pages), are protected again at
+/// t0: writes after t0 do not reach the image. The same run with the
+/// re-protection skipped is caught, so the check can fail.
+#[test]
+fn pages_written_or_discarded_after_arm_are_protected_again_at_t0() {
+    for skip in [false, true] {
+        let Some((mapping, _)) = memory(MemoryKind::Anon, 32 << 20) else {
+            return;
+        };
+        let vm = VersionedMemory::new(mapping);
+        fill(&vm);
+        let pages = vm.pages();
+        let scratch = Scratch::new("rearm");
+        let path = scratch.path("image");
+        let prepared = LiveSnapshot::prepare(
+            &[Region::of(vm.mapping())],
+            &path,
+            SnapshotOptions::new().skip_rearm(skip),
+        )
+        .unwrap();
+        let armed = prepared.arm().unwrap();
+        // After the walk: each of these writes faults once and is recorded.
+        let mut buf = [0u8; PAGE];
+        let written: Vec<u64> = (pages - 40..pages - 32).collect();
+        for &p in &written {
+            vm.write_next(p, &mut buf);
+        }
+        // Discarded after the walk, then written with no fault at all.
+        let discarded = pages - 16;
+        vm.mapping()
+            .advise(
+                discarded as usize * PAGE,
+                8 * PAGE,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+            .unwrap();
+        for p in discarded..discarded + 8 {
+            vm.write_next(p, &mut buf);
+        }
+        let running = vm.at_t0(|| armed.protect()).unwrap();
+        // After t0, long before the background pass reaches the last pages.
+        for &p in written
+            .iter()
+            .chain(&(discarded..discarded + 8).collect::<Vec<_>>())
+        {
+            vm.write_next(p, &mut buf);
+        }
+        let report = running.finish().unwrap();
+        let image = std::fs::read(&path).unwrap();
+        let bad = vm.mismatches_at_t0(&image);
+        if skip {
+            assert!(
+                !bad.is_empty(),
+                "the checker did not notice writes after t0 to pages left unprotected"
+            );
+            continue;
+        }
+        assert!(bad.is_empty(), "pages {bad:?} differ from t0");
+        assert!(
+            report.rearmed >= written.len() as u64 + 8,
+            "{} pages protected again at t0",
+            report.rearmed
+        );
+        assert!(report.arm_time > Duration::ZERO);
+        assert!(report.events >= 1, "no REMOVE event seen");
+        assert!(report.discarded.is_empty(), "{:?}", report.discarded);
+    }
+}
+
+/// An armed snapshot dropped before t0 stops its saver and closes its
+/// userfaultfd: no writer stays blocked, no file is left.
+#[test]
+fn dropping_an_armed_snapshot_releases_every_writer() {
+    let Some((mapping, _)) = memory(MemoryKind::Anon, 16 << 20) else {
+        return;
+    };
+    let vm = Arc::new(VersionedMemory::new(mapping));
+    fill(&vm);
+    let scratch = Scratch::new("abandon-armed");
+    let path = scratch.path("image");
+    let armed = LiveSnapshot::prepare(&[Region::of(vm.mapping())], &path, SnapshotOptions::new())
+        .unwrap()
+        .arm()
+        .unwrap();
+    drop(armed);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let w = vm.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; PAGE];
+        for p in (0..w.pages()).rev().step_by(3) {
+            w.write_next(p, &mut buf);
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("a writer stayed blocked after the armed snapshot was dropped");
+    assert_eq!(
+        std::fs::read_dir(scratch.dir()).unwrap().count(),
+        0,
+        "temporary file left behind"
+    );
 }

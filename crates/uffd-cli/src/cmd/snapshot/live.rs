@@ -21,9 +21,12 @@ use crate::cmd::CmdResult;
 /// Memory of --mib MiB is written by --threads writer threads at random
 /// pages; every page carries a version counter and a pattern derived from
 /// it, and each writer records the version it overwrites first after t0.
-/// The snapshot write-protects everything at t0 (the writers are held for
-/// that step only), then a saver thread copies each page before its first
-/// write and all others in the background. The image is checked against
+/// The snapshot write-protects everything while the writers run (each page
+/// they write after the walk passed it faults once and is recorded), then
+/// at t0 holds the writers only while the recorded pages are protected
+/// again (--t0 walk instead holds them for the whole walk); a saver thread
+/// then copies each page before its first write and all others in the
+/// background. The image is checked against
 /// the memory at t0, page for page. This is done twice: as a backup takes
 /// it (no write tracking: the figures reported at the top level), then
 /// with write tracking as the base of the deltas (every page first written
@@ -40,7 +43,7 @@ use crate::cmd::CmdResult;
 /// t0 too: fork() with the child writing the image (Redis BGSAVE; anon
 /// memory only, a child shares shmem and hugetlb pages with the writers)
 /// and a stop-the-world copy. --json prints one object: consistent,
-/// layers_consistent, merged_consistent, protect_ms, snapshot_ms,
+/// layers_consistent, merged_consistent, protect_ms, arm_ms, rearmed_pages, stall_ms_by_phase{}, snapshot_ms,
 /// longest_stall_ms, writer_ops_per_s, saved_on_fault,
 /// saved_in_background, longest_fault_us, image_data_bytes, tracker,
 /// pagemap_scan_ms, softdirty_scan_ms (null without soft-dirty),
@@ -78,9 +81,63 @@ pub struct LiveDemoArgs {
     /// Keep the files.
     #[arg(long)]
     keep: bool,
+    /// How t0 protects memory: arm (walk every page table while writers
+    /// run, then hold them while the pages they wrote meanwhile are
+    /// protected again) or walk (hold them for the whole walk).
+    #[arg(long, default_value = "arm", value_name = "HOW")]
+    t0: T0,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// How the demo's snapshots reach t0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum T0 {
+    Arm,
+    Walk,
+}
+
+/// Protects `prepared` at t0 with the writers of `vm` held: across the
+/// whole walk (`T0::Walk`), or across protecting again what they wrote
+/// during a walk made while they ran (`T0::Arm`). Also returns the
+/// longest write during the arm walk and until t0 ended.
+fn reach_t0(
+    vm: &VersionedMemory,
+    prepared: uffd_snapshot::Prepared,
+    how: T0,
+) -> Result<(uffd_snapshot::Running, Duration, Duration), uffd_snapshot::Error> {
+    vm.take_longest_op();
+    let (running, arming) = match how {
+        T0::Walk => (vm.at_t0(|| prepared.protect())?, Duration::ZERO),
+        T0::Arm => {
+            let armed = prepared.arm()?;
+            let arming = vm.take_longest_op();
+            (vm.at_t0(|| armed.protect())?, arming)
+        }
+    };
+    Ok((running, arming, vm.take_longest_op()))
+}
+
+/// The longest write in each part of a live snapshot, ms.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct StallsByPhase {
+    /// During the arm walk (writers running; --t0 arm only).
+    arm: f64,
+    /// Through t0 (writers held).
+    t0: f64,
+    /// From t0 until every page is saved.
+    saving: f64,
+}
+
+impl StallsByPhase {
+    fn of(arm: Duration, t0: Duration, saving: Duration) -> StallsByPhase {
+        StallsByPhase {
+            arm: ms(arm),
+            t0: ms(t0),
+            saving: ms(saving),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -123,6 +180,12 @@ struct Summary {
 #[derive(Debug, Serialize)]
 struct LiveFigures {
     protect_ms: f64,
+    /// With --t0 arm: the walk made while the writers ran.
+    arm_ms: f64,
+    /// With --t0 arm: pages written during it, protected again at t0.
+    rearmed_pages: u64,
+    /// Where the longest stall fell.
+    stall_ms_by_phase: StallsByPhase,
     snapshot_ms: f64,
     longest_stall_ms: f64,
     writer_ops_per_s: f64,
@@ -145,12 +208,15 @@ impl LiveFigures {
         report: &uffd_snapshot::Report,
         elapsed: Duration,
         ops: u64,
-        longest_stall: Duration,
+        stalls: StallsByPhase,
     ) -> LiveFigures {
         LiveFigures {
             protect_ms: ms(report.protect_time),
+            arm_ms: ms(report.arm_time),
+            rearmed_pages: report.rearmed,
+            stall_ms_by_phase: stalls,
             snapshot_ms: ms(elapsed),
-            longest_stall_ms: ms(longest_stall),
+            longest_stall_ms: stalls.arm.max(stalls.t0).max(stalls.saving),
             writer_ops_per_s: ops as f64 / elapsed.as_secs_f64().max(1e-9),
             saved_on_fault: report.saved_on_fault,
             saved_in_background: report.saved_in_background,
@@ -167,25 +233,24 @@ fn live_untracked(
     vm: &VersionedMemory,
     region: Region,
     path: &std::path::Path,
+    how: T0,
 ) -> Result<(LiveFigures, bool), Box<dyn std::error::Error + Send + Sync>> {
     let prepared = LiveSnapshot::prepare(&[region], path, SnapshotOptions::new())?;
     vm.take_ops();
     vm.take_longest_op();
     let started = Instant::now();
-    let running = vm.at_t0(|| prepared.protect())?;
+    let (running, arming, through_t0) = reach_t0(vm, prepared, how)?;
     running.wait_saved(None);
     let elapsed = started.elapsed();
-    let (ops, longest_stall) = (vm.take_ops(), vm.take_longest_op());
+    let (ops, saving) = (vm.take_ops(), vm.take_longest_op());
     let report = running.finish()?;
     let paused = vm.pause();
     let consistent = vm
         .file_mismatches_at_t0(&std::fs::File::open(path)?)?
         .is_empty();
     drop(paused);
-    Ok((
-        LiveFigures::of(&report, elapsed, ops, longest_stall),
-        consistent,
-    ))
+    let stalls = StallsByPhase::of(arming, through_t0, saving);
+    Ok((LiveFigures::of(&report, elapsed, ops, stalls), consistent))
 }
 
 #[derive(Debug, Serialize)]
@@ -335,7 +400,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     // write tracking, so a page faults at most once, before it is saved.
     let untracked_path = dir.join(format!("uffd-live-{tag}-untracked.mem"));
     files.0.push(untracked_path.clone());
-    let (untracked, untracked_ok) = match live_untracked(&vm, region, &untracked_path) {
+    let (untracked, untracked_ok) = match live_untracked(&vm, region, &untracked_path, a.t0) {
         Ok(figures) => figures,
         Err(e) => {
             stop_writers(writers);
@@ -358,8 +423,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     vm.take_ops();
     vm.take_longest_op();
     let started = Instant::now();
-    let running = vm.at_t0(|| prepared.protect());
-    let running = match running {
+    let (running, arming, through_t0) = match reach_t0(&vm, prepared, a.t0) {
         Ok(r) => r,
         Err(e) => {
             stop_writers(writers);
@@ -369,7 +433,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     running.wait_saved(None);
     let snapshot_time = started.elapsed();
     let ops = vm.take_ops();
-    let longest_stall = vm.take_longest_op();
+    let stalls = StallsByPhase::of(arming, through_t0, vm.take_longest_op());
     // Hand tracking over from the snapshot to a dirty tracker with the
     // writers held, then check the base against t0 (still held: the check
     // reads what the writers recorded).
@@ -474,7 +538,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         live: untracked,
         tracked: Tracked {
             consistent: bad.is_empty(),
-            figures: LiveFigures::of(&report, snapshot_time, ops, longest_stall),
+            figures: LiveFigures::of(&report, snapshot_time, ops, stalls),
         },
         tracker: tracker_mode,
         pagemap_scan_ms: ms(last_scan),
@@ -509,13 +573,24 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
                 )
             }
         );
+        if a.t0 == T0::Arm {
+            println!(
+                "  armed in {:.1} ms with the writers running; at t0 they were held while {} pages written meanwhile were protected again",
+                summary.live.arm_ms, summary.live.rearmed_pages
+            );
+        }
         println!(
             "  t0 pause {:.3} ms; saved in {:.1} ms ({} pages on a writer's fault, {} in the background)",
             summary.live.protect_ms, summary.live.snapshot_ms, summary.live.saved_on_fault, summary.live.saved_in_background
         );
         println!(
-            "  writers meanwhile: {:.0} writes/s, longest stall {:.3} ms (longest fault served in {:.0} us)",
-            summary.live.writer_ops_per_s, summary.live.longest_stall_ms, summary.live.longest_fault_us
+            "  writers meanwhile: {:.0} writes/s, longest stall {:.3} ms (arm walk {:.3}, t0 {:.3}, saving {:.3}; longest fault served in {:.0} us)",
+            summary.live.writer_ops_per_s,
+            summary.live.longest_stall_ms,
+            summary.live.stall_ms_by_phase.arm,
+            summary.live.stall_ms_by_phase.t0,
+            summary.live.stall_ms_by_phase.saving,
+            summary.live.longest_fault_us
         );
         println!(
             "  image: {} bytes of data in a sparse file of {} bytes",
