@@ -299,7 +299,7 @@ impl RunningVm for OneByOneVm {
             rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0)
         };
         self.served.gone.load(Relaxed)
-            || self.thread.as_ref().map_or(true, |t| t.is_finished())
+            || self.thread.as_ref().is_none_or(|t| t.is_finished())
             || exited()
     }
     fn stats(&self) -> EngineStats {

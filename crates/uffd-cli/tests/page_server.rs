@@ -242,7 +242,7 @@ fn relay_corrupting(mut from: TcpStream, mut to: TcpStream, cut: bool) {
         }
         frames += 1;
         let is_data_with_bytes = h[6] == 4 && payload.len() > 16;
-        if is_data_with_bytes && frames % 7 == 0 {
+        if is_data_with_bytes && frames.is_multiple_of(7) {
             let i = 16 + (frames as usize * 31) % (payload.len() - 16);
             payload[i] ^= 0x5a;
         }

@@ -176,7 +176,7 @@ impl Heap {
     fn word(&self, offset: usize) -> &AtomicU64 {
         self.check(offset, 8);
         assert!(
-            offset % 8 == 0,
+            offset.is_multiple_of(8),
             "heap word access at unaligned offset {offset:#x}"
         );
         // SAFETY: the word is inside the mapping (checked) and 8-aligned

@@ -76,10 +76,10 @@ impl Region {
         if self.page_size != 4096 && self.page_size != 2 << 20 {
             return Err("page size must be 4096 or 2 MiB");
         }
-        if self.len == 0 || self.len % self.page_size != 0 {
+        if self.len == 0 || !self.len.is_multiple_of(self.page_size) {
             return Err("length must be a non-zero multiple of the page size");
         }
-        if self.start % self.page_size != 0 || self.offset % 4096 != 0 {
+        if !self.start.is_multiple_of(self.page_size) || !self.offset.is_multiple_of(4096) {
             return Err("start must be page aligned and offset 4 KiB aligned");
         }
         if self.start.checked_add(self.len).is_none() {

@@ -198,7 +198,7 @@ impl SpinPolicy {
         if self.adaptive
             && self
                 .checked_at
-                .map_or(true, |t| now.duration_since(t) >= CHECK_EVERY)
+                .is_none_or(|t| now.duration_since(t) >= CHECK_EVERY)
         {
             let preempted = preemptions();
             if self.checked_at.is_some() && preempted > self.preempted_at_start {

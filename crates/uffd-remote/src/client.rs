@@ -152,7 +152,7 @@ impl Landing {
     /// the landing area.
     fn pages(&self, offset: u64, len: u64) -> Option<std::ops::Range<u64>> {
         let end = offset.checked_add(len)?;
-        if offset % 4096 != 0 || end / 4096 > self.states.len() as u64 {
+        if !offset.is_multiple_of(4096) || end / 4096 > self.states.len() as u64 {
             return None;
         }
         Some(offset / 4096..end / 4096)
@@ -244,7 +244,7 @@ impl Landing {
     /// The range, if every page of it arrived.
     fn fetch(&self, offset: u64, len: usize) -> Option<Fetched> {
         let pages = self.pages(offset, len as u64)?;
-        if len % 4096 != 0 || !pages.clone().all(|p| Landing::published(self.state(p))) {
+        if !len.is_multiple_of(4096) || !pages.clone().all(|p| Landing::published(self.state(p))) {
             return None;
         }
         if pages.clone().all(|p| self.state(p) == page::ZERO) {
@@ -305,7 +305,7 @@ impl Landing {
 // one contiguous mapping.
 unsafe impl crate::io::Place for Landing {
     fn claim(&self, offset: u64, len: u32) -> Option<crate::io::Claim> {
-        if len % 4096 != 0 {
+        if !len.is_multiple_of(4096) {
             return None;
         }
         let pages = self.pages(offset, u64::from(len))?;
@@ -614,7 +614,10 @@ impl RemoteSource {
     pub(crate) fn ensure_landed(&self, offset: u64, len: u64) -> Result<(), SourceError> {
         let shared = &self.shared;
         let landing = &shared.landing;
-        let Some(pages) = landing.pages(offset, len).filter(|_| len % 4096 == 0) else {
+        let Some(pages) = landing
+            .pages(offset, len)
+            .filter(|_| len.is_multiple_of(4096))
+        else {
             return Err(shared.failed(offset, len, "not whole pages of the image"));
         };
         loop {
@@ -724,7 +727,7 @@ impl AsyncPageSource for RemoteSource {
 
     fn is_ready(&self, offset: u64, len: u64) -> bool {
         let landing = &self.shared.landing;
-        len % 4096 == 0
+        len.is_multiple_of(4096)
             && landing
                 .pages(offset, len)
                 .is_some_and(|mut pages| pages.all(|p| Landing::published(landing.state(p))))
@@ -746,7 +749,7 @@ impl AsyncPageSource for RemoteSource {
         let landing = &self.shared.landing;
         // Published pages of the page cache may be mapped and written by
         // the workload; only the anonymous landing area's stay as landed.
-        if landing.page_cache || len == 0 || len % 4096 != 0 {
+        if landing.page_cache || len == 0 || !len.is_multiple_of(4096) {
             return None;
         }
         let pages = landing.pages(offset, len as u64)?;
@@ -759,7 +762,7 @@ impl AsyncPageSource for RemoteSource {
     fn is_known_zero(&self, offset: u64, len: u64) -> bool {
         let landing = &self.shared.landing;
         landing.pages(offset, len).is_some_and(|mut pages| {
-            len % 4096 == 0 && pages.all(|p| landing.state(p) == page::ZERO)
+            len.is_multiple_of(4096) && pages.all(|p| landing.state(p) == page::ZERO)
         })
     }
 

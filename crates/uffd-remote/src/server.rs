@@ -331,9 +331,9 @@ fn session_of(shared: &Shared, id: u64) -> Arc<Session> {
 /// The answer to a request: its bytes (or a zero range), or an error.
 fn answer(shared: &Shared, id: u64, offset: u64, len: u32) -> Frame {
     let size = shared.source.len();
-    if !offset
+    if offset
         .checked_add(u64::from(len))
-        .is_some_and(|end| end <= size)
+        .is_none_or(|end| end > size)
     {
         return Frame::Error {
             id,

@@ -490,7 +490,7 @@ fn locking_thread(s: &Shared, st: &BounceState, bounce: Bounce, cpu: usize, seed
                 .is_err()
         {
             spins += 1;
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 std::thread::yield_now();
             }
             if s.abort.load(Ordering::Relaxed) {

@@ -287,7 +287,7 @@ impl PagerEngine {
 
 impl RunningVm for PagerVm {
     fn is_finished(&self) -> bool {
-        self.pager.as_ref().map_or(true, Pager::is_finished)
+        self.pager.as_ref().is_none_or(Pager::is_finished)
     }
     fn stats(&self) -> EngineStats {
         self.pager

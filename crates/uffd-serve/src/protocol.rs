@@ -253,13 +253,13 @@ fn check_region(raw: &GuestRegionUffdMapping, file_len: u64) -> Result<Region, R
         Some(end) if end <= USER_SPACE_END => {}
         _ => return Err(RegionProblem::OutsideUserSpace),
     }
-    if raw.base_host_virt_addr % page_size != 0 {
+    if !raw.base_host_virt_addr.is_multiple_of(page_size) {
         return Err(RegionProblem::UnalignedAddress);
     }
-    if raw.size % page_size != 0 {
+    if !raw.size.is_multiple_of(page_size) {
         return Err(RegionProblem::UnalignedSize);
     }
-    if raw.offset % page_size != 0 {
+    if !raw.offset.is_multiple_of(page_size) {
         return Err(RegionProblem::UnalignedOffset);
     }
     let end = raw.offset.saturating_add(raw.size);

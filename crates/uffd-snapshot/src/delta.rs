@@ -150,7 +150,7 @@ impl DeltaIndex {
             .ok_or_else(|| {
                 format!("a table of {entries} entries does not fit in a file of {file_len} bytes")
             })?;
-        if data_offset < table_end || data_offset % u64::from(page_size) != 0 {
+        if data_offset < table_end || !data_offset.is_multiple_of(u64::from(page_size)) {
             return Err(format!(
                 "data offset {data_offset:#x} is inside the table (which ends at {table_end:#x}) \
                  or not page-aligned"
@@ -162,7 +162,7 @@ impl DeltaIndex {
                  {file_len:#x} (truncated or padded file)"
             ));
         }
-        if image_len % u64::from(page_size) != 0 {
+        if !image_len.is_multiple_of(u64::from(page_size)) {
             return Err(format!(
                 "image length {image_len:#x} is not a multiple of the page size"
             ));

@@ -43,7 +43,7 @@ impl Region {
         if !page_size.is_power_of_two() || page_size < 4096 {
             return Err(bad("the page size must be a power of two of at least 4096"));
         }
-        if len == 0 || addr % page_size != 0 || len % page_size != 0 {
+        if len == 0 || !addr.is_multiple_of(page_size) || !len.is_multiple_of(page_size) {
             return Err(bad(
                 "start and length must be non-zero multiples of the page size",
             ));

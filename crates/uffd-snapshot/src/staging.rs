@@ -100,7 +100,7 @@ impl Staging {
     /// True when everything staged so far has been written to the image.
     pub(crate) fn written_out(&mut self) -> bool {
         self.collect_returned();
-        self.current.as_ref().map_or(true, |b| b.pieces.is_empty())
+        self.current.as_ref().is_none_or(|b| b.pieces.is_empty())
             && self.free.len() + self.unallocated + usize::from(self.current.is_some())
                 == self.buffers
     }

@@ -573,7 +573,7 @@ fn check_range(start: u64, len: u64) -> Result<(), Error> {
     const PAGE: u64 = 4096;
     let why = if len == 0 {
         "empty range"
-    } else if start % PAGE != 0 || len % PAGE != 0 {
+    } else if !start.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
         "start and length must be multiples of the page size"
     } else if start.checked_add(len).is_none() {
         "range wraps around the address space"

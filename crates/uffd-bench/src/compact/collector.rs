@@ -412,7 +412,7 @@ impl World {
             let _guard = self.lock.read().unwrap_or_else(|e| e.into_inner());
             if let Some(t0) = t0 {
                 let e1 = self.epoch.load(Ordering::Acquire);
-                if e0 % 2 == 1 || (e1 != e0 && e1 % 2 == 0) {
+                if e0 % 2 == 1 || (e1 != e0 && e1.is_multiple_of(2)) {
                     out.pause_ns.push(t0.elapsed().as_nanos() as u64);
                 }
             }

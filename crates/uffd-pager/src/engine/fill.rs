@@ -218,7 +218,7 @@ pub(super) fn fill_missing(
 pub(super) fn fill_may_go_on(shared: &Shared, target: &Target, deadline: Option<Instant>) -> bool {
     !shared.stopping()
         && !target.gone.load(Ordering::Relaxed)
-        && deadline.map_or(true, |d| Instant::now() < d)
+        && deadline.is_none_or(|d| Instant::now() < d)
 }
 
 /// What to do after a chunk.
@@ -263,7 +263,7 @@ pub(super) fn fill_chunk(
     worker.claims.clear();
     let mut any = false;
     for i in lo..hi {
-        let wanted = selected.map_or(true, |s| s[i - lo]);
+        let wanted = selected.is_none_or(|s| s[i - lo]);
         // Removed (ballooned) pages stay unpopulated.
         let c = if wanted {
             span.states.claim_background(i).unwrap_or(0)

@@ -113,7 +113,7 @@ impl Worker<'_> {
         let whole_huge_move = resolver.keeps_huge_pages_whole()
             && content == Content::Data
             && len == BATCH_BYTES
-            && span.addr_of(from) % BATCH_BYTES == 0
+            && span.addr_of(from).is_multiple_of(BATCH_BYTES)
             && claims
                 .iter()
                 .all(|&c| c == state::CLAIMED || c == state::CLAIMED_BG);

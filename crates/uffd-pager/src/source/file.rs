@@ -242,7 +242,10 @@ impl PageSource for FileSource {
         if self.is_hole(offset, offset + len) {
             return true;
         }
-        if self.zero_pages.is_empty() || offset % ZERO_MAP_PAGE != 0 || len % ZERO_MAP_PAGE != 0 {
+        if self.zero_pages.is_empty()
+            || !offset.is_multiple_of(ZERO_MAP_PAGE)
+            || !len.is_multiple_of(ZERO_MAP_PAGE)
+        {
             return false;
         }
         let first = offset / ZERO_MAP_PAGE;

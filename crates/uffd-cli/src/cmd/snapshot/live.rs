@@ -554,7 +554,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         && summary.layers_consistent
         && summary.merged_consistent
         && summary.stop_the_world.consistent
-        && summary.fork.as_ref().map_or(true, |f| f.consistent);
+        && summary.fork.as_ref().is_none_or(|f| f.consistent);
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
