@@ -124,7 +124,8 @@ fn reach_t0(
 struct StallsByPhase {
     /// During the arm walk (writers running; --t0 arm only).
     arm: f64,
-    /// Through t0 (writers held).
+    /// Writes that ended while t0 held the writers (a write held there
+    /// ends after t0, so it counts under `saving`).
     t0: f64,
     /// From t0 until every page is saved.
     saving: f64,
@@ -237,7 +238,6 @@ fn live_untracked(
 ) -> Result<(LiveFigures, bool), Box<dyn std::error::Error + Send + Sync>> {
     let prepared = LiveSnapshot::prepare(&[region], path, SnapshotOptions::new())?;
     vm.take_ops();
-    vm.take_longest_op();
     let started = Instant::now();
     let (running, arming, through_t0) = reach_t0(vm, prepared, how)?;
     running.wait_saved(None);
@@ -421,7 +421,6 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
             }
         };
     vm.take_ops();
-    vm.take_longest_op();
     let started = Instant::now();
     let (running, arming, through_t0) = match reach_t0(&vm, prepared, a.t0) {
         Ok(r) => r,
