@@ -60,6 +60,10 @@ pub struct Case {
     pub bulk_mb_s: f64,
     /// A raw TCP copy of as many bytes over the same link, MB/s.
     pub raw_tcp_mb_s: f64,
+    /// The same copy received into fresh memory of the image's size
+    /// (4 KiB pages faulted in as it fills), as a receiver that keeps the
+    /// bytes must: what landing them costs on this machine, MB/s.
+    pub raw_tcp_to_memory_mb_s: f64,
     /// The round trip the emulator adds, µs (twice the delay).
     pub added_rtt_us: f64,
     /// A plain TCP request of 24 bytes answered by 4 KiB over the same
@@ -266,13 +270,27 @@ fn link_rtt(delay: Duration, samples: usize) -> Result<f64, BoxError> {
     Ok(median(times))
 }
 
-/// A raw TCP copy of `len` bytes over a link delayed by `delay`, MB/s.
-fn raw_tcp(len: u64, delay: Duration) -> Result<f64, BoxError> {
+/// A raw TCP copy of `len` bytes over a link delayed by `delay`, MB/s,
+/// received into a reused buffer or, `to_memory`, into fresh memory of
+/// `len` bytes.
+fn raw_tcp(len: u64, delay: Duration, to_memory: bool) -> Result<f64, BoxError> {
     let sink = TcpListener::bind("127.0.0.1:0")?;
     let sink_addr = sink.local_addr()?.to_string();
     let receiver = std::thread::spawn(move || -> std::io::Result<u64> {
         let (mut s, _) = sink.accept()?;
-        std::io::copy(&mut s, &mut std::io::sink())
+        if !to_memory {
+            return std::io::copy(&mut s, &mut std::io::sink());
+        }
+        // Untouched until received into: calloc maps it fresh.
+        let mut memory = vec![0u8; len as usize];
+        let mut got = 0;
+        while got < memory.len() {
+            match s.read(&mut memory[got..])? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        Ok(got as u64)
     });
     let link = delay_link(sink_addr, delay)?;
     let mut out = TcpStream::connect(link)?;
@@ -328,7 +346,8 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
             demand_latencies(&runtime, &remote, pages, config.samples, Some(len))
         };
         progress(&format!("{delay_ms} ms: raw TCP"));
-        let raw_tcp_mb_s = raw_tcp(len, delay)?;
+        let raw_tcp_mb_s = raw_tcp(len, delay, false)?;
+        let raw_tcp_to_memory_mb_s = raw_tcp(len, delay, true)?;
         let link_rtt_p50_us = link_rtt(delay, config.samples.min(200))?;
         cases.push(Case {
             delay_ms,
@@ -338,6 +357,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
             naive_p99_push_us: percentile(naive, 99.0),
             bulk_mb_s,
             raw_tcp_mb_s,
+            raw_tcp_to_memory_mb_s,
             added_rtt_us: 2.0 * delay_ms as f64 * 1000.0,
             link_rtt_p50_us,
         });

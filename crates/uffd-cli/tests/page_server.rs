@@ -327,6 +327,7 @@ fn the_bench_reports_every_figure_it_promises() {
         "naive_p99_push_us",
         "bulk_mb_s",
         "raw_tcp_mb_s",
+        "raw_tcp_to_memory_mb_s",
         "link_rtt_p50_us",
     ] {
         assert!(
