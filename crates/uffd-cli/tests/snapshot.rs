@@ -72,6 +72,17 @@ fn live_demo_json_reports_consistent_images_on_every_memory_type() {
         ] {
             assert!(v[key].is_number(), "{key} in {v}");
         }
+        // Linux's /proc/stat has had the steal column since 2.6.11.
+        for steal in [
+            &v["host_steal_ms"],
+            &v["tracked"]["host_steal_ms"],
+            &v["stop_the_world"]["host_steal_ms"],
+        ] {
+            assert!(
+                steal.as_f64().is_some_and(|s| s >= 0.0),
+                "host_steal_ms in {v}"
+            );
+        }
     }
 }
 

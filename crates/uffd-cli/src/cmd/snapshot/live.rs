@@ -45,7 +45,10 @@ use crate::cmd::CmdResult;
 /// and a stop-the-world copy. --json prints one object: consistent,
 /// layers_consistent, merged_consistent, protect_ms, arm_ms, rearmed_pages, stall_ms_by_phase{}, snapshot_ms,
 /// longest_stall_ms, writer_ops_per_s, saved_on_fault,
-/// saved_in_background, longest_fault_us, image_data_bytes, tracker,
+/// saved_in_background, longest_fault_us, image_data_bytes,
+/// host_steal_ms (the hypervisor's steal of this machine's CPUs meanwhile,
+/// here and in each baseline: on a VM the writers' longest stalls come
+/// from it), tracker,
 /// pagemap_scan_ms, softdirty_scan_ms (null without soft-dirty),
 /// first_write_us, rounds[], tracked{}, fork{}, fork_longest_stall_ms,
 /// fork_writer_ops_per_s, stop_the_world{}.
@@ -195,6 +198,11 @@ struct LiveFigures {
     faults: u64,
     longest_fault_us: f64,
     image_data_bytes: u64,
+    /// Time the hypervisor ran something else on this machine's CPUs
+    /// while the snapshot ran (/proc/stat's steal, all CPUs; null where
+    /// unreadable): a saver or writer whose vCPU is taken waits that long,
+    /// whatever the code does.
+    host_steal_ms: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -210,6 +218,7 @@ impl LiveFigures {
         elapsed: Duration,
         ops: u64,
         stalls: StallsByPhase,
+        host_steal: Option<Duration>,
     ) -> LiveFigures {
         LiveFigures {
             protect_ms: ms(report.protect_time),
@@ -224,8 +233,25 @@ impl LiveFigures {
             faults: report.faults,
             longest_fault_us: report.longest_fault.as_secs_f64() * 1e6,
             image_data_bytes: report.data_bytes,
+            host_steal_ms: host_steal.map(ms),
         }
     }
+}
+
+/// Steal time of every CPU so far, from /proc/stat; `None` where it cannot
+/// be read (no /proc, or a kernel without the column).
+fn host_steal() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // user nice system idle iowait irq softirq steal
+    let ticks: u64 = cpu.split_whitespace().nth(8)?.parse().ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// Steal time since `before` (see [`host_steal`]).
+fn host_steal_since(before: Option<Duration>) -> Option<Duration> {
+    Some(host_steal()?.saturating_sub(before?))
 }
 
 /// A live snapshot without write tracking, taken and checked against t0
@@ -238,10 +264,10 @@ fn live_untracked(
 ) -> Result<(LiveFigures, bool), Box<dyn std::error::Error + Send + Sync>> {
     let prepared = LiveSnapshot::prepare(&[region], path, SnapshotOptions::new())?;
     vm.take_ops();
-    let started = Instant::now();
+    let (started, steal) = (Instant::now(), host_steal());
     let (running, arming, through_t0) = reach_t0(vm, prepared, how)?;
     running.wait_saved(None);
-    let elapsed = started.elapsed();
+    let (elapsed, steal) = (started.elapsed(), host_steal_since(steal));
     let (ops, saving) = (vm.take_ops(), vm.take_longest_op());
     let report = running.finish()?;
     let paused = vm.pause();
@@ -250,7 +276,10 @@ fn live_untracked(
         .is_empty();
     drop(paused);
     let stalls = StallsByPhase::of(arming, through_t0, saving);
-    Ok((LiveFigures::of(&report, elapsed, ops, stalls), consistent))
+    Ok((
+        LiveFigures::of(&report, elapsed, ops, stalls, steal),
+        consistent,
+    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -261,6 +290,8 @@ struct Baseline {
     pause_ms: f64,
     longest_stall_ms: f64,
     writer_ops_per_s: f64,
+    /// As in a live snapshot's figures.
+    host_steal_ms: Option<f64>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -342,13 +373,13 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     let fork = if a.mem == MemoryKind::Anon {
         vm.take_ops();
         vm.take_longest_op();
-        let started = Instant::now();
+        let (started, steal) = (Instant::now(), host_steal());
         let forked = vm.at_t0(|| ForkImage::start(&[region], &baseline_path));
         let result = forked.and_then(|f| {
             let pause = f.fork_time;
             f.wait().map(|total| (pause, total))
         });
-        let elapsed = started.elapsed();
+        let (elapsed, steal) = (started.elapsed(), host_steal_since(steal));
         let (ops, stall) = (vm.take_ops(), vm.take_longest_op());
         let (pause, total) = match result {
             Ok(t) => t,
@@ -368,15 +399,16 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
             pause_ms: ms(pause),
             longest_stall_ms: ms(stall),
             writer_ops_per_s: ops as f64 / elapsed.as_secs_f64().max(1e-9),
+            host_steal_ms: steal.map(ms),
         })
     } else {
         None
     };
     vm.take_ops();
     vm.take_longest_op();
-    let started = Instant::now();
+    let (started, steal) = (Instant::now(), host_steal());
     let copied = vm.at_t0(|| copy_image(&[region], &baseline_path));
-    let stw_time = started.elapsed();
+    let (stw_time, stw_steal) = (started.elapsed(), host_steal_since(steal));
     let (ops, stall) = (vm.take_ops(), vm.take_longest_op());
     if let Err(e) = copied {
         stop_writers(writers);
@@ -394,6 +426,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         pause_ms: ms(stw_time),
         longest_stall_ms: ms(stall),
         writer_ops_per_s: ops as f64 / stw_time.as_secs_f64().max(1e-9),
+        host_steal_ms: stw_steal.map(ms),
     };
 
     // The live snapshot as a backup takes it, and the bench's figures: no
@@ -421,7 +454,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
             }
         };
     vm.take_ops();
-    let started = Instant::now();
+    let (started, steal) = (Instant::now(), host_steal());
     let (running, arming, through_t0) = match reach_t0(&vm, prepared, a.t0) {
         Ok(r) => r,
         Err(e) => {
@@ -430,7 +463,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         }
     };
     running.wait_saved(None);
-    let snapshot_time = started.elapsed();
+    let (snapshot_time, tracked_steal) = (started.elapsed(), host_steal_since(steal));
     let ops = vm.take_ops();
     let stalls = StallsByPhase::of(arming, through_t0, vm.take_longest_op());
     // Hand tracking over from the snapshot to a dirty tracker with the
@@ -537,7 +570,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         live: untracked,
         tracked: Tracked {
             consistent: bad.is_empty(),
-            figures: LiveFigures::of(&report, snapshot_time, ops, stalls),
+            figures: LiveFigures::of(&report, snapshot_time, ops, stalls, tracked_steal),
         },
         tracker: tracker_mode,
         pagemap_scan_ms: ms(last_scan),
@@ -591,6 +624,11 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
             summary.live.stall_ms_by_phase.saving,
             summary.live.longest_fault_us
         );
+        if let Some(steal) = summary.live.host_steal_ms {
+            println!(
+                "  the hypervisor took {steal:.0} ms of this machine's CPU time meanwhile (steal)"
+            );
+        }
         println!(
             "  image: {} bytes of data in a sparse file of {} bytes",
             summary.live.image_data_bytes, len
