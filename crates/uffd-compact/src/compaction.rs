@@ -857,6 +857,38 @@ impl<C: Compactor> Shared<C> {
         *gate == Gate::Go
     }
 
+    /// Takes `step` pages at a time from `cursor` (shared by every
+    /// background thread) until `end`, and calls `run(a, b)` for each run
+    /// `a..b` of them this thread claimed (a fault may have claimed others).
+    fn claim_runs(
+        &self,
+        cursor: &AtomicUsize,
+        step: usize,
+        end: usize,
+        mut run: impl FnMut(usize, usize),
+    ) {
+        loop {
+            let a = cursor.fetch_add(step, Ordering::Relaxed);
+            if a >= end {
+                break;
+            }
+            let b = (a + step).min(end);
+            let mut i = a;
+            while i < b {
+                if !self.states.claim(i) {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                i += 1;
+                while i < b && self.states.claim(i) {
+                    i += 1;
+                }
+                run(start, i);
+            }
+        }
+    }
+
     fn background(&self) -> ThreadOut {
         if self.background_nice > 0 {
             // Best effort: a refused nice only costs latency.
@@ -870,46 +902,12 @@ impl<C: Compactor> Shared<C> {
         }
         let cpu0 = thread_cpu();
         let mut buf = vec![0u8; BATCH * PAGE].into_boxed_slice();
-        loop {
-            let a = self.live_cursor.fetch_add(BATCH, Ordering::Relaxed);
-            if a >= self.live {
-                break;
-            }
-            let b = (a + BATCH).min(self.live);
-            let mut i = a;
-            while i < b {
-                if !self.states.claim(i) {
-                    i += 1;
-                    continue;
-                }
-                let start = i;
-                i += 1;
-                while i < b && self.states.claim(i) {
-                    i += 1;
-                }
-                self.work_run(start, i, &mut buf);
-            }
-        }
-        loop {
-            let a = self.tail_cursor.fetch_add(TAIL_CHUNK, Ordering::Relaxed);
-            if a >= self.pages {
-                break;
-            }
-            let b = (a + TAIL_CHUNK).min(self.pages);
-            let mut i = a;
-            while i < b {
-                if !self.states.claim(i) {
-                    i += 1;
-                    continue;
-                }
-                let start = i;
-                i += 1;
-                while i < b && self.states.claim(i) {
-                    i += 1;
-                }
-                self.zero_run(start, i);
-            }
-        }
+        self.claim_runs(&self.live_cursor, BATCH, self.live, |a, b| {
+            self.work_run(a, b, &mut buf)
+        });
+        self.claim_runs(&self.tail_cursor, TAIL_CHUNK, self.pages, |a, b| {
+            self.zero_run(a, b)
+        });
         ThreadOut {
             cpu: thread_cpu().saturating_sub(cpu0),
             on_demand_ns: Vec::new(),
