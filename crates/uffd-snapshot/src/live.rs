@@ -933,16 +933,14 @@ impl Saver {
         for (r, u, n) in merged {
             let ps = self.regions[r].page_size();
             self.for_each_mapped_run(r, u, n, |addr, at, k| {
-                match self.uffd.write_protect(addr, k * ps, WriteProtectMode::WP) {
-                    Ok(Outcome::RetryAfterEvents) => refused.push((r, at, k)),
-                    Ok(_) => {}
-                    Err(e) if e.errno() == Some(uffd::Errno::NOENT) => {}
-                    Err(source) => {
-                        return Err(Error::Uffd {
-                            step: "write-protecting the pages written before t0",
-                            source,
-                        })
-                    }
+                let step = self.write_protect(
+                    addr,
+                    k * ps,
+                    WriteProtectMode::WP,
+                    "write-protecting the pages written before t0",
+                )?;
+                if let Step::Retry = step {
+                    refused.push((r, at, k));
                 }
                 Ok(())
             })?;
@@ -1095,18 +1093,29 @@ impl Saver {
     }
 
     fn unprotect(&self, addr: u64, len: u64) -> Result<Step, Error> {
-        match self
-            .uffd
-            .write_protect(addr, len, WriteProtectMode::empty())
-        {
+        self.write_protect(
+            addr,
+            len,
+            WriteProtectMode::empty(),
+            "unprotecting a saved page",
+        )
+    }
+
+    /// `UFFDIO_WRITEPROTECT` of `addr..addr + len` with `mode`: `Retry`
+    /// while events are queued (EAGAIN); a range unmapped or unregistered
+    /// meanwhile is done, since nothing there is left to protect or wake.
+    fn write_protect(
+        &self,
+        addr: u64,
+        len: u64,
+        mode: WriteProtectMode,
+        step: &'static str,
+    ) -> Result<Step, Error> {
+        match self.uffd.write_protect(addr, len, mode) {
             Ok(Outcome::RetryAfterEvents) => Ok(Step::Retry),
             Ok(_) => Ok(Step::Done),
-            // Unmapped or unregistered meanwhile: nothing left to wake.
             Err(e) if e.errno() == Some(uffd::Errno::NOENT) => Ok(Step::Done),
-            Err(e) => Err(Error::Uffd {
-                step: "unprotecting a saved page",
-                source: e,
-            }),
+            Err(source) => Err(Error::Uffd { step, source }),
         }
     }
 
