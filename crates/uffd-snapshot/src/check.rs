@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use uffd::Mapping;
 
+use crate::{Error, Prepared, Running};
+
 /// The page granularity of versions.
 pub const PAGE: usize = 4096;
 
@@ -150,6 +152,20 @@ impl VersionedMemory {
         let _paused = self.pause();
         self.epoch.fetch_add(1, Relaxed);
         t0()
+    }
+
+    /// Takes a live snapshot's t0 with the writers held: across the whole
+    /// walk ([`Prepared::protect`]), or, with `arm`, across
+    /// [`crate::Armed::protect`] after a [`Prepared::arm`] walk made while
+    /// they ran. Also returns the longest write during that arm walk (zero
+    /// without one), taken as [`VersionedMemory::take_longest_op`] does.
+    pub fn reach_t0(&self, prepared: Prepared, arm: bool) -> Result<(Running, Duration), Error> {
+        if !arm {
+            return Ok((self.at_t0(|| prepared.protect())?, Duration::ZERO));
+        }
+        let armed = prepared.arm()?;
+        let arming = self.take_longest_op();
+        Ok((self.at_t0(|| armed.protect())?, arming))
     }
 
     /// Writes completed so far, and resets the count.

@@ -100,13 +100,8 @@ enum T0 {
 
 impl T0 {
     fn reach(self, vm: &VersionedMemory, prepared: Prepared) -> Result<Running, Error> {
-        match self {
-            T0::Walk => vm.at_t0(|| prepared.protect()),
-            T0::Arm => {
-                let armed = prepared.arm()?;
-                vm.at_t0(|| armed.protect())
-            }
-        }
+        let arm = matches!(self, T0::Arm);
+        vm.reach_t0(prepared, arm).map(|(running, _)| running)
     }
 }
 

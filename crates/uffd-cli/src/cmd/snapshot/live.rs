@@ -111,14 +111,7 @@ fn reach_t0(
     how: T0,
 ) -> Result<(uffd_snapshot::Running, Duration, Duration), uffd_snapshot::Error> {
     vm.take_longest_op();
-    let (running, arming) = match how {
-        T0::Walk => (vm.at_t0(|| prepared.protect())?, Duration::ZERO),
-        T0::Arm => {
-            let armed = prepared.arm()?;
-            let arming = vm.take_longest_op();
-            (vm.at_t0(|| armed.protect())?, arming)
-        }
-    };
+    let (running, arming) = vm.reach_t0(prepared, how == T0::Arm)?;
     Ok((running, arming, vm.take_longest_op()))
 }
 
