@@ -43,6 +43,14 @@ fn fill(vm: &VersionedMemory) {
     }
 }
 
+/// Anonymous memory of `len` bytes, [`fill`]ed, or a skip.
+fn filled_anon(len: usize) -> Option<VersionedMemory> {
+    let (mapping, _) = memory(MemoryKind::Anon, len)?;
+    let vm = VersionedMemory::new(mapping);
+    fill(&vm);
+    Some(vm)
+}
+
 /// Takes a live snapshot of `vm` while `writers` threads write, then
 /// checks the image against t0.
 fn snapshot_with_writers(
@@ -144,11 +152,10 @@ fn anon_image_equals_t0_when_several_threads_walk_t0() {
 
 #[test]
 fn a_staging_bound_far_below_the_image_only_makes_the_saver_wait() {
-    let Some((mapping, _)) = memory(MemoryKind::Anon, 32 << 20) else {
+    let Some(vm) = filled_anon(32 << 20) else {
         return;
     };
-    let vm = Arc::new(VersionedMemory::new(mapping));
-    fill(&vm);
+    let vm = Arc::new(vm);
     // 1 MiB of buffers for a 32 MiB image: the background pass and then
     // the faults wait for the image writer again and again.
     let options = SnapshotOptions::new().staging(1 << 20);
@@ -217,11 +224,10 @@ fn writers_hammering_the_pages_being_saved_see_no_tear() {
     // the chunk. Whether a writer gets a core in that window is up to the
     // scheduler (two shared cores here), so the round is repeated until
     // one did; every round's image must be exact.
-    let Some((mapping, _)) = memory(MemoryKind::Anon, 4 << 20) else {
+    let Some(vm) = filled_anon(4 << 20) else {
         return;
     };
-    let vm = Arc::new(VersionedMemory::new(mapping));
-    fill(&vm);
+    let vm = Arc::new(vm);
     let scratch = Scratch::new("hammer");
     let path = scratch.path("image");
     let mut faulted = false;
@@ -272,11 +278,10 @@ fn writers_hammering_the_pages_being_saved_see_no_tear() {
 
 #[test]
 fn negative_control_saver_that_skips_the_copy_is_caught() {
-    let Some((mapping, _)) = memory(MemoryKind::Anon, 32 << 20) else {
+    let Some(vm) = filled_anon(32 << 20) else {
         return;
     };
-    let vm = Arc::new(VersionedMemory::new(mapping));
-    fill(&vm);
+    let vm = Arc::new(vm);
     let last = vm.pages() - 1;
     let scratch = Scratch::new("negative");
     let path = scratch.path("image");
@@ -303,11 +308,9 @@ fn negative_control_saver_that_skips_the_copy_is_caught() {
 
 #[test]
 fn read_syscall_into_protected_memory_waits_for_the_save() {
-    let Some((mapping, _)) = memory(MemoryKind::Anon, 4 << 20) else {
+    let Some(vm) = filled_anon(4 << 20) else {
         return;
     };
-    let vm = VersionedMemory::new(mapping);
-    fill(&vm);
     let target = vm.pages() - 2;
     let scratch = Scratch::new("read2");
     let path = scratch.path("image");
@@ -345,11 +348,9 @@ fn read_syscall_into_protected_memory_waits_for_the_save() {
 #[test]
 fn remove_during_snapshot_is_exact_or_reported() {
     for policy in [DiscardPolicy::Fail, DiscardPolicy::Zero] {
-        let Some((mapping, _)) = memory(MemoryKind::Anon, 32 << 20) else {
+        let Some(vm) = filled_anon(32 << 20) else {
             return;
         };
-        let vm = VersionedMemory::new(mapping);
-        fill(&vm);
         let pages = vm.pages();
         // Two pages the saver reached and, at the end, 64 it has not.
         let scratch = Scratch::new("remove");
@@ -400,11 +401,9 @@ fn remove_during_snapshot_is_exact_or_reported() {
 
 #[test]
 fn munmap_of_part_of_a_region_during_snapshot() {
-    let Some((mapping, _)) = memory(MemoryKind::Anon, 8 << 20) else {
+    let Some(vm) = filled_anon(8 << 20) else {
         return;
     };
-    let vm = VersionedMemory::new(mapping);
-    fill(&vm);
     let scratch = Scratch::new("unmap");
     let path = scratch.path("image");
     let region = Region::of(vm.mapping());
@@ -499,11 +498,10 @@ fn mremap_during_snapshot_is_followed() {
 /// the child writing, and a stop-the-world copy, both equal t0.
 #[test]
 fn fork_and_stop_the_world_baselines_equal_t0() {
-    let Some((mapping, _)) = memory(MemoryKind::Anon, 8 << 20) else {
+    let Some(vm) = filled_anon(8 << 20) else {
         return;
     };
-    let vm = Arc::new(VersionedMemory::new(mapping));
-    fill(&vm);
+    let vm = Arc::new(vm);
     let region = Region::of(vm.mapping());
     // Writers own pages p % 4 < 3; this thread writes page 3 while the
     // child is writing the image.
@@ -547,11 +545,10 @@ fn fork_and_stop_the_world_baselines_equal_t0() {
 /// writers never stay blocked, and no image is left behind.
 #[test]
 fn dropping_a_running_snapshot_releases_every_writer() {
-    let Some((mapping, _)) = memory(MemoryKind::Anon, 64 << 20) else {
+    let Some(vm) = filled_anon(64 << 20) else {
         return;
     };
-    let vm = Arc::new(VersionedMemory::new(mapping));
-    fill(&vm);
+    let vm = Arc::new(vm);
     let scratch = Scratch::new("abandon");
     let path = scratch.path("image");
     let prepared =
@@ -589,11 +586,9 @@ fn hugetlb_private_image_equals_t0_with_writers() {
 #[test]
 fn pages_written_or_discarded_after_arm_are_protected_again_at_t0() {
     for skip in [false, true] {
-        let Some((mapping, _)) = memory(MemoryKind::Anon, 32 << 20) else {
+        let Some(vm) = filled_anon(32 << 20) else {
             return;
         };
-        let vm = VersionedMemory::new(mapping);
-        fill(&vm);
         let pages = vm.pages();
         let scratch = Scratch::new("rearm");
         let path = scratch.path("image");
@@ -656,11 +651,10 @@ fn pages_written_or_discarded_after_arm_are_protected_again_at_t0() {
 /// userfaultfd: no writer stays blocked, no file is left.
 #[test]
 fn dropping_an_armed_snapshot_releases_every_writer() {
-    let Some((mapping, _)) = memory(MemoryKind::Anon, 16 << 20) else {
+    let Some(vm) = filled_anon(16 << 20) else {
         return;
     };
-    let vm = Arc::new(VersionedMemory::new(mapping));
-    fill(&vm);
+    let vm = Arc::new(vm);
     let scratch = Scratch::new("abandon-armed");
     let path = scratch.path("image");
     let armed = LiveSnapshot::prepare(&[Region::of(vm.mapping())], &path, SnapshotOptions::new())
