@@ -242,9 +242,29 @@ fn host_steal() -> Option<Duration> {
     Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
-/// Steal time since `before` (see [`host_steal`]).
-fn host_steal_since(before: Option<Duration>) -> Option<Duration> {
-    Some(host_steal()?.saturating_sub(before?))
+/// A stretch of the demo being measured: its wall time and the steal
+/// (see [`host_steal`]) in it.
+struct Window {
+    started: Instant,
+    steal_before: Option<Duration>,
+}
+
+impl Window {
+    fn open() -> Window {
+        Window {
+            started: Instant::now(),
+            steal_before: host_steal(),
+        }
+    }
+
+    /// Wall time and steal since [`Window::open`].
+    fn close(&self) -> (Duration, Option<Duration>) {
+        let steal = host_steal().zip(self.steal_before);
+        (
+            self.started.elapsed(),
+            steal.map(|(now, before)| now.saturating_sub(before)),
+        )
+    }
 }
 
 /// A live snapshot without write tracking, taken and checked against t0
@@ -257,10 +277,10 @@ fn live_untracked(
 ) -> Result<(LiveFigures, bool), Box<dyn std::error::Error + Send + Sync>> {
     let prepared = LiveSnapshot::prepare(&[region], path, SnapshotOptions::new())?;
     vm.take_ops();
-    let (started, steal) = (Instant::now(), host_steal());
+    let window = Window::open();
     let (running, arming, through_t0) = reach_t0(vm, prepared, how)?;
     running.wait_saved(None);
-    let (elapsed, steal) = (started.elapsed(), host_steal_since(steal));
+    let (elapsed, steal) = window.close();
     let (ops, saving) = (vm.take_ops(), vm.take_longest_op());
     let report = running.finish()?;
     let paused = vm.pause();
@@ -366,13 +386,13 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     let fork = if a.mem == MemoryKind::Anon {
         vm.take_ops();
         vm.take_longest_op();
-        let (started, steal) = (Instant::now(), host_steal());
+        let window = Window::open();
         let forked = vm.at_t0(|| ForkImage::start(&[region], &baseline_path));
         let result = forked.and_then(|f| {
             let pause = f.fork_time;
             f.wait().map(|total| (pause, total))
         });
-        let (elapsed, steal) = (started.elapsed(), host_steal_since(steal));
+        let (elapsed, steal) = window.close();
         let (ops, stall) = (vm.take_ops(), vm.take_longest_op());
         let (pause, total) = match result {
             Ok(t) => t,
@@ -399,9 +419,9 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
     };
     vm.take_ops();
     vm.take_longest_op();
-    let (started, steal) = (Instant::now(), host_steal());
+    let window = Window::open();
     let copied = vm.at_t0(|| copy_image(&[region], &baseline_path));
-    let (stw_time, stw_steal) = (started.elapsed(), host_steal_since(steal));
+    let (stw_time, stw_steal) = window.close();
     let (ops, stall) = (vm.take_ops(), vm.take_longest_op());
     if let Err(e) = copied {
         stop_writers(writers);
@@ -447,7 +467,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
             }
         };
     vm.take_ops();
-    let (started, steal) = (Instant::now(), host_steal());
+    let window = Window::open();
     let (running, arming, through_t0) = match reach_t0(&vm, prepared, a.t0) {
         Ok(r) => r,
         Err(e) => {
@@ -456,7 +476,7 @@ pub fn run(a: LiveDemoArgs) -> CmdResult {
         }
     };
     running.wait_saved(None);
-    let (snapshot_time, tracked_steal) = (started.elapsed(), host_steal_since(steal));
+    let (snapshot_time, tracked_steal) = window.close();
     let ops = vm.take_ops();
     let stalls = StallsByPhase::of(arming, through_t0, vm.take_longest_op());
     // Hand tracking over from the snapshot to a dirty tracker with the
