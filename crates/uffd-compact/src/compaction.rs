@@ -6,7 +6,7 @@
 use core::fmt;
 use core::ops::Range;
 use core::str::FromStr;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::os::fd::OwnedFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -32,12 +32,18 @@ pub enum Mode {
     Copy,
     /// Fill from-space pages that no longer hold live objects (recycled)
     /// and install them with UFFDIO_MOVE: no page is allocated or copied in
-    /// steady state. Background threads fill runs of consecutive recycled
-    /// pages and MOVE each run with one call, because the kernel flushes
-    /// the moved pages' TLB entries once per call, and with mutators on
-    /// other CPUs that flush is an IPI. Pages compacted on demand (one at a
-    /// time) and runs while no free run exists (at the start, where pages
-    /// must be allocated anyway) use COPY. Anonymous heaps, Linux 6.8.
+    /// steady state. The kernel flushes the moved pages' TLB entries once
+    /// per call (per 2 MiB), and with a mutator running on another CPU
+    /// that flush is an IPI: about 18 us on this VM, against about 1 us to
+    /// COPY a page. So a background thread fills a whole window of 512
+    /// to-space pages (one page table) into 512 consecutive recycled pages
+    /// and MOVEs the window with one call. Each page is claimed only when
+    /// its turn in the window comes, so a mutator touching one not reached
+    /// yet compacts it itself; one touching a page already filled copies
+    /// the filled page (no fill, no wait) and the window's MOVE skips it.
+    /// Pages compacted on demand and windows for which no run of free
+    /// pages exists yet (at the start, where pages must be allocated
+    /// anyway) use COPY. Anonymous heaps, Linux 6.8.
     Move,
     /// Write the page through an alias of the next memfd and map it with
     /// UFFDIO_CONTINUE (shmem heaps, MINOR_SHMEM, Linux 5.14).
@@ -398,6 +404,9 @@ impl Compaction {
             sources,
             readers,
             pool,
+            staged: (0..if mode == Mode::Move { live } else { 0 })
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             from: OnceLock::new(),
             alias,
             live_cursor: AtomicUsize::new(0),
@@ -769,6 +778,7 @@ struct Counters {
     copied: AtomicUsize,
     moved: AtomicUsize,
     move_busy: AtomicUsize,
+    staged_taken: AtomicUsize,
     continued: AtomicUsize,
     written: AtomicUsize,
     zeroed: AtomicUsize,
@@ -787,6 +797,7 @@ impl Counters {
         r.copied = get(&self.copied);
         r.moved = get(&self.moved);
         r.move_busy = get(&self.move_busy);
+        r.staged_taken = get(&self.staged_taken);
         r.continued = get(&self.continued);
         r.written = get(&self.written);
         r.zeroed = get(&self.zeroed);
@@ -802,10 +813,21 @@ impl Counters {
 /// Pages of the zero tail claimed per step.
 const TAIL_CHUNK: usize = 512;
 
-/// Live pages a background thread compacts and installs with one ioctl:
-/// one TLB flush (an IPI when mutators run elsewhere) per MOVE batch
-/// instead of per page, and fewer calls for COPY and CONTINUE.
+/// Live pages a background thread compacts and installs with one COPY or
+/// CONTINUE ioctl.
 const BATCH: usize = 16;
+
+/// MOVE mode: to-space pages a background thread fills into recycled
+/// pages and moves with one ioctl, one page table's worth: the kernel
+/// flushes the TLB once per page table a MOVE touches, and the flush is
+/// what a MOVE costs while mutators run (an IPI to their CPUs).
+const MOVE_WINDOW: usize = 512;
+
+/// MOVE mode: the shortest run of a window moved rather than copied. A
+/// MOVE call costs one TLB-flush IPI (about 18 us here with a mutator on
+/// the other CPU, and an interruption of that mutator) plus about 0.1 us
+/// a page; a COPY about 1 us a page and no IPI.
+const MOVE_MIN_RUN: usize = 32;
 
 struct Shared<C: Compactor> {
     compactor: Arc<C>,
@@ -821,6 +843,9 @@ struct Shared<C: Compactor> {
     readers: Vec<AtomicU64>,
     /// MOVE: from-space pages no live page reads any more.
     pool: crate::pool::Pool,
+    /// MOVE: the from-space page each staged to-space page was filled
+    /// into (see `PageStates::stage`).
+    staged: Box<[AtomicU32]>,
     from: OnceLock<FromSpace>,
     alias: Option<FromSpace>,
     live_cursor: AtomicUsize,
@@ -906,20 +931,25 @@ impl<C: Compactor> Shared<C> {
             if a >= end {
                 break;
             }
-            let b = (a + step).min(end);
-            let mut i = a;
-            while i < b {
-                if !self.states.claim(i) {
-                    i += 1;
-                    continue;
-                }
-                let start = i;
+            self.claim_within(a, (a + step).min(end), &mut run);
+        }
+    }
+
+    /// Claims what it can of pages `a..b` and calls `run(x, y)` for each
+    /// run `x..y` it claimed.
+    fn claim_within(&self, a: usize, b: usize, mut run: impl FnMut(usize, usize)) {
+        let mut i = a;
+        while i < b {
+            if !self.states.claim(i) {
                 i += 1;
-                while i < b && self.states.claim(i) {
-                    i += 1;
-                }
-                run(start, i);
+                continue;
             }
+            let start = i;
+            i += 1;
+            while i < b && self.states.claim(i) {
+                i += 1;
+            }
+            run(start, i);
         }
     }
 
@@ -937,9 +967,29 @@ impl<C: Compactor> Shared<C> {
         }
         let cpu0 = thread_cpu();
         let mut buf = vec![0u8; BATCH * PAGE].into_boxed_slice();
-        self.claim_runs(&self.live_cursor, BATCH, self.live, |a, b| {
-            self.work_run(a, b, &mut buf)
-        });
+        if self.mode == Mode::Move {
+            loop {
+                let a = self.live_cursor.fetch_add(MOVE_WINDOW, Ordering::Relaxed);
+                if a >= self.live {
+                    break;
+                }
+                let b = (a + MOVE_WINDOW).min(self.live);
+                match self.pool.pop_run(b - a) {
+                    Some(q) => self.move_window(a, b, q),
+                    None => {
+                        for c in (a..b).step_by(BATCH) {
+                            self.claim_within(c, (c + BATCH).min(b), |x, y| {
+                                self.work_run(x, y, &mut buf)
+                            });
+                        }
+                    }
+                }
+            }
+        } else {
+            self.claim_runs(&self.live_cursor, BATCH, self.live, |a, b| {
+                self.work_run(a, b, &mut buf)
+            });
+        }
         self.claim_runs(&self.tail_cursor, TAIL_CHUNK, self.pages, |a, b| {
             self.zero_run(a, b)
         });
@@ -1010,6 +1060,11 @@ impl<C: Compactor> Shared<C> {
                         }
                         samples.push(t0.elapsed().as_nanos() as u64);
                     }
+                    Ask::Staged => {
+                        self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
+                        self.install_staged_copy(p);
+                        samples.push(t0.elapsed().as_nanos() as u64);
+                    }
                     Ask::InProgress => {
                         self.counters.waited.fetch_add(1, Ordering::Relaxed);
                     }
@@ -1036,26 +1091,14 @@ impl<C: Compactor> Shared<C> {
 
     /// Compacts and installs live page `p`, which this thread claimed.
     fn work(&self, p: usize, buf: &mut [u8]) {
-        let (a, b) = self.sources[p];
-        let (a, b) = (a as usize, b as usize);
-        let from = FromPages {
-            first: a,
-            // SAFETY: pages a..b of the from-space stay mapped while `self`
-            // lives, and nobody writes them until `p` is settled: mutators
-            // only access the heap, and MOVE recycles a from-space page only
-            // after every live page reading it (counted in `readers`, `p`
-            // among them) has settled.
-            bytes: unsafe {
-                core::slice::from_raw_parts(self.old_space().add(a * PAGE), (b - a) * PAGE)
-            },
-        };
+        let from = self.sources_of(p);
         let result = match self.mode {
             Mode::Copy => self
                 .fill(p, &from, &mut *buf)
                 .and_then(|()| self.install_copy(p, buf.as_ptr())),
             // A lone page is COPYed even in MOVE mode: moving one page
             // flushes its TLB entry on every CPU running the process, an IPI
-            // that costs ~10 us here while mutators run; runs of pages are
+            // that costs ~18 us here while mutators run; windows of pages are
             // MOVEd by `work_run`, one flush per run.
             Mode::Move => self
                 .fill(p, &from, &mut *buf)
@@ -1097,9 +1140,26 @@ impl<C: Compactor> Shared<C> {
         self.settle(p, p + 1, ok);
     }
 
+    /// The part of the from-space that filling live page `p` reads.
+    fn sources_of(&self, p: usize) -> FromPages<'_> {
+        let (a, b) = self.sources[p];
+        let (a, b) = (a as usize, b as usize);
+        FromPages {
+            first: a,
+            // SAFETY: pages a..b of the from-space stay mapped while `self`
+            // lives, and nobody writes them until `p` is filled: mutators
+            // only access the heap, and MOVE recycles a from-space page only
+            // after every live page reading it (counted in `readers`, `p`
+            // among them) has been filled.
+            bytes: unsafe {
+                core::slice::from_raw_parts(self.old_space().add(a * PAGE), (b - a) * PAGE)
+            },
+        }
+    }
+
     /// Compacts claimed live pages `a..b` (at most BATCH) and installs
-    /// them with one ioctl per run of successful fills: COPY from `buf`,
-    /// MOVE from a run of consecutive pool pages (COPY while there is none),
+    /// them with one ioctl per run of successful fills: COPY from `buf`
+    /// (MOVE mode too: a batch this small is cheaper copied than moved),
     /// CONTINUE after writing through the alias.
     fn work_run(&self, a: usize, b: usize, buf: &mut [u8]) {
         if self.mode == Mode::StopTheWorld || b - a == 1 {
@@ -1109,33 +1169,14 @@ impl<C: Compactor> Shared<C> {
             return;
         }
         let k = b - a;
-        let run = if self.mode == Mode::Move {
-            self.pool.pop_run(k)
-        } else {
-            None
-        };
         let mut failed: [Option<FillError>; BATCH] = [const { None }; BATCH];
         for (j, slot) in failed.iter_mut().enumerate().take(k) {
             let p = a + j;
-            let (sa, sb) = self.sources[p];
-            let (sa, sb) = (sa as usize, sb as usize);
-            let from = FromPages {
-                first: sa,
-                // SAFETY: as in `work`: pages sa..sb are read by `p`, which
-                // is not settled, so nobody writes or recycles them.
-                bytes: unsafe {
-                    core::slice::from_raw_parts(self.old_space().add(sa * PAGE), (sb - sa) * PAGE)
-                },
-            };
-            let dst: &mut [u8] = match (self.mode, run) {
-                // SAFETY: pool pages q..q+k were popped together: no live
-                // page reads them and no other thread holds them.
-                (Mode::Move, Some(q)) => unsafe {
-                    core::slice::from_raw_parts_mut(self.old_space().add((q + j) * PAGE), PAGE)
-                },
+            let from = self.sources_of(p);
+            let dst: &mut [u8] = match self.mode {
                 // SAFETY: as in `work`: only the claimant writes the alias
                 // page, and the heap maps it only after the CONTINUE.
-                (Mode::Minor, _) => unsafe {
+                Mode::Minor => unsafe {
                     let alias = self.alias.as_ref().expect("MINOR maps an alias").ptr();
                     core::slice::from_raw_parts_mut(alias.add(p * PAGE), PAGE)
                 },
@@ -1149,10 +1190,6 @@ impl<C: Compactor> Shared<C> {
         let mut j = 0;
         while j < k {
             if let Some(e) = failed[j].take() {
-                if let Some(q) = run {
-                    // Still ours and resident: back to the pool.
-                    self.pool.push(q + j);
-                }
                 self.fail(a + j, a + j + 1, e);
                 j += 1;
                 continue;
@@ -1162,9 +1199,8 @@ impl<C: Compactor> Shared<C> {
                 j += 1;
             }
             let n = j - s;
-            let r = match (self.mode, run) {
-                (Mode::Move, Some(q)) => self.install_move_run(a + s, q + s, n),
-                (Mode::Minor, _) => self.install_continue_run(a + s, n),
+            let r = match self.mode {
+                Mode::Minor => self.install_continue_run(a + s, n),
                 // buf[s..j] holds this run's pages, filled above.
                 _ => self.install_copy_run(a + s, buf[s * PAGE..].as_ptr(), n),
             };
@@ -1181,6 +1217,122 @@ impl<C: Compactor> Shared<C> {
         for (j, &ok) in ok.iter().enumerate().take(k) {
             self.settle(a + j, a + j + 1, ok);
         }
+    }
+
+    /// MOVE mode: fills live pages `a..b` (one window, unclaimed) into the
+    /// consecutive free pool pages `q..q + (b - a)`, page `a + j` into
+    /// `q + j`, and installs them with one UFFDIO_MOVE.
+    ///
+    /// Each page is claimed only when its turn comes, and staged once
+    /// filled, so a mutator is never held up by the window: a page not
+    /// reached yet is claimed and compacted by its fault, and a staged one
+    /// is taken by its fault, which installs a copy of the staged page.
+    /// A fault on the page being filled waits for that one fill and a
+    /// COPY. Pages faults took split the window into runs; runs shorter
+    /// than `MOVE_MIN_RUN` are copied.
+    fn move_window(&self, a: usize, b: usize, q: usize) {
+        let k = b - a;
+        debug_assert!(k <= MOVE_WINDOW);
+        // Pool pages that do not go back to the pool: moved to the heap,
+        // or taken by a fault (which copies from it unsynchronised).
+        let mut consumed = [0u64; MOVE_WINDOW / 64];
+        let mut staged = [0u64; MOVE_WINDOW / 64];
+        let mark = |bits: &mut [u64; MOVE_WINDOW / 64], j: usize| bits[j / 64] |= 1 << (j % 64);
+        for p in a..b {
+            if !self.states.claim(p) {
+                continue;
+            }
+            let j = p - a;
+            // SAFETY: pool pages q..q+k were popped together by this
+            // thread: no live page reads them and nobody else holds them.
+            let dst = unsafe {
+                core::slice::from_raw_parts_mut(self.old_space().add((q + j) * PAGE), PAGE)
+            };
+            let filled = self.fill(p, &self.sources_of(p), dst);
+            // The contents are in the pool page now: the sources are free.
+            self.release_sources(p);
+            if let Err(e) = filled {
+                self.fail(p, p + 1, e);
+                self.settle(p, p + 1, false);
+                continue;
+            }
+            self.staged[p].store((q + j) as u32, Ordering::Relaxed);
+            if self.states.stage(p) {
+                mark(&mut staged, j);
+            } else {
+                // A fault waits for this very page: copy it in now rather
+                // than make it wait for a MOVE and its IPI.
+                let ok = match self.install_copy(p, self.old_space().wrapping_add((q + j) * PAGE)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        self.fail(p, p + 1, e);
+                        false
+                    }
+                };
+                self.settle(p, p + 1, ok);
+            }
+        }
+        // Install what no fault took: a long run with one MOVE, a short
+        // one (split by pages faults compacted first) with one COPY, which
+        // costs less than the MOVE's TLB-flush IPI and interrupts no
+        // mutator; its pool pages go back to the pool.
+        let mut p = a;
+        while p < b {
+            if !self.states.unstage(p) {
+                let j = p - a;
+                if staged[j / 64] & (1 << (j % 64)) != 0 {
+                    // Staged, and a fault took it.
+                    mark(&mut consumed, j);
+                }
+                p += 1;
+                continue;
+            }
+            let s = p;
+            p += 1;
+            while p < b && self.states.unstage(p) {
+                p += 1;
+            }
+            let n = p - s;
+            let r = if n >= MOVE_MIN_RUN {
+                (s - a..p - a).for_each(|j| mark(&mut consumed, j));
+                self.install_move_run(s, q + (s - a), n)
+            } else {
+                self.install_copy_run(s, self.old_space().wrapping_add((q + s - a) * PAGE), n)
+            };
+            let ok = match r {
+                Ok(()) => true,
+                Err(e) => {
+                    self.fail(s, p, e);
+                    false
+                }
+            };
+            self.settle(s, p, ok);
+        }
+        for j in 0..k {
+            if consumed[j / 64] & (1 << (j % 64)) == 0 {
+                self.pool.push(q + j);
+            }
+        }
+    }
+
+    /// A fault took staged page `p`: installs a copy of the page it was
+    /// filled into (that page stays in the from-space, freed at the end).
+    fn install_staged_copy(&self, p: usize) {
+        self.counters.staged_taken.fetch_add(1, Ordering::Relaxed);
+        let q = self.staged[p].load(Ordering::Relaxed) as usize;
+        // The staging thread stored `q` before staging `p` (release), and
+        // `ask` took `p` from the staged state (acquire); the page at `q`
+        // is written by nobody from then on: the window's thread lost `p`
+        // and never gives a used pool page back.
+        let r = self.install_copy(p, self.old_space().wrapping_add(q * PAGE));
+        let ok = match r {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(p, p + 1, e);
+                false
+            }
+        };
+        self.settle(p, p + 1, ok);
     }
 
     /// MOVE: from-space pages no live page reads any more join the pool.
@@ -1229,8 +1381,34 @@ impl<C: Compactor> Shared<C> {
         self.counters
             .move_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        r?;
-        self.counters.moved.fetch_add(n, Ordering::Relaxed);
+        if r.is_ok() {
+            self.counters.moved.fetch_add(n, Ordering::Relaxed);
+            return Ok(());
+        }
+        // Refused (EBUSY: a source page shared after all, or a transient):
+        // the staged pages still hold every page's contents, so copy them.
+        // The pages the MOVE did install before it stopped are present,
+        // and COPY skips them.
+        self.counters.move_busy.fetch_add(n, Ordering::Relaxed);
+        let t0 = Instant::now();
+        // SAFETY: as above; COPY only reads the staged pages.
+        let r = retry_counting(|| unsafe {
+            self.uffd().copy_all(
+                self.dst_addr(p),
+                self.old_space().add(q * PAGE),
+                len,
+                PAGE as u64,
+                CopyMode::empty(),
+            )
+        });
+        self.counters
+            .copy_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let existing = r? as usize;
+        self.counters.moved.fetch_add(existing, Ordering::Relaxed);
+        self.counters
+            .copied
+            .fetch_add(n - existing, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1434,6 +1612,11 @@ impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
                 }
                 !self.states.is_failed(p)
             }
+            Ask::Staged => {
+                self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
+                self.install_staged_copy(p);
+                !self.states.is_failed(p)
+            }
             // Another thread is filling it: a few microseconds.
             Ask::InProgress => {
                 self.counters.waited.fetch_add(1, Ordering::Relaxed);
@@ -1453,11 +1636,18 @@ impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
 
 /// Runs a whole-range resolve, retrying while the kernel reports pending
 /// events (this userfaultfd asks for none, so it is at most a transient).
-fn retry(mut f: impl FnMut() -> Result<Resolved, uffd::Error>) -> Result<(), FillError> {
+fn retry(f: impl FnMut() -> Result<Resolved, uffd::Error>) -> Result<(), FillError> {
+    match retry_counting(f)? {
+        0 => Ok(()),
+        _ => Err(Box::new(AlreadyInstalled)),
+    }
+}
+
+/// As `retry`, and returns how many pages were present already.
+fn retry_counting(mut f: impl FnMut() -> Result<Resolved, uffd::Error>) -> Result<u64, FillError> {
     for _ in 0..1000 {
         match f() {
-            Ok(Resolved::Complete { existing: 0, .. }) => return Ok(()),
-            Ok(Resolved::Complete { .. }) => return Err(Box::new(AlreadyInstalled)),
+            Ok(Resolved::Complete { existing, .. }) => return Ok(existing / PAGE as u64),
             Ok(Resolved::RetryAfterEvents { .. }) => std::thread::yield_now(),
             Ok(Resolved::TargetGone) => return Err("the process owning the heap is gone".into()),
             Err(e) => return Err(Box::new(InstallFailed(e))),

@@ -49,9 +49,9 @@ impl Pool {
         self.lock().set(q);
     }
 
-    /// `k` (<= 64) consecutive free pages: the first of them.
+    /// `k` consecutive free pages: the first of them.
     pub(crate) fn pop_run(&self, k: usize) -> Option<usize> {
-        debug_assert!((1..=64).contains(&k));
+        debug_assert!(k >= 1);
         let mut b = self.lock();
         if b.count < k {
             return None;
@@ -136,5 +136,16 @@ mod tests {
         pool.push(299);
         assert_eq!(pool.len(), 1);
         assert_eq!(pool.pop_run(1), Some(299));
+    }
+
+    #[test]
+    fn runs_longer_than_a_word() {
+        let pool = Pool::new(2048, (10..20).chain(100..700).chain(1000..1600));
+        assert_eq!(pool.pop_run(512), Some(100));
+        assert_eq!(pool.pop_run(512), Some(1000));
+        assert_eq!(pool.pop_run(512), None, "88 and 88 left, apart");
+        assert_eq!(pool.pop_run(88), Some(1512), "from the hint on");
+        assert_eq!(pool.pop_run(88), Some(612), "then from the start");
+        assert_eq!(pool.len(), 10);
     }
 }

@@ -18,13 +18,19 @@ pub struct Report {
     pub flip: Duration,
     /// From the end of the flip until every page was installed.
     pub wall: Duration,
-    /// Pages installed with UFFDIO_COPY (COPY mode, and MOVE mode when no
-    /// recycled page was available).
+    /// Pages installed with UFFDIO_COPY (COPY mode; in MOVE mode, pages
+    /// compacted on demand, pages a fault took from a MOVE window, and
+    /// windows for which no run of recycled pages was free).
     pub copied: usize,
     /// Pages installed with UFFDIO_MOVE from a recycled from-space page.
     pub moved: usize,
-    /// MOVEs refused with EBUSY (a shared source page) and copied instead.
+    /// Pages of MOVEs the kernel refused (EBUSY: a shared source page),
+    /// copied from their recycled pages instead.
     pub move_busy: usize,
+    /// MOVE mode: pages a fault found filled and waiting for their
+    /// window's MOVE, installed with a COPY of the filled page (counted in
+    /// `copied` and `on_demand` too).
+    pub staged_taken: usize,
     /// Pages mapped with UFFDIO_CONTINUE after being written through the alias.
     pub continued: usize,
     /// Pages written directly (stop-the-world).

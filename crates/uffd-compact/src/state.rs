@@ -8,8 +8,11 @@ const PENDING: u8 = 0;
 const CLAIMED: u8 = 1;
 /// Claimed, and a fault arrived meanwhile: whoever completes the page wakes it.
 const CLAIMED_WAITED: u8 = 2;
-const DONE: u8 = 3;
-const FAILED: u8 = 4;
+/// Filled into a staged page that waits for its batch's UFFDIO_MOVE; a
+/// fault may take it (and copy the staged page) before the batch does.
+const STAGED: u8 = 3;
+const DONE: u8 = 4;
+const FAILED: u8 = 5;
 
 /// What a fault handler should do about a page it was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +21,9 @@ pub(crate) enum Ask {
     Claimed,
     /// Another thread is compacting it and will wake the fault.
     InProgress,
+    /// This caller owns the page now, and its contents are ready in the
+    /// page its batch staged them in: install a copy of that.
+    Staged,
     /// It is installed (or poisoned) already: just wake the fault, which the
     /// kernel may have missed (it does not wake after a failed resolve).
     Settled,
@@ -57,6 +63,7 @@ impl PageStates {
                 PENDING => (CLAIMED, Ask::Claimed),
                 CLAIMED => (CLAIMED_WAITED, Ask::InProgress),
                 CLAIMED_WAITED => return Ask::InProgress,
+                STAGED => (CLAIMED, Ask::Staged),
                 _ => return Ask::Settled,
             };
             match state.compare_exchange(seen, next, Ordering::AcqRel, Ordering::Acquire) {
@@ -64,6 +71,22 @@ impl PageStates {
                 Err(now) => seen = now,
             }
         }
+    }
+
+    /// A claimed page's contents wait in a staged page: a fault may take it
+    /// from now on. False when a fault waited meanwhile: the page stays
+    /// claimed, and its claimant should install it without delay.
+    pub(crate) fn stage(&self, page: usize) -> bool {
+        self.states[page]
+            .compare_exchange(CLAIMED, STAGED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Takes a staged page back for its batch; false when a fault took it.
+    pub(crate) fn unstage(&self, page: usize) -> bool {
+        self.states[page]
+            .compare_exchange(STAGED, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// Marks a claimed page settled; true if a fault waited on it meanwhile.
@@ -107,6 +130,29 @@ mod tests {
         assert!(!s.settle(1, false));
         assert!(s.is_settled(1));
         assert_eq!(s.ask(1), Ask::Settled);
+    }
+
+    #[test]
+    fn a_staged_page_goes_to_its_batch_or_to_one_fault() {
+        let s = PageStates::new(3);
+        assert!(s.claim(0));
+        assert!(s.stage(0));
+        assert!(!s.is_settled(0), "staged is not installed");
+        assert_eq!(s.ask(0), Ask::Staged, "a fault takes it");
+        assert!(!s.unstage(0), "the batch no longer may");
+        assert_eq!(s.ask(0), Ask::InProgress);
+        assert!(s.settle(0, true));
+
+        assert!(s.claim(1));
+        assert!(s.stage(1));
+        assert!(s.unstage(1), "the batch takes it back");
+        assert_eq!(s.ask(1), Ask::InProgress, "and a fault now waits");
+        assert!(s.settle(1, true), "the wait is woken");
+
+        assert!(s.claim(2));
+        assert_eq!(s.ask(2), Ask::InProgress);
+        assert!(!s.stage(2), "a waited page is not staged");
+        assert!(s.settle(2, true));
     }
 
     #[test]

@@ -184,9 +184,10 @@ fn compact_with_mutators_opts(options: Options, pages: usize, mutators: usize) {
             Mode::Copy => assert_eq!(report.copied, live),
             Mode::Minor => assert_eq!(report.continued, live),
             Mode::StopTheWorld => assert_eq!(report.written, live),
-            // MOVE starts with the garbage pages and recycles each live
-            // page's source after it; it copies only when the pool is empty.
-            Mode::Move => assert!(report.pool_seeded > 0 && report.moved > 0, "{report:?}"),
+            // MOVE starts with the garbage pages; with this many mutators
+            // faulting pages in, most windows split into runs short enough
+            // to copy (the window tests below check what is moved).
+            Mode::Move => assert!(report.pool_seeded > 0, "{report:?}"),
         }
     });
     for p in 0..pages {
@@ -620,6 +621,114 @@ fn sigbus_path_is_refused_for_minor() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("SIGBUS"), "{e}");
+}
+
+/// MOVE windows on 2048 pages (1023 live, so windows 0..512 and
+/// 512..1023): the first finds no run of 512 free pool pages (the garbage
+/// pages come in pairs) and is copied; by the second, the first's sources
+/// are free too, and the window is filled into them and moved. `slow`
+/// holds one page's fill while `touch` runs against the heap.
+fn move_windows(
+    sigbus: bool,
+    slow: Option<usize>,
+    touch: impl Fn(&Heap) + Sync,
+) -> uffd_compact::Report {
+    let pages = 2048;
+    let heap = heap(HeapKind::Anon, pages);
+    let (tx, rx) = mpsc::sync_channel(1);
+    let mut compactor = Shuffle::new(pages);
+    if let Some(page) = slow {
+        compactor.slow = Some((page, tx, Duration::from_millis(300)));
+    }
+    let compactor = Arc::new(compactor);
+    let live = compactor.live_pages();
+    let options = Options::new(Mode::Move).threads(1).sigbus(sigbus);
+    let running = Compaction::prepare(&heap, options, Arc::clone(&compactor))
+        .expect("prepare")
+        .start()
+        .expect("start");
+    if slow.is_some() {
+        rx.recv_timeout(LIMIT).expect("the slow fill never started");
+        std::thread::scope(|s| {
+            s.spawn(|| touch(&heap));
+        });
+    }
+    let report = running.finish().expect("finish");
+    for p in 0..pages {
+        check_page(&heap, live, p);
+    }
+    for (p, n) in compactor.fills.iter().enumerate() {
+        assert_eq!(n.load(Ordering::SeqCst), u8::from(p < live), "page {p}");
+    }
+    assert_eq!(report.copied + report.moved, live, "{report:?}");
+    report
+}
+
+#[test]
+fn move_windows_move_whole_runs() {
+    let _w = Watchdog::new("move_windows_move_whole_runs");
+    if !uffd_available() {
+        return;
+    }
+    let report = move_windows(false, None, |_| {});
+    assert_eq!((report.copied, report.moved), (512, 511), "{report:?}");
+    assert_eq!(report.staged_taken, 0);
+}
+
+/// Page 900's fill is held, so pages 512..900 are filled and staged; a
+/// touch of page 600 takes its staged page and copies it, and the window
+/// moves the runs on either side.
+#[test]
+fn a_fault_takes_a_staged_page_from_its_move_window() {
+    let _w = Watchdog::new("a_fault_takes_a_staged_page_from_its_move_window");
+    if !uffd_available() {
+        return;
+    }
+    for sigbus in [false, true] {
+        let report = move_windows(sigbus, Some(900), |heap| {
+            assert_eq!(heap.load(600 * PAGE + 8 * 7), Shuffle::expected(600, 7));
+        });
+        assert_eq!(report.staged_taken, 1, "sigbus {sigbus}: {report:?}");
+        assert_eq!((report.copied, report.moved), (513, 510), "{report:?}");
+    }
+}
+
+/// A write to page 700 while its fill in a MOVE window runs waits for the
+/// fill, lands once the page is copied in, and the runs around it move.
+#[test]
+fn a_write_during_its_fill_in_a_move_window_lands() {
+    let _w = Watchdog::new("a_write_during_its_fill_in_a_move_window_lands");
+    if !uffd_available() {
+        return;
+    }
+    for sigbus in [false, true] {
+        let offset = 700 * PAGE + 8 * 100;
+        let pages = 2048;
+        let heap = heap(HeapKind::Anon, pages);
+        let (tx, rx) = mpsc::sync_channel(1);
+        let mut compactor = Shuffle::new(pages);
+        compactor.slow = Some((700, tx, Duration::from_millis(200)));
+        let compactor = Arc::new(compactor);
+        let live = compactor.live_pages();
+        let options = Options::new(Mode::Move).threads(1).sigbus(sigbus);
+        let running = Compaction::prepare(&heap, options, Arc::clone(&compactor))
+            .expect("prepare")
+            .start()
+            .expect("start");
+        rx.recv_timeout(LIMIT)
+            .expect("the fill of page 700 never started");
+        std::thread::scope(|s| {
+            s.spawn(|| heap.store(offset, 0xAB));
+        });
+        let report = running.finish().expect("finish");
+        assert_eq!(heap.load(offset), 0xAB, "the write was lost: {report:?}");
+        assert_eq!(heap.load(offset + 8), Shuffle::expected(700, 101));
+        assert_eq!((report.copied, report.moved), (513, 510), "{report:?}");
+        assert_eq!(report.staged_taken, 0);
+        for p in (0..pages).filter(|&p| p != 700) {
+            check_page(&heap, live, p);
+        }
+    }
 }
 
 /// The background thread is stuck in page 0's fill; a mutator touching

@@ -116,6 +116,9 @@ pub struct Cycle {
     pub copied: usize,
     /// Pages installed by MOVE of a recycled from-space page.
     pub moved: usize,
+    /// MOVE mode: pages a mutator took, filled, from a window waiting for
+    /// its MOVE (copied; counted in `copied`).
+    pub staged_taken: usize,
     /// Pages mapped by CONTINUE.
     pub continued: usize,
     /// Pages written directly (stop-the-world).
@@ -304,6 +307,7 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
         compactor_pages_per_cpu_s: report.compactor_pages_per_cpu_s(),
         copied: report.copied,
         moved: report.moved,
+        staged_taken: report.staged_taken,
         continued: report.continued,
         written: report.written,
         zeroed: report.zeroed,
