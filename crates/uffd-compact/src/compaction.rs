@@ -222,10 +222,12 @@ impl Options {
         self
     }
 
-    /// The SIGBUS path (ART's, COPY and MOVE modes): a mutator touching a
-    /// page not compacted yet gets SIGBUS and compacts the page itself, in
-    /// its signal handler, instead of sleeping until a handler thread has
-    /// done it. No wake-ups, so no scheduler delay; the price is that
+    /// The SIGBUS path (ART's; COPY, MOVE and MINOR modes): a mutator
+    /// touching a page not compacted yet gets SIGBUS and compacts the page
+    /// itself, in its signal handler, instead of sleeping until a handler
+    /// thread has done it. No wake-ups, so no scheduler delay (a woken
+    /// handler thread here waited up to one 4 ms tick for a CPU taken by
+    /// the background pass); the price is that
     /// `fill` runs inside a signal handler of the faulting thread and must
     /// not take a lock a mutator may hold while it accesses the heap. A
     /// SIGBUS that is not a page of a running compaction (a poisoned page)
@@ -292,10 +294,10 @@ impl Compaction {
             }
             _ => {}
         }
-        if options.sigbus && !matches!(mode, Mode::Copy | Mode::Move) {
+        if options.sigbus && mode == Mode::StopTheWorld {
             return Err(CompactError::Unsupported {
                 mode,
-                why: "the SIGBUS path serves missing faults: use it with Mode::Copy or Mode::Move",
+                why: "the SIGBUS path serves faults, and stop-the-world compaction takes none",
             });
         }
         let pages = heap.pages();
@@ -328,11 +330,11 @@ impl Compaction {
                 )),
                 _ => None,
             };
-            let needed = needed.or(options.sigbus.then_some((
+            let sigbus = options.sigbus.then_some((
                 Features::SIGBUS,
                 "the kernel has no UFFD_FEATURE_SIGBUS (Linux 4.14)",
-            )));
-            if let Some((feature, why)) = needed {
+            ));
+            for (feature, why) in needed.into_iter().chain(sigbus) {
                 if !kernel.contains(feature) {
                     return Err(CompactError::Unsupported { mode, why });
                 }
@@ -340,13 +342,15 @@ impl Compaction {
             // User-mode-only: the heap is touched by this process's own code
             // only, so no privilege is needed. Non-blocking, so the handler
             // can poll it beside its stop eventfd.
-            let features = if mode == Mode::Minor {
-                Features::MINOR_SHMEM
-            } else if options.sigbus {
-                Features::SIGBUS
-            } else {
-                Features::empty()
-            };
+            let mut features = Features::empty();
+            if mode == Mode::Minor {
+                features |= Features::MINOR_SHMEM;
+            }
+            if options.sigbus {
+                // Minor faults raise SIGBUS too: the kernel checks the
+                // feature for every userfault, whatever its kind.
+                features |= Features::SIGBUS;
+            }
             let uffd = uffd::OpenOptions::new()
                 .user_mode_only(true)
                 .non_blocking(true)
@@ -384,7 +388,7 @@ impl Compaction {
         let alias = if heap.kind() == HeapKind::Shmem {
             heap.prepare_spare()?;
             if mode == Mode::Minor {
-                Some(heap.map_spare_alias()?)
+                Some(heap.map_spare_alias(live * PAGE)?)
             } else {
                 None
             }

@@ -23,6 +23,11 @@
 //! 4. [`Running::finish`]: every page is installed, the heap unregistered,
 //!    the from-space unmapped.
 //!
+//! The userfaultfd is user-mode-only, so the kernel's own accesses to a
+//! page not compacted yet (a `read(2)` into the heap, a `write(2)` from
+//! it) fail with EFAULT instead of waiting: a runtime does its I/O on
+//! objects outside the heap, or after [`Running::finish`].
+//!
 //! Three ways to install a page ([`Mode`]): COPY from a per-thread buffer;
 //! MOVE of a recycled from-space page (no page allocated or copied once
 //! the pool fills: a from-space page joins it when every to-space page

@@ -588,7 +588,7 @@ fn sigbus_path_copy_and_move_with_mutators() {
     if !uffd_available() {
         return;
     }
-    for mode in [Mode::Copy, Mode::Move] {
+    for mode in [Mode::Copy, Mode::Move, Mode::Minor] {
         compact_with_mutators_opts(Options::new(mode).sigbus(true), 2048, 6);
         compact_with_mutators_opts(Options::new(mode).sigbus(true).threads(2), 4096, 12);
     }
@@ -600,6 +600,7 @@ fn sigbus_path_write_during_fill() {
     if uffd_available() {
         write_during_fill_opts(Options::new(Mode::Copy).sigbus(true));
         write_during_fill_opts(Options::new(Mode::Move).sigbus(true));
+        write_during_fill_opts(Options::new(Mode::Minor).sigbus(true));
     }
 }
 
@@ -608,15 +609,16 @@ fn sigbus_path_failing_fill() {
     let _w = Watchdog::new("sigbus_path_failing_fill");
     if uffd_available() {
         failing_fills_opts(Options::new(Mode::Copy).sigbus(true));
+        failing_fills_opts(Options::new(Mode::Minor).sigbus(true));
     }
 }
 
 #[test]
-fn sigbus_path_is_refused_for_minor() {
-    let shmem = heap(HeapKind::Shmem, 16);
+fn sigbus_path_is_refused_for_stop_the_world() {
+    let anon = heap(HeapKind::Anon, 16);
     let e = Compaction::prepare(
-        &shmem,
-        Options::new(Mode::Minor).sigbus(true),
+        &anon,
+        Options::new(Mode::StopTheWorld).sigbus(true),
         Arc::new(Shuffle::new(16)),
     )
     .unwrap_err();
@@ -765,7 +767,7 @@ fn on_demand_serves_touches_while_background_is_stuck() {
     for mode in [Mode::Copy, Mode::Move, Mode::Minor] {
         on_demand_while_background_is_stuck(Options::new(mode));
     }
-    for mode in [Mode::Copy, Mode::Move] {
+    for mode in [Mode::Copy, Mode::Move, Mode::Minor] {
         on_demand_while_background_is_stuck(Options::new(mode).sigbus(true));
     }
 }

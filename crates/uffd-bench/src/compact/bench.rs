@@ -25,7 +25,7 @@ pub struct BenchConfig {
     pub background_nice: i32,
     /// Ask for a SCHED_FIFO fault handler.
     pub realtime_handler: bool,
-    /// The SIGBUS path for COPY and MOVE.
+    /// The SIGBUS path for COPY, MOVE and MINOR.
     pub sigbus: bool,
 }
 
@@ -121,7 +121,7 @@ pub struct BenchResult {
     pub gc_threads: usize,
     /// Nice value of the background compacting threads.
     pub background_nice: i32,
-    /// COPY and MOVE ran the SIGBUS path.
+    /// COPY, MOVE and MINOR ran the SIGBUS path.
     pub sigbus: bool,
     /// Whether every round's fault handler ran SCHED_FIFO.
     pub realtime_handler: bool,

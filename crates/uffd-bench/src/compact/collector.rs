@@ -187,7 +187,7 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
             .spin(cfg.spin)
             .background_nice(cfg.background_nice)
             .realtime_handler(cfg.realtime_handler)
-            .sigbus(cfg.sigbus && matches!(cfg.mode, Mode::Copy | Mode::Move));
+            .sigbus(cfg.sigbus && cfg.mode.is_concurrent());
         let prepared = match Compaction::prepare(&heap, options, Arc::clone(&compactor)) {
             Ok(p) => p,
             Err(e) => {
@@ -313,7 +313,7 @@ pub fn run_cycle(cfg: &CycleConfig) -> Result<Cycle, CompactError> {
         zeroed: report.zeroed,
         install_ns_per_page: install_ns_per_page(&report),
         realtime_handler: report.realtime_handler,
-        sigbus: cfg.sigbus && matches!(cfg.mode, Mode::Copy | Mode::Move),
+        sigbus: cfg.sigbus && cfg.mode.is_concurrent(),
         loadavg: loadavg(),
     })
 }

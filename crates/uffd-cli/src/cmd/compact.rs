@@ -88,8 +88,8 @@ struct DemoArgs {
     /// says whether it was granted).
     #[arg(long)]
     realtime: bool,
-    /// copy and move: a faulting mutator compacts its page itself in a
-    /// SIGBUS handler (no handler thread, no wake-up), as ART does.
+    /// copy, move and minor: a faulting mutator compacts its page itself
+    /// in a SIGBUS handler (no handler thread, no wake-up), as ART does.
     #[arg(long)]
     sigbus: bool,
     /// Print one JSON object instead of text.
@@ -140,8 +140,8 @@ struct BenchArgs {
     /// Run the fault handler SCHED_FIFO (needs CAP_SYS_NICE).
     #[arg(long)]
     realtime: bool,
-    /// copy and move: faulting mutators compact their pages themselves in
-    /// a SIGBUS handler.
+    /// copy, move and minor: faulting mutators compact their pages
+    /// themselves in a SIGBUS handler.
     #[arg(long)]
     sigbus: bool,
     /// Print one JSON object instead of a table.
