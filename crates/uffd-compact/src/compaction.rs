@@ -941,20 +941,8 @@ impl<C: Compactor> Shared<C> {
 
     /// Claims what it can of pages `a..b` and calls `run(x, y)` for each
     /// run `x..y` it claimed.
-    fn claim_within(&self, a: usize, b: usize, mut run: impl FnMut(usize, usize)) {
-        let mut i = a;
-        while i < b {
-            if !self.states.claim(i) {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            i += 1;
-            while i < b && self.states.claim(i) {
-                i += 1;
-            }
-            run(start, i);
-        }
+    fn claim_within(&self, a: usize, b: usize, run: impl FnMut(usize, usize)) {
+        for_each_run(a, b, |i| self.states.claim(i), |_| {}, run);
     }
 
     fn background(&self) -> ThreadOut {
@@ -1130,18 +1118,11 @@ impl<C: Compactor> Shared<C> {
                 self.counters.written.fetch_add(1, Ordering::Relaxed);
             }),
         };
-        let ok = match result {
-            Ok(()) => true,
-            Err(error) => {
-                self.fail(p, p + 1, error);
-                false
-            }
-        };
         if self.mode == Mode::Move {
             // No allocation here (this may run in a SIGBUS handler).
             self.release_sources(p);
         }
-        self.settle(p, p + 1, ok);
+        self.conclude(p, p + 1, result);
     }
 
     /// The part of the from-space that filling live page `p` reads.
@@ -1239,7 +1220,7 @@ impl<C: Compactor> Shared<C> {
         debug_assert!(k <= MOVE_WINDOW);
         // Pool pages that do not go back to the pool: moved to the heap,
         // or taken by a fault (which copies from it unsynchronised).
-        let mut consumed = [0u64; MOVE_WINDOW / 64];
+        let consumed = core::cell::RefCell::new([0u64; MOVE_WINDOW / 64]);
         let mut staged = [0u64; MOVE_WINDOW / 64];
         let mark = |bits: &mut [u64; MOVE_WINDOW / 64], j: usize| bits[j / 64] |= 1 << (j % 64);
         for p in a..b {
@@ -1266,52 +1247,37 @@ impl<C: Compactor> Shared<C> {
             } else {
                 // A fault waits for this very page: copy it in now rather
                 // than make it wait for a MOVE and its IPI.
-                let ok = match self.install_copy(p, self.old_space().wrapping_add((q + j) * PAGE)) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        self.fail(p, p + 1, e);
-                        false
-                    }
-                };
-                self.settle(p, p + 1, ok);
+                let r = self.install_copy(p, self.old_space().wrapping_add((q + j) * PAGE));
+                self.conclude(p, p + 1, r);
             }
         }
         // Install what no fault took: a long run with one MOVE, a short
         // one (split by pages faults compacted first) with one COPY, which
         // costs less than the MOVE's TLB-flush IPI and interrupts no
         // mutator; its pool pages go back to the pool.
-        let mut p = a;
-        while p < b {
-            if !self.states.unstage(p) {
+        for_each_run(
+            a,
+            b,
+            |p| self.states.unstage(p),
+            |p| {
                 let j = p - a;
                 if staged[j / 64] & (1 << (j % 64)) != 0 {
                     // Staged, and a fault took it.
-                    mark(&mut consumed, j);
+                    mark(&mut consumed.borrow_mut(), j);
                 }
-                p += 1;
-                continue;
-            }
-            let s = p;
-            p += 1;
-            while p < b && self.states.unstage(p) {
-                p += 1;
-            }
-            let n = p - s;
-            let r = if n >= MOVE_MIN_RUN {
-                (s - a..p - a).for_each(|j| mark(&mut consumed, j));
-                self.install_move_run(s, q + (s - a), n)
-            } else {
-                self.install_copy_run(s, self.old_space().wrapping_add((q + s - a) * PAGE), n)
-            };
-            let ok = match r {
-                Ok(()) => true,
-                Err(e) => {
-                    self.fail(s, p, e);
-                    false
-                }
-            };
-            self.settle(s, p, ok);
-        }
+            },
+            |s, e| {
+                let n = e - s;
+                let r = if n >= MOVE_MIN_RUN {
+                    (s - a..e - a).for_each(|j| mark(&mut consumed.borrow_mut(), j));
+                    self.install_move_run(s, q + (s - a), n)
+                } else {
+                    self.install_copy_run(s, self.old_space().wrapping_add((q + s - a) * PAGE), n)
+                };
+                self.conclude(s, e, r);
+            },
+        );
+        let consumed = consumed.into_inner();
         for j in 0..k {
             if consumed[j / 64] & (1 << (j % 64)) == 0 {
                 self.pool.push(q + j);
@@ -1329,14 +1295,7 @@ impl<C: Compactor> Shared<C> {
         // is written by nobody from then on: the window's thread lost `p`
         // and never gives a used pool page back.
         let r = self.install_copy(p, self.old_space().wrapping_add(q * PAGE));
-        let ok = match r {
-            Ok(()) => true,
-            Err(e) => {
-                self.fail(p, p + 1, e);
-                false
-            }
-        };
-        self.settle(p, p + 1, ok);
+        self.conclude(p, p + 1, r);
     }
 
     /// MOVE: from-space pages no live page reads any more join the pool.
@@ -1520,17 +1479,10 @@ impl<C: Compactor> Shared<C> {
             (Mode::StopTheWorld, HeapKind::Anon) => Ok(()),
             (Mode::Minor, HeapKind::Anon) => unreachable!("rejected by prepare"),
         };
-        let ok = match result {
-            Ok(()) => {
-                self.counters.zeroed.fetch_add(b - a, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                self.fail(a, b, e);
-                false
-            }
-        };
-        self.settle(a, b, ok);
+        if result.is_ok() {
+            self.counters.zeroed.fetch_add(b - a, Ordering::Relaxed);
+        }
+        self.conclude(a, b, result);
     }
 
     /// Makes pages `a..b` fail loudly and records why.
@@ -1578,6 +1530,19 @@ impl<C: Compactor> Shared<C> {
                 guard,
             });
         }
+    }
+
+    /// Settles pages `a..b` after their install: done, or failed (and
+    /// guarded) with the install's error.
+    fn conclude(&self, a: usize, b: usize, installed: Result<(), FillError>) {
+        let ok = match installed {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(a, b, e);
+                false
+            }
+        };
+        self.settle(a, b, ok);
     }
 
     fn settle(&self, a: usize, b: usize, ok: bool) {
@@ -1635,6 +1600,32 @@ impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
             // (poisoned): a real bus error, for the previous handler.
             Ask::Settled => !self.states.is_failed(p),
         }
+    }
+}
+
+/// Splits `a..b` into the runs of consecutive pages for which `take`
+/// succeeds (it is asked once per page, in order): `run(x, y)` for each
+/// run `x..y`, `skip(p)` for each page it refused.
+fn for_each_run(
+    a: usize,
+    b: usize,
+    mut take: impl FnMut(usize) -> bool,
+    mut skip: impl FnMut(usize),
+    mut run: impl FnMut(usize, usize),
+) {
+    let mut start = None;
+    for p in a..b {
+        if take(p) {
+            start.get_or_insert(p);
+        } else {
+            if let Some(s) = start.take() {
+                run(s, p);
+            }
+            skip(p);
+        }
+    }
+    if let Some(s) = start {
+        run(s, b);
     }
 }
 

@@ -629,12 +629,14 @@ fn sigbus_path_is_refused_for_stop_the_world() {
 /// 512..1023): the first finds no run of 512 free pool pages (the garbage
 /// pages come in pairs) and is copied; by the second, the first's sources
 /// are free too, and the window is filled into them and moved. `slow`
-/// holds one page's fill while `touch` runs against the heap.
+/// holds one page's fill while `touch` runs against the heap; every page
+/// but `written` (one `touch` writes) is checked afterwards.
 fn move_windows(
     sigbus: bool,
     slow: Option<usize>,
     touch: impl Fn(&Heap) + Sync,
-) -> uffd_compact::Report {
+    written: Option<usize>,
+) -> (uffd_compact::Report, Arc<Heap>) {
     let pages = 2048;
     let heap = heap(HeapKind::Anon, pages);
     let (tx, rx) = mpsc::sync_channel(1);
@@ -656,14 +658,14 @@ fn move_windows(
         });
     }
     let report = running.finish().expect("finish");
-    for p in 0..pages {
+    for p in (0..pages).filter(|&p| Some(p) != written) {
         check_page(&heap, live, p);
     }
     for (p, n) in compactor.fills.iter().enumerate() {
         assert_eq!(n.load(Ordering::SeqCst), u8::from(p < live), "page {p}");
     }
     assert_eq!(report.copied + report.moved, live, "{report:?}");
-    report
+    (report, heap)
 }
 
 #[test]
@@ -672,7 +674,7 @@ fn move_windows_move_whole_runs() {
     if !uffd_available() {
         return;
     }
-    let report = move_windows(false, None, |_| {});
+    let (report, _) = move_windows(false, None, |_| {}, None);
     assert_eq!((report.copied, report.moved), (512, 511), "{report:?}");
     assert_eq!(report.staged_taken, 0);
 }
@@ -687,9 +689,10 @@ fn a_fault_takes_a_staged_page_from_its_move_window() {
         return;
     }
     for sigbus in [false, true] {
-        let report = move_windows(sigbus, Some(900), |heap| {
+        let touch = |heap: &Heap| {
             assert_eq!(heap.load(600 * PAGE + 8 * 7), Shuffle::expected(600, 7));
-        });
+        };
+        let (report, _) = move_windows(sigbus, Some(900), touch, None);
         assert_eq!(report.staged_taken, 1, "sigbus {sigbus}: {report:?}");
         assert_eq!((report.copied, report.moved), (513, 510), "{report:?}");
     }
@@ -703,33 +706,14 @@ fn a_write_during_its_fill_in_a_move_window_lands() {
     if !uffd_available() {
         return;
     }
+    let offset = 700 * PAGE + 8 * 100;
     for sigbus in [false, true] {
-        let offset = 700 * PAGE + 8 * 100;
-        let pages = 2048;
-        let heap = heap(HeapKind::Anon, pages);
-        let (tx, rx) = mpsc::sync_channel(1);
-        let mut compactor = Shuffle::new(pages);
-        compactor.slow = Some((700, tx, Duration::from_millis(200)));
-        let compactor = Arc::new(compactor);
-        let live = compactor.live_pages();
-        let options = Options::new(Mode::Move).threads(1).sigbus(sigbus);
-        let running = Compaction::prepare(&heap, options, Arc::clone(&compactor))
-            .expect("prepare")
-            .start()
-            .expect("start");
-        rx.recv_timeout(LIMIT)
-            .expect("the fill of page 700 never started");
-        std::thread::scope(|s| {
-            s.spawn(|| heap.store(offset, 0xAB));
-        });
-        let report = running.finish().expect("finish");
+        let touch = |heap: &Heap| heap.store(offset, 0xAB);
+        let (report, heap) = move_windows(sigbus, Some(700), touch, Some(700));
         assert_eq!(heap.load(offset), 0xAB, "the write was lost: {report:?}");
         assert_eq!(heap.load(offset + 8), Shuffle::expected(700, 101));
         assert_eq!((report.copied, report.moved), (513, 510), "{report:?}");
         assert_eq!(report.staged_taken, 0);
-        for p in (0..pages).filter(|&p| p != 700) {
-            check_page(&heap, live, p);
-        }
     }
 }
 

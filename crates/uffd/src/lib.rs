@@ -78,7 +78,9 @@ pub use hugepages::{
     free_hugepages, free_hugepages_of, hugepage_size_supported, nr_hugepages, nr_hugepages_of,
     HugepageReservation, SettingLock,
 };
-pub use memory::{FileMapping, Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE};
+pub use memory::{
+    map_anonymous_aligned, FileMapping, Mapping, MemoryKind, HUGE_PAGE_SIZE, PAGE_SIZE,
+};
 pub use open::{api, open_with, probe, probe_with, raw_api, ApiInfo, OpenMethod, OpenOptions};
 pub use outcome::{Outcome, Resolved};
 pub use pagemap::Pagemap;

@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 
-use crate::error::Error;
+use crate::error::{Errno, Error};
 use crate::features::Features;
 
 /// The base page size.
@@ -382,20 +382,38 @@ impl Drop for Mapping {
 /// moves one with a single PMD update; a 2 MiB buffer is one huge page),
 /// and any granule up to its length starts on a granule boundary.
 fn map_anon_aligned(len: usize) -> Result<NonNull<u8>, Error> {
-    let what = "mmap of anonymous memory";
     let align = len.next_power_of_two().clamp(PAGE_SIZE, HUGE_PAGE_SIZE);
-    let padded = len + (align - PAGE_SIZE);
+    map_anonymous_aligned(
+        len,
+        align,
+        ProtFlags::READ | ProtFlags::WRITE,
+        MapFlags::PRIVATE,
+    )
+    .map_err(|errno| Error::Memory {
+        what: "mmap of anonymous memory",
+        errno,
+    })
+}
+
+/// `mmap(2)` of `len` bytes of anonymous memory (`flags`, for example
+/// `PRIVATE | NORESERVE`) starting on a multiple of `align`, a power of two
+/// of at least a page: maps `align - PAGE_SIZE` bytes more and unmaps the
+/// unaligned head and the tail. The kernel aligns large anonymous mappings
+/// to 2 MiB only sometimes; memory that must move whole page tables
+/// (mremap, UFFDIO_MOVE of a huge page) asks for it here.
+pub fn map_anonymous_aligned(
+    len: usize,
+    align: usize,
+    prot: ProtFlags,
+    flags: MapFlags,
+) -> Result<NonNull<u8>, Errno> {
+    if !align.is_power_of_two() || align < PAGE_SIZE {
+        return Err(Errno::INVAL);
+    }
+    let padded = len.checked_add(align - PAGE_SIZE).ok_or(Errno::NOMEM)?;
     // SAFETY: a fresh anonymous mapping at an address the kernel chooses
     // aliases nothing.
-    let raw = unsafe {
-        rustix::mm::mmap_anonymous(
-            core::ptr::null_mut(),
-            padded,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE,
-        )
-    }
-    .map_err(|errno| Error::Memory { what, errno })?;
+    let raw = unsafe { rustix::mm::mmap_anonymous(core::ptr::null_mut(), padded, prot, flags) }?;
     let base = raw as usize;
     let start = base.next_multiple_of(align);
     let (head, tail) = (start - base, padded - (start - base) - len);
@@ -573,6 +591,32 @@ mod tests {
             m.write_byte(len - 1, 7);
             assert_eq!(m.read_byte(len - 1), 7);
         }
+    }
+
+    #[test]
+    fn aligned_anonymous_reservations_start_on_their_boundary() {
+        for align in [PAGE_SIZE, 64 << 10, HUGE_PAGE_SIZE, 4 * HUGE_PAGE_SIZE] {
+            let len = 3 * PAGE_SIZE;
+            let flags = MapFlags::PRIVATE | MapFlags::NORESERVE;
+            let p = map_anonymous_aligned(len, align, ProtFlags::empty(), flags).unwrap();
+            assert_eq!(p.as_ptr() as usize % align, 0, "align {align}");
+            // SAFETY: the mapping just made, which nothing else uses.
+            unsafe { rustix::mm::munmap(p.as_ptr().cast(), len) }.unwrap();
+        }
+        for bad in [0, 3000, PAGE_SIZE + 1] {
+            let r = map_anonymous_aligned(PAGE_SIZE, bad, ProtFlags::empty(), MapFlags::PRIVATE);
+            assert_eq!(r.unwrap_err(), Errno::INVAL, "align {bad}");
+        }
+        assert_eq!(
+            map_anonymous_aligned(
+                usize::MAX,
+                HUGE_PAGE_SIZE,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE
+            )
+            .unwrap_err(),
+            Errno::NOMEM
+        );
     }
 
     #[test]
