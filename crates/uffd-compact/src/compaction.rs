@@ -1085,16 +1085,13 @@ impl<C: Compactor> Shared<C> {
     fn work(&self, p: usize, buf: &mut [u8]) {
         let from = self.sources_of(p);
         let result = match self.mode {
-            Mode::Copy => self
-                .fill(p, &from, &mut *buf)
-                .and_then(|()| self.install_copy(p, buf.as_ptr())),
-            // A lone page is COPYed even in MOVE mode: moving one page
+            // A lone page is COPYed in MOVE mode too: moving one page
             // flushes its TLB entry on every CPU running the process, an IPI
-            // that costs ~18 us here while mutators run; windows of pages are
-            // MOVEd by `work_run`, one flush per run.
-            Mode::Move => self
+            // that costs ~18 us here while mutators run; `move_window`
+            // MOVEs runs of a window, one flush per run.
+            Mode::Copy | Mode::Move => self
                 .fill(p, &from, &mut *buf)
-                .and_then(|()| self.install_copy(p, buf.as_ptr())),
+                .and_then(|()| self.install_copy_run(p, buf.as_ptr(), 1)),
             Mode::Minor => {
                 let alias = self.alias.as_ref().expect("MINOR maps an alias").ptr();
                 // SAFETY: the alias page of `p` is written only by the thread
@@ -1102,7 +1099,7 @@ impl<C: Compactor> Shared<C> {
                 // the CONTINUE below, so no mutator reads it meanwhile.
                 let dst = unsafe { core::slice::from_raw_parts_mut(alias.add(p * PAGE), PAGE) };
                 self.fill(p, &from, dst)
-                    .and_then(|()| self.install_continue(p))
+                    .and_then(|()| self.install_continue_run(p, 1))
             }
             Mode::StopTheWorld => self.fill(p, &from, &mut *buf).map(|()| {
                 // SAFETY: the destination page is inside the heap, and the
@@ -1236,9 +1233,8 @@ impl<C: Compactor> Shared<C> {
             let filled = self.fill(p, &self.sources_of(p), dst);
             // The contents are in the pool page now: the sources are free.
             self.release_sources(p);
-            if let Err(e) = filled {
-                self.fail(p, p + 1, e);
-                self.settle(p, p + 1, false);
+            if filled.is_err() {
+                self.conclude(p, p + 1, filled);
                 continue;
             }
             self.staged[p].store((q + j) as u32, Ordering::Relaxed);
@@ -1247,7 +1243,7 @@ impl<C: Compactor> Shared<C> {
             } else {
                 // A fault waits for this very page: copy it in now rather
                 // than make it wait for a MOVE and its IPI.
-                let r = self.install_copy(p, self.old_space().wrapping_add((q + j) * PAGE));
+                let r = self.install_copy_run(p, self.old_space().wrapping_add((q + j) * PAGE), 1);
                 self.conclude(p, p + 1, r);
             }
         }
@@ -1294,7 +1290,7 @@ impl<C: Compactor> Shared<C> {
         // `ask` took `p` from the staged state (acquire); the page at `q`
         // is written by nobody from then on: the window's thread lost `p`
         // and never gives a used pool page back.
-        let r = self.install_copy(p, self.old_space().wrapping_add(q * PAGE));
+        let r = self.install_copy_run(p, self.old_space().wrapping_add(q * PAGE), 1);
         self.conclude(p, p + 1, r);
     }
 
@@ -1311,9 +1307,10 @@ impl<C: Compactor> Shared<C> {
     fn install_copy_run(&self, p: usize, src: *const u8, n: usize) -> Result<(), FillError> {
         let t0 = Instant::now();
         let len = (n * PAGE) as u64;
-        // SAFETY: `src` is this thread's buffer holding n filled pages, not
-        // written while the kernel reads it; the destination is registered
-        // heap memory no reference covers.
+        // SAFETY: `src` holds n filled pages this thread owns (its buffer,
+        // or pool pages it staged or a fault took), not written while the
+        // kernel reads them; the destination is registered heap memory no
+        // reference covers.
         let r = retry(|| unsafe {
             self.uffd()
                 .copy_all(self.dst_addr(p), src, len, PAGE as u64, CopyMode::empty())
@@ -1407,46 +1404,6 @@ impl<C: Compactor> Shared<C> {
 
     fn uffd(&self) -> &Uffd {
         self.uffd.as_ref().expect("this mode has a userfaultfd")
-    }
-
-    fn install_copy(&self, p: usize, src: *const u8) -> Result<(), FillError> {
-        let t0 = Instant::now();
-        // SAFETY: `src` is a page this thread owns (its buffer, or a popped
-        // pool page), not written while the kernel reads it; the
-        // destination is registered heap memory no reference covers.
-        let r = retry(|| unsafe {
-            self.uffd().copy_all(
-                self.dst_addr(p),
-                src,
-                PAGE as u64,
-                PAGE as u64,
-                CopyMode::empty(),
-            )
-        });
-        self.counters
-            .copy_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        r?;
-        self.counters.copied.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn install_continue(&self, p: usize) -> Result<(), FillError> {
-        let t0 = Instant::now();
-        let r = retry(|| {
-            self.uffd().continue_all(
-                self.dst_addr(p),
-                PAGE as u64,
-                PAGE as u64,
-                ContinueMode::empty(),
-            )
-        });
-        self.counters
-            .continue_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        r?;
-        self.counters.continued.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Installs claimed tail pages `a..b` as zero.
