@@ -82,6 +82,7 @@ pub struct SnapshotOptions {
     user_mode_only: bool,
     skip_copy_on_fault: bool,
     skip_rearm: bool,
+    defer_background: bool,
     staging: Option<u64>,
 }
 
@@ -94,6 +95,7 @@ impl Default for SnapshotOptions {
             user_mode_only: false,
             skip_copy_on_fault: false,
             skip_rearm: false,
+            defer_background: false,
             staging: None,
         }
     }
@@ -161,6 +163,16 @@ impl SnapshotOptions {
     #[doc(hidden)]
     pub fn skip_rearm(mut self, on: bool) -> Self {
         self.skip_rearm = on;
+        self
+    }
+
+    /// For tests of the negative controls: the background pass saves
+    /// nothing until [`Running::stop`] or [`Running::finish`] (faults are
+    /// served meanwhile), so a write made after t0 is certain to come
+    /// before the pass reaches its page, however the test is scheduled.
+    #[doc(hidden)]
+    pub fn defer_background(mut self, on: bool) -> Self {
+        self.defer_background = on;
         self
     }
 }
@@ -260,6 +272,8 @@ pub struct Running {
     thread: Option<JoinHandle<Result<Saver, Error>>>,
     saved: Arc<(Mutex<bool>, Condvar)>,
     stop: Arc<AtomicBool>,
+    /// Set by [`Running::stop`]: releases a deferred background pass.
+    finishing: Arc<AtomicBool>,
 }
 
 /// A snapshot armed by [`Prepared::arm`]: every region is write-protected
@@ -539,7 +553,8 @@ impl Armed {
 fn spawn_saver(mut saver: Saver, control: Option<Arc<T0Control>>) -> Result<Running, Error> {
     let saved = Arc::new((Mutex::new(false), Condvar::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let (s, st) = (saved.clone(), stop.clone());
+    let finishing = Arc::new(AtomicBool::new(false));
+    let (s, st, fin) = (saved.clone(), stop.clone(), finishing.clone());
     let thread = std::thread::Builder::new()
         .name("uffd-snapshot".into())
         .spawn(move || {
@@ -554,13 +569,14 @@ fn spawn_saver(mut saver: Saver, control: Option<Arc<T0Control>>) -> Result<Runn
             if let Some(control) = control {
                 saver.arm_until_t0(&control, &st)?;
             }
-            saver.run(&s, &st).map(|()| saver)
+            saver.run(&s, &st, &fin).map(|()| saver)
         })
         .map_err(Error::io("starting the saver thread", "/proc/self"))?;
     Ok(Running {
         thread: Some(thread),
         saved,
         stop,
+        finishing,
     })
 }
 
@@ -724,6 +740,7 @@ impl Running {
     /// writers across this call to hand tracking over to a
     /// [`crate::DirtyTracker`], and commit after resuming them.
     pub fn stop(mut self) -> Result<Stopped, Error> {
+        self.finishing.store(true, Ordering::Release);
         while !self.wait_saved(None) {
             if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
                 break;
@@ -782,7 +799,12 @@ enum Step {
 }
 
 impl Saver {
-    fn run(&mut self, saved: &(Mutex<bool>, Condvar), stop: &AtomicBool) -> Result<(), Error> {
+    fn run(
+        &mut self,
+        saved: &(Mutex<bool>, Condvar),
+        stop: &AtomicBool,
+        finishing: &AtomicBool,
+    ) -> Result<(), Error> {
         let mut announced = false;
         let mut read_failures = 0u32;
         loop {
@@ -808,6 +830,12 @@ impl Saver {
                 // Until finish(): serve write faults (with tracking, saved
                 // pages stay protected) and read events, which madvise and
                 // munmap of the regions wait for.
+                self.uffd
+                    .wait_readable(Some(Duration::from_millis(5)))
+                    .map_err(Error::uffd("waiting for write faults"))?;
+                continue;
+            }
+            if self.options.defer_background && !finishing.load(Ordering::Acquire) {
                 self.uffd
                     .wait_readable(Some(Duration::from_millis(5)))
                     .map_err(Error::uffd("waiting for write faults"))?;

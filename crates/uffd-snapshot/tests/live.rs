@@ -288,11 +288,13 @@ fn negative_control_saver_that_skips_the_copy_is_caught() {
     let prepared = LiveSnapshot::prepare(
         &[Region::of(vm.mapping())],
         &path,
-        SnapshotOptions::new().skip_copy_on_fault(true),
+        SnapshotOptions::new()
+            .skip_copy_on_fault(true)
+            .defer_background(true),
     )
     .unwrap();
     let running = vm.at_t0(|| prepared.protect()).unwrap();
-    // Long before the background pass reaches the last pages.
+    // Before the background pass, which waits for finish().
     let mut buf = [0u8; PAGE];
     for p in (last - 7)..=last {
         vm.write_next(p, &mut buf);
@@ -595,7 +597,9 @@ fn pages_written_or_discarded_after_arm_are_protected_again_at_t0() {
         let prepared = LiveSnapshot::prepare(
             &[Region::of(vm.mapping())],
             &path,
-            SnapshotOptions::new().skip_rearm(skip),
+            SnapshotOptions::new()
+                .skip_rearm(skip)
+                .defer_background(true),
         )
         .unwrap();
         let armed = prepared.arm().unwrap();
@@ -618,7 +622,7 @@ fn pages_written_or_discarded_after_arm_are_protected_again_at_t0() {
             vm.write_next(p, &mut buf);
         }
         let running = vm.at_t0(|| armed.protect()).unwrap();
-        // After t0, long before the background pass reaches the last pages.
+        // After t0, before the background pass, which waits for finish().
         for &p in written
             .iter()
             .chain(&(discarded..discarded + 8).collect::<Vec<_>>())
