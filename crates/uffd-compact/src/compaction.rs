@@ -6,7 +6,7 @@
 use core::fmt;
 use core::ops::Range;
 use core::str::FromStr;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::os::fd::OwnedFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -408,8 +408,12 @@ impl Compaction {
             sources,
             readers,
             pool,
-            staged: (0..if mode == Mode::Move { live } else { 0 })
-                .map(|_| AtomicU32::new(0))
+            staged: (0..if matches!(mode, Mode::Copy | Mode::Move) {
+                live
+            } else {
+                0
+            })
+                .map(|_| AtomicUsize::new(0))
                 .collect(),
             from: OnceLock::new(),
             alias,
@@ -847,9 +851,10 @@ struct Shared<C: Compactor> {
     readers: Vec<AtomicU64>,
     /// MOVE: from-space pages no live page reads any more.
     pool: crate::pool::Pool,
-    /// MOVE: the from-space page each staged to-space page was filled
-    /// into (see `PageStates::stage`).
-    staged: Box<[AtomicU32]>,
+    /// COPY and MOVE: the address of the page each staged to-space page
+    /// was filled into (see `PageStates::stage`): a pool page of a MOVE
+    /// window, or a page of a background thread's batch buffer.
+    staged: Box<[AtomicUsize]>,
     from: OnceLock<FromSpace>,
     alias: Option<FromSpace>,
     live_cursor: AtomicUsize,
@@ -970,17 +975,23 @@ impl<C: Compactor> Shared<C> {
                     Some(q) => self.move_window(a, b, q),
                     None => {
                         for c in (a..b).step_by(BATCH) {
-                            self.claim_within(c, (c + BATCH).min(b), |x, y| {
-                                self.work_run(x, y, &mut buf)
-                            });
+                            self.stage_batch(c, (c + BATCH).min(b), &mut buf);
                         }
                     }
                 }
             }
-        } else {
+        } else if self.mode == Mode::StopTheWorld {
             self.claim_runs(&self.live_cursor, BATCH, self.live, |a, b| {
-                self.work_run(a, b, &mut buf)
+                (a..b).for_each(|p| self.work(p, &mut buf[..PAGE]))
             });
+        } else {
+            loop {
+                let a = self.live_cursor.fetch_add(BATCH, Ordering::Relaxed);
+                if a >= self.live {
+                    break;
+                }
+                self.stage_batch(a, (a + BATCH).min(self.live), &mut buf);
+            }
         }
         self.claim_runs(&self.tail_cursor, TAIL_CHUNK, self.pages, |a, b| {
             self.zero_run(a, b)
@@ -1054,7 +1065,7 @@ impl<C: Compactor> Shared<C> {
                     }
                     Ask::Staged => {
                         self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
-                        self.install_staged_copy(p);
+                        self.install_staged(p);
                         samples.push(t0.elapsed().as_nanos() as u64);
                     }
                     Ask::InProgress => {
@@ -1139,21 +1150,27 @@ impl<C: Compactor> Shared<C> {
         }
     }
 
-    /// Compacts claimed live pages `a..b` (at most BATCH) and installs
-    /// them with one ioctl per run of successful fills: COPY from `buf`
-    /// (MOVE mode too: a batch this small is cheaper copied than moved),
-    /// CONTINUE after writing through the alias.
-    fn work_run(&self, a: usize, b: usize, buf: &mut [u8]) {
-        if self.mode == Mode::StopTheWorld || b - a == 1 {
-            for p in a..b {
-                self.work(p, &mut buf[..PAGE]);
-            }
-            return;
-        }
+    /// Compacts live pages `a..b` (at most BATCH, unclaimed) and installs
+    /// them with one ioctl per run: COPY from `buf` (MOVE mode too: a
+    /// batch this small is cheaper copied than moved), CONTINUE after
+    /// writing through the alias.
+    ///
+    /// As in a MOVE window, each page is claimed only when its turn comes
+    /// and staged once filled, so the batch never holds up a mutator: had
+    /// it claimed all its pages first, a fault on any of them would wait
+    /// for the whole batch, and for as long as this thread is preempted
+    /// (with more runnable threads than CPUs, 4-8 ms). A fault now waits
+    /// only on the one page being filled; it takes a staged page and
+    /// installs it itself (COPY of this buffer's page, or CONTINUE).
+    fn stage_batch(&self, a: usize, b: usize, buf: &mut [u8]) {
         let k = b - a;
-        let mut failed: [Option<FillError>; BATCH] = [const { None }; BATCH];
-        for (j, slot) in failed.iter_mut().enumerate().take(k) {
-            let p = a + j;
+        debug_assert!(k <= BATCH && BATCH <= 64);
+        let (mut staged, mut taken) = (0u64, 0u64);
+        for p in a..b {
+            if !self.states.claim(p) {
+                continue;
+            }
+            let j = p - a;
             let from = self.sources_of(p);
             let dst: &mut [u8] = match self.mode {
                 // SAFETY: as in `work`: only the claimant writes the alias
@@ -1164,40 +1181,56 @@ impl<C: Compactor> Shared<C> {
                 },
                 _ => &mut buf[j * PAGE..(j + 1) * PAGE],
             };
-            if let Err(e) = self.fill(p, &from, dst) {
-                *slot = Some(e);
-            }
-        }
-        let mut ok = [false; BATCH];
-        let mut j = 0;
-        while j < k {
-            if let Some(e) = failed[j].take() {
-                self.fail(a + j, a + j + 1, e);
-                j += 1;
-                continue;
-            }
-            let s = j;
-            while j < k && failed[j].is_none() {
-                j += 1;
-            }
-            let n = j - s;
-            let r = match self.mode {
-                Mode::Minor => self.install_continue_run(a + s, n),
-                // buf[s..j] holds this run's pages, filled above.
-                _ => self.install_copy_run(a + s, buf[s * PAGE..].as_ptr(), n),
-            };
-            match r {
-                Ok(()) => ok[s..j].fill(true),
-                Err(e) => self.fail(a + s, a + j, e),
-            }
-        }
-        if self.mode == Mode::Move {
-            for p in a..b {
+            let filled = self.fill(p, &from, dst);
+            if self.mode == Mode::Move {
+                // The contents are in `buf` now: the sources are free.
                 self.release_sources(p);
             }
+            if filled.is_err() {
+                self.conclude(p, p + 1, filled);
+                continue;
+            }
+            if let Some(slot) = self.staged.get(p) {
+                slot.store(dst.as_ptr() as usize, Ordering::Relaxed);
+            }
+            if self.states.stage(p) {
+                staged |= 1 << j;
+            } else {
+                // A fault waits for this very page: install it now.
+                let r = self.install_filled_run(p, dst.as_ptr(), 1);
+                self.conclude(p, p + 1, r);
+            }
         }
-        for (j, &ok) in ok.iter().enumerate().take(k) {
-            self.settle(a + j, a + j + 1, ok);
+        for_each_run(
+            a,
+            b,
+            |p| staged & (1 << (p - a)) != 0 && self.states.unstage(p),
+            |p| taken |= staged & (1 << (p - a)),
+            |s, e| {
+                let src = buf[(s - a) * PAGE..].as_ptr();
+                let r = self.install_filled_run(s, src, e - s);
+                self.conclude(s, e, r);
+            },
+        );
+        if self.mode != Mode::Minor {
+            // A fault that took a staged page copies from `buf`: wait for
+            // its COPY (a few microseconds) before the next batch reuses
+            // the buffer. Only this thread waits here, never a mutator.
+            for j in (0..k).filter(|j| taken & (1 << j) != 0) {
+                while !self.states.is_settled(a + j) {
+                    core::hint::spin_loop();
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    /// Installs `n` filled live pages from `p`: COPY from `src`, or in
+    /// MINOR mode CONTINUE (their contents are in the alias already).
+    fn install_filled_run(&self, p: usize, src: *const u8, n: usize) -> Result<(), FillError> {
+        match self.mode {
+            Mode::Minor => self.install_continue_run(p, n),
+            _ => self.install_copy_run(p, src, n),
         }
     }
 
@@ -1237,7 +1270,7 @@ impl<C: Compactor> Shared<C> {
                 self.conclude(p, p + 1, filled);
                 continue;
             }
-            self.staged[p].store((q + j) as u32, Ordering::Relaxed);
+            self.staged[p].store(dst.as_ptr() as usize, Ordering::Relaxed);
             if self.states.stage(p) {
                 mark(&mut staged, j);
             } else {
@@ -1281,16 +1314,19 @@ impl<C: Compactor> Shared<C> {
         }
     }
 
-    /// A fault took staged page `p`: installs a copy of the page it was
-    /// filled into (that page stays in the from-space, freed at the end).
-    fn install_staged_copy(&self, p: usize) {
+    /// A fault took staged page `p`: installs it from where it was filled
+    /// (COPY of a MOVE window's pool page, which stays in the from-space
+    /// and is freed at the end, or of a batch buffer's page, which its
+    /// thread reuses only once `p` is settled; MINOR: CONTINUE).
+    fn install_staged(&self, p: usize) {
         self.counters.staged_taken.fetch_add(1, Ordering::Relaxed);
-        let q = self.staged[p].load(Ordering::Relaxed) as usize;
-        // The staging thread stored `q` before staging `p` (release), and
-        // `ask` took `p` from the staged state (acquire); the page at `q`
-        // is written by nobody from then on: the window's thread lost `p`
-        // and never gives a used pool page back.
-        let r = self.install_copy_run(p, self.old_space().wrapping_add(q * PAGE), 1);
+        let src = self.staged.get(p).map_or(core::ptr::null(), |slot| {
+            slot.load(Ordering::Relaxed) as *const u8
+        });
+        // The staging thread stored the address before staging `p`
+        // (release), and `ask` took `p` from the staged state (acquire);
+        // the page there is written by nobody until `p` is settled.
+        let r = self.install_filled_run(p, src, 1);
         self.conclude(p, p + 1, r);
     }
 
@@ -1540,7 +1576,7 @@ impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
             }
             Ask::Staged => {
                 self.counters.on_demand.fetch_add(1, Ordering::Relaxed);
-                self.install_staged_copy(p);
+                self.install_staged(p);
                 !self.states.is_failed(p)
             }
             // Another thread is filling it: a few microseconds.

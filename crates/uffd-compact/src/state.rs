@@ -8,8 +8,8 @@ const PENDING: u8 = 0;
 const CLAIMED: u8 = 1;
 /// Claimed, and a fault arrived meanwhile: whoever completes the page wakes it.
 const CLAIMED_WAITED: u8 = 2;
-/// Filled into a staged page that waits for its batch's UFFDIO_MOVE; a
-/// fault may take it (and copy the staged page) before the batch does.
+/// Filled (into a staged page, or in MINOR mode the alias) and waiting
+/// for its batch's install; a fault may take it and install it first.
 const STAGED: u8 = 3;
 const DONE: u8 = 4;
 const FAILED: u8 = 5;
@@ -21,8 +21,8 @@ pub(crate) enum Ask {
     Claimed,
     /// Another thread is compacting it and will wake the fault.
     InProgress,
-    /// This caller owns the page now, and its contents are ready in the
-    /// page its batch staged them in: install a copy of that.
+    /// This caller owns the page now, and its contents are ready where
+    /// its batch staged them: install them from there.
     Staged,
     /// It is installed (or poisoned) already: just wake the fault, which the
     /// kernel may have missed (it does not wake after a failed resolve).
