@@ -10,6 +10,14 @@
 //! requests queued behind the push) as the baseline; the push's throughput
 //! against a raw TCP copy of as many bytes over the same emulated link; and
 //! time from connecting to the first page for a small and a large image.
+//!
+//! Every delay is measured in each of several rounds, the delays' order
+//! rotated from round to round. A case reports each figure's median over
+//! the rounds, and the goals' ratios (p99 under push over p99 idle, push
+//! over raw TCP) as median, minimum and maximum of the ratio *within* each
+//! round: on a VM whose first touches of memory vary with the host, the
+//! push and the raw copy it is compared with are only comparable when
+//! measured next to each other.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -24,7 +32,7 @@ use uffd_pager::AsyncPageSource;
 use uffd_remote::{RemoteConfig, RemoteSource};
 
 use crate::fixtures::{make_snapshot, shuffled};
-use crate::report::median;
+use crate::report::{median, LoadAverage, Spread};
 use crate::BoxError;
 
 /// What to run.
@@ -36,15 +44,17 @@ pub struct Config {
     pub delays_ms: Vec<u64>,
     /// Demand reads timed per case.
     pub samples: usize,
+    /// Rounds: each measures every delay once.
+    pub rounds: usize,
     /// The `uffd` binary (for `uffd page-server`).
     pub uffd_bin: PathBuf,
     /// Scratch directory (default: the temp dir).
     pub dir: Option<PathBuf>,
 }
 
-/// One delay's figures.
+/// One delay's figures in one round.
 #[derive(Debug, Clone, Serialize)]
-pub struct Case {
+pub struct Round {
     /// One-way delay added, ms.
     pub delay_ms: u64,
     /// Median demand read, idle link, µs.
@@ -72,6 +82,74 @@ pub struct Case {
     pub link_rtt_p50_us: f64,
 }
 
+/// One delay's figures over the rounds: each the median, and the goals'
+/// ratios taken round by round.
+#[derive(Debug, Clone, Serialize)]
+pub struct Case {
+    /// One-way delay added, ms.
+    pub delay_ms: u64,
+    /// Median demand read, idle link, µs (median over the rounds).
+    pub demand_p50_us: f64,
+    /// 99th percentile, idle link, µs (median over the rounds).
+    pub demand_p99_idle_us: f64,
+    /// 99th percentile under push, µs (median over the rounds).
+    pub demand_p99_push_us: f64,
+    /// 99th percentile of the one-connection design under push, µs.
+    pub naive_p99_push_us: f64,
+    /// The push, MB/s (median over the rounds).
+    pub bulk_mb_s: f64,
+    /// Raw TCP into a reused buffer, MB/s.
+    pub raw_tcp_mb_s: f64,
+    /// Raw TCP into fresh memory, MB/s.
+    pub raw_tcp_to_memory_mb_s: f64,
+    /// The round trip the emulator adds, µs.
+    pub added_rtt_us: f64,
+    /// The link's own round trip, median, µs.
+    pub link_rtt_p50_us: f64,
+    /// p99 under push over p99 idle, per round.
+    pub p99_push_over_idle: Spread,
+    /// The push over raw TCP into fresh memory, per round.
+    pub bulk_over_raw_to_memory: Spread,
+    /// The push over raw TCP into a reused buffer, per round.
+    pub bulk_over_raw: Spread,
+    /// Demand p50 minus the link's round trip, per round, µs.
+    pub p50_over_link_rtt_us: Spread,
+    /// Every round's figures.
+    pub rounds: Vec<Round>,
+}
+
+impl Case {
+    fn of(delay_ms: u64, rounds: Vec<Round>) -> Case {
+        fn ratio(a: f64, b: f64) -> f64 {
+            if b > 0.0 {
+                a / b
+            } else {
+                0.0
+            }
+        }
+        let values = |f: &dyn Fn(&Round) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
+        let med = |f: &dyn Fn(&Round) -> f64| median(values(f));
+        let spread = |f: &dyn Fn(&Round) -> f64| Spread::of(&values(f));
+        Case {
+            delay_ms,
+            demand_p50_us: med(&|r| r.demand_p50_us),
+            demand_p99_idle_us: med(&|r| r.demand_p99_idle_us),
+            demand_p99_push_us: med(&|r| r.demand_p99_push_us),
+            naive_p99_push_us: med(&|r| r.naive_p99_push_us),
+            bulk_mb_s: med(&|r| r.bulk_mb_s),
+            raw_tcp_mb_s: med(&|r| r.raw_tcp_mb_s),
+            raw_tcp_to_memory_mb_s: med(&|r| r.raw_tcp_to_memory_mb_s),
+            added_rtt_us: med(&|r| r.added_rtt_us),
+            link_rtt_p50_us: med(&|r| r.link_rtt_p50_us),
+            p99_push_over_idle: spread(&|r| ratio(r.demand_p99_push_us, r.demand_p99_idle_us)),
+            bulk_over_raw_to_memory: spread(&|r| ratio(r.bulk_mb_s, r.raw_tcp_to_memory_mb_s)),
+            bulk_over_raw: spread(&|r| ratio(r.bulk_mb_s, r.raw_tcp_mb_s)),
+            p50_over_link_rtt_us: spread(&|r| r.demand_p50_us - r.link_rtt_p50_us),
+            rounds,
+        }
+    }
+}
+
 /// Time from connecting to the first page read, per image size.
 #[derive(Debug, Clone, Serialize)]
 pub struct FirstPage {
@@ -84,6 +162,12 @@ pub struct FirstPage {
 /// The report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Rounds run.
+    pub rounds: usize,
+    /// `/proc/loadavg` before the first round and after the last.
+    pub loadavg_before: LoadAverage,
+    /// See `loadavg_before`.
+    pub loadavg_after: LoadAverage,
     /// One per delay.
     pub cases: Vec<Case>,
     /// First page for a small and a large image (no delay).
@@ -317,52 +401,41 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut cases = Vec::new();
-    for &delay_ms in &config.delays_ms {
-        let delay = Duration::from_millis(delay_ms);
-        progress(&format!("{delay_ms} ms: idle link"));
-        let idle = {
-            let server = page_server(&config.uffd_bin, &snapshot.path, false)?;
-            let remote = connect(&delay_link(server.1.clone(), delay)?, false)?;
-            demand_latencies(&runtime, &remote, pages, config.samples, None)
-        };
-        progress(&format!("{delay_ms} ms: under push"));
-        let (under_push, bulk_mb_s) = {
-            let server = page_server(&config.uffd_bin, &snapshot.path, true)?;
-            let started = Instant::now();
-            let remote = Arc::new(connect(&delay_link(server.1.clone(), delay)?, false)?);
-            let watcher = {
-                let remote = Arc::clone(&remote);
-                std::thread::spawn(move || push_seconds(&remote, len, started))
-            };
-            let lat = demand_latencies(&runtime, &remote, pages, config.samples, Some(len));
-            let seconds = watcher.join().map_err(|_| "the push watcher panicked")?;
-            (lat, len as f64 / 1e6 / seconds)
-        };
-        progress(&format!("{delay_ms} ms: one connection, under push"));
-        let naive = {
-            let server = page_server(&config.uffd_bin, &snapshot.path, true)?;
-            let remote = connect(&delay_link(server.1.clone(), delay)?, true)?;
-            demand_latencies(&runtime, &remote, pages, config.samples, Some(len))
-        };
-        progress(&format!("{delay_ms} ms: raw TCP"));
-        let raw_tcp_mb_s = raw_tcp(len, delay, false)?;
-        let raw_tcp_to_memory_mb_s = raw_tcp(len, delay, true)?;
-        let link_rtt_p50_us = link_rtt(delay, config.samples.min(200))?;
-        cases.push(Case {
-            delay_ms,
-            demand_p50_us: median(idle.clone()),
-            demand_p99_idle_us: percentile(idle, 99.0),
-            demand_p99_push_us: percentile(under_push, 99.0),
-            naive_p99_push_us: percentile(naive, 99.0),
-            bulk_mb_s,
-            raw_tcp_mb_s,
-            raw_tcp_to_memory_mb_s,
-            added_rtt_us: 2.0 * delay_ms as f64 * 1000.0,
-            link_rtt_p50_us,
-        });
-    }
+    let loadavg_before = LoadAverage::now().unwrap_or_default();
+    let rounds = config.rounds.max(1);
+    let mut per_delay: Vec<Vec<Round>> = vec![Vec::new(); config.delays_ms.len()];
+    let measured = (|| -> Result<(), BoxError> {
+        for round in 0..rounds {
+            for k in 0..config.delays_ms.len() {
+                let i = (k + round) % config.delays_ms.len();
+                let delay_ms = config.delays_ms[i];
+                let say = |what: &str| {
+                    progress(&format!(
+                        "round {}/{rounds}, {delay_ms} ms: {what}",
+                        round + 1
+                    ))
+                };
+                per_delay[i].push(measure_round(
+                    config,
+                    &runtime,
+                    &snapshot.path,
+                    pages,
+                    delay_ms,
+                    say,
+                )?);
+            }
+        }
+        Ok(())
+    })();
+    // The image is gone whether every round ran or one failed.
     let _ = std::fs::remove_file(&snapshot.path);
+    measured?;
+    let cases = config
+        .delays_ms
+        .iter()
+        .zip(per_delay)
+        .map(|(&d, r)| Case::of(d, r))
+        .collect();
     let mut first_page = Vec::new();
     for image_mib in [256u64, 4096] {
         progress(&format!("first page of a {image_mib} MiB image"));
@@ -386,5 +459,65 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
         drop(server);
         let _ = std::fs::remove_file(&path);
     }
-    Ok(Report { cases, first_page })
+    Ok(Report {
+        rounds,
+        loadavg_before,
+        loadavg_after: LoadAverage::now().unwrap_or_default(),
+        cases,
+        first_page,
+    })
+}
+
+/// One round of one delay: idle, under push, the naive design, raw TCP.
+fn measure_round(
+    config: &Config,
+    runtime: &tokio::runtime::Runtime,
+    image: &Path,
+    pages: u64,
+    delay_ms: u64,
+    progress: impl Fn(&str),
+) -> Result<Round, BoxError> {
+    let len = pages * 4096;
+    let delay = Duration::from_millis(delay_ms);
+    progress("idle link");
+    let idle = {
+        let server = page_server(&config.uffd_bin, image, false)?;
+        let remote = connect(&delay_link(server.1.clone(), delay)?, false)?;
+        demand_latencies(runtime, &remote, pages, config.samples, None)
+    };
+    progress("under push");
+    let (under_push, bulk_mb_s) = {
+        let server = page_server(&config.uffd_bin, image, true)?;
+        let started = Instant::now();
+        let remote = Arc::new(connect(&delay_link(server.1.clone(), delay)?, false)?);
+        let watcher = {
+            let remote = Arc::clone(&remote);
+            std::thread::spawn(move || push_seconds(&remote, len, started))
+        };
+        let lat = demand_latencies(runtime, &remote, pages, config.samples, Some(len));
+        let seconds = watcher.join().map_err(|_| "the push watcher panicked")?;
+        (lat, len as f64 / 1e6 / seconds)
+    };
+    progress("one connection, under push");
+    let naive = {
+        let server = page_server(&config.uffd_bin, image, true)?;
+        let remote = connect(&delay_link(server.1.clone(), delay)?, true)?;
+        demand_latencies(runtime, &remote, pages, config.samples, Some(len))
+    };
+    progress("raw TCP");
+    let raw_tcp_mb_s = raw_tcp(len, delay, false)?;
+    let raw_tcp_to_memory_mb_s = raw_tcp(len, delay, true)?;
+    let link_rtt_p50_us = link_rtt(delay, config.samples.min(200))?;
+    Ok(Round {
+        delay_ms,
+        demand_p50_us: median(idle.clone()),
+        demand_p99_idle_us: percentile(idle, 99.0),
+        demand_p99_push_us: percentile(under_push, 99.0),
+        naive_p99_push_us: percentile(naive, 99.0),
+        bulk_mb_s,
+        raw_tcp_mb_s,
+        raw_tcp_to_memory_mb_s,
+        added_rtt_us: 2.0 * delay_ms as f64 * 1000.0,
+        link_rtt_p50_us,
+    })
 }

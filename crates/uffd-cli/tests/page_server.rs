@@ -310,7 +310,9 @@ fn the_bench_reports_every_figure_it_promises() {
             "--samples",
             "10",
             "--delays-ms",
-            "0",
+            "0,1",
+            "--rounds",
+            "2",
             "--json",
         ])
         .stderr(Stdio::null())
@@ -336,6 +338,48 @@ fn the_bench_reports_every_figure_it_promises() {
         );
     }
     assert!(case["bulk_mb_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["rounds"], 2);
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2, "one case per delay");
+    for (case, delay) in cases.iter().zip([0, 1]) {
+        assert_eq!(case["delay_ms"], delay);
+        let rounds = case["rounds"].as_array().unwrap();
+        assert_eq!(rounds.len(), 2, "{case}");
+        assert!(rounds.iter().all(|r| r["delay_ms"] == delay));
+        // The ratios are the rounds' own, so they lie between the rounds'.
+        let ratio = |r: &serde_json::Value| {
+            r["demand_p99_push_us"].as_f64().unwrap() / r["demand_p99_idle_us"].as_f64().unwrap()
+        };
+        let (lo, hi) = (
+            ratio(&rounds[0]).min(ratio(&rounds[1])),
+            ratio(&rounds[0]).max(ratio(&rounds[1])),
+        );
+        let s = &case["p99_push_over_idle"];
+        assert!(
+            (s["min"].as_f64().unwrap() - lo).abs() < 1e-9,
+            "{s} vs {lo}"
+        );
+        assert!(
+            (s["max"].as_f64().unwrap() - hi).abs() < 1e-9,
+            "{s} vs {hi}"
+        );
+        for key in [
+            "bulk_over_raw_to_memory",
+            "bulk_over_raw",
+            "p50_over_link_rtt_us",
+        ] {
+            let s = &case[key];
+            assert!(
+                s["min"].as_f64().unwrap() <= s["median"].as_f64().unwrap(),
+                "{key}: {s}"
+            );
+            assert!(
+                s["median"].as_f64().unwrap() <= s["max"].as_f64().unwrap(),
+                "{key}: {s}"
+            );
+        }
+    }
+    assert!(report["loadavg_before"]["one"].as_f64().is_some());
     assert_eq!(report["first_page"].as_array().unwrap().len(), 2);
 }
 
