@@ -86,26 +86,9 @@ pub struct Round {
 /// ratios taken round by round.
 #[derive(Debug, Clone, Serialize)]
 pub struct Case {
-    /// One-way delay added, ms.
-    pub delay_ms: u64,
-    /// Median demand read, idle link, µs (median over the rounds).
-    pub demand_p50_us: f64,
-    /// 99th percentile, idle link, µs (median over the rounds).
-    pub demand_p99_idle_us: f64,
-    /// 99th percentile under push, µs (median over the rounds).
-    pub demand_p99_push_us: f64,
-    /// 99th percentile of the one-connection design under push, µs.
-    pub naive_p99_push_us: f64,
-    /// The push, MB/s (median over the rounds).
-    pub bulk_mb_s: f64,
-    /// Raw TCP into a reused buffer, MB/s.
-    pub raw_tcp_mb_s: f64,
-    /// Raw TCP into fresh memory, MB/s.
-    pub raw_tcp_to_memory_mb_s: f64,
-    /// The round trip the emulator adds, µs.
-    pub added_rtt_us: f64,
-    /// The link's own round trip, median, µs.
-    pub link_rtt_p50_us: f64,
+    /// Each figure's median over the rounds (the JSON keeps a round's keys).
+    #[serde(flatten)]
+    pub median: Round,
     /// p99 under push over p99 idle, per round.
     pub p99_push_over_idle: Spread,
     /// The push over raw TCP into fresh memory, per round.
@@ -131,16 +114,18 @@ impl Case {
         let med = |f: &dyn Fn(&Round) -> f64| median(values(f));
         let spread = |f: &dyn Fn(&Round) -> f64| Spread::of(&values(f));
         Case {
-            delay_ms,
-            demand_p50_us: med(&|r| r.demand_p50_us),
-            demand_p99_idle_us: med(&|r| r.demand_p99_idle_us),
-            demand_p99_push_us: med(&|r| r.demand_p99_push_us),
-            naive_p99_push_us: med(&|r| r.naive_p99_push_us),
-            bulk_mb_s: med(&|r| r.bulk_mb_s),
-            raw_tcp_mb_s: med(&|r| r.raw_tcp_mb_s),
-            raw_tcp_to_memory_mb_s: med(&|r| r.raw_tcp_to_memory_mb_s),
-            added_rtt_us: med(&|r| r.added_rtt_us),
-            link_rtt_p50_us: med(&|r| r.link_rtt_p50_us),
+            median: Round {
+                delay_ms,
+                demand_p50_us: med(&|r| r.demand_p50_us),
+                demand_p99_idle_us: med(&|r| r.demand_p99_idle_us),
+                demand_p99_push_us: med(&|r| r.demand_p99_push_us),
+                naive_p99_push_us: med(&|r| r.naive_p99_push_us),
+                bulk_mb_s: med(&|r| r.bulk_mb_s),
+                raw_tcp_mb_s: med(&|r| r.raw_tcp_mb_s),
+                raw_tcp_to_memory_mb_s: med(&|r| r.raw_tcp_to_memory_mb_s),
+                added_rtt_us: med(&|r| r.added_rtt_us),
+                link_rtt_p50_us: med(&|r| r.link_rtt_p50_us),
+            },
             p99_push_over_idle: spread(&|r| ratio(r.demand_p99_push_us, r.demand_p99_idle_us)),
             bulk_over_raw_to_memory: spread(&|r| ratio(r.bulk_mb_s, r.raw_tcp_to_memory_mb_s)),
             bulk_over_raw: spread(&|r| ratio(r.bulk_mb_s, r.raw_tcp_mb_s)),

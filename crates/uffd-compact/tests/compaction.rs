@@ -717,41 +717,49 @@ fn a_write_during_its_fill_in_a_move_window_lands() {
     }
 }
 
-/// The background thread is stuck in page 9's fill, in the middle of its
-/// batch (pages 0..16): a touch of page 3, filled and staged before it,
-/// takes the staged page, and a touch of page 12, not reached yet, is
-/// compacted on demand. Neither waits for page 9 (a batch that claimed all
-/// its pages up front held them until the watchdog fired).
-fn batch_pages_while_background_is_stuck(options: Options) {
+/// Holds the background thread in page `blocked`'s fill, touches each of
+/// `touched` (every touch must complete with `blocked` still held), then
+/// releases it; checks every page and that each live page was filled once.
+fn touches_while_background_is_stuck(
+    options: Options,
+    blocked: usize,
+    touched: &[usize],
+) -> uffd_compact::Report {
     let pages = 64;
     let heap = heap(options.mode().heap_kind(), pages);
     let (tx, rx) = mpsc::channel();
     let mut compactor = Shuffle::new(pages);
-    compactor.block = Some((9, std::sync::Mutex::new(rx)));
+    compactor.block = Some((blocked, std::sync::Mutex::new(rx)));
     let compactor = Arc::new(compactor);
     let live = compactor.live_pages();
     let running = Compaction::prepare(&heap, options.threads(1), Arc::clone(&compactor))
         .expect("prepare")
         .start()
         .expect("start");
-    while compactor.fills[9].load(Ordering::SeqCst) == 0 {
+    while compactor.fills[blocked].load(Ordering::SeqCst) == 0 {
         std::thread::yield_now();
     }
-    check_page(&heap, live, 3);
-    check_page(&heap, live, 12);
-    tx.send(()).expect("release page 9");
+    for &p in touched {
+        check_page(&heap, live, p);
+    }
+    tx.send(()).expect("release the held fill");
     let report = running.finish().expect("finish");
-    assert_eq!(report.staged_taken, 1, "{:?}: {report:?}", options.mode());
-    assert!(report.on_demand >= 2, "{report:?}");
     for p in 0..pages {
         check_page(&heap, live, p);
         assert_eq!(
             compactor.fills[p].load(Ordering::SeqCst),
-            u8::from(p < live)
+            u8::from(p < live),
+            "page {p}"
         );
     }
+    report
 }
 
+/// The background thread is stuck in page 9's fill, in the middle of its
+/// batch (pages 0..16): a touch of page 3, filled and staged before it,
+/// takes the staged page, and a touch of page 12, not reached yet, is
+/// compacted on demand. Neither waits for page 9 (a batch that claimed all
+/// its pages up front held them until the watchdog fired).
 #[test]
 fn a_batch_holds_up_no_fault_but_on_the_page_it_is_filling() {
     let _w = Watchdog::new("a_batch_holds_up_no_fault_but_on_the_page_it_is_filling");
@@ -760,34 +768,20 @@ fn a_batch_holds_up_no_fault_but_on_the_page_it_is_filling() {
     }
     for sigbus in [false, true] {
         for mode in [Mode::Copy, Mode::Move, Mode::Minor] {
-            batch_pages_while_background_is_stuck(Options::new(mode).sigbus(sigbus));
+            let report =
+                touches_while_background_is_stuck(Options::new(mode).sigbus(sigbus), 9, &[3, 12]);
+            assert_eq!(report.staged_taken, 1, "{mode:?}: {report:?}");
+            assert!(report.on_demand >= 2, "{report:?}");
         }
     }
 }
 
 /// The background thread is stuck in page 0's fill; a mutator touching
-/// page 20 can only get it from on-demand compaction (the fault handler,
-/// or the SIGBUS path in the mutator itself).
+/// pages 20 and 21 can only get them from on-demand compaction (the fault
+/// handler, or the SIGBUS path in the mutator itself).
 fn on_demand_while_background_is_stuck(options: Options) {
-    let pages = 64;
-    let heap = heap(options.mode().heap_kind(), pages);
-    let (tx, rx) = mpsc::channel();
-    let mut compactor = Shuffle::new(pages);
-    compactor.block = Some((0, std::sync::Mutex::new(rx)));
-    let compactor = Arc::new(compactor);
-    let live = compactor.live_pages();
-    let running = Compaction::prepare(&heap, options.threads(1), Arc::clone(&compactor))
-        .expect("prepare")
-        .start()
-        .expect("start");
-    check_page(&heap, live, 20);
-    check_page(&heap, live, 21);
-    tx.send(()).expect("release page 0");
-    let report = running.finish().expect("finish");
+    let report = touches_while_background_is_stuck(options, 0, &[20, 21]);
     assert!(report.on_demand >= 2, "{report:?}");
-    for p in 0..pages {
-        check_page(&heap, live, p);
-    }
 }
 
 #[test]

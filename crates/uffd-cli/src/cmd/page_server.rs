@@ -158,7 +158,7 @@ fn bench(a: BenchArgs) -> CmdResult {
         "raw MB/s",
         "raw to memory"
     );
-    for c in &report.cases {
+    for c in report.cases.iter().map(|c| &c.median) {
         println!(
             "{:>8} {:>8.0}µs {:>10.0}µs {:>10.0}µs {:>12.0}µs {:>13.0}µs {:>10.0} {:>10.0} {:>13.0}",
             c.delay_ms,
@@ -179,7 +179,7 @@ fn bench(a: BenchArgs) -> CmdResult {
     for c in &report.cases {
         println!(
             "{:>8} p99 push/idle {}  push/raw to memory {}  push/raw {}  p50 - link RTT {} µs",
-            c.delay_ms,
+            c.median.delay_ms,
             range(&c.p99_push_over_idle, 2),
             range(&c.bulk_over_raw_to_memory, 2),
             range(&c.bulk_over_raw, 2),
