@@ -573,6 +573,50 @@ fn a_pushed_frame_that_fails_its_checksum_lands_nothing_and_its_pages_are_asked_
     assert_eq!(stats.pages_continued, 1, "{stats:?}");
 }
 
+/// On an idle link a faulting thread writes its own demand request (no
+/// wake of the link's thread on the way out), and every answer is right.
+#[test]
+fn an_idle_links_requests_are_written_by_the_reading_thread() {
+    let image = image(PAGES);
+    let server = Served::start(&image, PageServerConfig::default());
+    let remote =
+        uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
+            .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reads = 32u64;
+    for page in 0..reads {
+        let got = runtime
+            .block_on(uffd_pager::AsyncPageSource::read(
+                &remote,
+                page * 4096,
+                4096,
+            ))
+            .unwrap();
+        let want = &image[page as usize * 4096..][..4096];
+        match got {
+            uffd_pager::Fetched::Data(bytes) => assert_eq!(&bytes[..], want, "page {page}"),
+            uffd_pager::Fetched::Zero => assert!(want.iter().all(|&b| b == 0), "page {page}"),
+        }
+        // Idle between reads, as a guest's faults are.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stats = remote.stats();
+    let (sent, direct) = (
+        stats.demand_requests.load(Relaxed),
+        stats.requests_written_by_reader.load(Relaxed),
+    );
+    assert_eq!(sent, reads);
+    // Only a read racing the link's own writes (it re-sends what is
+    // outstanding when it connects) goes through the link's thread.
+    assert!(
+        direct >= reads - 1,
+        "{direct} of {sent} written by the reader"
+    );
+}
+
 /// The anonymous destination shares the landing area's rules: pushed
 /// frames read straight into it, each page landed once, every byte right
 /// when the pager copies them out, straight from the landing area.
