@@ -413,6 +413,13 @@ impl ChannelState {
         let Some((wr, generation)) = writer.as_mut() else {
             return false;
         };
+        match self.outstanding().reads.get(&id) {
+            // Answered already, or sent on this connection by the link
+            // (which re-sends what is outstanding when it connects).
+            None => return true,
+            Some(p) if p.sent_on == *generation => return true,
+            Some(_) => {}
+        }
         match wr.as_ref().try_write(frame) {
             Ok(n) if n == frame.len() => {
                 if let Some(p) = self.outstanding().reads.get_mut(&id) {
