@@ -1217,10 +1217,7 @@ impl<C: Compactor> Shared<C> {
             // its COPY (a few microseconds) before the next batch reuses
             // the buffer. Only this thread waits here, never a mutator.
             for j in (0..k).filter(|j| taken & (1 << j) != 0) {
-                while !self.states.is_settled(a + j) {
-                    core::hint::spin_loop();
-                    std::thread::yield_now();
-                }
+                self.states.wait_settled(a + j);
             }
         }
     }
@@ -1582,11 +1579,7 @@ impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
             // Another thread is filling it: a few microseconds.
             Ask::InProgress => {
                 self.counters.waited.fetch_add(1, Ordering::Relaxed);
-                while !self.states.is_settled(p) {
-                    core::hint::spin_loop();
-                    // sched_yield is async-signal-safe.
-                    std::thread::yield_now();
-                }
+                self.states.wait_settled(p);
                 !self.states.is_failed(p)
             }
             // Installed: the access restarts and finds it. Failed

@@ -109,6 +109,16 @@ impl PageStates {
     pub(crate) fn is_settled(&self, page: usize) -> bool {
         self.states[page].load(Ordering::Acquire) >= DONE
     }
+
+    /// Waits, yielding the CPU, until another thread settles the page (a
+    /// few microseconds: one fill or one install). Async-signal-safe.
+    pub(crate) fn wait_settled(&self, page: usize) {
+        while !self.is_settled(page) {
+            core::hint::spin_loop();
+            // sched_yield is async-signal-safe.
+            std::thread::yield_now();
+        }
+    }
 }
 
 #[cfg(test)]

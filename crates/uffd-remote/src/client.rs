@@ -387,6 +387,16 @@ struct Outstanding {
     next_id: u64,
 }
 
+impl Outstanding {
+    /// Makes `p` outstanding under a fresh id.
+    fn add(&mut self, p: Pending) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.reads.insert(id, p);
+        id
+    }
+}
+
 impl ChannelState {
     fn new() -> ChannelState {
         ChannelState {
@@ -677,21 +687,15 @@ impl RemoteSource {
             if shared.dead.load(Relaxed) {
                 return Err(failed("unreachable past the reconnect timeout"));
             }
-            let id = out.next_id;
-            out.next_id += 1;
-            out.reads.insert(
-                id,
-                Pending {
-                    offset,
-                    len: len as u32,
-                    priority,
-                    checksum_failures: 0,
-                    broken_links: 0,
-                    sent_on: 0,
-                    reply,
-                },
-            );
-            id
+            out.add(Pending {
+                offset,
+                len: len as u32,
+                priority,
+                checksum_failures: 0,
+                broken_links: 0,
+                sent_on: 0,
+                reply,
+            })
         };
         let frame = request_frame(id, offset, len as u32, priority);
         if !state.try_write_now(id, &frame, &shared.stats) && tx.send(id).is_err() {
@@ -1180,11 +1184,8 @@ async fn serve_link(
                                     }));
                                     None
                                 } else {
-                                    let id = out.next_id;
-                                    out.next_id += 1;
                                     p.sent_on = 0;
-                                    out.reads.insert(id, p);
-                                    Some(id)
+                                    Some(out.add(p))
                                 }
                             }
                         }
