@@ -35,6 +35,62 @@ use crate::fixtures::{make_snapshot, shuffled};
 use crate::report::{median, LoadAverage, Spread};
 use crate::BoxError;
 
+/// Where the bench's threads run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cpus {
+    /// Anywhere: the source side, the link and the destination share
+    /// every CPU, as the scheduler places them.
+    #[default]
+    Shared,
+    /// Two hosts modelled on one: the source side (the page server, the
+    /// link emulator, the raw copy's sender, the round-trip echo) on one
+    /// CPU, the destination (this process's reading threads and the raw
+    /// copy's receiver) on another, so neither side's work takes the
+    /// other's CPU.
+    Split,
+}
+
+/// The CPUs of [`Cpus::Split`]: (source side, destination).
+#[derive(Debug, Clone, Copy)]
+struct Pin(Option<(usize, usize)>);
+
+impl Pin {
+    fn new(cpus: Cpus) -> Result<Pin, BoxError> {
+        if cpus == Cpus::Shared {
+            return Ok(Pin(None));
+        }
+        let allowed = rustix::thread::sched_getaffinity(None)?;
+        let mut two = (0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| allowed.is_set(c));
+        match (two.next(), two.next()) {
+            (Some(source), Some(destination)) => Ok(Pin(Some((source, destination)))),
+            _ => Err("--cpus split needs two CPUs this process may run on; it has one".into()),
+        }
+    }
+
+    fn on(cpu: usize) {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        // Only ever a CPU the affinity mask allowed, so this cannot fail
+        // for a reason worth stopping the bench for.
+        let _ = rustix::thread::sched_setaffinity(None, &set);
+    }
+
+    /// Moves the calling thread (and what it starts later) to the source side.
+    fn source(self) {
+        if let Some((cpu, _)) = self.0 {
+            Pin::on(cpu);
+        }
+    }
+
+    /// Moves the calling thread (and what it starts later) to the destination.
+    fn destination(self) {
+        if let Some((_, cpu)) = self.0 {
+            Pin::on(cpu);
+        }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -50,6 +106,8 @@ pub struct Config {
     pub uffd_bin: PathBuf,
     /// Scratch directory (default: the temp dir).
     pub dir: Option<PathBuf>,
+    /// Where the source side and the destination run.
+    pub cpus: Cpus,
 }
 
 /// One delay's figures in one round.
@@ -149,6 +207,8 @@ pub struct FirstPage {
 pub struct Report {
     /// Rounds run.
     pub rounds: usize,
+    /// Where the source side and the destination ran.
+    pub cpus: Cpus,
     /// `/proc/loadavg` before the first round and after the last.
     pub loadavg_before: LoadAverage,
     /// See `loadavg_before`.
@@ -169,7 +229,7 @@ impl Drop for Server {
     }
 }
 
-fn page_server(uffd: &Path, mem: &Path, push: bool) -> Result<Server, BoxError> {
+fn page_server(uffd: &Path, mem: &Path, push: bool, pin: Pin) -> Result<Server, BoxError> {
     let mut cmd = Command::new(uffd);
     cmd.args(["page-server", "--mem-file"])
         .arg(mem)
@@ -178,7 +238,11 @@ fn page_server(uffd: &Path, mem: &Path, push: bool) -> Result<Server, BoxError> 
     if push {
         cmd.arg("--push");
     }
-    let mut child = cmd.spawn()?;
+    // The child and the threads it starts inherit the spawning thread's CPU.
+    pin.source();
+    let child = cmd.spawn();
+    pin.destination();
+    let mut child = child?;
     let mut err = BufReader::new(child.stderr.take().expect("piped"));
     let mut line = String::new();
     err.read_line(&mut line)?;
@@ -198,9 +262,16 @@ pub fn serving_address(line: &str) -> Option<String> {
 /// A TCP relay on loopback that delays every byte by `delay` each way,
 /// without limiting bandwidth: what a long fat link does.
 pub fn delay_link(upstream: String, delay: Duration) -> std::io::Result<String> {
+    pinned_link(upstream, delay, Pin(None))
+}
+
+/// [`delay_link`], its threads on the source side of `pin`: the link
+/// stands for the network, which takes no CPU of the destination's.
+fn pinned_link(upstream: String, delay: Duration, pin: Pin) -> std::io::Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     std::thread::spawn(move || {
+        pin.source();
         for client in listener.incoming() {
             let Ok(client) = client else { return };
             let Ok(server) = TcpStream::connect(&upstream) else {
@@ -210,17 +281,18 @@ pub fn delay_link(upstream: String, delay: Duration) -> std::io::Result<String> 
             let _ = server.set_nodelay(true);
             let (c, s) = (client.try_clone(), server.try_clone());
             if let (Ok(c), Ok(s)) = (c, s) {
-                delayed_pipe(client, s, delay);
-                delayed_pipe(server, c, delay);
+                delayed_pipe(client, s, delay, pin);
+                delayed_pipe(server, c, delay, pin);
             }
         }
     });
     Ok(addr)
 }
 
-fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, pin: Pin) {
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
     std::thread::spawn(move || {
+        pin.source();
         let mut buf = vec![0u8; 256 << 10];
         loop {
             match from.read(&mut buf) {
@@ -237,6 +309,7 @@ fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
         }
     });
     std::thread::spawn(move || {
+        pin.source();
         while let Ok((due, bytes)) = rx.recv() {
             let now = Instant::now();
             if due > now {
@@ -310,10 +383,11 @@ fn push_seconds(remote: &RemoteSource, len: u64, started: Instant) -> f64 {
 
 /// The median round trip of a 24-byte request answered by a page over a
 /// link delayed by `delay`, µs.
-fn link_rtt(delay: Duration, samples: usize) -> Result<f64, BoxError> {
+fn link_rtt(delay: Duration, samples: usize, pin: Pin) -> Result<f64, BoxError> {
     let echo = TcpListener::bind("127.0.0.1:0")?;
     let echo_addr = echo.local_addr()?.to_string();
     std::thread::spawn(move || {
+        pin.source();
         let Ok((mut s, _)) = echo.accept() else {
             return;
         };
@@ -325,7 +399,7 @@ fn link_rtt(delay: Duration, samples: usize) -> Result<f64, BoxError> {
             }
         }
     });
-    let mut c = TcpStream::connect(delay_link(echo_addr, delay)?)?;
+    let mut c = TcpStream::connect(pinned_link(echo_addr, delay, pin)?)?;
     c.set_nodelay(true)?;
     let mut page = vec![0u8; 4096 + 40];
     let mut times = Vec::with_capacity(samples);
@@ -342,7 +416,7 @@ fn link_rtt(delay: Duration, samples: usize) -> Result<f64, BoxError> {
 /// A raw TCP copy of `len` bytes over a link delayed by `delay`, MB/s,
 /// received into a reused buffer or, `to_memory`, into fresh memory of
 /// `len` bytes.
-fn raw_tcp(len: u64, delay: Duration, to_memory: bool) -> Result<f64, BoxError> {
+fn raw_tcp(len: u64, delay: Duration, to_memory: bool, pin: Pin) -> Result<f64, BoxError> {
     let sink = TcpListener::bind("127.0.0.1:0")?;
     let sink_addr = sink.local_addr()?.to_string();
     let receiver = std::thread::spawn(move || -> std::io::Result<u64> {
@@ -361,17 +435,22 @@ fn raw_tcp(len: u64, delay: Duration, to_memory: bool) -> Result<f64, BoxError> 
         }
         Ok(got as u64)
     });
-    let link = delay_link(sink_addr, delay)?;
+    let link = pinned_link(sink_addr, delay, pin)?;
     let mut out = TcpStream::connect(link)?;
-    let chunk = vec![0x5au8; 1 << 20];
     let started = Instant::now();
-    let mut sent = 0;
-    while sent < len {
-        let n = chunk.len().min((len - sent) as usize);
-        out.write_all(&chunk[..n])?;
-        sent += n as u64;
-    }
-    drop(out);
+    std::thread::spawn(move || -> std::io::Result<()> {
+        pin.source();
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut sent = 0;
+        while sent < len {
+            let n = chunk.len().min((len - sent) as usize);
+            out.write_all(&chunk[..n])?;
+            sent += n as u64;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| "the sender panicked")??;
     let got = receiver.join().map_err(|_| "the receiver panicked")??;
     let seconds = started.elapsed().as_secs_f64();
     Ok(got as f64 / 1e6 / seconds.max(1e-9))
@@ -383,6 +462,10 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
     let len = config.mib << 20;
     let snapshot = make_snapshot(&dir, len, 10)?;
     let pages = len / 4096;
+    let pin = Pin::new(config.cpus)?;
+    // This thread is the destination, and so is every thread it starts
+    // unless moved: the sources' reading threads, the raw copy's receiver.
+    pin.destination();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -406,6 +489,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
                     &snapshot.path,
                     pages,
                     delay_ms,
+                    pin,
                     say,
                 )?);
             }
@@ -431,7 +515,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
         let file = std::fs::File::create(&path)?;
         file.set_len(image_mib << 20)?;
         drop(file);
-        let server = page_server(&config.uffd_bin, &path, false)?;
+        let server = page_server(&config.uffd_bin, &path, false, pin)?;
         let started = Instant::now();
         let remote = Arc::new(connect(&server.1, false)?);
         runtime
@@ -446,6 +530,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
     }
     Ok(Report {
         rounds,
+        cpus: config.cpus,
         loadavg_before,
         loadavg_after: LoadAverage::now().unwrap_or_default(),
         cases,
@@ -460,21 +545,22 @@ fn measure_round(
     image: &Path,
     pages: u64,
     delay_ms: u64,
+    pin: Pin,
     progress: impl Fn(&str),
 ) -> Result<Round, BoxError> {
     let len = pages * 4096;
     let delay = Duration::from_millis(delay_ms);
     progress("idle link");
     let idle = {
-        let server = page_server(&config.uffd_bin, image, false)?;
-        let remote = connect(&delay_link(server.1.clone(), delay)?, false)?;
+        let server = page_server(&config.uffd_bin, image, false, pin)?;
+        let remote = connect(&pinned_link(server.1.clone(), delay, pin)?, false)?;
         demand_latencies(runtime, &remote, pages, config.samples, None)
     };
     progress("under push");
     let (under_push, bulk_mb_s) = {
-        let server = page_server(&config.uffd_bin, image, true)?;
+        let server = page_server(&config.uffd_bin, image, true, pin)?;
         let started = Instant::now();
-        let remote = Arc::new(connect(&delay_link(server.1.clone(), delay)?, false)?);
+        let remote = Arc::new(connect(&pinned_link(server.1.clone(), delay, pin)?, false)?);
         let watcher = {
             let remote = Arc::clone(&remote);
             std::thread::spawn(move || push_seconds(&remote, len, started))
@@ -485,14 +571,14 @@ fn measure_round(
     };
     progress("one connection, under push");
     let naive = {
-        let server = page_server(&config.uffd_bin, image, true)?;
-        let remote = connect(&delay_link(server.1.clone(), delay)?, true)?;
+        let server = page_server(&config.uffd_bin, image, true, pin)?;
+        let remote = connect(&pinned_link(server.1.clone(), delay, pin)?, true)?;
         demand_latencies(runtime, &remote, pages, config.samples, Some(len))
     };
     progress("raw TCP");
-    let raw_tcp_mb_s = raw_tcp(len, delay, false)?;
-    let raw_tcp_to_memory_mb_s = raw_tcp(len, delay, true)?;
-    let link_rtt_p50_us = link_rtt(delay, config.samples.min(200))?;
+    let raw_tcp_mb_s = raw_tcp(len, delay, false, pin)?;
+    let raw_tcp_to_memory_mb_s = raw_tcp(len, delay, true, pin)?;
+    let link_rtt_p50_us = link_rtt(delay, config.samples.min(200), pin)?;
     Ok(Round {
         delay_ms,
         demand_p50_us: median(idle.clone()),
@@ -505,4 +591,53 @@ fn measure_round(
         added_rtt_us: 2.0 * delay_ms as f64 * 1000.0,
         link_rtt_p50_us,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed() -> Vec<usize> {
+        let set = rustix::thread::sched_getaffinity(None).unwrap();
+        (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect()
+    }
+
+    #[test]
+    fn split_puts_each_side_on_a_cpu_of_its_own() {
+        std::thread::spawn(|| {
+            let cpus = allowed();
+            if cpus.len() < 2 {
+                assert!(Pin::new(Cpus::Split).is_err());
+                return;
+            }
+            let pin = Pin::new(Cpus::Split).unwrap();
+            pin.source();
+            assert_eq!(allowed(), [cpus[0]]);
+            // What a pinned thread starts stays on its side.
+            let child = std::thread::spawn(allowed).join().unwrap();
+            assert_eq!(child, [cpus[0]]);
+            pin.destination();
+            assert_eq!(allowed(), [cpus[1]]);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn split_needs_two_cpus_and_shared_pins_nothing() {
+        std::thread::spawn(|| {
+            let before = allowed();
+            let shared = Pin::new(Cpus::Shared).unwrap();
+            shared.source();
+            shared.destination();
+            assert_eq!(allowed(), before);
+            Pin::on(before[0]);
+            let e = Pin::new(Cpus::Split).unwrap_err().to_string();
+            assert!(e.contains("two CPUs"), "{e}");
+        })
+        .join()
+        .unwrap();
+    }
 }

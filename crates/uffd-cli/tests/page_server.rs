@@ -383,6 +383,45 @@ fn the_bench_reports_every_figure_it_promises() {
     assert_eq!(report["first_page"].as_array().unwrap().len(), 2);
 }
 
+#[test]
+fn the_bench_splits_the_cpus_between_the_two_sides_when_asked() {
+    let run = |cpus: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_uffd"))
+            .args(["page-server", "bench", "--mib", "8", "--samples", "10"])
+            .args([
+                "--delays-ms",
+                "0",
+                "--rounds",
+                "1",
+                "--json",
+                "--cpus",
+                cpus,
+            ])
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        (out.status.success(), out)
+    };
+    let (ok, out) = run("split");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!ok && err.contains("two CPUs"), "{err}");
+        return;
+    }
+    assert!(ok, "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["cpus"], "split");
+    assert!(report["cases"][0]["bulk_mb_s"].as_f64().unwrap() > 0.0);
+    let (ok, out) = run("shared");
+    assert!(ok);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["cpus"], "shared");
+    let (ok, out) = run("both");
+    assert!(!ok, "an unknown --cpus is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shared, split"));
+}
+
 /// Two network namespaces joined by a veth pair, with `tbf` limiting the
 /// source side's bandwidth; removed when dropped.
 struct Hosts {

@@ -86,9 +86,17 @@ enum Action {
 /// the two sides ran next to each other, and shown as median [min-max]:
 /// a goal met "in every run" is one whose worst round meets it.
 ///
+/// Both hosts run on this one: by default (--cpus shared) the page server,
+/// the link emulator and the destination share every CPU, so the
+/// source's and the link's work can hold up the destination's. --cpus
+/// split puts the source side (page server, link emulator, the raw copy's
+/// sender) on the first CPU this process may use and the destination
+/// (its reading threads, the raw copy's receiver) on the second, as two
+/// hosts would be, each with one CPU.
+///
 /// Needs --mib of disk in --dir (and a sparse 4 GiB file, which takes none).
 ///
-/// Output: a table, or with --json one object {"rounds", "loadavg_before",
+/// Output: a table, or with --json one object {"rounds", "cpus", "loadavg_before",
 /// "loadavg_after", "cases": [{"delay_ms", "demand_p50_us",
 /// "demand_p99_idle_us", "demand_p99_push_us", "naive_p99_push_us",
 /// "bulk_mb_s", "raw_tcp_mb_s", "raw_tcp_to_memory_mb_s", "added_rtt_us",
@@ -121,9 +129,19 @@ struct BenchArgs {
     /// Scratch directory (default: the system's temp dir).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Where the two sides run: sharing every CPU, or the source side and
+    /// the destination on a CPU each (see above).
+    #[arg(long, value_enum, default_value_t = CpusArg::Shared)]
+    cpus: CpusArg,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CpusArg {
+    Shared,
+    Split,
 }
 
 fn bench(a: BenchArgs) -> CmdResult {
@@ -135,6 +153,10 @@ fn bench(a: BenchArgs) -> CmdResult {
             rounds: a.rounds as usize,
             uffd_bin: std::env::current_exe()?,
             dir: a.dir,
+            cpus: match a.cpus {
+                CpusArg::Shared => uffd_bench::remote::Cpus::Shared,
+                CpusArg::Split => uffd_bench::remote::Cpus::Split,
+            },
         },
         |what| eprintln!("uffd page-server bench: {what}"),
     )?;
@@ -143,8 +165,14 @@ fn bench(a: BenchArgs) -> CmdResult {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "medians over {} rounds (load {:.2} before, {:.2} after)",
-        report.rounds, report.loadavg_before.one, report.loadavg_after.one
+        "medians over {} rounds, CPUs {} (load {:.2} before, {:.2} after)",
+        report.rounds,
+        match report.cpus {
+            uffd_bench::remote::Cpus::Shared => "shared",
+            uffd_bench::remote::Cpus::Split => "split between the source side and the destination",
+        },
+        report.loadavg_before.one,
+        report.loadavg_after.one
     );
     println!(
         "{:>8} {:>10} {:>12} {:>12} {:>14} {:>15} {:>10} {:>10} {:>13}",
