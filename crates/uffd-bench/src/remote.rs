@@ -2,7 +2,8 @@
 //! server is the real `uffd page-server` binary in a process of its own;
 //! the destination is [`RemoteSource`] in this process, reached through a
 //! user-space link emulator (this kernel has no netem) that adds a one-way
-//! delay without limiting bandwidth.
+//! delay, holding no more in flight than a socket buffer or a 10 GbE
+//! link would.
 //!
 //! Per added delay (0, 1, 5 ms one way): demand-fault latency on an idle
 //! link, the same while the server pushes the whole image on the bulk
@@ -260,7 +261,8 @@ pub fn serving_address(line: &str) -> Option<String> {
 }
 
 /// A TCP relay on loopback that delays every byte by `delay` each way,
-/// without limiting bandwidth: what a long fat link does.
+/// without limiting bandwidth beyond what it holds in flight (see
+/// [`in_flight_limit`]): what a long fat link does.
 pub fn delay_link(upstream: String, delay: Duration) -> std::io::Result<String> {
     pinned_link(upstream, delay, Pin(None))
 }
@@ -289,19 +291,35 @@ fn pinned_link(upstream: String, delay: Duration, pin: Pin) -> std::io::Result<S
     Ok(addr)
 }
 
+/// The most a link direction holds in flight: a socket buffer's worth
+/// (Linux's largest default send buffer, 4 MiB), or a 10 GbE link's
+/// bandwidth-delay product where that is more.
+fn in_flight_limit(delay: Duration) -> usize {
+    const TEN_GBE_BYTES_PER_S: f64 = 1.25e9;
+    (4usize << 20).max((delay.as_secs_f64() * TEN_GBE_BYTES_PER_S) as usize)
+}
+
+/// One direction of the link: bytes read from `from` are written to `to`
+/// `delay` later. It holds at most [`in_flight_limit`] bytes, in buffers
+/// passed between its two threads; with none free it stops reading, so
+/// the sender's TCP window closes as over a real link, instead of the
+/// link queueing without bound (a request behind a push would then wait
+/// for everything the sender could read ahead, which no network holds).
 fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, pin: Pin) {
-    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    const CHUNK: usize = 256 << 10;
+    let slots = in_flight_limit(delay).div_ceil(CHUNK);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>, usize)>(slots);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..slots {
+        let _ = free_tx.send(vec![0u8; CHUNK]);
+    }
     std::thread::spawn(move || {
         pin.source();
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
+        while let Ok(mut buf) = free_rx.recv() {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx
-                        .send((Instant::now() + delay, buf[..n].to_vec()))
-                        .is_err()
-                    {
+                    if full_tx.send((Instant::now() + delay, buf, n)).is_err() {
                         break;
                     }
                 }
@@ -310,14 +328,15 @@ fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, pin: Pi
     });
     std::thread::spawn(move || {
         pin.source();
-        while let Ok((due, bytes)) = rx.recv() {
+        while let Ok((due, buf, n)) = full_rx.recv() {
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
             }
-            if to.write_all(&bytes).is_err() {
+            if to.write_all(&buf[..n]).is_err() {
                 break;
             }
+            let _ = free_tx.send(buf);
         }
         let _ = to.shutdown(std::net::Shutdown::Both);
     });
@@ -623,6 +642,49 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn the_link_delays_every_byte_in_order_and_holds_a_bounded_amount() {
+        let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = delay_link(
+            sink.local_addr().unwrap().to_string(),
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        let mut out = TcpStream::connect(link).unwrap();
+        let (mut inp, _) = sink.accept().unwrap();
+        let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let t = Instant::now();
+        out.write_all(&sent[..1]).unwrap();
+        let mut first = [0u8; 1];
+        inp.read_exact(&mut first).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(20),
+            "{:?}",
+            t.elapsed()
+        );
+        out.write_all(&sent[1..]).unwrap();
+        let mut got = vec![0u8; sent.len() - 1];
+        inp.read_exact(&mut got).unwrap();
+        assert!(first[0] == sent[0] && got == sent[1..]);
+
+        // A receiver that stops reading: the sender is held up once the
+        // link and the socket buffers are full, as over a network.
+        out.set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        let mut written = 0usize;
+        while written < 512 << 20 {
+            match out.write(&chunk) {
+                Ok(n) => written += n,
+                Err(_) => break,
+            }
+        }
+        assert!(
+            written < 128 << 20,
+            "{written} bytes went into a link nobody read"
+        );
     }
 
     #[test]
