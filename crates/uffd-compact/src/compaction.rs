@@ -1154,36 +1154,90 @@ impl<C: Compactor> Shared<C> {
     /// them with one ioctl per run: COPY from `buf` (MOVE mode too: a
     /// batch this small is cheaper copied than moved), CONTINUE after
     /// writing through the alias.
-    ///
-    /// As in a MOVE window, each page is claimed only when its turn comes
-    /// and staged once filled, so the batch never holds up a mutator: had
-    /// it claimed all its pages first, a fault on any of them would wait
-    /// for the whole batch, and for as long as this thread is preempted
-    /// (with more runnable threads than CPUs, 4-8 ms). A fault now waits
-    /// only on the one page being filled; it takes a staged page and
-    /// installs it itself (COPY of this buffer's page, or CONTINUE).
     fn stage_batch(&self, a: usize, b: usize, buf: &mut [u8]) {
-        let k = b - a;
-        debug_assert!(k <= BATCH && BATCH <= 64);
-        let (mut staged, mut taken) = (0u64, 0u64);
+        debug_assert!(b - a <= BATCH && buf.len() >= BATCH * PAGE);
+        let base = buf.as_mut_ptr();
+        let alias = self.alias.as_ref().map(|alias| alias.ptr());
+        let dst = |j: usize| match (self.mode, alias) {
+            (Mode::Minor, Some(alias)) => alias.wrapping_add((a + j) * PAGE),
+            _ => base.wrapping_add(j * PAGE),
+        };
+        let taken = self.fill_and_install(a, b, &dst, |s, e| {
+            self.install_filled_run(s, dst(s - a), e - s)
+        });
+        if self.mode != Mode::Minor {
+            // A fault that took a staged page copies from `buf`: wait for
+            // its COPY (a few microseconds) before the next batch reuses
+            // the buffer. Only this thread waits here, never a mutator.
+            for j in (0..b - a).filter(|&j| taken.has(j)) {
+                self.states.wait_settled(a + j);
+            }
+        }
+    }
+
+    /// MOVE mode: fills live pages `a..b` (one window, unclaimed) into the
+    /// consecutive free pool pages `q..q + (b - a)`, page `a + j` into
+    /// `q + j`, which this thread popped together, and installs them with
+    /// one UFFDIO_MOVE per run. Runs shorter than `MOVE_MIN_RUN` (split by
+    /// pages faults took) are copied: a COPY costs less than a MOVE's
+    /// TLB-flush IPI and interrupts no mutator; their pool pages go back
+    /// to the pool.
+    fn move_window(&self, a: usize, b: usize, q: usize) {
+        debug_assert!(b - a <= MOVE_WINDOW);
+        let pool_page = |j: usize| self.old_space().wrapping_add((q + j) * PAGE);
+        let mut moved = Marks::default();
+        let taken = self.fill_and_install(a, b, &pool_page, |s, e| {
+            let n = e - s;
+            if n >= MOVE_MIN_RUN {
+                (s - a..e - a).for_each(|j| moved.set(j));
+                self.install_move_run(s, q + (s - a), n)
+            } else {
+                self.install_copy_run(s, pool_page(s - a), n)
+            }
+        });
+        // A pool page a fault took is copied from unsynchronised, and the
+        // from-space frees it at the end; a moved one is the heap's now.
+        for j in (0..b - a).filter(|&j| !taken.has(j) && !moved.has(j)) {
+            self.pool.push(q + j);
+        }
+    }
+
+    /// Fills live pages `a..b` (a batch or a MOVE window, unclaimed), page
+    /// `a + j` into the page at `dst(j)`, and installs the runs of them no
+    /// fault took with `install_run(start, end)`. Returns the pages faults
+    /// took.
+    ///
+    /// Each page is claimed only when its turn comes, and staged once
+    /// filled, so the window never holds up a mutator: had it claimed all
+    /// its pages first, a fault on any of them would wait for the whole
+    /// window, and for as long as this thread is preempted (with more
+    /// runnable threads than CPUs, 4-8 ms). A page not reached yet is
+    /// claimed and compacted by its fault; a staged one is taken by its
+    /// fault, which installs it itself from `dst` (COPY, or CONTINUE); a
+    /// fault on the page being filled waits for that one fill.
+    fn fill_and_install(
+        &self,
+        a: usize,
+        b: usize,
+        dst: &impl Fn(usize) -> *mut u8,
+        mut install_run: impl FnMut(usize, usize) -> Result<(), FillError>,
+    ) -> Marks {
+        debug_assert!(b - a <= MOVE_WINDOW);
+        let (mut staged, mut taken) = (Marks::default(), Marks::default());
         for p in a..b {
             if !self.states.claim(p) {
                 continue;
             }
             let j = p - a;
-            let from = self.sources_of(p);
-            let dst: &mut [u8] = match self.mode {
-                // SAFETY: as in `work`: only the claimant writes the alias
-                // page, and the heap maps it only after the CONTINUE.
-                Mode::Minor => unsafe {
-                    let alias = self.alias.as_ref().expect("MINOR maps an alias").ptr();
-                    core::slice::from_raw_parts_mut(alias.add(p * PAGE), PAGE)
-                },
-                _ => &mut buf[j * PAGE..(j + 1) * PAGE],
-            };
-            let filled = self.fill(p, &from, dst);
+            // SAFETY: `dst(j)` is a page nobody else touches until `p` is
+            // staged: a page of this thread's batch buffer, a pool page this
+            // thread popped (no live page reads it any more), or the alias
+            // page of `p`, which this thread claimed and the heap maps only
+            // after the CONTINUE.
+            let page = unsafe { core::slice::from_raw_parts_mut(dst(j), PAGE) };
+            let filled = self.fill(p, &self.sources_of(p), page);
             if self.mode == Mode::Move {
-                // The contents are in `buf` now: the sources are free.
+                // The contents are in `page` now: the sources are free.
                 self.release_sources(p);
             }
             if filled.is_err() {
@@ -1191,35 +1245,32 @@ impl<C: Compactor> Shared<C> {
                 continue;
             }
             if let Some(slot) = self.staged.get(p) {
-                slot.store(dst.as_ptr() as usize, Ordering::Relaxed);
+                slot.store(page.as_ptr() as usize, Ordering::Relaxed);
             }
             if self.states.stage(p) {
-                staged |= 1 << j;
+                staged.set(j);
             } else {
-                // A fault waits for this very page: install it now.
-                let r = self.install_filled_run(p, dst.as_ptr(), 1);
+                // A fault waits for this very page: install it now, with a
+                // COPY rather than a MOVE and its IPI.
+                let r = self.install_filled_run(p, page.as_ptr(), 1);
                 self.conclude(p, p + 1, r);
             }
         }
         for_each_run(
             a,
             b,
-            |p| staged & (1 << (p - a)) != 0 && self.states.unstage(p),
-            |p| taken |= staged & (1 << (p - a)),
+            |p| staged.has(p - a) && self.states.unstage(p),
+            |p| {
+                if staged.has(p - a) {
+                    taken.set(p - a);
+                }
+            },
             |s, e| {
-                let src = buf[(s - a) * PAGE..].as_ptr();
-                let r = self.install_filled_run(s, src, e - s);
+                let r = install_run(s, e);
                 self.conclude(s, e, r);
             },
         );
-        if self.mode != Mode::Minor {
-            // A fault that took a staged page copies from `buf`: wait for
-            // its COPY (a few microseconds) before the next batch reuses
-            // the buffer. Only this thread waits here, never a mutator.
-            for j in (0..k).filter(|j| taken & (1 << j) != 0) {
-                self.states.wait_settled(a + j);
-            }
-        }
+        taken
     }
 
     /// Installs `n` filled live pages from `p`: COPY from `src`, or in
@@ -1228,86 +1279,6 @@ impl<C: Compactor> Shared<C> {
         match self.mode {
             Mode::Minor => self.install_continue_run(p, n),
             _ => self.install_copy_run(p, src, n),
-        }
-    }
-
-    /// MOVE mode: fills live pages `a..b` (one window, unclaimed) into the
-    /// consecutive free pool pages `q..q + (b - a)`, page `a + j` into
-    /// `q + j`, and installs them with one UFFDIO_MOVE.
-    ///
-    /// Each page is claimed only when its turn comes, and staged once
-    /// filled, so a mutator is never held up by the window: a page not
-    /// reached yet is claimed and compacted by its fault, and a staged one
-    /// is taken by its fault, which installs a copy of the staged page.
-    /// A fault on the page being filled waits for that one fill and a
-    /// COPY. Pages faults took split the window into runs; runs shorter
-    /// than `MOVE_MIN_RUN` are copied.
-    fn move_window(&self, a: usize, b: usize, q: usize) {
-        let k = b - a;
-        debug_assert!(k <= MOVE_WINDOW);
-        // Pool pages that do not go back to the pool: moved to the heap,
-        // or taken by a fault (which copies from it unsynchronised).
-        let consumed = core::cell::RefCell::new([0u64; MOVE_WINDOW / 64]);
-        let mut staged = [0u64; MOVE_WINDOW / 64];
-        let mark = |bits: &mut [u64; MOVE_WINDOW / 64], j: usize| bits[j / 64] |= 1 << (j % 64);
-        for p in a..b {
-            if !self.states.claim(p) {
-                continue;
-            }
-            let j = p - a;
-            // SAFETY: pool pages q..q+k were popped together by this
-            // thread: no live page reads them and nobody else holds them.
-            let dst = unsafe {
-                core::slice::from_raw_parts_mut(self.old_space().add((q + j) * PAGE), PAGE)
-            };
-            let filled = self.fill(p, &self.sources_of(p), dst);
-            // The contents are in the pool page now: the sources are free.
-            self.release_sources(p);
-            if filled.is_err() {
-                self.conclude(p, p + 1, filled);
-                continue;
-            }
-            self.staged[p].store(dst.as_ptr() as usize, Ordering::Relaxed);
-            if self.states.stage(p) {
-                mark(&mut staged, j);
-            } else {
-                // A fault waits for this very page: copy it in now rather
-                // than make it wait for a MOVE and its IPI.
-                let r = self.install_copy_run(p, self.old_space().wrapping_add((q + j) * PAGE), 1);
-                self.conclude(p, p + 1, r);
-            }
-        }
-        // Install what no fault took: a long run with one MOVE, a short
-        // one (split by pages faults compacted first) with one COPY, which
-        // costs less than the MOVE's TLB-flush IPI and interrupts no
-        // mutator; its pool pages go back to the pool.
-        for_each_run(
-            a,
-            b,
-            |p| self.states.unstage(p),
-            |p| {
-                let j = p - a;
-                if staged[j / 64] & (1 << (j % 64)) != 0 {
-                    // Staged, and a fault took it.
-                    mark(&mut consumed.borrow_mut(), j);
-                }
-            },
-            |s, e| {
-                let n = e - s;
-                let r = if n >= MOVE_MIN_RUN {
-                    (s - a..e - a).for_each(|j| mark(&mut consumed.borrow_mut(), j));
-                    self.install_move_run(s, q + (s - a), n)
-                } else {
-                    self.install_copy_run(s, self.old_space().wrapping_add((q + s - a) * PAGE), n)
-                };
-                self.conclude(s, e, r);
-            },
-        );
-        let consumed = consumed.into_inner();
-        for j in 0..k {
-            if consumed[j / 64] & (1 << (j % 64)) == 0 {
-                self.pool.push(q + j);
-            }
         }
     }
 
@@ -1592,6 +1563,20 @@ impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
 /// Splits `a..b` into the runs of consecutive pages for which `take`
 /// succeeds (it is asked once per page, in order): `run(x, y)` for each
 /// run `x..y`, `skip(p)` for each page it refused.
+/// Pages of one batch or MOVE window, by their place in it.
+#[derive(Default)]
+struct Marks([u64; MOVE_WINDOW / 64]);
+
+impl Marks {
+    fn set(&mut self, j: usize) {
+        self.0[j / 64] |= 1 << (j % 64);
+    }
+
+    fn has(&self, j: usize) -> bool {
+        self.0[j / 64] & (1 << (j % 64)) != 0
+    }
+}
+
 fn for_each_run(
     a: usize,
     b: usize,
