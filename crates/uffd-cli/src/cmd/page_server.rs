@@ -70,8 +70,9 @@ enum Action {
 ///
 /// The page server is `uffd page-server` in a process of its own; the
 /// destination (this process) reaches it through a user-space link
-/// emulator that adds a one-way delay per direction without limiting
-/// bandwidth (the kernel here has no netem). Per delay: demand-fault
+/// emulator that adds a one-way delay per direction (the kernel here has
+/// no netem) and holds what a network would in flight: 4 MiB, or a 10 GbE
+/// link's bandwidth-delay product where that is more. Per delay: demand-fault
 /// latency on an idle link, the same while the server pushes the whole
 /// image, the same with the naive one-connection design (faults queued
 /// behind the push) as the baseline, the push's throughput against a raw
