@@ -286,7 +286,7 @@ fn bench(a: BenchArgs) -> CmdResult {
         );
         println!("median [min, max] over rounds");
         println!(
-            "{:<6}{:>26}{:>30}{:>26}{:>30}{:>30}  checksum",
+            "{:<6}  {:>24}  {:>28}  {:>28}  {:>26}  {:>26}  checksum",
             "mode",
             "compaction ms",
             "max stall us",
@@ -297,7 +297,7 @@ fn bench(a: BenchArgs) -> CmdResult {
         let f = |s: Stat| format!("{:.1} [{:.1}, {:.1}]", s.median, s.min, s.max);
         for m in &r.modes {
             println!(
-                "{:<6}{:>26}{:>30}{:>26}{:>30}{:>30}  {}",
+                "{:<6}  {:>24}  {:>28}  {:>28}  {:>26}  {:>26}  {}",
                 m.mode,
                 f(m.compaction_ms),
                 f(m.max_stall_us),
