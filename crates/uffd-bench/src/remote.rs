@@ -261,8 +261,9 @@ pub fn serving_address(line: &str) -> Option<String> {
 }
 
 /// A TCP relay on loopback that delays every byte by `delay` each way,
-/// without limiting bandwidth beyond what it holds in flight (see
-/// [`in_flight_limit`]): what a long fat link does.
+/// without limiting bandwidth beyond what it holds in flight (4 MiB, or
+/// a 10 GbE link's bandwidth-delay product where that is more): what a
+/// long fat link does.
 pub fn delay_link(upstream: String, delay: Duration) -> std::io::Result<String> {
     pinned_link(upstream, delay, Pin(None))
 }
