@@ -1157,10 +1157,11 @@ impl<C: Compactor> Shared<C> {
     fn stage_batch(&self, a: usize, b: usize, buf: &mut [u8]) {
         debug_assert!(b - a <= BATCH && buf.len() >= BATCH * PAGE);
         let base = buf.as_mut_ptr();
-        let alias = self.alias.as_ref().map(|alias| alias.ptr());
-        let dst = |j: usize| match (self.mode, alias) {
-            (Mode::Minor, Some(alias)) => alias.wrapping_add((a + j) * PAGE),
-            _ => base.wrapping_add(j * PAGE),
+        let minor_alias = (self.mode == Mode::Minor)
+            .then(|| self.alias.as_ref().expect("MINOR maps an alias").ptr());
+        let dst = |j: usize| match minor_alias {
+            Some(alias) => alias.wrapping_add((a + j) * PAGE),
+            None => base.wrapping_add(j * PAGE),
         };
         let taken = self.fill_and_install(a, b, &dst, |s, e| {
             self.install_filled_run(s, dst(s - a), e - s)
@@ -1560,9 +1561,6 @@ impl<C: Compactor> crate::sigbus::SigbusTarget for Shared<C> {
     }
 }
 
-/// Splits `a..b` into the runs of consecutive pages for which `take`
-/// succeeds (it is asked once per page, in order): `run(x, y)` for each
-/// run `x..y`, `skip(p)` for each page it refused.
 /// Pages of one batch or MOVE window, by their place in it.
 #[derive(Default)]
 struct Marks([u64; MOVE_WINDOW / 64]);
@@ -1577,6 +1575,9 @@ impl Marks {
     }
 }
 
+/// Splits `a..b` into the runs of consecutive pages for which `take`
+/// succeeds (it is asked once per page, in order): `run(x, y)` for each
+/// run `x..y`, `skip(p)` for each page it refused.
 fn for_each_run(
     a: usize,
     b: usize,
