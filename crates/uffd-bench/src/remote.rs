@@ -61,10 +61,8 @@ impl Pin {
         if cpus == Cpus::Shared {
             return Ok(Pin(None));
         }
-        let allowed = rustix::thread::sched_getaffinity(None)?;
-        let mut two = (0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| allowed.is_set(c));
-        match (two.next(), two.next()) {
-            (Some(source), Some(destination)) => Ok(Pin(Some((source, destination)))),
+        match allowed_cpus()?[..] {
+            [source, destination, ..] => Ok(Pin(Some((source, destination)))),
             _ => Err("--cpus split needs two CPUs this process may run on; it has one".into()),
         }
     }
@@ -90,6 +88,14 @@ impl Pin {
             Pin::on(cpu);
         }
     }
+}
+
+/// The CPUs the calling thread may run on, in order.
+fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    let allowed = rustix::thread::sched_getaffinity(None)?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| allowed.is_set(c))
+        .collect())
 }
 
 /// What to run.
@@ -618,10 +624,7 @@ mod tests {
     use super::*;
 
     fn allowed() -> Vec<usize> {
-        let set = rustix::thread::sched_getaffinity(None).unwrap();
-        (0..rustix::thread::CpuSet::MAX_CPU)
-            .filter(|&c| set.is_set(c))
-            .collect()
+        allowed_cpus().unwrap()
     }
 
     #[test]
