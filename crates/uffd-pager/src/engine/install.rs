@@ -74,6 +74,12 @@ impl Worker<'_> {
     /// to claimed ends) whose bytes are at `src` (`Content::Zero`: none
     /// needed). `from_mapping` says `src` is the source's own mapping,
     /// which only the kernel may read.
+    ///
+    /// Bytes from the source's mapping are given back to it
+    /// ([`PageSource::mapped_done`]) once the kernel has copied them, and
+    /// then the source hears which of its bytes the target now holds
+    /// ([`PageSource::installed`]), in that order: a source may drop
+    /// installed bytes only when nothing copies from them any more.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn install_fetched(
         &mut self,
@@ -84,6 +90,45 @@ impl Worker<'_> {
         content: Content,
         src: *const u8,
         from_mapping: bool,
+    ) -> Step {
+        let mut installed = Vec::new();
+        let step = self.install_runs(
+            target,
+            claim,
+            from,
+            claims,
+            content,
+            src,
+            from_mapping,
+            &mut installed,
+        );
+        let source = &self.shared.source;
+        if from_mapping {
+            let ps = claim.span.page_size;
+            source.mapped_done(
+                claim.span.source_of(from),
+                (claims.len() as u64 * ps) as usize,
+            );
+        }
+        for (offset, len) in installed {
+            source.installed(offset, len);
+        }
+        step
+    }
+
+    /// [`Worker::install_fetched`] before the source hears of it; appends
+    /// the source ranges it installed to `installed`.
+    #[allow(clippy::too_many_arguments)]
+    fn install_runs(
+        &mut self,
+        target: &Target,
+        claim: &Claim,
+        from: usize,
+        claims: &[u8],
+        content: Content,
+        src: *const u8,
+        from_mapping: bool,
+        installed_runs: &mut Vec<(u64, u64)>,
     ) -> Step {
         let span = &claim.span;
         let ps = span.page_size;
@@ -197,12 +242,16 @@ impl Worker<'_> {
                     if let Some(counter) = counter {
                         Counters::add(counter, installed / ps);
                     }
+                    installed_runs.push((span.source_of(idx), run));
                     end - k
                 }
                 Ok(Resolved::RetryAfterEvents { done }) => {
                     self.shared.counters.eagain.fetch_add(1, Ordering::Relaxed);
                     let done_pages = (done / ps) as usize;
                     self.mark_installed(claim, from + k, done_pages);
+                    if done_pages > 0 {
+                        installed_runs.push((span.source_of(idx), done_pages as u64 * ps));
+                    }
                     drop(table);
                     self.release(
                         target,

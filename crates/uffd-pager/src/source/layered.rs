@@ -112,6 +112,21 @@ impl PageSource for LayeredSource {
         }
     }
 
+    fn mapped_done(&self, offset: u64, len: usize) {
+        // The same one layer `mapped` took them from: the pieces do not
+        // change.
+        if let [(_, overlay)] = self.pieces(offset, offset + len as u64)[..] {
+            self.layer(overlay).mapped_done(offset, len);
+        }
+    }
+
+    fn installed(&self, offset: u64, len: u64) {
+        for (range, overlay) in self.pieces(offset, offset + len) {
+            self.layer(overlay)
+                .installed(range.start, range.end - range.start);
+        }
+    }
+
     fn is_known_zero(&self, offset: u64, len: u64) -> bool {
         self.pieces(offset, offset + len)
             .iter()

@@ -125,9 +125,28 @@ pub trait PageSource: Send + Sync + fmt::Debug {
     ///
     /// The engine never reads these bytes itself (see [`MappedBytes`]); it
     /// learns which of them are zero from [`PageSource::is_known_zero`].
+    ///
+    /// Every `Some` is followed by one [`PageSource::mapped_done`] with the
+    /// same range once the kernel has copied from it, so that a source
+    /// that reuses its memory (a network destination dropping a page once
+    /// a VM has it) can keep these bytes until then.
     fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
         let _ = (offset, len);
         None
+    }
+
+    /// The engine is done with the bytes [`PageSource::mapped`] gave for
+    /// `offset..offset + len`. The default does nothing.
+    fn mapped_done(&self, offset: u64, len: usize) {
+        let _ = (offset, len);
+    }
+
+    /// The bytes of `offset..offset + len` are installed in a target's
+    /// memory, which now holds its own copy: a source that keeps pages
+    /// only until they are installed (a network destination's landing
+    /// area) may drop its copy. The default does nothing.
+    fn installed(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
     }
 
     /// True when every byte of `offset..offset + len` is known to be zero

@@ -89,6 +89,16 @@ pub trait AsyncPageSource: Send + Sync + fmt::Debug {
         None
     }
 
+    /// As [`PageSource::mapped_done`].
+    fn mapped_done(&self, offset: u64, len: usize) {
+        let _ = (offset, len);
+    }
+
+    /// As [`PageSource::installed`].
+    fn installed(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// As [`PageSource::is_known_zero`], for the bytes
     /// [`AsyncPageSource::mapped`] offers.
     fn is_known_zero(&self, offset: u64, len: u64) -> bool {
@@ -293,6 +303,14 @@ impl PageSource for AsyncSource {
 
     fn mapped(&self, offset: u64, len: usize) -> Option<MappedBytes<'_>> {
         self.inner.mapped(offset, len)
+    }
+
+    fn mapped_done(&self, offset: u64, len: usize) {
+        self.inner.mapped_done(offset, len);
+    }
+
+    fn installed(&self, offset: u64, len: u64) {
+        self.inner.installed(offset, len);
     }
 
     fn is_known_zero(&self, offset: u64, len: u64) -> bool {
