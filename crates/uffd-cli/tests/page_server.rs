@@ -150,6 +150,81 @@ fn restores_over_tcp_with_and_without_push() {
     }
 }
 
+/// Anonymous memory a process holds, KiB.
+fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("RssAnon in its status")
+}
+
+/// The destination holds the image once, in the VM: `uffd serve` gives
+/// back each page's memory once the VM has it, and holds a copy of its
+/// own only with --keep-landed.
+#[test]
+fn the_destination_gives_back_the_pages_a_vm_holds_unless_told_to_keep_them() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let dir = Scratch::new("pg-release");
+    let mem = snapshot(&dir);
+    let (_ps, addr) = page_server(&mem, "127.0.0.1:0", true);
+    let mut held = Vec::new();
+    for flags in [&["--keep-landed"][..], &[]] {
+        let socket = dir.path("sock");
+        let _ = std::fs::remove_file(&socket);
+        let server = serve(&format!("tcp://{addr}"), &socket, flags);
+        let (status, out) = finish(vmm(&socket, &mem, &[]), Duration::from_secs(60));
+        assert!(
+            status.success() && verified(&out),
+            "{flags:?}: {status:?} {out}"
+        );
+        // Releases follow the installs by a few milliseconds.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let kib = loop {
+            let kib = rss_anon_kib(server.0.id());
+            let kept = held.first().copied();
+            if kept.is_none_or(|k: u64| kib + LEN / 1024 * 3 / 4 < k) || Instant::now() > deadline {
+                break kib;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        held.push(kib);
+    }
+    let (kept, released) = (held[0], held[1]);
+    assert!(
+        kept >= LEN / 1024,
+        "with --keep-landed uffd serve holds the image: {kept} KiB"
+    );
+    assert!(
+        released + LEN / 1024 * 3 / 4 < kept,
+        "released {released} KiB against {kept} KiB kept, for a {} KiB image",
+        LEN / 1024
+    );
+}
+
+#[test]
+fn keep_landed_is_refused_for_a_source_that_lands_nothing() {
+    let dir = Scratch::new("pg-keep-file");
+    let mem = snapshot(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args(["serve", "--keep-landed", "--socket"])
+        .arg(dir.path("sock"))
+        .arg("--mem-file")
+        .arg(&mem)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--keep-landed is for a tcp:// source"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_page_server_restarted_mid_restore_loses_nothing() {
     if !uffd_testkit::vmm_uffd() {

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,13 @@ pub struct RemoteConfig {
     /// push: the naive one-connection design, kept as the benchmark's
     /// baseline (never what a destination should run).
     pub single_channel: bool,
+    /// Keep every page that arrived in the anonymous landing area for
+    /// later reads, instead of giving its memory back once the pager has
+    /// installed it in a target. Keeping costs a copy of the image on this
+    /// host for as long as the source lives; it saves fetching a page
+    /// again when a second target (another VM restored from the same
+    /// source) wants it.
+    pub keep_installed: bool,
 }
 
 impl Default for RemoteConfig {
@@ -39,6 +46,7 @@ impl Default for RemoteConfig {
             reconnect_timeout: Duration::from_secs(60),
             checksum_retries: 8,
             single_channel: false,
+            keep_installed: false,
         }
     }
 }
@@ -58,13 +66,18 @@ pub struct RemoteStats {
     /// waking the link's thread; the rest went through it.
     pub requests_written_by_reader: AtomicU64,
     /// Pages written into the landing area (or the page cache) from
-    /// pushed frames. Every page is written once, so these three sum to
-    /// the pages that arrived.
+    /// pushed frames. A page is written once until it is released, so
+    /// these three less [`RemoteStats::pages_released`] are the pages in
+    /// the landing area.
     pub pages_landed_pushed: AtomicU64,
     /// Pages written from answers on the demand channel.
     pub pages_landed_demand: AtomicU64,
     /// Pages written from answers to background reads on the bulk channel.
     pub pages_landed_bulk: AtomicU64,
+    /// Pages of the anonymous landing area whose memory was given back
+    /// once the pager had installed them (see
+    /// [`RemoteConfig::keep_installed`]).
+    pub pages_released: AtomicU64,
     /// Bytes that arrived unasked (push).
     pub pushed_bytes: AtomicU64,
     /// Frames that failed their checksum and were asked for again.
@@ -80,6 +93,11 @@ pub struct RemoteStats {
 /// publishes it as `ARRIVED` or `ZERO`. Nothing reads a page before that,
 /// and nothing writes it after: in the page cache a published page may be
 /// mapped already and written by the workload.
+///
+/// In the anonymous landing area an `ARRIVED` page the pager installed is
+/// released: moved to `RELEASING` only while nobody has it pinned (a copy
+/// out of it, or a kernel copy from it, in progress), its memory dropped,
+/// and then `EMPTY`, to arrive again if anyone asks for it.
 mod page {
     /// No bytes, nobody asked.
     pub const EMPTY: u8 = 0;
@@ -92,6 +110,14 @@ mod page {
     /// It arrived as all zero and nothing was written: anonymous memory
     /// and a page-cache hole both read as zero.
     pub const ZERO: u8 = 4;
+    /// Its memory is being given back; `EMPTY` next.
+    pub const RELEASING: u8 = 5;
+}
+
+/// Installed pages waiting for their memory to be given back, in runs.
+#[derive(Default)]
+struct ToRelease {
+    runs: Vec<std::ops::Range<u64>>,
 }
 
 /// Where a page's bytes came from.
@@ -110,6 +136,12 @@ struct Landing {
     memory: Arc<uffd::Mapping>,
     page_cache: bool,
     states: Vec<AtomicU8>,
+    /// Readers of each page's bytes right now; a pinned page is never
+    /// released.
+    pins: Vec<AtomicU32>,
+    /// Installed pages to release, and the wake of the thread that does.
+    to_release: Mutex<ToRelease>,
+    release_due: tokio::sync::Notify,
     /// Pages published (`ARRIVED` or `ZERO`).
     landed: AtomicU64,
     /// Threads waiting for a page to leave `DEMANDED` or `WRITING`;
@@ -138,6 +170,9 @@ impl Landing {
             memory,
             page_cache,
             states: (0..pages).map(|_| AtomicU8::new(page::EMPTY)).collect(),
+            pins: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            to_release: Mutex::new(ToRelease::default()),
+            release_due: tokio::sync::Notify::new(),
             landed: AtomicU64::new(0),
             waiters: AtomicUsize::new(0),
             changed: (Mutex::new(()), Condvar::new()),
@@ -248,19 +283,131 @@ impl Landing {
     /// The range, if every page of it arrived.
     fn fetch(&self, offset: u64, len: usize) -> Option<Fetched> {
         let pages = self.pages(offset, len as u64)?;
-        if !len.is_multiple_of(4096) || !pages.clone().all(|p| Landing::published(self.state(p))) {
+        if !len.is_multiple_of(4096) || !self.pin(pages.clone()) {
             return None;
         }
-        if pages.clone().all(|p| self.state(p) == page::ZERO) {
-            return Some(Fetched::Zero);
-        }
-        let mut buf = vec![0u8; len];
-        self.read(offset, &mut buf);
-        Some(Fetched::Data(buf))
+        let fetched = if pages.clone().all(|p| self.state(p) == page::ZERO) {
+            Fetched::Zero
+        } else {
+            let mut buf = vec![0u8; len];
+            self.read(offset, &mut buf);
+            Fetched::Data(buf)
+        };
+        self.unpin(pages);
+        Some(fetched)
     }
 
-    /// The bytes of `pages`, every one of them published, of the
-    /// anonymous landing area.
+    /// Pins every page of `pages` if every one is published; false, with
+    /// none pinned, if one is not. A pinned page keeps its bytes.
+    fn pin(&self, pages: std::ops::Range<u64>) -> bool {
+        for p in pages.clone() {
+            // The pin, then the state, both SeqCst, against the release's
+            // state change, then pins: one of the two sees the other.
+            self.pins[p as usize].fetch_add(1, SeqCst);
+            if !Landing::published(self.states[p as usize].load(SeqCst)) {
+                self.unpin(pages.start..p + 1);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn unpin(&self, pages: std::ops::Range<u64>) {
+        for p in pages {
+            self.pins[p as usize].fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Queues the whole pages of `offset..offset + len`, installed in a
+    /// target, for [`Landing::release_queued`].
+    fn installed(&self, offset: u64, len: u64) {
+        let Some(pages) = self.pages(offset, len / 4096 * 4096) else {
+            return;
+        };
+        if self.page_cache || pages.is_empty() {
+            return;
+        }
+        let first = {
+            let mut queue = self
+                .to_release
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let first = queue.runs.is_empty();
+            match queue.runs.last_mut() {
+                Some(last) if last.end == pages.start => last.end = pages.end,
+                _ => queue.runs.push(pages),
+            }
+            first
+        };
+        if first {
+            self.release_due.notify_one();
+        }
+    }
+
+    /// Releases the queued pages that are `ARRIVED` and not pinned: their
+    /// memory goes back to the kernel and they are `EMPTY` again. Returns
+    /// how many.
+    fn release_queued(&self) -> u64 {
+        let runs = std::mem::take(
+            &mut self
+                .to_release
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .runs,
+        );
+        let mut released = 0;
+        for run in runs {
+            let mut held = run.start;
+            for p in run.clone() {
+                let state = &self.states[p as usize];
+                let mut ours = state
+                    .compare_exchange(page::ARRIVED, page::RELEASING, SeqCst, SeqCst)
+                    .is_ok();
+                if ours && self.pins[p as usize].load(SeqCst) != 0 {
+                    // Being copied from: it stays, and its reader's own
+                    // install queues it again.
+                    state.store(page::ARRIVED, SeqCst);
+                    ours = false;
+                }
+                if !ours {
+                    released += self.drop_memory(held..p);
+                    held = p + 1;
+                }
+            }
+            released += self.drop_memory(held..run.end);
+        }
+        if released > 0 {
+            self.notify();
+        }
+        released
+    }
+
+    /// Gives back the memory of `pages`, all `RELEASING`, and makes them
+    /// `EMPTY`; if the kernel refuses, their bytes are intact and they are
+    /// `ARRIVED` again.
+    fn drop_memory(&self, pages: std::ops::Range<u64>) -> u64 {
+        if pages.is_empty() {
+            return 0;
+        }
+        let (at, len) = (pages.start * 4096, (pages.end - pages.start) * 4096);
+        let dropped = self
+            .memory
+            .advise(at as usize, len as usize, rustix::mm::Advice::LinuxDontNeed)
+            .is_ok();
+        let next = if dropped { page::EMPTY } else { page::ARRIVED };
+        for p in pages.clone() {
+            self.states[p as usize].store(next, SeqCst);
+        }
+        if !dropped {
+            return 0;
+        }
+        let n = pages.end - pages.start;
+        self.landed.fetch_sub(n, Relaxed);
+        n
+    }
+
+    /// The bytes of `pages`, every one of them published and pinned, of
+    /// the anonymous landing area.
     #[allow(unsafe_code)]
     fn published_bytes(&self, pages: std::ops::Range<u64>) -> &[u8] {
         assert!(!self.page_cache);
@@ -269,7 +416,8 @@ impl Landing {
         // SAFETY: `pages` lies inside the mapping (`Landing::pages`
         // checked), which lives as long as `self`; published pages of the
         // anonymous landing area are never written again (only held
-        // pages are, see `page`), and nothing else maps them.
+        // pages are, see `page`) and, pinned, not released until unpinned;
+        // nothing else maps them.
         unsafe {
             std::slice::from_raw_parts(self.memory.as_ptr().add(offset as usize), len as usize)
         }
@@ -617,6 +765,9 @@ impl RemoteSource {
         let (bulk, bulk_rx) = mpsc::unbounded_channel();
         runtime.spawn(link(Arc::clone(&shared), Channel::Demand, demand_rx));
         bulk_runtime.spawn(link(Arc::clone(&shared), Channel::Bulk, bulk_rx));
+        if !shared.landing.page_cache && !shared.config.keep_installed {
+            bulk_runtime.spawn(release_installed(Arc::clone(&shared)));
+        }
         info!(addr, image_len, "page server reached");
         Ok(RemoteSource {
             shared,
@@ -869,10 +1020,25 @@ impl AsyncPageSource for RemoteSource {
             return None;
         }
         let pages = landing.pages(offset, len as u64)?;
-        if !pages.clone().all(|p| Landing::published(landing.state(p))) {
+        if !landing.pin(pages.clone()) {
             return None;
         }
         Some(MappedBytes::new(landing.published_bytes(pages)))
+    }
+
+    fn mapped_done(&self, offset: u64, len: usize) {
+        let landing = &self.shared.landing;
+        if let Some(pages) = landing.pages(offset, len as u64) {
+            if !landing.page_cache && len.is_multiple_of(4096) {
+                landing.unpin(pages);
+            }
+        }
+    }
+
+    fn installed(&self, offset: u64, len: u64) {
+        if !self.shared.config.keep_installed {
+            self.shared.landing.installed(offset, len);
+        }
     }
 
     fn is_known_zero(&self, offset: u64, len: u64) -> bool {
@@ -893,6 +1059,22 @@ impl AsyncPageSource for RemoteSource {
         )
     }
 }
+
+/// Gives back the memory of landed pages the pager installed, a while
+/// after the first of a batch was queued: one `madvise` for many pages,
+/// on the niced bulk thread, never on a fault's path.
+async fn release_installed(shared: Arc<Shared>) {
+    let landing = &shared.landing;
+    loop {
+        landing.release_due.notified().await;
+        tokio::time::sleep(RELEASE_DELAY).await;
+        let released = landing.release_queued();
+        shared.stats.pages_released.fetch_add(released, Relaxed);
+    }
+}
+
+/// How long installed pages wait to be released, gathering more.
+const RELEASE_DELAY: Duration = Duration::from_millis(20);
 
 /// One channel: connects, re-sends what is outstanding after a reconnect,
 /// and gives up (failing every read) only past the reconnect timeout.
@@ -1197,5 +1379,92 @@ async fn serve_link(
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_of(byte: u8) -> Vec<u8> {
+        vec![byte; 4096]
+    }
+
+    /// A landing of `pages` pages, each written with its index + 1.
+    fn landed(pages: u64) -> Landing {
+        let landing = Landing::anonymous(pages * 4096).unwrap();
+        for p in 0..pages {
+            assert_eq!(
+                landing.store(p * 4096, 4096, Some(&page_of(p as u8 + 1))),
+                1
+            );
+        }
+        landing
+    }
+
+    #[test]
+    fn an_installed_page_is_released_and_can_arrive_again() {
+        let landing = landed(4);
+        landing.installed(4096, 2 * 4096);
+        assert_eq!(landing.release_queued(), 2);
+        assert_eq!(landing.landed.load(Relaxed), 2);
+        assert_eq!(landing.state(1), page::EMPTY);
+        assert_eq!(landing.state(2), page::EMPTY);
+        assert_eq!(
+            landing.fetch(4096, 4096),
+            None,
+            "released pages are not at hand"
+        );
+        assert_eq!(
+            landing.fetch(0, 4096),
+            Some(Fetched::Data(page_of(1))),
+            "a page not installed stays"
+        );
+        // Its memory went back: it reads zero until it arrives again.
+        let mut buf = page_of(0xff);
+        landing.read(4096, &mut buf);
+        assert_eq!(buf, page_of(0));
+        assert_eq!(landing.store(4096, 4096, Some(&page_of(9))), 1);
+        assert_eq!(landing.fetch(4096, 4096), Some(Fetched::Data(page_of(9))));
+    }
+
+    #[test]
+    fn a_pinned_page_keeps_its_bytes_until_it_is_installed_again() {
+        let landing = landed(3);
+        assert!(landing.pin(0..2));
+        landing.installed(0, 3 * 4096);
+        assert_eq!(landing.release_queued(), 1, "only the unpinned page goes");
+        assert_eq!(landing.state(0), page::ARRIVED);
+        assert_eq!(landing.state(1), page::ARRIVED);
+        assert_eq!(landing.state(2), page::EMPTY);
+        assert_eq!(
+            landing.published_bytes(0..2),
+            &[page_of(1), page_of(2)].concat()[..]
+        );
+        landing.unpin(0..2);
+        // The reader's own install queues them again.
+        landing.installed(0, 2 * 4096);
+        assert_eq!(landing.release_queued(), 2);
+        assert_eq!(landing.landed.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_pin_fails_on_a_page_that_is_not_there_and_holds_nothing() {
+        let landing = landed(2);
+        landing.installed(4096, 4096);
+        assert_eq!(landing.release_queued(), 1);
+        assert!(!landing.pin(0..2));
+        assert_eq!(landing.pins[0].load(SeqCst), 0);
+        assert_eq!(landing.pins[1].load(SeqCst), 0);
+    }
+
+    #[test]
+    fn the_page_cache_is_never_released() {
+        let memory = Arc::new(uffd::Mapping::new(uffd::MemoryKind::Shmem, 4096).unwrap());
+        let landing = Landing::page_cache(memory, 4096);
+        assert_eq!(landing.store(0, 4096, Some(&page_of(5))), 1);
+        landing.installed(0, 4096);
+        assert_eq!(landing.release_queued(), 0);
+        assert_eq!(landing.state(0), page::ARRIVED);
     }
 }

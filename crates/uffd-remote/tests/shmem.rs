@@ -679,3 +679,193 @@ fn the_anonymous_destination_lands_each_pushed_page_once() {
     );
     assert_eq!(stats.poisoned, 0, "{stats:?}");
 }
+
+/// Anonymous memory of this process resident now, KiB.
+fn rss_anon_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("RssAnon in /proc/self/status")
+}
+
+/// Restores `pages` pages from `remote` into new anonymous memory, as a
+/// VM's would be: a pager of two handler threads, the memory read by
+/// `readers` threads at once (each from its own starting page, so that
+/// their faults interleave). Returns the memory's bytes.
+fn restore_anonymous(
+    remote: &Arc<uffd_remote::RemoteSource>,
+    pages: usize,
+    readers: usize,
+) -> Vec<u8> {
+    let source: Arc<dyn PageSource> =
+        Arc::new(uffd_pager::AsyncSource::new(Arc::clone(remote) as _).unwrap());
+    let memory = Arc::new(Mapping::new(uffd::MemoryKind::Anon, pages * 4096).unwrap());
+    let uffd = uffd::OpenOptions::new()
+        .user_mode_only(true)
+        .open()
+        .unwrap();
+    let regions = vec![uffd_pager::Region::new(
+        memory.addr(),
+        memory.len() as u64,
+        0,
+        4096,
+    )];
+    uffd_pager::register(&uffd, &regions, uffd::RegisterMode::MISSING).unwrap();
+    // SAFETY: `memory` is touched only through raw copies (Mapping hands
+    // out no references), so nothing relies on what its missing pages hold.
+    let pager = unsafe {
+        uffd_pager::Pager::builder(source)
+            .threads(2)
+            .start(uffd, regions)
+    }
+    .unwrap();
+    let threads: Vec<_> = (0..readers)
+        .map(|r| {
+            let memory = Arc::clone(&memory);
+            std::thread::spawn(move || {
+                let mut page = [0u8; 4096];
+                for k in 0..pages {
+                    let p = (k + r * pages / readers) % pages;
+                    memory.read(p * 4096, &mut page);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut all = vec![0u8; pages * 4096];
+    memory.read(0, &mut all);
+    let stats = pager.shutdown();
+    assert_eq!(stats.poisoned, 0, "{stats:?}");
+    all
+}
+
+/// Once the pager has installed a page in its target, the anonymous
+/// landing area gives that page's memory back (RSS falls by about the
+/// image), unless told to keep it; a second target restored from the
+/// same source then fetches the pages again, every byte right.
+#[test]
+fn the_anonymous_destination_gives_back_installed_pages_unless_told_to_keep_them() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    const IMAGE_PAGES: usize = 8192;
+    let image = image(IMAGE_PAGES);
+    let data_pages = (0..IMAGE_PAGES)
+        .filter(|&p| image[p * 4096..(p + 1) * 4096].iter().any(|&b| b != 0))
+        .count() as u64;
+    let server = Served::start(
+        &image,
+        PageServerConfig {
+            push: true,
+            ..PageServerConfig::default()
+        },
+    );
+    for keep in [false, true] {
+        let remote = Arc::new(
+            uffd_remote::RemoteSource::connect(
+                &server.addr,
+                uffd_remote::RemoteConfig {
+                    keep_installed: keep,
+                    ..uffd_remote::RemoteConfig::default()
+                },
+            )
+            .unwrap(),
+        );
+        wait_for("the whole push", Duration::from_secs(30), || {
+            remote.landed_pages() == IMAGE_PAGES as u64
+        })
+        .unwrap();
+        let landed_kib = rss_anon_kib();
+        let first = restore_anonymous(&remote, IMAGE_PAGES, 1);
+        assert_pages(&first, &image, "the first target");
+        let stats = remote.stats();
+        if keep {
+            assert_eq!(remote.landed_pages(), IMAGE_PAGES as u64);
+            assert_eq!(stats.pages_released.load(Relaxed), 0);
+        } else {
+            // Every page that arrived with bytes goes (zero pages among
+            // them); a zero range arrived without any and stays.
+            wait_for("the releases", Duration::from_secs(10), || {
+                stats.pages_released.load(Relaxed) >= data_pages
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}: {} released, {} landed, {data_pages} data pages",
+                    stats.pages_released.load(Relaxed),
+                    remote.landed_pages()
+                )
+            });
+            assert_eq!(
+                remote.landed_pages(),
+                IMAGE_PAGES as u64 - stats.pages_released.load(Relaxed)
+            );
+        }
+        // The target is unmapped by now; `first`, the image's size, is
+        // what was added, less the landing's copy if that went.
+        let grew_kib = rss_anon_kib().saturating_sub(landed_kib);
+        let image_kib = (IMAGE_PAGES * 4) as u64;
+        if keep {
+            assert!(
+                grew_kib > image_kib * 3 / 4,
+                "kept: RSS grew {grew_kib} KiB"
+            );
+        } else {
+            assert!(
+                grew_kib < image_kib / 4,
+                "released: RSS grew {grew_kib} KiB"
+            );
+        }
+        let asked = stats.demand_pages.load(Relaxed) + stats.bulk_requests.load(Relaxed);
+        let second = restore_anonymous(&remote, IMAGE_PAGES, 1);
+        assert_pages(&second, &image, "the second target");
+        let asked_again = stats.demand_pages.load(Relaxed) + stats.bulk_requests.load(Relaxed);
+        if keep {
+            assert_eq!(asked_again, asked, "kept pages are not fetched again");
+        } else {
+            assert!(asked_again > asked, "released pages are fetched again");
+        }
+    }
+}
+
+/// Targets restored at once from one source, each read by several threads
+/// while the landing area releases what either installed: a page is never
+/// released while a copy from it is in progress, so every byte of every
+/// target is right, round after round.
+#[test]
+fn targets_restored_at_once_get_every_byte_while_pages_are_released() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    const IMAGE_PAGES: usize = 2048;
+    let image = image(IMAGE_PAGES);
+    let server = Served::start(
+        &image,
+        PageServerConfig {
+            push: true,
+            push_chunk: 64 << 10,
+            ..PageServerConfig::default()
+        },
+    );
+    let remote = Arc::new(
+        uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
+            .unwrap(),
+    );
+    for round in 0..4 {
+        let targets: Vec<_> = (0..3)
+            .map(|_| {
+                let remote = Arc::clone(&remote);
+                std::thread::spawn(move || restore_anonymous(&remote, IMAGE_PAGES, 3))
+            })
+            .collect();
+        for (t, target) in targets.into_iter().enumerate() {
+            let got = target.join().unwrap();
+            assert_pages(&got, &image, &format!("round {round}, target {t}"));
+        }
+    }
+    assert!(remote.stats().pages_released.load(Relaxed) > 0);
+}

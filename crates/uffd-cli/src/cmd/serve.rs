@@ -97,6 +97,14 @@ struct ServeArgs {
     /// logged. A duration such as 60s.
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     reconnect_timeout: Duration,
+    /// With a tcp:// source: keep every page that arrived on this host
+    /// after a VM has it, so that the next VM restored from this server
+    /// takes it from memory instead of the network. Costs a copy of the
+    /// image here for as long as the server runs. Without it, a page's
+    /// memory is given back once a VM holds the page, and a later VM
+    /// fetches it again.
+    #[arg(long)]
+    keep_landed: bool,
     /// With an object-store source: bytes of chunks kept in memory (K/M/G
     /// suffixes), shared by every VM.
     #[arg(long, default_value = "1G", value_name = "BYTES", value_parser = parse_bytes)]
@@ -425,6 +433,17 @@ type Image = (
 /// The image `--mem-file` or `--source` names, and an identity for
 /// takeovers (a successor must serve the same image).
 fn open_image(a: &ServeArgs) -> Result<Image, uffd_bench::BoxError> {
+    let remote = a
+        .source
+        .as_deref()
+        .is_some_and(|url| url.starts_with("tcp://"));
+    if a.keep_landed && !remote {
+        return Err(
+            "--keep-landed is for a tcp:// source (pages that arrive from a page server); \
+                    other sources keep nothing of their own to give back"
+                .into(),
+        );
+    }
     let mem_file = match (&a.mem_file, a.source.as_deref()) {
         (Some(path), None) => path.clone(),
         (None, Some(url)) => match url.split_once("://") {
@@ -437,6 +456,7 @@ fn open_image(a: &ServeArgs) -> Result<Image, uffd_bench::BoxError> {
                     addr,
                     uffd_remote::RemoteConfig {
                         reconnect_timeout: a.reconnect_timeout,
+                        keep_installed: a.keep_landed,
                         ..uffd_remote::RemoteConfig::default()
                     },
                 )?;
