@@ -150,17 +150,6 @@ fn restores_over_tcp_with_and_without_push() {
     }
 }
 
-/// Anonymous memory a process holds, KiB.
-fn rss_anon_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("RssAnon in its status")
-}
-
 /// The destination holds the image once, in the VM: `uffd serve` gives
 /// back each page's memory once the VM has it, and holds a copy of its
 /// own only with --keep-landed.
@@ -182,10 +171,10 @@ fn the_destination_gives_back_the_pages_a_vm_holds_unless_told_to_keep_them() {
             status.success() && verified(&out),
             "{flags:?}: {status:?} {out}"
         );
-        // Releases follow the installs by a few milliseconds.
+        // Releases follow the installs within a fraction of a second.
         let deadline = Instant::now() + Duration::from_secs(5);
         let kib = loop {
-            let kib = rss_anon_kib(server.0.id());
+            let kib = uffd_testkit::rss_anon_kib(server.0.id());
             let kept = held.first().copied();
             if kept.is_none_or(|k: u64| kib + LEN / 1024 * 3 / 4 < k) || Instant::now() > deadline {
                 break kib;

@@ -626,42 +626,12 @@ fn the_anonymous_destination_lands_each_pushed_page_once() {
         return;
     }
     let image = image(PAGES);
-    let server = Served::start(
-        &image,
-        PageServerConfig {
-            push: true,
-            push_chunk: 64 << 10,
-            ..PageServerConfig::default()
-        },
-    );
-    let remote = Arc::new(
-        uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
-            .unwrap(),
-    );
+    let (_server, remote) = pushing_to_anonymous(&image);
     let pushed = wait_for("the whole push", Duration::from_secs(30), || {
         remote.landed_pages() == PAGES as u64
     });
     let link = Link::of(remote.stats());
-    let source: Arc<dyn PageSource> =
-        Arc::new(uffd_pager::AsyncSource::new(Arc::clone(&remote) as _).unwrap());
-    let memory = Mapping::new(uffd::MemoryKind::Anon, PAGES * 4096).unwrap();
-    let uffd = uffd::OpenOptions::new()
-        .user_mode_only(true)
-        .open()
-        .unwrap();
-    let regions = vec![uffd_pager::Region::new(
-        memory.addr(),
-        memory.len() as u64,
-        0,
-        4096,
-    )];
-    uffd_pager::register(&uffd, &regions, uffd::RegisterMode::MISSING).unwrap();
-    // SAFETY: `memory` is touched only through raw copies (Mapping hands
-    // out no references), so nothing relies on what its missing pages hold.
-    let pager = unsafe { uffd_pager::Pager::builder(source).start(uffd, regions) }.unwrap();
-    let mut all = vec![0u8; PAGES * 4096];
-    memory.read(0, &mut all);
-    let stats = pager.shutdown();
+    let (all, stats) = restore_anonymous(&remote, PAGES, 1);
     pushed.unwrap();
     assert_pages(&all, &image, "read back");
     assert_eq!(link.pushed, PAGES as u64, "{link:?}");
@@ -680,26 +650,34 @@ fn the_anonymous_destination_lands_each_pushed_page_once() {
     assert_eq!(stats.poisoned, 0, "{stats:?}");
 }
 
-/// Anonymous memory of this process resident now, KiB.
-fn rss_anon_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("RssAnon in /proc/self/status")
+/// A page server pushing `image` in 64 KiB frames, and an anonymous
+/// destination connected to it.
+fn pushing_to_anonymous(image: &[u8]) -> (Served, Arc<uffd_remote::RemoteSource>) {
+    let server = Served::start(
+        image,
+        PageServerConfig {
+            push: true,
+            push_chunk: 64 << 10,
+            ..PageServerConfig::default()
+        },
+    );
+    let remote = Arc::new(
+        uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
+            .unwrap(),
+    );
+    (server, remote)
 }
 
 /// Restores `pages` pages from `remote` into new anonymous memory, as a
 /// VM's would be: a pager of two handler threads, the memory read by
 /// `readers` threads at once (each from its own starting page, so that
-/// their faults interleave). Returns the memory's bytes.
+/// their faults interleave). Returns the memory's bytes and the pager's
+/// statistics.
 fn restore_anonymous(
     remote: &Arc<uffd_remote::RemoteSource>,
     pages: usize,
     readers: usize,
-) -> Vec<u8> {
+) -> (Vec<u8>, Stats) {
     let source: Arc<dyn PageSource> =
         Arc::new(uffd_pager::AsyncSource::new(Arc::clone(remote) as _).unwrap());
     let memory = Arc::new(Mapping::new(uffd::MemoryKind::Anon, pages * 4096).unwrap());
@@ -741,7 +719,7 @@ fn restore_anonymous(
     memory.read(0, &mut all);
     let stats = pager.shutdown();
     assert_eq!(stats.poisoned, 0, "{stats:?}");
-    all
+    (all, stats)
 }
 
 /// Once the pager has installed a page in its target, the anonymous
@@ -780,8 +758,8 @@ fn the_anonymous_destination_gives_back_installed_pages_unless_told_to_keep_them
             remote.landed_pages() == IMAGE_PAGES as u64
         })
         .unwrap();
-        let landed_kib = rss_anon_kib();
-        let first = restore_anonymous(&remote, IMAGE_PAGES, 1);
+        let landed_kib = uffd_testkit::rss_anon_kib(std::process::id());
+        let (first, _) = restore_anonymous(&remote, IMAGE_PAGES, 1);
         assert_pages(&first, &image, "the first target");
         let stats = remote.stats();
         if keep {
@@ -807,7 +785,7 @@ fn the_anonymous_destination_gives_back_installed_pages_unless_told_to_keep_them
         }
         // The target is unmapped by now; `first`, the image's size, is
         // what was added, less the landing's copy if that went.
-        let grew_kib = rss_anon_kib().saturating_sub(landed_kib);
+        let grew_kib = uffd_testkit::rss_anon_kib(std::process::id()).saturating_sub(landed_kib);
         let image_kib = (IMAGE_PAGES * 4) as u64;
         if keep {
             assert!(
@@ -821,7 +799,7 @@ fn the_anonymous_destination_gives_back_installed_pages_unless_told_to_keep_them
             );
         }
         let asked = stats.demand_pages.load(Relaxed) + stats.bulk_requests.load(Relaxed);
-        let second = restore_anonymous(&remote, IMAGE_PAGES, 1);
+        let (second, _) = restore_anonymous(&remote, IMAGE_PAGES, 1);
         assert_pages(&second, &image, "the second target");
         let asked_again = stats.demand_pages.load(Relaxed) + stats.bulk_requests.load(Relaxed);
         if keep {
@@ -843,23 +821,12 @@ fn targets_restored_at_once_get_every_byte_while_pages_are_released() {
     }
     const IMAGE_PAGES: usize = 2048;
     let image = image(IMAGE_PAGES);
-    let server = Served::start(
-        &image,
-        PageServerConfig {
-            push: true,
-            push_chunk: 64 << 10,
-            ..PageServerConfig::default()
-        },
-    );
-    let remote = Arc::new(
-        uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
-            .unwrap(),
-    );
+    let (_server, remote) = pushing_to_anonymous(&image);
     for round in 0..4 {
         let targets: Vec<_> = (0..3)
             .map(|_| {
                 let remote = Arc::clone(&remote);
-                std::thread::spawn(move || restore_anonymous(&remote, IMAGE_PAGES, 3))
+                std::thread::spawn(move || restore_anonymous(&remote, IMAGE_PAGES, 3).0)
             })
             .collect();
         for (t, target) in targets.into_iter().enumerate() {

@@ -178,6 +178,19 @@ impl Drop for Scratch {
     }
 }
 
+/// Anonymous memory process `pid` holds now (`RssAnon` of its
+/// `/proc/PID/status`), KiB.
+pub fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no RssAnon in /proc/{pid}/status"))
+}
+
 /// The contents of page `index` of [`snapshot_file`]: its index in the
 /// first 8 bytes and a pattern, except every 4th page, which is all zero.
 pub fn page_pattern(index: usize, page: &mut [u8]) {

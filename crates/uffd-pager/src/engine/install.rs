@@ -67,19 +67,31 @@ impl Worker<'_> {
             }
             Err(e) => return self.poison(target, claim, from, claims, &e),
         };
-        self.install_fetched(target, claim, from, claims, content, src, from_mapping)
+        let step = self.install_fetched(target, claim, from, claims, content, src, from_mapping);
+        self.tell_source(from_mapping.then(|| (span.source_of(from), len as usize)));
+        step
+    }
+
+    /// Tells the source what the runs [`Worker::install_fetched`] did
+    /// since the last call mean for it, in this order: the kernel is done
+    /// with `mapped` (bytes [`PageSource::mapped`] gave), then which of its
+    /// bytes a target now holds. A source may drop installed bytes only
+    /// when nothing copies from them any more.
+    pub(super) fn tell_source(&mut self, mapped: Option<(u64, usize)>) {
+        let source = &self.shared.source;
+        if let Some((offset, len)) = mapped {
+            source.mapped_done(offset, len);
+        }
+        for (offset, len) in self.installed.drain(..) {
+            source.installed(offset, len);
+        }
     }
 
     /// Installs the claimed pages of `from..from + claims.len()` (trimmed
     /// to claimed ends) whose bytes are at `src` (`Content::Zero`: none
     /// needed). `from_mapping` says `src` is the source's own mapping,
-    /// which only the kernel may read.
-    ///
-    /// Bytes from the source's mapping are given back to it
-    /// ([`PageSource::mapped_done`]) once the kernel has copied them, and
-    /// then the source hears which of its bytes the target now holds
-    /// ([`PageSource::installed`]), in that order: a source may drop
-    /// installed bytes only when nothing copies from them any more.
+    /// which only the kernel may read. The source ranges it installed wait
+    /// in `self.installed` for [`Worker::tell_source`].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn install_fetched(
         &mut self,
@@ -90,45 +102,6 @@ impl Worker<'_> {
         content: Content,
         src: *const u8,
         from_mapping: bool,
-    ) -> Step {
-        let mut installed = Vec::new();
-        let step = self.install_runs(
-            target,
-            claim,
-            from,
-            claims,
-            content,
-            src,
-            from_mapping,
-            &mut installed,
-        );
-        let source = &self.shared.source;
-        if from_mapping {
-            let ps = claim.span.page_size;
-            source.mapped_done(
-                claim.span.source_of(from),
-                (claims.len() as u64 * ps) as usize,
-            );
-        }
-        for (offset, len) in installed {
-            source.installed(offset, len);
-        }
-        step
-    }
-
-    /// [`Worker::install_fetched`] before the source hears of it; appends
-    /// the source ranges it installed to `installed`.
-    #[allow(clippy::too_many_arguments)]
-    fn install_runs(
-        &mut self,
-        target: &Target,
-        claim: &Claim,
-        from: usize,
-        claims: &[u8],
-        content: Content,
-        src: *const u8,
-        from_mapping: bool,
-        installed_runs: &mut Vec<(u64, u64)>,
     ) -> Step {
         let span = &claim.span;
         let ps = span.page_size;
@@ -242,7 +215,7 @@ impl Worker<'_> {
                     if let Some(counter) = counter {
                         Counters::add(counter, installed / ps);
                     }
-                    installed_runs.push((span.source_of(idx), run));
+                    self.installed.push((span.source_of(idx), run));
                     end - k
                 }
                 Ok(Resolved::RetryAfterEvents { done }) => {
@@ -250,7 +223,8 @@ impl Worker<'_> {
                     let done_pages = (done / ps) as usize;
                     self.mark_installed(claim, from + k, done_pages);
                     if done_pages > 0 {
-                        installed_runs.push((span.source_of(idx), done_pages as u64 * ps));
+                        self.installed
+                            .push((span.source_of(idx), done_pages as u64 * ps));
                     }
                     drop(table);
                     self.release(

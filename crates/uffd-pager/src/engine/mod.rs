@@ -806,6 +806,8 @@ struct Worker<'a> {
     staging: uffd::Mapping,
     zeros: uffd::Mapping,
     claims: Vec<u8>,
+    /// Source ranges installed, for [`Worker::tell_source`].
+    installed: Vec<(u64, u64)>,
 }
 
 /// Which pages of `lo..hi` this thread claimed and how they are to be

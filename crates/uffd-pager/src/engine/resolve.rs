@@ -20,6 +20,7 @@ impl<'a> Worker<'a> {
             staging,
             zeros,
             claims: Vec::with_capacity((BATCH_BYTES / 4096) as usize),
+            installed: Vec::with_capacity(8),
         })
     }
 
@@ -329,6 +330,7 @@ impl<'a> Worker<'a> {
             }
             Err(e) => self.poison(&target, &claim, from, &claims, &e),
         };
+        self.tell_source(None);
         match step {
             Step::Done => self.shared.counters.latency.record(started.elapsed()),
             Step::Gone => self.shared.mark_gone(&target),
