@@ -328,75 +328,72 @@ fn session_of(shared: &Shared, id: u64) -> Arc<Session> {
     s
 }
 
-/// The answer to a request: its bytes (or a zero range), or an error.
-fn answer(shared: &Shared, id: u64, offset: u64, len: u32) -> Frame {
+/// What [`read_answer`] found for a range.
+enum Answer {
+    /// Its bytes, in the caller's buffer.
+    Bytes,
+    /// A frame that answers it whole: a zero range, or an error.
+    Frame(Frame),
+}
+
+/// Reads the answer to a request for `offset..offset + len` into `buf`,
+/// which it resizes to `len` (a reused buffer costs no allocation and no
+/// clearing).
+fn read_answer(shared: &Shared, id: u64, offset: u64, len: u32, buf: &mut Vec<u8>) -> Answer {
     let size = shared.source.len();
     if offset
         .checked_add(u64::from(len))
         .is_none_or(|end| end > size)
     {
-        return Frame::Error {
+        return Answer::Frame(Frame::Error {
             id,
             code: ErrorCode::OutOfRange as u32,
             message: format!("{offset:#x}+{len:#x} lies past the image's {size} bytes"),
-        };
+        });
     }
-    let mut buf = vec![0u8; len as usize];
-    match shared.source.read_at(offset, &mut buf) {
-        Ok(Content::Zero) => Frame::Data {
-            id,
-            offset,
-            len,
-            bytes: None,
-        },
-        Ok(Content::Data) if uffd_pager::source::is_zero(&buf) => Frame::Data {
-            id,
-            offset,
-            len,
-            bytes: None,
-        },
-        Ok(Content::Data) => Frame::Data {
-            id,
-            offset,
-            len,
-            bytes: Some(buf),
-        },
-        Err(e) => Frame::Error {
+    buf.resize(len as usize, 0);
+    let zero = Answer::Frame(Frame::Data {
+        id,
+        offset,
+        len,
+        bytes: None,
+    });
+    match shared.source.read_at(offset, buf) {
+        Ok(Content::Zero) => zero,
+        Ok(Content::Data) if uffd_pager::source::is_zero(buf) => zero,
+        Ok(Content::Data) => Answer::Bytes,
+        Err(e) => Answer::Frame(Frame::Error {
             id,
             code: ErrorCode::Io as u32,
             message: e.to_string(),
-        },
+        }),
     }
 }
 
-fn sent_bytes(f: &Frame) -> u64 {
-    match f {
-        Frame::Data { bytes: Some(b), .. } => b.len() as u64,
-        _ => 0,
-    }
-}
-
-/// Writes `frame`, compressed when `compress` and that shrinks it.
-async fn send(
+/// Answers a request (`id` 0: pushes a range), reading through `buf`,
+/// compressed when `compress` and that shrinks it; returns the data bytes
+/// it sent.
+async fn reply(
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    frame: &Frame,
+    shared: &Shared,
+    buf: &mut Vec<u8>,
+    (id, offset, len): (u64, u64, u32),
     compress: bool,
-) -> std::io::Result<()> {
-    if let (
-        true,
-        Frame::Data {
-            id,
-            offset,
-            len,
-            bytes: Some(bytes),
-        },
-    ) = (compress, frame)
-    {
-        if let Some(wire) = crate::protocol::compressed_data(*id, *offset, *len, bytes) {
-            return wr.write_all(&wire).await;
+) -> std::io::Result<u64> {
+    if let Answer::Frame(f) = read_answer(shared, id, offset, len, buf) {
+        write_frame(wr, &f).await?;
+        return Ok(0);
+    }
+    if compress {
+        if let Some(wire) = crate::protocol::compressed_data(id, offset, len, buf) {
+            wr.write_all(&wire).await?;
+            return Ok(buf.len() as u64);
         }
     }
-    write_frame(wr, frame).await
+    wr.write_all(&crate::protocol::data_head(id, offset, len, buf))
+        .await?;
+    wr.write_all(buf).await?;
+    Ok(buf.len() as u64)
 }
 
 async fn demand(
@@ -406,6 +403,7 @@ async fn demand(
     s: &Session,
     compress: bool,
 ) -> Result<(), LinkError> {
+    let mut buf = Vec::new();
     while let Some(frame) = reader.next().await? {
         let Frame::Request {
             id, offset, len, ..
@@ -414,10 +412,9 @@ async fn demand(
             return Err(std::io::Error::other("only requests are expected").into());
         };
         s.last_demand.store(offset + 1, Relaxed);
-        let reply = answer(shared, id, offset, len);
+        let sent = reply(&mut wr, shared, &mut buf, (id, offset, len), compress).await?;
         s.demand_requests.fetch_add(1, Relaxed);
-        s.demand_bytes.fetch_add(sent_bytes(&reply), Relaxed);
-        send(&mut wr, &reply, compress).await?;
+        s.demand_bytes.fetch_add(sent, Relaxed);
     }
     Ok(())
 }
@@ -447,6 +444,7 @@ async fn bulk(
     let mut cursor = 0usize;
     let mut followed = 0u64;
     let mut pushing = shared.config.push;
+    let mut buf = Vec::new();
     let replies = async {
         loop {
             // Answers first: a background read waits on them; the push
@@ -463,11 +461,10 @@ async fn bulk(
                     None => return Ok(()),
                 }
             };
-            if let Some((id, offset, len)) = next {
-                let reply = answer(shared, id, offset, len);
+            if let Some(request) = next {
+                let sent = reply(&mut wr, shared, &mut buf, request, compress).await?;
                 s.bulk_requests.fetch_add(1, Relaxed);
-                s.bulk_bytes.fetch_add(sent_bytes(&reply), Relaxed);
-                send(&mut wr, &reply, compress).await?;
+                s.bulk_bytes.fetch_add(sent, Relaxed);
                 continue;
             }
             // Follow the latest demand fault: the guest is likely to touch
@@ -483,9 +480,9 @@ async fn bulk(
                     let chunk_len = u64::from(shared.config.push_chunk);
                     let offset = chunk as u64 * chunk_len;
                     let len = chunk_len.min(shared.source.len() - offset) as u32;
-                    let frame = answer(shared, 0, offset, len);
-                    s.pushed_bytes.fetch_add(sent_bytes(&frame), Relaxed);
-                    send(&mut wr, &frame, compress).await?;
+                    let sent =
+                        reply(&mut wr, shared, &mut buf, (0, offset, len), compress).await?;
+                    s.pushed_bytes.fetch_add(sent, Relaxed);
                     // A push never waits while the destination keeps up:
                     // let the demand channels on this worker run between
                     // chunks.
