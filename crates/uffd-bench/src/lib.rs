@@ -15,6 +15,8 @@
 //! - [`remote`]: `uffd page-server bench`, post-copy over an emulated link;
 //! - [`report`]: medians, minima, and what the machine was doing
 //!   (load average, a process's context switches and CPU time);
+//! - [`machine`]: the CPUs a bench may use, pinning to them, and how much
+//!   of them the machine itself takes ([`machine::Hiccups`]);
 //! - [`compact`]: a demo collector over a linked heap and the
 //!   concurrent-compaction bench.
 
@@ -25,6 +27,7 @@ pub mod baselines;
 pub mod compact;
 pub mod demo;
 pub mod fixtures;
+pub mod machine;
 pub mod pager;
 pub mod plot;
 pub mod remote;

@@ -33,6 +33,7 @@ use uffd_pager::AsyncPageSource;
 use uffd_remote::{RemoteConfig, RemoteSource};
 
 use crate::fixtures::{make_snapshot, shuffled};
+use crate::machine::{allowed_cpus, pin_to, Hiccups};
 use crate::report::{median, LoadAverage, Spread};
 use crate::BoxError;
 
@@ -68,11 +69,9 @@ impl Pin {
     }
 
     fn on(cpu: usize) {
-        let mut set = rustix::thread::CpuSet::new();
-        set.set(cpu);
         // Only ever a CPU the affinity mask allowed, so this cannot fail
         // for a reason worth stopping the bench for.
-        let _ = rustix::thread::sched_setaffinity(None, &set);
+        let _ = pin_to(cpu);
     }
 
     /// Moves the calling thread (and what it starts later) to the source side.
@@ -88,14 +87,6 @@ impl Pin {
             Pin::on(cpu);
         }
     }
-}
-
-/// The CPUs the calling thread may run on, in order.
-fn allowed_cpus() -> std::io::Result<Vec<usize>> {
-    let allowed = rustix::thread::sched_getaffinity(None)?;
-    Ok((0..rustix::thread::CpuSet::MAX_CPU)
-        .filter(|&c| allowed.is_set(c))
-        .collect())
 }
 
 /// What to run.
@@ -115,6 +106,9 @@ pub struct Config {
     pub dir: Option<PathBuf>,
     /// Where the source side and the destination run.
     pub cpus: Cpus,
+    /// How long to watch the machine's own hiccups before the first round
+    /// ([`Hiccups`]), ms; 0 skips it.
+    pub hiccup_ms: u64,
 }
 
 /// One delay's figures in one round.
@@ -220,6 +214,9 @@ pub struct Report {
     pub loadavg_before: LoadAverage,
     /// See `loadavg_before`.
     pub loadavg_after: LoadAverage,
+    /// What the machine took from spinning threads just before the first
+    /// round: a floor under any latency below (none when not watched).
+    pub hiccups: Option<Hiccups>,
     /// One per delay.
     pub cases: Vec<Case>,
     /// First page for a small and a large image (no delay).
@@ -484,6 +481,12 @@ fn raw_tcp(len: u64, delay: Duration, to_memory: bool, pin: Pin) -> Result<f64, 
 
 /// Runs every case.
 pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError> {
+    let loadavg_before = LoadAverage::now().unwrap_or_default();
+    // Before anything is pinned or written: every CPU, a quiet disk.
+    let hiccups = match config.hiccup_ms {
+        0 => None,
+        ms => Some(Hiccups::measure(Duration::from_millis(ms))?),
+    };
     let dir = config.dir.clone().unwrap_or_else(std::env::temp_dir);
     let len = config.mib << 20;
     let snapshot = make_snapshot(&dir, len, 10)?;
@@ -495,7 +498,6 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let loadavg_before = LoadAverage::now().unwrap_or_default();
     let rounds = config.rounds.max(1);
     let mut per_delay: Vec<Vec<Round>> = vec![Vec::new(); config.delays_ms.len()];
     let measured = (|| -> Result<(), BoxError> {
@@ -559,6 +561,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
         cpus: config.cpus,
         loadavg_before,
         loadavg_after: LoadAverage::now().unwrap_or_default(),
+        hiccups,
         cases,
         first_page,
     })

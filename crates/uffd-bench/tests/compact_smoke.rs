@@ -13,6 +13,7 @@ fn bench_smoke_every_mode_keeps_the_graph() {
     let mut cfg = BenchConfig::new(16, 1);
     cfg.warmup_ms = 20;
     cfg.mutators = 3;
+    cfg.hiccup_ms = 100;
     let mut seen = 0;
     let result = run(&cfg, |_| seen += 1).expect("bench");
     assert_eq!(seen, Mode::ALL.len());
@@ -49,4 +50,10 @@ fn bench_smoke_every_mode_keeps_the_graph() {
         );
     }
     assert!(result.move_over_copy.is_some());
+    let h = result
+        .hiccups
+        .expect("the machine watched before the rounds");
+    assert_eq!(h.seconds, 0.1);
+    assert!(h.cpus >= 1 && h.over_1ms <= h.over_100us, "{h:?}");
+    assert!(json["hiccups"]["longest_us"].as_f64().is_some(), "{json}");
 }

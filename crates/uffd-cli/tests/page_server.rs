@@ -377,6 +377,8 @@ fn the_bench_reports_every_figure_it_promises() {
             "0,1",
             "--rounds",
             "2",
+            "--hiccup-ms",
+            "200",
             "--json",
         ])
         .stderr(Stdio::null())
@@ -445,6 +447,10 @@ fn the_bench_reports_every_figure_it_promises() {
     }
     assert!(report["loadavg_before"]["one"].as_f64().is_some());
     assert_eq!(report["first_page"].as_array().unwrap().len(), 2);
+    let h = &report["hiccups"];
+    assert_eq!(h["seconds"].as_f64(), Some(0.2), "{h}");
+    assert!(h["cpus"].as_u64().is_some_and(|c| c >= 1), "{h}");
+    assert!(h["over_1ms"].as_u64().unwrap() <= h["over_100us"].as_u64().unwrap());
 }
 
 #[test]
@@ -460,6 +466,8 @@ fn the_bench_splits_the_cpus_between_the_two_sides_when_asked() {
                 "--json",
                 "--cpus",
                 cpus,
+                "--hiccup-ms",
+                "0",
             ])
             .stderr(Stdio::piped())
             .output()
@@ -476,6 +484,7 @@ fn the_bench_splits_the_cpus_between_the_two_sides_when_asked() {
     assert!(ok, "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["cpus"], "split");
+    assert!(report["hiccups"].is_null(), "--hiccup-ms 0 watches nothing");
     assert!(report["cases"][0]["bulk_mb_s"].as_f64().unwrap() > 0.0);
     let (ok, out) = run("shared");
     assert!(ok);

@@ -480,8 +480,7 @@ async fn bulk(
                     let chunk_len = u64::from(shared.config.push_chunk);
                     let offset = chunk as u64 * chunk_len;
                     let len = chunk_len.min(shared.source.len() - offset) as u32;
-                    let sent =
-                        reply(&mut wr, shared, &mut buf, (0, offset, len), compress).await?;
+                    let sent = reply(&mut wr, shared, &mut buf, (0, offset, len), compress).await?;
                     s.pushed_bytes.fetch_add(sent, Relaxed);
                     // A push never waits while the destination keeps up:
                     // let the demand channels on this worker run between

@@ -5,6 +5,7 @@ use serde::Serialize;
 use uffd_compact::{CompactError, Mode};
 
 use super::collector::{loadavg, run_cycle, Cycle, CycleConfig};
+use crate::machine::Hiccups;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -27,6 +28,9 @@ pub struct BenchConfig {
     pub realtime_handler: bool,
     /// The SIGBUS path for COPY, MOVE and MINOR.
     pub sigbus: bool,
+    /// How long to watch the machine's own hiccups before the first round
+    /// ([`Hiccups`]), ms; 0 skips it.
+    pub hiccup_ms: u64,
 }
 
 impl BenchConfig {
@@ -42,6 +46,7 @@ impl BenchConfig {
             background_nice: 0,
             realtime_handler: false,
             sigbus: false,
+            hiccup_ms: 2000,
         }
     }
 }
@@ -129,6 +134,10 @@ pub struct BenchResult {
     pub loadavg_before: String,
     /// /proc/loadavg after the last.
     pub loadavg_after: String,
+    /// What the machine took from spinning threads just before the first
+    /// round: the floor under the longest stall (none when not watched, or
+    /// when this process's CPUs could not be read).
+    pub hiccups: Option<Hiccups>,
     /// Per mode.
     pub modes: Vec<ModeSummary>,
     /// MOVE's compactor throughput over COPY's, per round.
@@ -145,6 +154,10 @@ impl BenchResult {
 /// Runs the bench, calling `each` after every collection.
 pub fn run(cfg: &BenchConfig, mut each: impl FnMut(&Cycle)) -> Result<BenchResult, CompactError> {
     let loadavg_before = loadavg();
+    let hiccups = match cfg.hiccup_ms {
+        0 => None,
+        ms => Hiccups::measure(std::time::Duration::from_millis(ms)).ok(),
+    };
     let mut runs: Vec<Vec<Cycle>> = vec![Vec::new(); cfg.modes.len()];
     for round in 0..cfg.rounds {
         for k in 0..cfg.modes.len() {
@@ -208,6 +221,7 @@ pub fn run(cfg: &BenchConfig, mut each: impl FnMut(&Cycle)) -> Result<BenchResul
                 .all(|m| m.runs.iter().all(|c| c.realtime_handler)),
         loadavg_before,
         loadavg_after: loadavg(),
+        hiccups,
         modes,
         move_over_copy,
     })

@@ -105,9 +105,14 @@ struct DemoArgs {
 /// compaction, and compactor throughput (live pages per second of
 /// compacting-thread CPU time), with MOVE's throughput over COPY's. Prints
 /// /proc/loadavg before and after: on a shared machine read the ratios.
+/// First it watches how long the machine itself takes a CPU from a thread
+/// that only spins (--hiccup-ms): on a VM that can be milliseconds, and a
+/// stall no longer than that is the machine's, not the collector's.
 ///
 /// Output: a table per mode (median, min and max of each figure over the
-/// rounds) and the load average; `--json` prints one object with the same.
+/// rounds), the load average and the machine's hiccups; `--json` prints
+/// one object with the same ("hiccups": {"seconds", "cpus", "longest_us",
+/// "over_100us", "over_1ms"}, or null with --hiccup-ms 0).
 ///
 /// Exit status: 0 when every checksum matched, 1 otherwise, 2 when
 /// userfaultfd is denied.
@@ -144,6 +149,12 @@ struct BenchArgs {
     /// themselves in a SIGBUS handler.
     #[arg(long)]
     sigbus: bool,
+    /// Before the first round, watch for this long how much CPU the
+    /// machine itself takes from threads that only spin (kernel threads,
+    /// interrupts, a VM's host), ms; 0 skips it. A stall no longer than
+    /// what the machine takes anyway is not the program's.
+    #[arg(long, default_value_t = 2000, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60000))]
+    hiccup_ms: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -245,6 +256,7 @@ fn bench(a: BenchArgs) -> CmdResult {
     cfg.background_nice = a.nice;
     cfg.realtime_handler = a.realtime;
     cfg.sigbus = a.sigbus;
+    cfg.hiccup_ms = a.hiccup_ms;
     let quiet = a.json;
     let result = compact::run(&cfg, |c| {
         if !quiet {
@@ -284,6 +296,9 @@ fn bench(a: BenchArgs) -> CmdResult {
             r.loadavg_before,
             r.loadavg_after
         );
+        if let Some(h) = r.hiccups {
+            println!("{h}");
+        }
         println!("median [min, max] over rounds");
         println!(
             "{:<6}  {:>24}  {:>28}  {:>28}  {:>26}  {:>26}  checksum",

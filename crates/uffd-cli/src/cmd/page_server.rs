@@ -98,7 +98,8 @@ enum Action {
 /// Needs --mib of disk in --dir (and a sparse 4 GiB file, which takes none).
 ///
 /// Output: a table, or with --json one object {"rounds", "cpus", "loadavg_before",
-/// "loadavg_after", "cases": [{"delay_ms", "demand_p50_us",
+/// "loadavg_after", "hiccups" ({"seconds", "cpus", "longest_us", "over_100us",
+/// "over_1ms"}, or null with --hiccup-ms 0), "cases": [{"delay_ms", "demand_p50_us",
 /// "demand_p99_idle_us", "demand_p99_push_us", "naive_p99_push_us",
 /// "bulk_mb_s", "raw_tcp_mb_s", "raw_tcp_to_memory_mb_s", "added_rtt_us",
 /// "link_rtt_p50_us" (medians), "p99_push_over_idle",
@@ -134,6 +135,12 @@ struct BenchArgs {
     /// the destination on a CPU each (see above).
     #[arg(long, value_enum, default_value_t = CpusArg::Shared)]
     cpus: CpusArg,
+    /// Before the first round, watch for this long how much CPU the
+    /// machine itself takes from threads that only spin (kernel threads,
+    /// interrupts, a VM's host), ms; 0 skips it. A stall no longer than
+    /// what the machine takes anyway is not the program's.
+    #[arg(long, default_value_t = 2000, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60000))]
+    hiccup_ms: u64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -158,6 +165,7 @@ fn bench(a: BenchArgs) -> CmdResult {
                 CpusArg::Shared => uffd_bench::remote::Cpus::Shared,
                 CpusArg::Split => uffd_bench::remote::Cpus::Split,
             },
+            hiccup_ms: a.hiccup_ms,
         },
         |what| eprintln!("uffd page-server bench: {what}"),
     )?;
@@ -175,6 +183,9 @@ fn bench(a: BenchArgs) -> CmdResult {
         report.loadavg_before.one,
         report.loadavg_after.one
     );
+    if let Some(h) = report.hiccups {
+        println!("{h}");
+    }
     println!(
         "{:>8} {:>10} {:>12} {:>12} {:>14} {:>15} {:>10} {:>10} {:>13}",
         "delay ms",
