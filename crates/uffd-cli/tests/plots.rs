@@ -7,7 +7,8 @@ use std::process::Command;
 
 use uffd_testkit::Scratch;
 
-fn run(args: &[&str]) {
+/// Runs `uffd args`, which must succeed; returns what it printed.
+fn run(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_uffd"))
         .args(args)
         .output()
@@ -17,6 +18,7 @@ fn run(args: &[&str]) {
         "uffd {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).expect("uffd prints UTF-8")
 }
 
 /// The SVG's texts (titles, axis labels, legend entries) and how many
@@ -47,7 +49,7 @@ fn demo_plot_shows_every_strategy_and_its_timeline() {
     }
     let dir = Scratch::new("plot-demo");
     let svg = dir.path("demo.svg");
-    run(&[
+    let report = run(&[
         "demo",
         "--mib",
         "8",
@@ -70,10 +72,25 @@ fn demo_plot_shows_every_strategy_and_its_timeline() {
         "fill",
         "kernel (warm page cache)",
         "copy-4k: on demand",
-        "fill: replay or fill",
     ] {
         assert!(has(&texts, label), "no legend entry {label:?} in {texts:?}");
     }
+    // The background fill's line is there exactly when it installed
+    // pages: on a busy machine the faults and readahead can install every
+    // page of 8 MiB before the niced fill thread runs.
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let fill = report["strategies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["strategy"] == "fill")
+        .expect("the fill strategy ran");
+    let filled = fill["stats"]["background_pages"].as_u64().unwrap();
+    assert_eq!(
+        has(&texts, "fill: replay or fill"),
+        filled > 0,
+        "{filled} pages filled in the background; legend {texts:?}"
+    );
     // Three distributions and three timeline lines, plus legend marks.
     assert!(
         kinds.get("polyline").copied().unwrap_or(0) >= 6,
