@@ -67,6 +67,13 @@ impl LoadAverage {
     }
 }
 
+/// As `/proc/loadavg` shows them: "1.05 0.98 0.71".
+impl std::fmt::Display for LoadAverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} {:.2} {:.2}", self.one, self.five, self.fifteen)
+    }
+}
+
 /// A process's scheduling counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct ProcCounters {
@@ -139,6 +146,18 @@ impl ProcCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_load_average_prints_as_the_kernel_shows_it() {
+        let l = LoadAverage {
+            one: 1.05,
+            five: 0.98,
+            fifteen: 0.7,
+        };
+        assert_eq!(l.to_string(), "1.05 0.98 0.70");
+        let now = LoadAverage::now().unwrap().to_string();
+        assert_eq!(now.split(' ').count(), 3, "{now}");
+    }
 
     #[test]
     fn spread_and_median() {

@@ -337,11 +337,9 @@ pub fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1] as f64
 }
 
-/// The first three fields of /proc/loadavg.
+/// The first three fields of /proc/loadavg, or "unknown".
 pub fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_string())
+    crate::report::LoadAverage::now().map_or_else(|_| "unknown".to_string(), |l| l.to_string())
 }
 
 fn ms(d: Duration) -> f64 {
