@@ -3,7 +3,7 @@
 //! the destination is [`RemoteSource`] in this process, reached through a
 //! user-space link emulator (this kernel has no netem) that adds a one-way
 //! delay, holding no more in flight than a socket buffer or a 10 GbE
-//! link would.
+//! link would, and optionally carrying no more than a given rate.
 //!
 //! Per added delay (0, 1, 5 ms one way): demand-fault latency on an idle
 //! link, the same while the server pushes the whole image on the bulk
@@ -109,6 +109,9 @@ pub struct Config {
     /// How long to watch the machine's own hiccups before the first round
     /// ([`Hiccups`]), ms; 0 skips it.
     pub hiccup_ms: u64,
+    /// The most each direction of every emulated connection carries, MB/s
+    /// (10^6 bytes); `None`: as much as the CPUs move.
+    pub link_mb_s: Option<u64>,
 }
 
 /// One delay's figures in one round.
@@ -210,6 +213,8 @@ pub struct Report {
     pub rounds: usize,
     /// Where the source side and the destination ran.
     pub cpus: Cpus,
+    /// The emulated link's rate per direction, MB/s (null: unlimited).
+    pub link_mb_s: Option<u64>,
     /// `/proc/loadavg` before the first round and after the last.
     pub loadavg_before: LoadAverage,
     /// See `loadavg_before`.
@@ -268,12 +273,45 @@ pub fn serving_address(line: &str) -> Option<String> {
 /// a 10 GbE link's bandwidth-delay product where that is more): what a
 /// long fat link does.
 pub fn delay_link(upstream: String, delay: Duration) -> std::io::Result<String> {
-    pinned_link(upstream, delay, Pin(None))
+    pinned_link(upstream, Link { delay, rate: None }, Pin(None))
+}
+
+/// [`delay_link`] that also carries at most `mb_s` MB/s (10^6 bytes) each
+/// way, as a network of that rate does: a frame waits for the bytes
+/// ahead of it on its connection to go out, then for the delay.
+pub fn shaped_link(upstream: String, delay: Duration, mb_s: u64) -> std::io::Result<String> {
+    pinned_link(
+        upstream,
+        Link {
+            delay,
+            rate: Some(mb_s),
+        },
+        Pin(None),
+    )
+}
+
+/// What the emulated network does to each direction of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    /// One-way delay.
+    delay: Duration,
+    /// The most it carries, MB/s; `None`: unlimited.
+    rate: Option<u64>,
+}
+
+impl Link {
+    /// How long `bytes` take to go onto the wire.
+    fn serialisation(self, bytes: usize) -> Duration {
+        match self.rate {
+            Some(mb_s) => Duration::from_secs_f64(bytes as f64 / (mb_s.max(1) as f64 * 1e6)),
+            None => Duration::ZERO,
+        }
+    }
 }
 
 /// [`delay_link`], its threads on the source side of `pin`: the link
 /// stands for the network, which takes no CPU of the destination's.
-fn pinned_link(upstream: String, delay: Duration, pin: Pin) -> std::io::Result<String> {
+fn pinned_link(upstream: String, link: Link, pin: Pin) -> std::io::Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     std::thread::spawn(move || {
@@ -287,8 +325,8 @@ fn pinned_link(upstream: String, delay: Duration, pin: Pin) -> std::io::Result<S
             let _ = server.set_nodelay(true);
             let (c, s) = (client.try_clone(), server.try_clone());
             if let (Ok(c), Ok(s)) = (c, s) {
-                delayed_pipe(client, s, delay, pin);
-                delayed_pipe(server, c, delay, pin);
+                delayed_pipe(client, s, link, pin);
+                delayed_pipe(server, c, link, pin);
             }
         }
     });
@@ -304,14 +342,15 @@ fn in_flight_limit(delay: Duration) -> usize {
 }
 
 /// One direction of the link: bytes read from `from` are written to `to`
-/// `delay` later. It holds at most [`in_flight_limit`] bytes, in buffers
+/// once those ahead of them have gone out at the link's rate, and its
+/// delay later. It holds at most [`in_flight_limit`] bytes, in buffers
 /// passed between its two threads; with none free it stops reading, so
 /// the sender's TCP window closes as over a real link, instead of the
 /// link queueing without bound (a request behind a push would then wait
 /// for everything the sender could read ahead, which no network holds).
-fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, pin: Pin) {
+fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, link: Link, pin: Pin) {
     const CHUNK: usize = 256 << 10;
-    let slots = in_flight_limit(delay).div_ceil(CHUNK);
+    let slots = in_flight_limit(link.delay).div_ceil(CHUNK);
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>, usize)>(slots);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..slots {
@@ -323,7 +362,7 @@ fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, pin: Pi
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if full_tx.send((Instant::now() + delay, buf, n)).is_err() {
+                    if full_tx.send((Instant::now(), buf, n)).is_err() {
                         break;
                     }
                 }
@@ -332,7 +371,11 @@ fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, pin: Pi
     });
     std::thread::spawn(move || {
         pin.source();
-        while let Ok((due, buf, n)) = full_rx.recv() {
+        // When the wire is free again after what went out before.
+        let mut wire_free = Instant::now();
+        while let Ok((arrived, buf, n)) = full_rx.recv() {
+            wire_free = wire_free.max(arrived) + link.serialisation(n);
+            let due = wire_free + link.delay;
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
@@ -406,7 +449,7 @@ fn push_seconds(remote: &RemoteSource, len: u64, started: Instant) -> f64 {
 
 /// The median round trip of a 24-byte request answered by a page over a
 /// link delayed by `delay`, µs.
-fn link_rtt(delay: Duration, samples: usize, pin: Pin) -> Result<f64, BoxError> {
+fn link_rtt(link: Link, samples: usize, pin: Pin) -> Result<f64, BoxError> {
     let echo = TcpListener::bind("127.0.0.1:0")?;
     let echo_addr = echo.local_addr()?.to_string();
     std::thread::spawn(move || {
@@ -422,7 +465,7 @@ fn link_rtt(delay: Duration, samples: usize, pin: Pin) -> Result<f64, BoxError> 
             }
         }
     });
-    let mut c = TcpStream::connect(pinned_link(echo_addr, delay, pin)?)?;
+    let mut c = TcpStream::connect(pinned_link(echo_addr, link, pin)?)?;
     c.set_nodelay(true)?;
     let mut page = vec![0u8; 4096 + 40];
     let mut times = Vec::with_capacity(samples);
@@ -439,7 +482,7 @@ fn link_rtt(delay: Duration, samples: usize, pin: Pin) -> Result<f64, BoxError> 
 /// A raw TCP copy of `len` bytes over a link delayed by `delay`, MB/s,
 /// received into a reused buffer or, `to_memory`, into fresh memory of
 /// `len` bytes.
-fn raw_tcp(len: u64, delay: Duration, to_memory: bool, pin: Pin) -> Result<f64, BoxError> {
+fn raw_tcp(len: u64, link: Link, to_memory: bool, pin: Pin) -> Result<f64, BoxError> {
     let sink = TcpListener::bind("127.0.0.1:0")?;
     let sink_addr = sink.local_addr()?.to_string();
     let receiver = std::thread::spawn(move || -> std::io::Result<u64> {
@@ -458,8 +501,7 @@ fn raw_tcp(len: u64, delay: Duration, to_memory: bool, pin: Pin) -> Result<f64, 
         }
         Ok(got as u64)
     });
-    let link = pinned_link(sink_addr, delay, pin)?;
-    let mut out = TcpStream::connect(link)?;
+    let mut out = TcpStream::connect(pinned_link(sink_addr, link, pin)?)?;
     let started = Instant::now();
     std::thread::spawn(move || -> std::io::Result<()> {
         pin.source();
@@ -559,6 +601,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
     Ok(Report {
         rounds,
         cpus: config.cpus,
+        link_mb_s: config.link_mb_s,
         loadavg_before,
         loadavg_after: LoadAverage::now().unwrap_or_default(),
         hiccups,
@@ -578,18 +621,21 @@ fn measure_round(
     progress: impl Fn(&str),
 ) -> Result<Round, BoxError> {
     let len = pages * 4096;
-    let delay = Duration::from_millis(delay_ms);
+    let link = Link {
+        delay: Duration::from_millis(delay_ms),
+        rate: config.link_mb_s,
+    };
     progress("idle link");
     let idle = {
         let server = page_server(&config.uffd_bin, image, false, pin)?;
-        let remote = connect(&pinned_link(server.1.clone(), delay, pin)?, false)?;
+        let remote = connect(&pinned_link(server.1.clone(), link, pin)?, false)?;
         demand_latencies(runtime, &remote, pages, config.samples, None)
     };
     progress("under push");
     let (under_push, bulk_mb_s) = {
         let server = page_server(&config.uffd_bin, image, true, pin)?;
         let started = Instant::now();
-        let remote = Arc::new(connect(&pinned_link(server.1.clone(), delay, pin)?, false)?);
+        let remote = Arc::new(connect(&pinned_link(server.1.clone(), link, pin)?, false)?);
         let watcher = {
             let remote = Arc::clone(&remote);
             std::thread::spawn(move || push_seconds(&remote, len, started))
@@ -601,13 +647,13 @@ fn measure_round(
     progress("one connection, under push");
     let naive = {
         let server = page_server(&config.uffd_bin, image, true, pin)?;
-        let remote = connect(&pinned_link(server.1.clone(), delay, pin)?, true)?;
+        let remote = connect(&pinned_link(server.1.clone(), link, pin)?, true)?;
         demand_latencies(runtime, &remote, pages, config.samples, Some(len))
     };
     progress("raw TCP");
-    let raw_tcp_mb_s = raw_tcp(len, delay, false, pin)?;
-    let raw_tcp_to_memory_mb_s = raw_tcp(len, delay, true, pin)?;
-    let link_rtt_p50_us = link_rtt(delay, config.samples.min(200), pin)?;
+    let raw_tcp_mb_s = raw_tcp(len, link, false, pin)?;
+    let raw_tcp_to_memory_mb_s = raw_tcp(len, link, true, pin)?;
+    let link_rtt_p50_us = link_rtt(link, config.samples.min(200), pin)?;
     Ok(Round {
         delay_ms,
         demand_p50_us: median(idle.clone()),
@@ -692,6 +738,27 @@ mod tests {
             written < 128 << 20,
             "{written} bytes went into a link nobody read"
         );
+    }
+
+    #[test]
+    fn a_shaped_link_carries_no_more_than_its_rate_and_keeps_the_order() {
+        let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = shaped_link(sink.local_addr().unwrap().to_string(), Duration::ZERO, 20).unwrap();
+        let mut out = TcpStream::connect(link).unwrap();
+        let (mut inp, _) = sink.accept().unwrap();
+        let sent: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+        let t = Instant::now();
+        let writer = {
+            let sent = sent.clone();
+            std::thread::spawn(move || out.write_all(&sent).unwrap())
+        };
+        let mut got = vec![0u8; sent.len()];
+        inp.read_exact(&mut got).unwrap();
+        let took = t.elapsed();
+        writer.join().unwrap();
+        assert!(got == sent, "every byte, in order");
+        // 4 MB at 20 MB/s: the wire alone takes 200 ms.
+        assert!(took >= Duration::from_millis(195), "{took:?}");
     }
 
     #[test]

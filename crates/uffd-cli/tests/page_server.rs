@@ -446,6 +446,7 @@ fn the_bench_reports_every_figure_it_promises() {
         }
     }
     assert!(report["loadavg_before"]["one"].as_f64().is_some());
+    assert!(report["link_mb_s"].is_null(), "unlimited unless asked");
     assert_eq!(report["first_page"].as_array().unwrap().len(), 2);
     let h = &report["hiccups"];
     assert_eq!(h["seconds"].as_f64(), Some(0.2), "{h}");
@@ -493,6 +494,48 @@ fn the_bench_splits_the_cpus_between_the_two_sides_when_asked() {
     let (ok, out) = run("both");
     assert!(!ok, "an unknown --cpus is refused");
     assert!(String::from_utf8_lossy(&out.stderr).contains("shared, split"));
+}
+
+#[test]
+fn the_bench_holds_its_link_to_the_rate_asked_for() {
+    let run = |rate: &str| {
+        Command::new(env!("CARGO_BIN_EXE_uffd"))
+            .args(["page-server", "bench", "--mib", "8", "--samples", "10"])
+            .args(["--delays-ms", "0", "--rounds", "1", "--hiccup-ms", "0"])
+            .args(["--json", "--link-mb-s", rate])
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let out = run("40");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["link_mb_s"], 40);
+    let case = &report["cases"][0];
+    // The raw copy sends every byte through the link; the push sends the
+    // image's zero pages (a tenth) as ranges without bytes.
+    let raw = case["raw_tcp_mb_s"].as_f64().unwrap();
+    let raw_to_memory = case["raw_tcp_to_memory_mb_s"].as_f64().unwrap();
+    let push = case["bulk_mb_s"].as_f64().unwrap();
+    assert!(
+        raw > 0.0 && raw <= 40.0,
+        "raw copy at {raw} MB/s over a 40 MB/s link"
+    );
+    assert!(raw_to_memory <= 40.0, "{raw_to_memory}");
+    assert!(
+        push > 0.0 && push <= 40.0 / 0.89,
+        "push at {push} MB/s over a 40 MB/s link"
+    );
+    let out = run("0");
+    assert!(
+        !out.status.success(),
+        "a link that carries nothing is refused"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--link-mb-s"));
 }
 
 /// Two network namespaces joined by a veth pair, with `tbf` limiting the

@@ -95,9 +95,15 @@ enum Action {
 /// (its reading threads, the raw copy's receiver) on the second, as two
 /// hosts would be, each with one CPU.
 ///
+/// --link-mb-s N also holds each direction of every emulated connection
+/// to N MB/s (10^6 bytes; 125 is 1 GbE), the push and the raw copy alike:
+/// a network of that rate, which leaves the CPUs what an unlimited
+/// loopback link takes from them.
+///
 /// Needs --mib of disk in --dir (and a sparse 4 GiB file, which takes none).
 ///
-/// Output: a table, or with --json one object {"rounds", "cpus", "loadavg_before",
+/// Output: a table, or with --json one object {"rounds", "cpus", "link_mb_s"
+/// (null: unlimited), "loadavg_before",
 /// "loadavg_after", "hiccups" ({"seconds", "cpus", "longest_us", "over_100us",
 /// "over_1ms"}, or null with --hiccup-ms 0), "cases": [{"delay_ms", "demand_p50_us",
 /// "demand_p99_idle_us", "demand_p99_push_us", "naive_p99_push_us",
@@ -141,6 +147,10 @@ struct BenchArgs {
     /// what the machine takes anyway is not the program's.
     #[arg(long, default_value_t = 2000, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60000))]
     hiccup_ms: u64,
+    /// Hold each direction of every emulated connection to this rate,
+    /// MB/s (default: unlimited).
+    #[arg(long, value_name = "MB_S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    link_mb_s: Option<u64>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -166,6 +176,7 @@ fn bench(a: BenchArgs) -> CmdResult {
                 CpusArg::Split => uffd_bench::remote::Cpus::Split,
             },
             hiccup_ms: a.hiccup_ms,
+            link_mb_s: a.link_mb_s,
         },
         |what| eprintln!("uffd page-server bench: {what}"),
     )?;
@@ -174,11 +185,15 @@ fn bench(a: BenchArgs) -> CmdResult {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "medians over {} rounds, CPUs {} (load {:.2} before, {:.2} after)",
+        "medians over {} rounds, CPUs {}, link {} (load {:.2} before, {:.2} after)",
         report.rounds,
         match report.cpus {
             uffd_bench::remote::Cpus::Shared => "shared",
             uffd_bench::remote::Cpus::Split => "split between the source side and the destination",
+        },
+        match report.link_mb_s {
+            Some(mb_s) => format!("{mb_s} MB/s each way"),
+            None => "unlimited".to_string(),
         },
         report.loadavg_before.one,
         report.loadavg_after.one
