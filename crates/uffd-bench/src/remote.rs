@@ -128,6 +128,12 @@ pub struct Round {
     /// 99th percentile with demand requests behind the push (one
     /// connection), µs.
     pub naive_p99_push_us: f64,
+    /// Demand reads timed while the push ran: the reads stop when it
+    /// ends, so with a short push (a small image, a long delay) the p99
+    /// under push is that of few reads, at most their maximum.
+    pub reads_under_push: f64,
+    /// The same for the one-connection design.
+    pub naive_reads_under_push: f64,
     /// The push: image bytes over seconds until every page arrived, MB/s.
     pub bulk_mb_s: f64,
     /// A raw TCP copy of as many bytes over the same link, MB/s.
@@ -182,6 +188,8 @@ impl Case {
                 demand_p99_idle_us: med(&|r| r.demand_p99_idle_us),
                 demand_p99_push_us: med(&|r| r.demand_p99_push_us),
                 naive_p99_push_us: med(&|r| r.naive_p99_push_us),
+                reads_under_push: med(&|r| r.reads_under_push),
+                naive_reads_under_push: med(&|r| r.naive_reads_under_push),
                 bulk_mb_s: med(&|r| r.bulk_mb_s),
                 raw_tcp_mb_s: med(&|r| r.raw_tcp_mb_s),
                 raw_tcp_to_memory_mb_s: med(&|r| r.raw_tcp_to_memory_mb_s),
@@ -658,6 +666,8 @@ fn measure_round(
         delay_ms,
         demand_p50_us: median(idle.clone()),
         demand_p99_idle_us: percentile(idle, 99.0),
+        reads_under_push: under_push.len() as f64,
+        naive_reads_under_push: naive.len() as f64,
         demand_p99_push_us: percentile(under_push, 99.0),
         naive_p99_push_us: percentile(naive, 99.0),
         bulk_mb_s,

@@ -397,12 +397,28 @@ fn the_bench_reports_every_figure_it_promises() {
         "raw_tcp_mb_s",
         "raw_tcp_to_memory_mb_s",
         "link_rtt_p50_us",
+        "reads_under_push",
+        "naive_reads_under_push",
     ] {
         assert!(
             case[key].as_f64().is_some_and(|v| v >= 0.0),
             "{key} in {case}"
         );
     }
+    // Whole counts of at most --samples; a push of 8 MiB is over in a few
+    // milliseconds, so one round may time none, but not all four.
+    let mut timed = 0.0;
+    for r in report["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["rounds"].as_array().unwrap())
+    {
+        let reads = r["reads_under_push"].as_f64().unwrap();
+        assert!(reads <= 10.0 && reads.fract() == 0.0, "{r}");
+        timed += reads;
+    }
+    assert!(timed >= 1.0, "no read was timed under any push");
     assert!(case["bulk_mb_s"].as_f64().unwrap() > 0.0);
     assert_eq!(report["rounds"], 2);
     let cases = report["cases"].as_array().unwrap();

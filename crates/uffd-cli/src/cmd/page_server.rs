@@ -107,6 +107,8 @@ enum Action {
 /// "loadavg_after", "hiccups" ({"seconds", "cpus", "longest_us", "over_100us",
 /// "over_1ms"}, or null with --hiccup-ms 0), "cases": [{"delay_ms", "demand_p50_us",
 /// "demand_p99_idle_us", "demand_p99_push_us", "naive_p99_push_us",
+/// "reads_under_push", "naive_reads_under_push" (reads timed while the
+/// push ran: a short push leaves its p99 to few reads),
 /// "bulk_mb_s", "raw_tcp_mb_s", "raw_tcp_to_memory_mb_s", "added_rtt_us",
 /// "link_rtt_p50_us" (medians), "p99_push_over_idle",
 /// "bulk_over_raw_to_memory", "bulk_over_raw", "p50_over_link_rtt_us"
@@ -233,9 +235,10 @@ fn bench(a: BenchArgs) -> CmdResult {
     };
     for c in &report.cases {
         println!(
-            "{:>8} p99 push/idle {}  push/raw to memory {}  push/raw {}  p50 - link RTT {} µs",
+            "{:>8} p99 push/idle {} (of {:.0} reads)  push/raw to memory {}  push/raw {}  p50 - link RTT {} µs",
             c.median.delay_ms,
             range(&c.p99_push_over_idle, 2),
+            c.median.reads_under_push,
             range(&c.bulk_over_raw_to_memory, 2),
             range(&c.bulk_over_raw, 2),
             range(&c.p50_over_link_rtt_us, 0)
