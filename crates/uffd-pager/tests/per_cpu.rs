@@ -8,13 +8,9 @@ use uffd::Features;
 use uffd_pager::{Pager, Region, MAX_HANDLERS_PER_CPU};
 
 fn allowed_cpus(task: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/self/task/{task}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_string()
+    let path = format!("/proc/self/task/{task}/status");
+    uffd_testkit::proc_status_field(&path, "Cpus_allowed_list")
+        .unwrap_or_else(|| panic!("no Cpus_allowed_list in {path}"))
 }
 
 #[test]

@@ -16,16 +16,12 @@ const VM_BYTES: u64 = 1 << 20;
 /// Open descriptors, threads and anonymous RSS (KiB) of this process.
 fn usage() -> (usize, usize, u64) {
     let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        uffd_testkit::proc_status_field("/proc/self/status", name)
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
     };
-    (fds, field("Threads:") as usize, field("RssAnon:"))
+    (fds, field("Threads") as usize, field("RssAnon"))
 }
 
 /// Waits (bounded) until the server is back to `start`'s descriptors and

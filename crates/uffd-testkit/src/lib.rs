@@ -133,14 +133,20 @@ pub fn root(what: &str) -> bool {
 }
 
 fn rustix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
+    // "Uid:" lists the real, effective, saved and file-system ids.
+    proc_status_field("/proc/self/status", "Uid")
+        .is_some_and(|ids| ids.split_whitespace().nth(1) == Some("0"))
+}
+
+/// The value of field `name` (without its colon) in a `/proc/.../status`
+/// file such as `/proc/self/status` or `/proc/PID/task/TID/status`,
+/// trimmed; `None` when the file cannot be read or has no such field.
+pub fn proc_status_field(path: &str, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(path).ok()?;
+    status.lines().find_map(|l| {
+        let (key, value) = l.split_once(':')?;
+        (key == name).then(|| value.trim().to_string())
+    })
 }
 
 /// A scratch directory under the system temp dir, removed on drop.
@@ -181,13 +187,8 @@ impl Drop for Scratch {
 /// Anonymous memory process `pid` holds now (`RssAnon` of its
 /// `/proc/PID/status`), KiB.
 pub fn rss_anon_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    proc_status_field(&format!("/proc/{pid}/status"), "RssAnon")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no RssAnon in /proc/{pid}/status"))
 }
 
@@ -318,5 +319,25 @@ impl Drop for Reaped {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_field_is_found_by_its_whole_name() {
+        let threads = proc_status_field("/proc/self/status", "Threads").unwrap();
+        assert!(threads.parse::<u64>().unwrap() >= 1, "{threads}");
+        // "VmPeak", "VmSize" and the others begin with "Vm"; none is "Vm".
+        assert_eq!(proc_status_field("/proc/self/status", "Vm"), None);
+        assert_eq!(proc_status_field("/proc/self/status", "NoSuchField"), None);
+        assert_eq!(
+            proc_status_field("/proc/self/no-such-file", "Threads"),
+            None
+        );
+        let rss = rss_anon_kib(std::process::id());
+        assert!(rss > 0, "{rss}");
     }
 }
