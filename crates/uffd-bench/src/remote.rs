@@ -284,26 +284,14 @@ pub fn delay_link(upstream: String, delay: Duration) -> std::io::Result<String> 
     pinned_link(upstream, Link { delay, rate: None }, Pin(None))
 }
 
-/// [`delay_link`] that also carries at most `mb_s` MB/s (10^6 bytes) each
-/// way, as a network of that rate does: a frame waits for the bytes
-/// ahead of it on its connection to go out, then for the delay.
-pub fn shaped_link(upstream: String, delay: Duration, mb_s: u64) -> std::io::Result<String> {
-    pinned_link(
-        upstream,
-        Link {
-            delay,
-            rate: Some(mb_s),
-        },
-        Pin(None),
-    )
-}
-
 /// What the emulated network does to each direction of a connection.
 #[derive(Debug, Clone, Copy)]
 struct Link {
     /// One-way delay.
     delay: Duration,
-    /// The most it carries, MB/s; `None`: unlimited.
+    /// The most it carries, MB/s (10^6 bytes), as a network of that rate
+    /// does: a frame waits for the bytes ahead of it on its connection to
+    /// go out, then for the delay. `None`: unlimited.
     rate: Option<u64>,
 }
 
@@ -753,7 +741,11 @@ mod tests {
     #[test]
     fn a_shaped_link_carries_no_more_than_its_rate_and_keeps_the_order() {
         let sink = TcpListener::bind("127.0.0.1:0").unwrap();
-        let link = shaped_link(sink.local_addr().unwrap().to_string(), Duration::ZERO, 20).unwrap();
+        let shaped = Link {
+            delay: Duration::ZERO,
+            rate: Some(20),
+        };
+        let link = pinned_link(sink.local_addr().unwrap().to_string(), shaped, Pin(None)).unwrap();
         let mut out = TcpStream::connect(link).unwrap();
         let (mut inp, _) = sink.accept().unwrap();
         let sent: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
