@@ -17,8 +17,7 @@ const VM_BYTES: u64 = 1 << 20;
 fn usage() -> (usize, usize, u64) {
     let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
     let field = |name: &str| -> u64 {
-        uffd_testkit::proc_status_field("/proc/self/status", name)
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        uffd_testkit::proc_status_number("/proc/self/status", name)
             .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
     };
     (fds, field("Threads") as usize, field("RssAnon"))

@@ -149,6 +149,17 @@ pub fn proc_status_field(path: &str, name: &str) -> Option<String> {
     })
 }
 
+/// The number a `/proc/.../status` field starts with ("Threads: 4",
+/// "RssAnon: 1024 kB"); `None` when there is no such field or it is not
+/// a number.
+pub fn proc_status_number(path: &str, name: &str) -> Option<u64> {
+    proc_status_field(path, name)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A scratch directory under the system temp dir, removed on drop.
 #[derive(Debug)]
 pub struct Scratch(PathBuf);
@@ -187,8 +198,7 @@ impl Drop for Scratch {
 /// Anonymous memory process `pid` holds now (`RssAnon` of its
 /// `/proc/PID/status`), KiB.
 pub fn rss_anon_kib(pid: u32) -> u64 {
-    proc_status_field(&format!("/proc/{pid}/status"), "RssAnon")
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    proc_status_number(&format!("/proc/{pid}/status"), "RssAnon")
         .unwrap_or_else(|| panic!("no RssAnon in /proc/{pid}/status"))
 }
 
@@ -330,6 +340,9 @@ mod tests {
     fn a_status_field_is_found_by_its_whole_name() {
         let threads = proc_status_field("/proc/self/status", "Threads").unwrap();
         assert!(threads.parse::<u64>().unwrap() >= 1, "{threads}");
+        assert!(proc_status_number("/proc/self/status", "Threads").unwrap() >= 1);
+        // "Name:" holds a word, not a number.
+        assert_eq!(proc_status_number("/proc/self/status", "Name"), None);
         // "VmPeak", "VmSize" and the others begin with "Vm"; none is "Vm".
         assert_eq!(proc_status_field("/proc/self/status", "Vm"), None);
         assert_eq!(proc_status_field("/proc/self/status", "NoSuchField"), None);
