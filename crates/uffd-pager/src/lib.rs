@@ -87,7 +87,7 @@ pub use sigbus::{
 };
 pub use source::{
     AsyncPageSource, AsyncSource, Content, Fetched, FileMode, FileSource, LayeredSource,
-    MappedBytes, MemorySource, PageSource, ReadFuture, SourceError, ZeroSource,
+    MappedBytes, MemorySource, PageSource, ReadDone, ReadFuture, SourceError, ZeroSource,
 };
 pub use stats::{panic_message, Bucket, Histogram, LatencySummary, Stats};
 pub use stop::StopSignal;

@@ -240,6 +240,10 @@ counters! {
     /// Reads started on an asynchronous source (each for one claimed run
     /// of pages, however many faults wanted it).
     async_fetches,
+    /// Of those, reads this thread sent itself and the source's own
+    /// thread answered ([`crate::AsyncPageSource::read_direct`]), with no
+    /// trip through the runtime.
+    async_direct,
     /// Runs an asynchronous source had at hand (a cache hit), read and
     /// installed by the handler thread at once, with no asynchronous read.
     async_ready,

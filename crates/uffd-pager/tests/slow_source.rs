@@ -273,3 +273,123 @@ fn a_replay_from_an_asynchronous_source_reads_only_the_recorded_pages() {
     let read: u64 = ranges.iter().map(|&(_, len)| len as u64 / 4096).sum();
     assert_eq!(read, recorded.len() as u64, "{stats:?}");
 }
+
+/// A source answered by a thread of its own, as a network link is: each
+/// read is handed to that thread with its `done`, and the first read of
+/// every range fails as a transient error.
+#[derive(Debug)]
+struct LinkedSource {
+    requests: std::sync::Mutex<std::sync::mpsc::Sender<(u64, usize, uffd_pager::ReadDone)>>,
+    reads: Arc<AtomicU64>,
+    answered_on: Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>,
+}
+
+impl LinkedSource {
+    fn start() -> (Arc<LinkedSource>, std::thread::ThreadId) {
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, usize, uffd_pager::ReadDone)>();
+        let reads = Arc::new(AtomicU64::new(0));
+        let answered_on = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let link = {
+            let (reads, answered_on) = (Arc::clone(&reads), Arc::clone(&answered_on));
+            std::thread::spawn(move || {
+                let mut failed_once = std::collections::HashSet::new();
+                for (offset, len, done) in rx {
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    answered_on
+                        .lock()
+                        .unwrap()
+                        .push(std::thread::current().id());
+                    if failed_once.insert(offset) {
+                        done(Err(SourceError::Transient {
+                            offset,
+                            len: len as u64,
+                            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                        }));
+                    } else {
+                        let mut bytes = vec![0u8; len];
+                        fill_pages(offset, &mut bytes);
+                        done(Ok(Fetched::Data(bytes)));
+                    }
+                }
+            })
+        };
+        let id = link.thread().id();
+        let source = Arc::new(LinkedSource {
+            requests: std::sync::Mutex::new(tx),
+            reads,
+            answered_on,
+        });
+        (source, id)
+    }
+}
+
+impl AsyncPageSource for LinkedSource {
+    fn len(&self) -> u64 {
+        LEN as u64
+    }
+
+    fn read(&self, _offset: u64, _len: usize) -> ReadFuture<'_> {
+        Box::pin(async { panic!("every read of this source goes through read_direct") })
+    }
+
+    fn read_direct(
+        &self,
+        offset: u64,
+        len: usize,
+        done: uffd_pager::ReadDone,
+    ) -> Result<(), uffd_pager::ReadDone> {
+        self.requests
+            .lock()
+            .unwrap()
+            .send((offset, len, done))
+            .map_err(|e| e.0 .2)
+    }
+
+    fn describe(&self) -> String {
+        "answered on a thread of its own".into()
+    }
+}
+
+/// A source that answers on its own thread gets its reads from the
+/// handler thread and hands the bytes back from there: no read runs on
+/// the runtime, and a transient failure is retried the same way.
+#[test]
+fn reads_answered_on_the_sources_own_thread_skip_the_runtime_and_are_retried() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let uffd = open(Features::empty());
+    let memory = anon_registered(&uffd, LEN);
+    let (linked, link_thread) = LinkedSource::start();
+    let source = Arc::new(AsyncSource::new(linked.clone()).unwrap());
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .threads(1)
+            .granule(4096)
+            .prefetch(uffd_pager::Prefetch::None)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
+    let readers: Vec<_> = (0..PAGES)
+        .map(|i| {
+            let m = Arc::clone(&memory);
+            std::thread::spawn(move || m.read_byte(i * STRIDE * 4096 + 100))
+        })
+        .collect();
+    let got: Vec<u8> = bounded("readers of a source with its own thread", move || {
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (i, &b) in got.iter().enumerate() {
+        assert_eq!(b, (i * STRIDE) as u8 | 1, "page {i}");
+    }
+    let stats = pager.shutdown();
+    assert_eq!(stats.async_fetches, PAGES as u64, "{stats:?}");
+    assert_eq!(stats.async_direct, PAGES as u64, "{stats:?}");
+    assert_eq!(stats.poisoned, 0, "{stats:?}");
+    // Each range twice: failed once, retried, answered.
+    assert_eq!(linked.reads.load(Ordering::SeqCst), 2 * PAGES as u64);
+    let answered_on = linked.answered_on.lock().unwrap();
+    assert!(answered_on.iter().all(|&t| t == link_thread));
+}

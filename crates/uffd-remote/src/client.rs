@@ -13,7 +13,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
-use uffd_pager::{AsyncPageSource, Content, Fetched, MappedBytes, ReadFuture, SourceError};
+use uffd_pager::{
+    AsyncPageSource, Content, Fetched, MappedBytes, ReadDone, ReadFuture, SourceError,
+};
 
 use crate::io::{write_frame, FrameReader, LinkError, Read};
 use crate::protocol::{Channel, Frame, ProtocolError, MAX_REQUEST};
@@ -565,7 +567,26 @@ struct Pending {
     broken_links: u32,
     /// The connection (its generation) this was last written on; 0: none.
     sent_on: u64,
-    reply: oneshot::Sender<Result<Fetched, SourceError>>,
+    reply: Reply,
+}
+
+/// Where a read's answer goes.
+enum Reply {
+    /// To a task (or a blocked thread) awaiting it.
+    Task(oneshot::Sender<Result<Fetched, SourceError>>),
+    /// To the engine, called on the link's thread: no other thread woken
+    /// on the way (see [`AsyncPageSource::read_direct`]).
+    Direct(uffd_pager::ReadDone),
+}
+
+impl Reply {
+    fn send(self, result: Result<Fetched, SourceError>) {
+        match self {
+            // A receiver that gave up wants nothing.
+            Reply::Task(tx) => drop(tx.send(result)),
+            Reply::Direct(done) => done(result),
+        }
+    }
 }
 
 /// One channel's reads: those outstanding, and the connection's writer
@@ -845,31 +866,27 @@ impl RemoteSource {
                 shared.stats.local_hits.fetch_add(1, Relaxed);
                 return Ok(hit);
             }
-            let answer = self.send(channel, offset, len)?;
+            let (reply, answer) = oneshot::channel();
+            self.send(channel, offset, len, Reply::Task(reply));
             answer
                 .await
                 .unwrap_or_else(|_| Err(shared.failed(offset, len as u64, "the link has stopped")))
         })
     }
 
-    /// Sends one read on `channel`; the answer comes on the receiver. The
-    /// calling thread writes the request itself when the connection's
-    /// writer is free (see [`ChannelState`]), else the link's thread does.
-    fn send(
-        &self,
-        channel: Channel,
-        offset: u64,
-        len: usize,
-    ) -> Result<oneshot::Receiver<Result<Fetched, SourceError>>, SourceError> {
+    /// Sends one read on `channel`; the answer (or why there is none)
+    /// goes to `reply`. The calling thread writes the request itself when
+    /// the connection's writer is free (see [`ChannelState`]), else the
+    /// link's thread does.
+    fn send(&self, channel: Channel, offset: u64, len: usize, reply: Reply) {
         let shared = &self.shared;
-        let failed = |why: &str| shared.failed(offset, len as u64, why);
+        let failed = |why: &str| Err(shared.failed(offset, len as u64, why));
         if shared.dead.load(Relaxed) {
-            return Err(failed("unreachable past the reconnect timeout"));
+            return reply.send(failed("unreachable past the reconnect timeout"));
         }
         if len == 0 || len > MAX_REQUEST as usize {
-            return Err(failed("a read longer than one request may be"));
+            return reply.send(failed("a read longer than one request may be"));
         }
-        let (reply, answer) = oneshot::channel();
         let (tx, counter) = match channel {
             Channel::Demand => {
                 let pages = (len as u64).div_ceil(4096);
@@ -886,7 +903,8 @@ impl RemoteSource {
             // Under the lock `fail_all` takes: a read is either failed
             // there or refused here, never left behind.
             if shared.dead.load(Relaxed) {
-                return Err(failed("unreachable past the reconnect timeout"));
+                drop(out);
+                return reply.send(failed("unreachable past the reconnect timeout"));
             }
             out.add(Pending {
                 offset,
@@ -900,10 +918,11 @@ impl RemoteSource {
         };
         let frame = request_frame(id, offset, len as u32, priority);
         if !state.try_write_now(id, &frame, &shared.stats) && tx.send(id).is_err() {
-            state.outstanding().reads.remove(&id);
-            return Err(failed("the link has stopped"));
+            let pending = state.outstanding().reads.remove(&id);
+            if let Some(p) = pending {
+                p.reply.send(failed("the link has stopped"));
+            }
         }
-        Ok(answer)
     }
 
     /// The channel faulting pages' reads go on.
@@ -966,18 +985,15 @@ impl RemoteSource {
             let sent: Vec<_> = runs
                 .iter()
                 .map(|&(p, n)| {
-                    (
-                        p,
-                        n,
-                        self.send(self.demand_channel(), p * 4096, (n * 4096) as usize),
-                    )
+                    let (reply, answer) = oneshot::channel();
+                    let len = (n * 4096) as usize;
+                    self.send(self.demand_channel(), p * 4096, len, Reply::Task(reply));
+                    (p, n, answer)
                 })
                 .collect();
             for (p, n, answer) in sent {
-                let result = answer.and_then(|rx| {
-                    rx.blocking_recv().unwrap_or_else(|_| {
-                        Err(shared.failed(p * 4096, n * 4096, "the link has stopped"))
-                    })
+                let result = answer.blocking_recv().unwrap_or_else(|_| {
+                    Err(shared.failed(p * 4096, n * 4096, "the link has stopped"))
                 });
                 match result {
                     // The link landed the answer already; landing it again
@@ -1040,6 +1056,16 @@ impl AsyncPageSource for RemoteSource {
 
     fn read_background(&self, offset: u64, len: usize) -> ReadFuture<'_> {
         self.request(Channel::Bulk, offset, len)
+    }
+
+    fn read_direct(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        if let Some(hit) = self.shared.landing.fetch(offset, len) {
+            self.shared.stats.local_hits.fetch_add(1, Relaxed);
+            done(Ok(hit));
+        } else {
+            self.send(self.demand_channel(), offset, len, Reply::Direct(done));
+        }
+        Ok(())
     }
 
     fn is_ready(&self, offset: u64, len: u64) -> bool {
@@ -1208,7 +1234,7 @@ fn give_up_broken(shared: &Shared, state: &ChannelState, why: &str) {
         .collect();
     for id in broken {
         let p = out.reads.remove(&id).expect("listed above");
-        let _ = p.reply.send(Err(SourceError::Failed {
+        p.reply.send(Err(SourceError::Failed {
             offset: p.offset,
             len: u64::from(p.len),
             source: std::io::Error::other(format!(
@@ -1236,7 +1262,7 @@ fn fail_all(shared: &Shared, state: &ChannelState, rx: &mut mpsc::UnboundedRecei
     shared.dead.store(true, Relaxed);
     for (_, p) in out.reads.drain() {
         let e = why(&p);
-        let _ = p.reply.send(Err(e));
+        p.reply.send(Err(e));
     }
 }
 
@@ -1396,12 +1422,12 @@ async fn serve_link(
                         Some(b) => Fetched::Data(b),
                         None => Fetched::Zero,
                     };
-                    let _ = p.reply.send(Ok(fetched));
+                    p.reply.send(Ok(fetched));
                 }
                 Ok(Some(Read::Frame(Frame::Error { id, message, .. }))) => {
                     let p = state.outstanding().reads.remove(&id);
                     if let Some(p) = p {
-                        let _ = p.reply.send(Err(SourceError::Failed {
+                        p.reply.send(Err(SourceError::Failed {
                             offset: p.offset,
                             len: u64::from(p.len),
                             source: std::io::Error::other(format!("page server: {message}")),
@@ -1422,7 +1448,7 @@ async fn serve_link(
                             Some(mut p) => {
                                 p.checksum_failures += 1;
                                 if p.checksum_failures > shared.config.checksum_retries {
-                                    let _ = p.reply.send(Err(SourceError::Failed {
+                                    p.reply.send(Err(SourceError::Failed {
                                         offset: p.offset,
                                         len: u64::from(p.len),
                                         source: std::io::Error::other("every copy of these bytes failed its checksum"),

@@ -650,6 +650,35 @@ fn the_anonymous_destination_lands_each_pushed_page_once() {
     assert_eq!(stats.poisoned, 0, "{stats:?}");
 }
 
+/// With nothing pushed, every fault's read is sent by the handler thread
+/// that read the fault, and its answer is handed to the engine by the
+/// link's thread: no trip through the source's runtime either way.
+#[test]
+fn a_faults_read_goes_out_from_its_handler_and_its_answer_comes_back_from_the_link() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let image = image(PAGES);
+    let server = Served::start(&image, PageServerConfig::default());
+    let remote = Arc::new(
+        uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
+            .unwrap(),
+    );
+    let (all, stats) = restore_anonymous(&remote, PAGES, 1);
+    assert_pages(&all, &image, "read back");
+    assert!(stats.async_fetches > 0, "{stats:?}");
+    assert_eq!(stats.async_direct, stats.async_fetches, "{stats:?}");
+    let link = remote.stats();
+    let (sent, by_reader) = (
+        link.demand_requests.load(Relaxed),
+        link.requests_written_by_reader.load(Relaxed),
+    );
+    assert_eq!(sent, stats.async_fetches, "one request a read");
+    // The link writes only those whose handler found the writer taken
+    // (by the other handler thread, at that moment): a few.
+    assert!(by_reader > sent / 2, "{by_reader} of {sent} by the reader");
+}
+
 /// A page server pushing `image` in 64 KiB frames, and an anonymous
 /// destination connected to it.
 fn pushing_to_anonymous(image: &[u8]) -> (Served, Arc<uffd_remote::RemoteSource>) {

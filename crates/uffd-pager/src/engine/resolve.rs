@@ -253,7 +253,7 @@ impl<'a> Worker<'a> {
         // Weak: a read still in flight must not keep a stopped pager (and
         // so the runtime it runs on) alive.
         let done_shared = Arc::downgrade(&shared);
-        remote.start(offset, len, retries, move |result| {
+        let direct = remote.start(offset, len, retries, move |result| {
             let Some(done_shared) = done_shared.upgrade() else {
                 return;
             };
@@ -266,6 +266,9 @@ impl<'a> Worker<'a> {
                 result,
             });
         });
+        if direct {
+            Counters::add(&shared.counters.async_direct, 1);
+        }
     }
 
     /// Installs (or poisons) what an asynchronous read brought.

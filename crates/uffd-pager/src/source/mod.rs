@@ -17,7 +17,7 @@ mod zero;
 pub use file::{FileMode, FileSource};
 pub use layered::LayeredSource;
 pub use memory::MemorySource;
-pub use remote::{AsyncPageSource, AsyncSource, Fetched, ReadFuture, DEFAULT_IN_FLIGHT};
+pub use remote::{AsyncPageSource, AsyncSource, Fetched, ReadDone, ReadFuture, DEFAULT_IN_FLIGHT};
 pub use zero::ZeroSource;
 
 /// What a read produced.

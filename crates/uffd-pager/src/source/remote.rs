@@ -34,6 +34,10 @@ pub enum Fetched {
 /// A read in progress.
 pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Fetched, SourceError>> + Send + 'a>>;
 
+/// Where a read started with [`AsyncPageSource::read_direct`] delivers
+/// its result, on whichever thread has it.
+pub type ReadDone = Box<dyn FnOnce(Result<Fetched, SourceError>) + Send>;
+
 /// Where page contents come from, when getting them means waiting.
 ///
 /// Offsets are source offsets, as for [`PageSource`]. `read` must produce
@@ -50,6 +54,20 @@ pub trait AsyncPageSource: Send + Sync + fmt::Debug {
 
     /// Reads `offset..offset + len`.
     fn read(&self, offset: u64, len: usize) -> ReadFuture<'_>;
+
+    /// Starts reading `offset..offset + len` on the calling thread, with
+    /// no runtime: a source whose answers arrive on a thread of its own (a
+    /// network link) sends the request here and calls `done` there, once.
+    /// A fault then costs that thread's wake-up and the handler's, not two
+    /// more of the runtime's in between (`uffd page-server bench` counts
+    /// them in its VM case). `Err(done)` hands `done` back untouched,
+    /// and the engine reads with [`AsyncPageSource::read`] on its runtime:
+    /// the default, for sources whose reads need a runtime to make
+    /// progress. Must not block.
+    fn read_direct(&self, offset: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        let _ = (offset, len);
+        Err(done)
+    }
 
     /// Reads `offset..offset + len` for background work (replay, fill),
     /// which nothing waits on yet: a source with a separate path for such
@@ -176,27 +194,117 @@ impl AsyncSource {
     }
 
     /// Starts reading `offset..offset + len` and calls `done` with the
-    /// result on a runtime thread. Transient failures are retried up to
-    /// `retries` times with exponential backoff from 1 ms.
+    /// result, on the thread that has it. Transient failures are retried
+    /// up to `retries` times with exponential backoff from 2 ms. Returns
+    /// true when the read went out from this thread through
+    /// [`AsyncPageSource::read_direct`] (no runtime on its path).
     pub(crate) fn start(
         &self,
         offset: u64,
         len: usize,
         retries: u32,
         done: impl FnOnce(Result<Fetched, SourceError>) + Send + 'static,
-    ) {
-        let inner = Arc::clone(&self.inner);
-        let places = Arc::clone(&self.in_flight);
-        let mut done = DoneOnce {
-            done: Some(Box::new(done)),
+    ) -> bool {
+        let read = Read {
+            inner: Arc::clone(&self.inner),
+            runtime: self.runtime.handle().clone(),
             offset,
-            len: len as u64,
+            len,
+            attempt: 0,
+            retries,
+            done: DoneOnce {
+                done: Some(Box::new(done)),
+                offset,
+                len: len as u64,
+            },
         };
-        self.runtime.spawn(async move {
-            let _place = places.acquire_owned().await;
-            let result = read_with_retries(&*inner, offset, len, retries, Priority::Demand).await;
-            done.call(result);
-        });
+        match Arc::clone(&self.in_flight).try_acquire_owned() {
+            Ok(place) => read.begin(place),
+            Err(_) => {
+                let places = Arc::clone(&self.in_flight);
+                self.runtime.spawn(async move {
+                    // Never closed, so this waits for a place.
+                    if let Ok(place) = places.acquire_owned().await {
+                        read.begin(place);
+                    }
+                });
+                false
+            }
+        }
+    }
+}
+
+/// One engine read of an asynchronous source, from its start to its
+/// result, across retries.
+struct Read {
+    inner: Arc<dyn AsyncPageSource>,
+    runtime: tokio::runtime::Handle,
+    offset: u64,
+    len: usize,
+    attempt: u32,
+    retries: u32,
+    done: DoneOnce,
+}
+
+impl Read {
+    /// Sends the read: directly if the source can, else on the runtime.
+    /// `place` (one of the reads in flight) is held until the result.
+    /// True when it went directly.
+    fn begin(self, place: tokio::sync::OwnedSemaphorePermit) -> bool {
+        let (inner, runtime, offset, len) = (
+            Arc::clone(&self.inner),
+            self.runtime.clone(),
+            self.offset,
+            self.len,
+        );
+        if let Err(e) = check_bounds(offset, len as u64, inner.len()) {
+            self.finish(Err(e), place);
+            return false;
+        }
+        let finish: ReadDone = Box::new(move |result| self.finish(result, place));
+        match inner.read_direct(offset, len, finish) {
+            Ok(()) => true,
+            Err(finish) => {
+                runtime.spawn(async move {
+                    let result = inner.read(offset, len).await;
+                    finish(result);
+                });
+                false
+            }
+        }
+    }
+
+    fn finish(
+        mut self,
+        result: Result<Fetched, SourceError>,
+        place: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        match result {
+            Err(e) if e.is_transient() && self.attempt < self.retries => {
+                self.attempt += 1;
+                let backoff = std::time::Duration::from_millis(1 << self.attempt.min(8));
+                let runtime = self.runtime.clone();
+                runtime.spawn(async move {
+                    tokio::time::sleep(backoff).await;
+                    self.begin(place);
+                });
+            }
+            Ok(Fetched::Data(bytes)) if bytes.len() != self.len => {
+                let (offset, len) = (self.offset, self.len);
+                self.done.call(Err(wrong_length(offset, len, bytes.len())));
+            }
+            result => self.done.call(result),
+        }
+    }
+}
+
+fn wrong_length(offset: u64, len: usize, got: usize) -> SourceError {
+    SourceError::Failed {
+        offset,
+        len: len as u64,
+        source: std::io::Error::other(format!(
+            "the source returned {got} bytes for a read of {len}"
+        )),
     }
 }
 
@@ -232,46 +340,6 @@ impl Drop for DoneOnce {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Priority {
-    Demand,
-    Background,
-}
-
-async fn read_with_retries(
-    source: &dyn AsyncPageSource,
-    offset: u64,
-    len: usize,
-    retries: u32,
-    priority: Priority,
-) -> Result<Fetched, SourceError> {
-    let mut attempt = 0;
-    loop {
-        let result = match check_bounds(offset, len as u64, source.len()) {
-            Ok(()) if priority == Priority::Demand => source.read(offset, len).await,
-            Ok(()) => source.read_background(offset, len).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(Fetched::Data(bytes)) if bytes.len() != len => {
-                return Err(SourceError::Failed {
-                    offset,
-                    len: len as u64,
-                    source: std::io::Error::other(format!(
-                        "the source returned {} bytes for a read of {len}",
-                        bytes.len()
-                    )),
-                })
-            }
-            Err(e) if e.is_transient() && attempt < retries => {
-                attempt += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(1 << attempt.min(8))).await;
-            }
-            r => return r,
-        }
-    }
-}
-
 impl PageSource for AsyncSource {
     fn len(&self) -> u64 {
         self.inner.len()
@@ -285,15 +353,14 @@ impl PageSource for AsyncSource {
         // The blocking path is the background policies' (and that of
         // strategies that stage bytes themselves), and a fault's whose
         // bytes were at hand a moment ago and no longer are.
-        let result = self.runtime.block_on(read_with_retries(
-            &*self.inner,
-            offset,
-            buf.len(),
-            0,
-            Priority::Background,
-        ))?;
+        let result = self
+            .runtime
+            .block_on(self.inner.read_background(offset, buf.len()))?;
         Ok(match result {
             Fetched::Zero => Content::Zero,
+            Fetched::Data(bytes) if bytes.len() != buf.len() => {
+                return Err(wrong_length(offset, buf.len(), bytes.len()))
+            }
             Fetched::Data(bytes) => {
                 buf.copy_from_slice(&bytes);
                 Content::Data
