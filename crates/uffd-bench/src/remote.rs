@@ -9,8 +9,11 @@
 //! link, the same while the server pushes the whole image on the bulk
 //! channel, the same again with the naive one-connection design (demand
 //! requests queued behind the push) as the baseline; the push's throughput
-//! against a raw TCP copy of as many bytes over the same emulated link; and
-//! time from connecting to the first page for a small and a large image.
+//! against a raw TCP copy of as many bytes over the same emulated link; a
+//! VM's demand faults end to end (the real `uffd serve --source tcp://`
+//! restoring a stand-in VMM, each in a process of its own, over the same
+//! link); and time from connecting to the first page for a small and a
+//! large image.
 //!
 //! Every delay is measured in each of several rounds, the delays' order
 //! rotated from round to round. A case reports each figure's median over
@@ -32,9 +35,10 @@ use serde::Serialize;
 use uffd_pager::AsyncPageSource;
 use uffd_remote::{RemoteConfig, RemoteSource};
 
-use crate::fixtures::{make_snapshot, shuffled};
+use crate::fixtures::{make_snapshot, shuffled, write_page_list};
 use crate::machine::{allowed_cpus, pin_to, Hiccups};
-use crate::report::{median, LoadAverage, Spread};
+use crate::report::{median, LoadAverage, ProcCounters, Spread};
+use crate::serve::{run_vmm, ServerProcess};
 use crate::BoxError;
 
 /// Where the bench's threads run.
@@ -100,8 +104,10 @@ pub struct Config {
     pub samples: usize,
     /// Rounds: each measures every delay once.
     pub rounds: usize,
-    /// The `uffd` binary (for `uffd page-server`).
+    /// The `uffd` binary (for `uffd page-server` and `uffd serve`).
     pub uffd_bin: PathBuf,
+    /// The `uffd-standin-vmm` binary: the VM restored over the link.
+    pub vmm_bin: PathBuf,
     /// Scratch directory (default: the temp dir).
     pub dir: Option<PathBuf>,
     /// Where the source side and the destination run.
@@ -148,6 +154,16 @@ pub struct Round {
     /// emulated link, median, µs: the link's own round trip, relay
     /// threads included, which a demand fault cannot beat.
     pub link_rtt_p50_us: f64,
+    /// A VM's demand fault end to end, idle link: `uffd serve --source
+    /// tcp://` in a process of its own restores a stand-in VMM (another
+    /// process, one vCPU thread) that touches as many random pages as
+    /// reads are timed, each a fault; its touch time over its faults, µs
+    /// (a mean: the VMM times the touches together).
+    pub vm_fault_mean_us: f64,
+    /// Context switches of the `uffd serve` process per fault meanwhile
+    /// (every thread, voluntary and not): a count, unlike the time, that
+    /// the machine's neighbours do not move.
+    pub vm_server_switches_per_fault: f64,
 }
 
 /// One delay's figures over the rounds: each the median, and the goals'
@@ -195,6 +211,8 @@ impl Case {
                 raw_tcp_to_memory_mb_s: med(&|r| r.raw_tcp_to_memory_mb_s),
                 added_rtt_us: med(&|r| r.added_rtt_us),
                 link_rtt_p50_us: med(&|r| r.link_rtt_p50_us),
+                vm_fault_mean_us: med(&|r| r.vm_fault_mean_us),
+                vm_server_switches_per_fault: med(&|r| r.vm_server_switches_per_fault),
             },
             p99_push_over_idle: spread(&|r| ratio(r.demand_p99_push_us, r.demand_p99_idle_us)),
             bulk_over_raw_to_memory: spread(&|r| ratio(r.bulk_mb_s, r.raw_tcp_to_memory_mb_s)),
@@ -527,7 +545,16 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
     };
     let dir = config.dir.clone().unwrap_or_else(std::env::temp_dir);
     let len = config.mib << 20;
-    let snapshot = make_snapshot(&dir, len, 10)?;
+    let scratch = dir.join(format!("uffd-page-server-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let snapshot = make_snapshot(&scratch, len, 10);
+    let snapshot = match snapshot {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(e.into());
+        }
+    };
     let pages = len / 4096;
     let pin = Pin::new(config.cpus)?;
     // This thread is the destination, and so is every thread it starts
@@ -552,6 +579,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
                 per_delay[i].push(measure_round(
                     config,
                     &runtime,
+                    &scratch,
                     &snapshot.path,
                     pages,
                     delay_ms,
@@ -562,8 +590,9 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
         }
         Ok(())
     })();
-    // The image is gone whether every round ran or one failed.
-    let _ = std::fs::remove_file(&snapshot.path);
+    // The image (and the VMs' sockets and logs) are gone whether every
+    // round ran or one failed.
+    let _ = std::fs::remove_dir_all(&scratch);
     measured?;
     let cases = config
         .delays_ms
@@ -606,10 +635,13 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
     })
 }
 
-/// One round of one delay: idle, under push, the naive design, raw TCP.
+/// One round of one delay: idle, under push, the naive design, raw TCP,
+/// a VM.
+#[allow(clippy::too_many_arguments)]
 fn measure_round(
     config: &Config,
     runtime: &tokio::runtime::Runtime,
+    scratch: &Path,
     image: &Path,
     pages: u64,
     delay_ms: u64,
@@ -650,6 +682,8 @@ fn measure_round(
     let raw_tcp_mb_s = raw_tcp(len, link, false, pin)?;
     let raw_tcp_to_memory_mb_s = raw_tcp(len, link, true, pin)?;
     let link_rtt_p50_us = link_rtt(link, config.samples.min(200), pin)?;
+    progress("a VM in another process, idle link");
+    let vm = vm_faults(config, scratch, image, pages, link, pin)?;
     Ok(Round {
         delay_ms,
         demand_p50_us: median(idle.clone()),
@@ -663,6 +697,63 @@ fn measure_round(
         raw_tcp_to_memory_mb_s,
         added_rtt_us: 2.0 * delay_ms as f64 * 1000.0,
         link_rtt_p50_us,
+        vm_fault_mean_us: vm.mean_us,
+        vm_server_switches_per_fault: vm.switches_per_fault,
+    })
+}
+
+/// A VM's faults over the link, end to end.
+struct VmFaults {
+    mean_us: f64,
+    switches_per_fault: f64,
+}
+
+/// Restores a stand-in VMM through `uffd serve --source tcp://` over
+/// `link` (both in processes of their own, on the destination's CPU)
+/// from a page server that does not push; the VMM touches
+/// `config.samples` random pages from one vCPU and verifies them.
+fn vm_faults(
+    config: &Config,
+    scratch: &Path,
+    image: &Path,
+    pages: u64,
+    link: Link,
+    pin: Pin,
+) -> Result<VmFaults, BoxError> {
+    let touched: Vec<u64> = shuffled(pages, 0x7E57)
+        .into_iter()
+        .take(config.samples)
+        .collect();
+    let touch_list = scratch.join("vm-touch.list");
+    write_page_list(&touch_list, &touched)?;
+    let page_server = page_server(&config.uffd_bin, image, false, pin)?;
+    let addr = pinned_link(page_server.1.clone(), link, pin)?;
+    let mut cmd = Command::new(&config.uffd_bin);
+    cmd.arg("serve")
+        .arg("--source")
+        .arg(format!("tcp://{addr}"));
+    let server = ServerProcess::spawn(cmd, scratch, "vm-server")?;
+    let pid = server.pid();
+    let before = ProcCounters::read(pid)?;
+    let mut after = None;
+    let (seconds, mismatched) = run_vmm(&config.vmm_bin, &server, image, &touch_list, 1, || {
+        after = Some(ProcCounters::read(pid)?);
+        Ok(())
+    })?;
+    let faults = server.faults()?;
+    server.stop()?;
+    if mismatched != 0 {
+        return Err(format!("the VM restored over the link read {mismatched} wrong pages").into());
+    }
+    if faults == 0 {
+        return Err("the VM restored over the link faulted on no page".into());
+    }
+    let switches = before.delta(&after.unwrap_or_default());
+    Ok(VmFaults {
+        mean_us: seconds * 1e6 / faults as f64,
+        switches_per_fault: (switches.voluntary_ctxt_switches + switches.nonvoluntary_ctxt_switches)
+            as f64
+            / faults as f64,
     })
 }
 

@@ -197,13 +197,14 @@ struct Restore {
 }
 
 /// A server process, stopped (SIGTERM, then SIGKILL) on drop.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
     socket: PathBuf,
     stats_json: PathBuf,
 }
 
 impl ServerProcess {
+    /// `uffd serve` (or the baseline) for `case`, serving `snapshot`.
     fn start(
         config: &Config,
         dir: &Path,
@@ -212,9 +213,6 @@ impl ServerProcess {
         working_set: &Path,
         record: bool,
     ) -> Result<ServerProcess, BoxError> {
-        let socket = dir.join(format!("{}.sock", case.name()));
-        let stats_json = dir.join(format!("{}.stats.json", case.name()));
-        let _ = std::fs::remove_file(&stats_json);
         let mut cmd = match case {
             Case::Baseline => Command::new(&config.baseline_bin),
             _ => {
@@ -232,19 +230,33 @@ impl ServerProcess {
                 c
             }
         };
-        cmd.arg("--mem-file")
-            .arg(snapshot)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--stats-json")
-            .arg(&stats_json);
+        cmd.arg("--mem-file").arg(snapshot);
         if case == Case::Prefetch {
             cmd.arg("--prefetch").arg(working_set);
         }
         if record {
             cmd.arg("--record").arg(working_set);
         }
-        let log = std::fs::File::create(dir.join(format!("{}.log", case.name())))?;
+        ServerProcess::spawn(cmd, dir, case.name())
+    }
+
+    /// Starts `cmd` (a server taking `--socket` and `--stats-json`, which
+    /// this adds, with files in `dir` named after `name`) and waits until
+    /// it listens; its log goes to `dir/NAME.log`.
+    pub(crate) fn spawn(
+        mut cmd: Command,
+        dir: &Path,
+        name: &str,
+    ) -> Result<ServerProcess, BoxError> {
+        let socket = dir.join(format!("{name}.sock"));
+        let stats_json = dir.join(format!("{name}.stats.json"));
+        let _ = std::fs::remove_file(&stats_json);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--stats-json")
+            .arg(&stats_json);
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)?;
         let child = cmd
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -261,16 +273,13 @@ impl ServerProcess {
         while std::os::unix::net::UnixStream::connect(&server.socket).is_err() {
             if let Some(status) = server.child.try_wait()? {
                 return Err(format!(
-                    "the {} server exited ({status}) before listening; see {}",
-                    case.name(),
-                    dir.join(format!("{}.log", case.name())).display()
+                    "the {name} server exited ({status}) before listening; see {}",
+                    log_path.display()
                 )
                 .into());
             }
             if Instant::now() > deadline {
-                return Err(
-                    format!("the {} server did not listen within 20 s", case.name()).into(),
-                );
+                return Err(format!("the {name} server did not listen within 20 s").into());
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -280,12 +289,12 @@ impl ServerProcess {
         Ok(server)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Faults of the last VM, once the server has written its report.
-    fn faults(&self) -> Result<u64, BoxError> {
+    pub(crate) fn faults(&self) -> Result<u64, BoxError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(text) = std::fs::read_to_string(&self.stats_json) {
@@ -302,7 +311,7 @@ impl ServerProcess {
         }
     }
 
-    fn stop(mut self) -> Result<(), BoxError> {
+    pub(crate) fn stop(mut self) -> Result<(), BoxError> {
         signal(self.pid(), rustix::process::Signal::TERM);
         let status = wait_timeout(&mut self.child, Duration::from_secs(30))?;
         if !status.success() {
@@ -410,18 +419,19 @@ fn parse_strace_summary(text: &str) -> (u64, Vec<(String, u64)>) {
     (total, calls)
 }
 
-/// Runs the VMM against `server`: hands memory over, touches `touch_list`
-/// from `vcpus` threads, and (when `pause`) waits after the touches so
-/// the server's counters can be read while its threads still live.
-fn run_vmm(
-    config: &Config,
+/// Runs the VMM (`vmm_bin`) against `server`: hands memory over, touches
+/// `touch_list` from `vcpus` threads, then calls `at_touched` while it
+/// waits, so the server's counters can be read while its threads still
+/// live, and verifies. Returns its touch seconds and wrong pages.
+pub(crate) fn run_vmm(
+    vmm_bin: &Path,
     server: &ServerProcess,
     snapshot: &Path,
     touch_list: &Path,
     vcpus: usize,
     at_touched: impl FnOnce() -> Result<(), BoxError>,
 ) -> Result<(f64, u64), BoxError> {
-    let mut child = Command::new(&config.vmm_bin)
+    let mut child = Command::new(vmm_bin)
         .arg("--socket")
         .arg(&server.socket)
         .arg("--mem-file")
@@ -435,7 +445,7 @@ fn run_vmm(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", config.vmm_bin.display()))?;
+        .map_err(|e| format!("starting {}: {e}", vmm_bin.display()))?;
     let result = drive_vmm(&mut child, at_touched);
     if result.is_err() {
         let _ = child.kill();
@@ -518,7 +528,7 @@ impl Bench<'_> {
         let mut tracer = tracer;
         let mut syscalls = None;
         let (seconds, mismatched) = run_vmm(
-            self.config,
+            &self.config.vmm_bin,
             &server,
             &self.snapshot,
             &self.touch_list,
@@ -605,7 +615,7 @@ fn run_in(config: &Config, dir: &Path) -> Result<Report, BoxError> {
         true,
     )?;
     let (_, bad) = run_vmm(
-        config,
+        &config.vmm_bin,
         &recorder,
         &bench.snapshot,
         &bench.touch_list,

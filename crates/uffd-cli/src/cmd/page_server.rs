@@ -78,8 +78,12 @@ enum Action {
 /// behind the push) as the baseline, the push's throughput against a raw
 /// TCP copy of as many bytes over the same link (received into a reused
 /// buffer, and again into fresh memory, which is what keeping the bytes
-/// costs), and the time from
-/// connecting to the first page for a 256 MiB and a 4 GiB image.
+/// costs), a VM's demand faults end to end (`uffd serve --source tcp://`
+/// restoring uffd-standin-vmm over the same link, each in a process of
+/// its own: the VM touches --samples random pages from one vCPU, and its
+/// mean per fault and the server's context switches per fault are
+/// shown), and the time from connecting to the first page for a 256 MiB
+/// and a 4 GiB image.
 ///
 /// Every delay runs once per round (--rounds), the order rotated. Each
 /// figure is the median over the rounds; the goals' ratios (p99 under push
@@ -110,7 +114,8 @@ enum Action {
 /// "reads_under_push", "naive_reads_under_push" (reads timed while the
 /// push ran: a short push leaves its p99 to few reads),
 /// "bulk_mb_s", "raw_tcp_mb_s", "raw_tcp_to_memory_mb_s", "added_rtt_us",
-/// "link_rtt_p50_us" (medians), "p99_push_over_idle",
+/// "link_rtt_p50_us", "vm_fault_mean_us", "vm_server_switches_per_fault"
+/// (medians), "p99_push_over_idle",
 /// "bulk_over_raw_to_memory", "bulk_over_raw", "p50_over_link_rtt_us"
 /// ({"median", "min", "max"}), "rounds": [each round's figures]}],
 /// "first_page": [{"image_mib", "first_page_ms"}]}.
@@ -165,13 +170,16 @@ enum CpusArg {
 }
 
 fn bench(a: BenchArgs) -> CmdResult {
+    super::require_userfaultfd("uffd page-server bench (its VM case)")?;
+    let uffd_bin = std::env::current_exe()?;
     let report = uffd_bench::remote::run(
         &uffd_bench::remote::Config {
             mib: a.mib,
             delays_ms: a.delays_ms,
             samples: a.samples.max(10),
             rounds: a.rounds as usize,
-            uffd_bin: std::env::current_exe()?,
+            uffd_bin: uffd_bin.clone(),
+            vmm_bin: uffd_bin.with_file_name("uffd-standin-vmm"),
             dir: a.dir,
             cpus: match a.cpus {
                 CpusArg::Shared => uffd_bench::remote::Cpus::Shared,
@@ -242,6 +250,12 @@ fn bench(a: BenchArgs) -> CmdResult {
             range(&c.bulk_over_raw_to_memory, 2),
             range(&c.bulk_over_raw, 2),
             range(&c.p50_over_link_rtt_us, 0)
+        );
+    }
+    for c in report.cases.iter().map(|c| &c.median) {
+        println!(
+            "{:>8} a VM's fault through uffd serve (both in processes of their own): {:.0} µs mean, {:.2} server context switches a fault",
+            c.delay_ms, c.vm_fault_mean_us, c.vm_server_switches_per_fault
         );
     }
     for f in &report.first_page {
