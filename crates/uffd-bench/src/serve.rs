@@ -419,10 +419,22 @@ fn parse_strace_summary(text: &str) -> (u64, Vec<(String, u64)>) {
     (total, calls)
 }
 
+/// What the stand-in VMM reported.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VmRun {
+    /// From handing memory over to the last touch.
+    pub touch_seconds: f64,
+    /// Touches timed one by one, µs: median and 99th percentile.
+    pub touch_p50_us: f64,
+    pub touch_p99_us: f64,
+    /// Pages whose bytes were wrong.
+    pub mismatched: u64,
+}
+
 /// Runs the VMM (`vmm_bin`) against `server`: hands memory over, touches
 /// `touch_list` from `vcpus` threads, then calls `at_touched` while it
 /// waits, so the server's counters can be read while its threads still
-/// live, and verifies. Returns its touch seconds and wrong pages.
+/// live, and verifies.
 pub(crate) fn run_vmm(
     vmm_bin: &Path,
     server: &ServerProcess,
@@ -430,7 +442,7 @@ pub(crate) fn run_vmm(
     touch_list: &Path,
     vcpus: usize,
     at_touched: impl FnOnce() -> Result<(), BoxError>,
-) -> Result<(f64, u64), BoxError> {
+) -> Result<VmRun, BoxError> {
     let mut child = Command::new(vmm_bin)
         .arg("--socket")
         .arg(&server.socket)
@@ -451,17 +463,17 @@ pub(crate) fn run_vmm(
         let _ = child.kill();
     }
     let status = wait_timeout(&mut child, Duration::from_secs(120))?;
-    let (touch_seconds, mismatched) = result?;
+    let run = result?;
     if status.code() == Some(2) {
         return Err(format!("the stand-in VMM could not set up ({status})").into());
     }
-    Ok((touch_seconds, mismatched))
+    Ok(run)
 }
 
 fn drive_vmm(
     child: &mut Child,
     at_touched: impl FnOnce() -> Result<(), BoxError>,
-) -> Result<(f64, u64), BoxError> {
+) -> Result<VmRun, BoxError> {
     let mut stdin: ChildStdin = child.stdin.take().ok_or("no stdin")?;
     let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
     let mut line = String::new();
@@ -475,14 +487,21 @@ fn drive_vmm(
     read_line(&mut stdout, &mut line)?;
     let report: serde_json::Value = serde_json::from_str(&line)
         .map_err(|e| format!("the stand-in VMM's report {line:?}: {e}"))?;
-    let seconds = report["touch_seconds"]
-        .as_f64()
-        .ok_or("the stand-in VMM reported no touch_seconds")?;
+    let figure = |key: &str| {
+        report[key]
+            .as_f64()
+            .ok_or_else(|| format!("the stand-in VMM reported no {key}"))
+    };
     let mismatched = report["mismatched_pages"].as_u64().unwrap_or(u64::MAX);
     if let Some(first) = report["first_mismatch"].as_str() {
         eprintln!("uffd serve bench: the VMM found a wrong page: {first}");
     }
-    Ok((seconds, mismatched))
+    Ok(VmRun {
+        touch_seconds: figure("touch_seconds")?,
+        touch_p50_us: figure("touch_p50_us")?,
+        touch_p99_us: figure("touch_p99_us")?,
+        mismatched,
+    })
 }
 
 fn read_line(r: &mut BufReader<ChildStdout>, line: &mut String) -> Result<(), BoxError> {
@@ -527,7 +546,7 @@ impl Bench<'_> {
         let mut after = None;
         let mut tracer = tracer;
         let mut syscalls = None;
-        let (seconds, mismatched) = run_vmm(
+        let vm = run_vmm(
             &self.config.vmm_bin,
             &server,
             &self.snapshot,
@@ -544,10 +563,10 @@ impl Bench<'_> {
         let faults = server.faults()?;
         server.stop()?;
         Ok(Restore {
-            seconds,
+            seconds: vm.touch_seconds,
             faults,
             server: before.delta(&after.unwrap_or_default()),
-            mismatched,
+            mismatched: vm.mismatched,
             syscalls,
         })
     }
@@ -614,14 +633,15 @@ fn run_in(config: &Config, dir: &Path) -> Result<Report, BoxError> {
         &bench.working_set,
         true,
     )?;
-    let (_, bad) = run_vmm(
+    let bad = run_vmm(
         &config.vmm_bin,
         &recorder,
         &bench.snapshot,
         &bench.touch_list,
         1,
         || Ok(()),
-    )?;
+    )?
+    .mismatched;
     recorder.faults()?;
     recorder.stop()?;
     if bad != 0 {
