@@ -244,6 +244,9 @@ counters! {
     /// thread answered ([`crate::AsyncPageSource::read_direct`]), with no
     /// trip through the runtime.
     async_direct,
+    /// Asynchronous reads installed by the thread that received their
+    /// answer (a direct read's), with no handler woken.
+    async_installed_on_arrival,
     /// Runs an asynchronous source had at hand (a cache hit), read and
     /// installed by the handler thread at once, with no asynchronous read.
     async_ready,

@@ -574,8 +574,10 @@ struct Pending {
 enum Reply {
     /// To a task (or a blocked thread) awaiting it.
     Task(oneshot::Sender<Result<Fetched, SourceError>>),
-    /// To the engine, called on the link's thread: no other thread woken
-    /// on the way (see [`AsyncPageSource::read_direct`]).
+    /// To the engine, called on the link's thread, which installs the
+    /// pages there: no other thread woken on the way (see
+    /// [`AsyncPageSource::read_direct`]). Never called under a lock of
+    /// this source's: the engine may read again from inside it.
     Direct(uffd_pager::ReadDone),
 }
 
@@ -1223,17 +1225,24 @@ const BROKEN_LINKS: u32 = 3;
 /// Counts a connection that ended in an invalid frame against every read
 /// outstanding, and fails those that have seen [`BROKEN_LINKS`].
 fn give_up_broken(shared: &Shared, state: &ChannelState, why: &str) {
-    let mut out = state.outstanding();
-    let broken: Vec<u64> = out
-        .reads
-        .iter_mut()
-        .filter_map(|(&id, p)| {
-            p.broken_links += 1;
-            (p.broken_links >= BROKEN_LINKS).then_some(id)
-        })
-        .collect();
-    for id in broken {
-        let p = out.reads.remove(&id).expect("listed above");
+    let failed: Vec<Pending> = {
+        let mut out = state.outstanding();
+        let broken: Vec<u64> = out
+            .reads
+            .iter_mut()
+            .filter_map(|(&id, p)| {
+                p.broken_links += 1;
+                (p.broken_links >= BROKEN_LINKS).then_some(id)
+            })
+            .collect();
+        broken
+            .iter()
+            .map(|id| out.reads.remove(id).expect("listed above"))
+            .collect()
+    };
+    // Replies go out unlocked: the engine installs (or reads again) from
+    // inside a direct read's reply.
+    for p in failed {
         p.reply.send(Err(SourceError::Failed {
             offset: p.offset,
             len: u64::from(p.len),
@@ -1258,9 +1267,12 @@ fn fail_all(shared: &Shared, state: &ChannelState, rx: &mut mpsc::UnboundedRecei
         )),
     };
     rx.close();
-    let mut out = state.outstanding();
-    shared.dead.store(true, Relaxed);
-    for (_, p) in out.reads.drain() {
+    let failed: Vec<Pending> = {
+        let mut out = state.outstanding();
+        shared.dead.store(true, Relaxed);
+        out.reads.drain().map(|(_, p)| p).collect()
+    };
+    for p in failed {
         let e = why(&p);
         p.reply.send(Err(e));
     }
@@ -1441,26 +1453,28 @@ async fn serve_link(
                 Err(LinkError::Protocol(ProtocolError::Checksum { id, .. })) => {
                     // Corrupted in transit: never installed, asked again.
                     shared.stats.checksum_failures.fetch_add(1, Relaxed);
-                    let again = {
+                    let (again, exhausted) = {
                         let mut out = state.outstanding();
                         match out.reads.remove(&id) {
-                            None => None,
+                            None => (None, None),
                             Some(mut p) => {
                                 p.checksum_failures += 1;
                                 if p.checksum_failures > shared.config.checksum_retries {
-                                    p.reply.send(Err(SourceError::Failed {
-                                        offset: p.offset,
-                                        len: u64::from(p.len),
-                                        source: std::io::Error::other("every copy of these bytes failed its checksum"),
-                                    }));
-                                    None
+                                    (None, Some(p))
                                 } else {
                                     p.sent_on = 0;
-                                    Some(out.add(p))
+                                    (Some(out.add(p)), None)
                                 }
                             }
                         }
                     };
+                    if let Some(p) = exhausted {
+                        p.reply.send(Err(SourceError::Failed {
+                            offset: p.offset,
+                            len: u64::from(p.len),
+                            source: std::io::Error::other("every copy of these bytes failed its checksum"),
+                        }));
+                    }
                     if let Some(id) = again {
                         send_outstanding(state, generation, id).await?;
                     }

@@ -651,8 +651,9 @@ fn the_anonymous_destination_lands_each_pushed_page_once() {
 }
 
 /// With nothing pushed, every fault's read is sent by the handler thread
-/// that read the fault, and its answer is handed to the engine by the
-/// link's thread: no trip through the source's runtime either way.
+/// that read the fault, and its answer is installed by the link's thread
+/// that received it: no trip through the source's runtime either way, and
+/// no handler woken for the answer.
 #[test]
 fn a_faults_read_goes_out_from_its_handler_and_its_answer_comes_back_from_the_link() {
     if !uffd_testkit::user_uffd() {
@@ -664,10 +665,19 @@ fn a_faults_read_goes_out_from_its_handler_and_its_answer_comes_back_from_the_li
         uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
             .unwrap(),
     );
-    let (all, stats) = restore_anonymous(&remote, PAGES, 1);
+    // Handlers that never spin sleep while a read is out, so the link's
+    // thread installs the answer.
+    let (all, stats) = restore_anonymous_with(&remote, PAGES, 1, Some(uffd_pager::WaitMode::Block));
     assert_pages(&all, &image, "read back");
     assert!(stats.async_fetches > 0, "{stats:?}");
     assert_eq!(stats.async_direct, stats.async_fetches, "{stats:?}");
+    // Not every one: an answer that comes back before its handler has
+    // gone back to sleep is left to that handler.
+    assert!(stats.async_installed_on_arrival > 0, "{stats:?}");
+    assert!(
+        stats.async_installed_on_arrival <= stats.async_fetches,
+        "{stats:?}"
+    );
     let link = remote.stats();
     let (sent, by_reader) = (
         link.demand_requests.load(Relaxed),
@@ -707,6 +717,17 @@ fn restore_anonymous(
     pages: usize,
     readers: usize,
 ) -> (Vec<u8>, Stats) {
+    restore_anonymous_with(remote, pages, readers, None)
+}
+
+/// [`restore_anonymous`], its handlers waiting for faults as `wait` says
+/// (`None`: the pager's default).
+fn restore_anonymous_with(
+    remote: &Arc<uffd_remote::RemoteSource>,
+    pages: usize,
+    readers: usize,
+    wait: Option<uffd_pager::WaitMode>,
+) -> (Vec<u8>, Stats) {
     let source: Arc<dyn PageSource> =
         Arc::new(uffd_pager::AsyncSource::new(Arc::clone(remote) as _).unwrap());
     let memory = Arc::new(Mapping::new(uffd::MemoryKind::Anon, pages * 4096).unwrap());
@@ -721,14 +742,13 @@ fn restore_anonymous(
         4096,
     )];
     uffd_pager::register(&uffd, &regions, uffd::RegisterMode::MISSING).unwrap();
+    let mut builder = uffd_pager::Pager::builder(source).threads(2);
+    if let Some(wait) = wait {
+        builder = builder.wait(wait);
+    }
     // SAFETY: `memory` is touched only through raw copies (Mapping hands
     // out no references), so nothing relies on what its missing pages hold.
-    let pager = unsafe {
-        uffd_pager::Pager::builder(source)
-            .threads(2)
-            .start(uffd, regions)
-    }
-    .unwrap();
+    let pager = unsafe { builder.start(uffd, regions) }.unwrap();
     let threads: Vec<_> = (0..readers)
         .map(|r| {
             let memory = Arc::clone(&memory);

@@ -110,9 +110,15 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     // at once (no epoll_wait before it), so a fault costs one read and its
     // resolving ioctl, and the handler is never woken.
     let mut spinning = false;
+    let _awake = Awake::new(shared);
     while !shared.stopping() && !target.gone.load(Ordering::Relaxed) {
-        if deferred.is_empty() && !spinning && !wait_for_messages(shared, target, &waiter) {
-            continue;
+        if deferred.is_empty() && !spinning {
+            shared.handlers_awake.fetch_sub(1, Ordering::SeqCst);
+            let woken = wait_for_messages(shared, target, &waiter);
+            shared.handlers_awake.fetch_add(1, Ordering::SeqCst);
+            if !woken {
+                continue;
+            }
         }
         let read = match drain(shared, target, &mut events, &mut faults) {
             Ok(n) => n,
@@ -163,6 +169,23 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
                 }
             }
         }
+    }
+}
+
+/// Counts a handler thread as awake (not sleeping on its epoll set) for
+/// as long as it lives, panics included.
+struct Awake<'a>(&'a Shared);
+
+impl<'a> Awake<'a> {
+    fn new(shared: &'a Shared) -> Awake<'a> {
+        shared.handlers_awake.fetch_add(1, Ordering::SeqCst);
+        Awake(shared)
+    }
+}
+
+impl Drop for Awake<'_> {
+    fn drop(&mut self) {
+        self.0.handlers_awake.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -268,6 +268,9 @@ impl Pager {
 
     pub(super) fn stop_and_join(&self) {
         self.shutdown_handle().request();
+        // An answer being installed where it arrived finishes first; later
+        // ones see the stop and are left to the handlers, which stop.
+        drop(lock(&self.shared.answer_worker));
         loop {
             let threads: Vec<_> = lock(&self.shared.threads).drain(..).collect();
             if threads.is_empty() {

@@ -395,6 +395,13 @@ struct Shared {
     completions_pending: AtomicUsize,
     completion_fd: OwnedFd,
     fetches_in_flight: AtomicUsize,
+    /// The scratch of the worker that installs answers on the thread that
+    /// received them ([`Shared::finish_here`]); held while it installs,
+    /// so a stop waits for that install to end.
+    answer_worker: Mutex<Option<Scratch>>,
+    /// Handler threads not asleep on their epoll set: spinning or
+    /// working, so they take completions without being woken.
+    handlers_awake: AtomicUsize,
 }
 
 /// An asynchronous read that finished: what it was for and what it got.
@@ -515,6 +522,8 @@ impl Pager {
             completions_pending: AtomicUsize::new(0),
             completion_fd,
             fetches_in_flight: AtomicUsize::new(0),
+            answer_worker: Mutex::new(None),
+            handlers_awake: AtomicUsize::new(0),
         });
         let target = shared.add_target(uffd, table, true);
         let pager = Pager {
@@ -704,12 +713,64 @@ impl Shared {
         target
     }
 
-    /// Queues a finished asynchronous read for the handler threads.
-    fn complete(&self, done: Completion) {
+    /// A read of an asynchronous source is no longer in flight.
+    fn fetch_ended(&self) {
         let in_flight = self.fetches_in_flight.fetch_sub(1, Ordering::SeqCst);
         self.counters
             .async_in_flight_max
             .fetch_max(in_flight as u64, Ordering::Relaxed);
+    }
+
+    /// Installs a finished asynchronous read on this thread, the one that
+    /// received its answer (a source's own, see
+    /// [`crate::AsyncPageSource::read_direct`]) when every handler
+    /// sleeps: the kernel wakes the faulting thread from here, and no
+    /// handler is woken to do it. Queued for the handlers instead when
+    /// one is awake (spinning, it takes the answer at no cost; measured:
+    /// installing here then only added contention), while another answer
+    /// is being installed this way, or once the pager stops.
+    fn finish_here(self: &Arc<Shared>, done: Completion) {
+        if self.handlers_awake.load(Ordering::SeqCst) > 0 {
+            return self.complete(done);
+        }
+        let Ok(mut scratch) = self.answer_worker.try_lock() else {
+            return self.complete(done);
+        };
+        if self.stopping() {
+            drop(scratch);
+            return self.complete(done);
+        }
+        let mut worker = match scratch.take() {
+            Some(s) => Worker::with_scratch(self, s),
+            None => match Worker::new(self) {
+                Ok(w) => w,
+                Err(e) => {
+                    debug!(error = %e, "no scratch for installing answers where they arrive");
+                    drop(scratch);
+                    return self.complete(done);
+                }
+            },
+        };
+        self.fetch_ended();
+        Counters::add(&self.counters.async_installed_on_arrival, 1);
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.finish_fetch(done)));
+        *scratch = Some(worker.into_scratch());
+        if let Err(panic) = run {
+            // The claim's guard poisoned its pages; the source's thread
+            // carries on.
+            self.counters.handler_panics.fetch_add(1, Ordering::Relaxed);
+            error!(
+                pager = %self.config.name,
+                panic = panic_message(&*panic),
+                "installing an answer where it arrived panicked"
+            );
+        }
+    }
+
+    /// Queues a finished asynchronous read for the handler threads.
+    fn complete(&self, done: Completion) {
+        self.fetch_ended();
         lock(&self.completions).push(done);
         self.completions_pending.fetch_add(1, Ordering::SeqCst);
         let _ = rustix::io::write(&self.completion_fd, &1u64.to_ne_bytes());
@@ -807,6 +868,15 @@ struct Worker<'a> {
     zeros: uffd::Mapping,
     claims: Vec<u8>,
     /// Source ranges installed, for [`Worker::tell_source`].
+    installed: Vec<(u64, u64)>,
+}
+
+/// A [`Worker`]'s own memory, kept between uses.
+#[derive(Debug)]
+struct Scratch {
+    staging: uffd::Mapping,
+    zeros: uffd::Mapping,
+    claims: Vec<u8>,
     installed: Vec<(u64, u64)>,
 }
 

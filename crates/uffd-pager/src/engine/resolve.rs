@@ -24,6 +24,32 @@ impl<'a> Worker<'a> {
         })
     }
 
+    /// A worker using scratch an earlier one left ([`Worker::into_scratch`]).
+    pub(super) fn with_scratch(shared: &'a Arc<Shared>, scratch: Scratch) -> Worker<'a> {
+        let Scratch {
+            staging,
+            zeros,
+            claims,
+            installed,
+        } = scratch;
+        Worker {
+            shared,
+            staging,
+            zeros,
+            claims,
+            installed,
+        }
+    }
+
+    pub(super) fn into_scratch(self) -> Scratch {
+        Scratch {
+            staging: self.staging,
+            zeros: self.zeros,
+            claims: self.claims,
+            installed: self.installed,
+        }
+    }
+
     /// This pager's strategy's implementation.
     pub(super) fn resolver(&self) -> &'static dyn Resolver {
         self.shared.resolver()
@@ -253,18 +279,23 @@ impl<'a> Worker<'a> {
         // Weak: a read still in flight must not keep a stopped pager (and
         // so the runtime it runs on) alive.
         let done_shared = Arc::downgrade(&shared);
-        let direct = remote.start(offset, len, retries, move |result| {
+        let direct = remote.start(offset, len, retries, move |result, on_arrival| {
             let Some(done_shared) = done_shared.upgrade() else {
                 return;
             };
-            done_shared.complete(Completion {
+            let done = Completion {
                 target,
                 claim,
                 from,
                 claims,
                 started,
                 result,
-            });
+            };
+            if on_arrival {
+                done_shared.finish_here(done);
+            } else {
+                done_shared.complete(done);
+            }
         });
         if direct {
             Counters::add(&shared.counters.async_direct, 1);

@@ -17,6 +17,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::{check_bounds, Content, MappedBytes, PageSource, SourceError};
@@ -194,16 +195,18 @@ impl AsyncSource {
     }
 
     /// Starts reading `offset..offset + len` and calls `done` with the
-    /// result, on the thread that has it. Transient failures are retried
-    /// up to `retries` times with exponential backoff from 2 ms. Returns
-    /// true when the read went out from this thread through
-    /// [`AsyncPageSource::read_direct`] (no runtime on its path).
+    /// result, on the thread that has it, and whether that is the thread
+    /// the source answered on ([`AsyncPageSource::read_direct`]; false: a
+    /// runtime thread, or the bounds check). Transient failures are
+    /// retried up to `retries` times with exponential backoff from 2 ms.
+    /// Returns true when the read went out from this thread directly (no
+    /// runtime on its path).
     pub(crate) fn start(
         &self,
         offset: u64,
         len: usize,
         retries: u32,
-        done: impl FnOnce(Result<Fetched, SourceError>) + Send + 'static,
+        done: impl FnOnce(Result<Fetched, SourceError>, bool) + Send + 'static,
     ) -> bool {
         let read = Read {
             inner: Arc::clone(&self.inner),
@@ -258,13 +261,19 @@ impl Read {
             self.len,
         );
         if let Err(e) = check_bounds(offset, len as u64, inner.len()) {
-            self.finish(Err(e), place);
+            self.finish(Err(e), place, false);
             return false;
         }
-        let finish: ReadDone = Box::new(move |result| self.finish(result, place));
+        let on_runtime = Arc::new(AtomicBool::new(false));
+        let answered_where = Arc::clone(&on_runtime);
+        let finish: ReadDone = Box::new(move |result| {
+            let on_arrival = !answered_where.load(Relaxed);
+            self.finish(result, place, on_arrival)
+        });
         match inner.read_direct(offset, len, finish) {
             Ok(()) => true,
             Err(finish) => {
+                on_runtime.store(true, Relaxed);
                 runtime.spawn(async move {
                     let result = inner.read(offset, len).await;
                     finish(result);
@@ -278,6 +287,7 @@ impl Read {
         mut self,
         result: Result<Fetched, SourceError>,
         place: tokio::sync::OwnedSemaphorePermit,
+        on_arrival: bool,
     ) {
         match result {
             Err(e) if e.is_transient() && self.attempt < self.retries => {
@@ -291,9 +301,10 @@ impl Read {
             }
             Ok(Fetched::Data(bytes)) if bytes.len() != self.len => {
                 let (offset, len) = (self.offset, self.len);
-                self.done.call(Err(wrong_length(offset, len, bytes.len())));
+                self.done
+                    .call(Err(wrong_length(offset, len, bytes.len())), on_arrival);
             }
-            result => self.done.call(result),
+            result => self.done.call(result, on_arrival),
         }
     }
 }
@@ -308,7 +319,7 @@ fn wrong_length(offset: u64, len: usize, got: usize) -> SourceError {
     }
 }
 
-type Done = Box<dyn FnOnce(Result<Fetched, SourceError>) + Send>;
+type Done = Box<dyn FnOnce(Result<Fetched, SourceError>, bool) + Send>;
 
 /// A read's completion, called exactly once: with the result, or with an
 /// error if the read's future is dropped first (it panicked, or the
@@ -320,9 +331,9 @@ struct DoneOnce {
 }
 
 impl DoneOnce {
-    fn call(&mut self, result: Result<Fetched, SourceError>) {
+    fn call(&mut self, result: Result<Fetched, SourceError>, on_arrival: bool) {
         if let Some(done) = self.done.take() {
-            done(result);
+            done(result, on_arrival);
         }
     }
 }
@@ -330,13 +341,16 @@ impl DoneOnce {
 impl Drop for DoneOnce {
     fn drop(&mut self) {
         let (offset, len) = (self.offset, self.len);
-        self.call(Err(SourceError::Failed {
-            offset,
-            len,
-            source: std::io::Error::other(
-                "the read was abandoned (its source panicked or stopped)",
-            ),
-        }));
+        self.call(
+            Err(SourceError::Failed {
+                offset,
+                len,
+                source: std::io::Error::other(
+                    "the read was abandoned (its source panicked or stopped)",
+                ),
+            }),
+            false,
+        );
     }
 }
 
