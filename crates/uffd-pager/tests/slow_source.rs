@@ -400,3 +400,92 @@ fn reads_answered_on_the_sources_own_thread_skip_the_runtime_and_are_retried() {
     let answered_on = linked.answered_on.lock().unwrap();
     assert!(answered_on.iter().all(|&t| t == link_thread));
 }
+
+/// A source answered by a thread of its own that holds every answer
+/// until the test lets it go.
+#[derive(Debug)]
+struct HeldSource {
+    requests: std::sync::Mutex<std::sync::mpsc::Sender<(u64, usize, uffd_pager::ReadDone)>>,
+}
+
+impl AsyncPageSource for HeldSource {
+    fn len(&self) -> u64 {
+        LEN as u64
+    }
+
+    fn read(&self, _offset: u64, _len: usize) -> ReadFuture<'_> {
+        Box::pin(async { panic!("every read of this source goes through read_direct") })
+    }
+
+    fn read_direct(
+        &self,
+        offset: u64,
+        len: usize,
+        done: uffd_pager::ReadDone,
+    ) -> Result<(), uffd_pager::ReadDone> {
+        self.requests
+            .lock()
+            .unwrap()
+            .send((offset, len, done))
+            .map_err(|e| e.0 .2)
+    }
+
+    fn describe(&self) -> String {
+        "holds its answers".into()
+    }
+}
+
+/// An answer that arrives on the source's thread after the pager stopped
+/// is not installed there, and nothing waits on anything: the stop does
+/// not wait for the answer, the answer's delivery returns at once, and the
+/// faulting thread goes on once the pager is gone.
+#[test]
+fn an_answer_after_the_stop_is_not_installed_and_nothing_hangs() {
+    if !uffd_testkit::user_uffd() {
+        return;
+    }
+    let uffd = open(Features::empty());
+    let memory = anon_registered(&uffd, LEN);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let source = Arc::new(
+        AsyncSource::new(Arc::new(HeldSource {
+            requests: std::sync::Mutex::new(tx),
+        }))
+        .unwrap(),
+    );
+    // SAFETY: the regions are a mapping this test touches only through raw
+    // pointers; no Rust reference covers it.
+    let pager = unsafe {
+        Pager::builder(source)
+            .threads(1)
+            .granule(4096)
+            .prefetch(uffd_pager::Prefetch::None)
+            .wait(uffd_pager::WaitMode::Block)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap();
+    let reader = {
+        let m = Arc::clone(&memory);
+        std::thread::spawn(move || m.read_byte(100))
+    };
+    let (offset, len, done) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the fault's read reached the source");
+    assert_eq!((offset, len), (0, 4096));
+    let stats = bounded("stopping with an answer outstanding", move || {
+        pager.shutdown()
+    });
+    assert_eq!(stats.async_direct, 1, "{stats:?}");
+    bounded("delivering an answer after the stop", move || {
+        let mut bytes = vec![0u8; len];
+        fill_pages(offset, &mut bytes);
+        done(Ok(Fetched::Data(bytes)));
+    });
+    // The pager and, with the answer's last reference, its userfaultfd
+    // are gone: the kernel maps a zero page; the answer's bytes (1 on
+    // this page) were never installed.
+    let byte = bounded("the faulting thread after the stop", move || {
+        reader.join().unwrap()
+    });
+    assert_eq!(byte, 0);
+}
