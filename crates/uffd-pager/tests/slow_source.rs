@@ -99,6 +99,23 @@ impl AsyncPageSource for SlowSource {
     }
 }
 
+/// Reads a byte of each of the `PAGES` pages `STRIDE` apart, each from a
+/// thread of its own (bounded), and checks it.
+fn touch_every_page(memory: &Arc<uffd::Mapping>, what: &str) {
+    let readers: Vec<_> = (0..PAGES)
+        .map(|i| {
+            let m = Arc::clone(memory);
+            std::thread::spawn(move || m.read_byte(i * STRIDE * 4096 + 100))
+        })
+        .collect();
+    let got: Vec<u8> = bounded(what, move || {
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (i, &b) in got.iter().enumerate() {
+        assert_eq!(b, (i * STRIDE) as u8 | 1, "page {i}");
+    }
+}
+
 #[test]
 fn sixty_four_faults_on_a_10ms_source_wait_for_about_one_read() {
     if !uffd_testkit::user_uffd() {
@@ -117,19 +134,8 @@ fn sixty_four_faults_on_a_10ms_source_wait_for_about_one_read() {
     }
     .unwrap();
     let started = Instant::now();
-    let readers: Vec<_> = (0..PAGES)
-        .map(|i| {
-            let m = Arc::clone(&memory);
-            std::thread::spawn(move || m.read_byte(i * STRIDE * 4096 + 100))
-        })
-        .collect();
-    let got: Vec<u8> = bounded("64 readers of a 10 ms source", move || {
-        readers.into_iter().map(|r| r.join().unwrap()).collect()
-    });
+    touch_every_page(&memory, "64 readers of a 10 ms source");
     let elapsed = started.elapsed();
-    for (i, &b) in got.iter().enumerate() {
-        assert_eq!(b, (i * STRIDE) as u8 | 1, "page {i}");
-    }
     let stats = pager.shutdown();
     assert_eq!(stats.async_fetches, PAGES as u64, "{stats:?}");
     assert_eq!(slow.reads.load(Ordering::SeqCst), PAGES as u64);
@@ -214,18 +220,7 @@ fn pages_at_hand_are_served_by_the_handler_thread_without_an_asynchronous_read()
             .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
     }
     .unwrap();
-    let readers: Vec<_> = (0..PAGES)
-        .map(|i| {
-            let m = Arc::clone(&memory);
-            std::thread::spawn(move || m.read_byte(i * STRIDE * 4096 + 100))
-        })
-        .collect();
-    let got: Vec<u8> = bounded("readers of a half-cached source", move || {
-        readers.into_iter().map(|r| r.join().unwrap()).collect()
-    });
-    for (i, &b) in got.iter().enumerate() {
-        assert_eq!(b, (i * STRIDE) as u8 | 1, "page {i}");
-    }
+    touch_every_page(&memory, "readers of a half-cached source");
     let stats = pager.shutdown();
     let cached = PAGES as u64 / 2;
     assert_eq!(stats.async_ready, cached, "{stats:?}");
@@ -277,56 +272,28 @@ fn a_replay_from_an_asynchronous_source_reads_only_the_recorded_pages() {
     assert_eq!(read, recorded.len() as u64, "{stats:?}");
 }
 
-/// A source answered by a thread of its own, as a network link is: each
-/// read is handed to that thread with its `done`, and the first read of
-/// every range fails as a transient error.
+/// A read handed to whoever answers a [`ChannelSource`].
+type Request = (u64, usize, uffd_pager::ReadDone);
+
+/// A source answered off the engine's threads, as a network link is:
+/// every read goes, with its `done`, to the receiver [`ChannelSource::new`]
+/// returns, and whoever holds that answers it.
 #[derive(Debug)]
-struct LinkedSource {
-    requests: std::sync::Mutex<std::sync::mpsc::Sender<(u64, usize, uffd_pager::ReadDone)>>,
-    reads: Arc<AtomicU64>,
-    answered_on: Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>,
+struct ChannelSource {
+    requests: std::sync::Mutex<std::sync::mpsc::Sender<Request>>,
 }
 
-impl LinkedSource {
-    fn start() -> (Arc<LinkedSource>, std::thread::ThreadId) {
-        let (tx, rx) = std::sync::mpsc::channel::<(u64, usize, uffd_pager::ReadDone)>();
-        let reads = Arc::new(AtomicU64::new(0));
-        let answered_on = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let link = {
-            let (reads, answered_on) = (Arc::clone(&reads), Arc::clone(&answered_on));
-            std::thread::spawn(move || {
-                let mut failed_once = std::collections::HashSet::new();
-                for (offset, len, done) in rx {
-                    reads.fetch_add(1, Ordering::SeqCst);
-                    answered_on
-                        .lock()
-                        .unwrap()
-                        .push(std::thread::current().id());
-                    if failed_once.insert(offset) {
-                        done(Err(SourceError::Transient {
-                            offset,
-                            len: len as u64,
-                            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
-                        }));
-                    } else {
-                        let mut bytes = vec![0u8; len];
-                        fill_pages(offset, &mut bytes);
-                        done(Ok(Fetched::Data(bytes)));
-                    }
-                }
-            })
-        };
-        let id = link.thread().id();
-        let source = Arc::new(LinkedSource {
+impl ChannelSource {
+    fn new() -> (Arc<ChannelSource>, std::sync::mpsc::Receiver<Request>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let source = ChannelSource {
             requests: std::sync::Mutex::new(tx),
-            reads,
-            answered_on,
-        });
-        (source, id)
+        };
+        (Arc::new(source), rx)
     }
 }
 
-impl AsyncPageSource for LinkedSource {
+impl AsyncPageSource for ChannelSource {
     fn len(&self) -> u64 {
         LEN as u64
     }
@@ -349,8 +316,67 @@ impl AsyncPageSource for LinkedSource {
     }
 
     fn describe(&self) -> String {
-        "answered on a thread of its own".into()
+        "answered through a channel".into()
     }
+}
+
+/// What a link thread answering a [`ChannelSource`] did.
+#[derive(Debug)]
+struct Answered {
+    reads: u64,
+    on: std::collections::HashSet<std::thread::ThreadId>,
+}
+
+/// Answers every request on a thread of its own, the first read of each
+/// range with a transient error; returns that thread's id, and what it
+/// did once the source is gone.
+fn answer_on_a_link_thread(
+    requests: std::sync::mpsc::Receiver<Request>,
+) -> (std::thread::ThreadId, std::thread::JoinHandle<Answered>) {
+    let link = std::thread::spawn(move || {
+        let mut answered = Answered {
+            reads: 0,
+            on: Default::default(),
+        };
+        let mut failed_once = std::collections::HashSet::new();
+        for (offset, len, done) in requests {
+            answered.reads += 1;
+            answered.on.insert(std::thread::current().id());
+            if failed_once.insert(offset) {
+                done(Err(SourceError::Transient {
+                    offset,
+                    len: len as u64,
+                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                }));
+            } else {
+                let mut bytes = vec![0u8; len];
+                fill_pages(offset, &mut bytes);
+                done(Ok(Fetched::Data(bytes)));
+            }
+        }
+        answered
+    });
+    (link.thread().id(), link)
+}
+
+/// A pager of one handler thread that never spins (it sleeps whenever it
+/// has nothing to do), serving `memory` page by page from `source`.
+fn one_sleeping_handler(
+    uffd: uffd::Uffd,
+    memory: &uffd::Mapping,
+    source: Arc<AsyncSource>,
+) -> Pager {
+    // SAFETY: the tests' regions are mappings they touch only through raw
+    // pointers; no Rust reference covers them.
+    unsafe {
+        Pager::builder(source)
+            .threads(1)
+            .granule(4096)
+            .prefetch(uffd_pager::Prefetch::None)
+            .wait(uffd_pager::WaitMode::Block)
+            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
+    }
+    .unwrap()
 }
 
 /// A source that answers on its own thread gets its reads from the
@@ -363,31 +389,11 @@ fn reads_answered_on_the_sources_own_thread_skip_the_runtime_and_are_retried() {
     }
     let uffd = open(Features::empty());
     let memory = anon_registered(&uffd, LEN);
-    let (linked, link_thread) = LinkedSource::start();
-    let source = Arc::new(AsyncSource::new(linked.clone()).unwrap());
-    // SAFETY: the regions are a mapping this test touches only through raw
-    // pointers; no Rust reference covers it.
-    let pager = unsafe {
-        Pager::builder(source)
-            .threads(1)
-            .granule(4096)
-            .prefetch(uffd_pager::Prefetch::None)
-            .wait(uffd_pager::WaitMode::Block)
-            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-    }
-    .unwrap();
-    let readers: Vec<_> = (0..PAGES)
-        .map(|i| {
-            let m = Arc::clone(&memory);
-            std::thread::spawn(move || m.read_byte(i * STRIDE * 4096 + 100))
-        })
-        .collect();
-    let got: Vec<u8> = bounded("readers of a source with its own thread", move || {
-        readers.into_iter().map(|r| r.join().unwrap()).collect()
-    });
-    for (i, &b) in got.iter().enumerate() {
-        assert_eq!(b, (i * STRIDE) as u8 | 1, "page {i}");
-    }
+    let (linked, requests) = ChannelSource::new();
+    let (link_thread, link) = answer_on_a_link_thread(requests);
+    let source = Arc::new(AsyncSource::new(linked).unwrap());
+    let pager = one_sleeping_handler(uffd, &memory, source);
+    touch_every_page(&memory, "readers of a source with its own thread");
     let stats = pager.shutdown();
     assert_eq!(stats.async_fetches, PAGES as u64, "{stats:?}");
     assert_eq!(stats.async_direct, PAGES as u64, "{stats:?}");
@@ -395,44 +401,11 @@ fn reads_answered_on_the_sources_own_thread_skip_the_runtime_and_are_retried() {
     // The handler never spins, and the retries' backoff leaves it asleep
     // when most answers come: the source's thread installs those.
     assert!(stats.async_installed_on_arrival > 0, "{stats:?}");
+    // The pager (and with it the source) is gone: the link thread ends.
+    let answered = bounded("the link thread's end", move || link.join().unwrap());
     // Each range twice: failed once, retried, answered.
-    assert_eq!(linked.reads.load(Ordering::SeqCst), 2 * PAGES as u64);
-    let answered_on = linked.answered_on.lock().unwrap();
-    assert!(answered_on.iter().all(|&t| t == link_thread));
-}
-
-/// A source answered by a thread of its own that holds every answer
-/// until the test lets it go.
-#[derive(Debug)]
-struct HeldSource {
-    requests: std::sync::Mutex<std::sync::mpsc::Sender<(u64, usize, uffd_pager::ReadDone)>>,
-}
-
-impl AsyncPageSource for HeldSource {
-    fn len(&self) -> u64 {
-        LEN as u64
-    }
-
-    fn read(&self, _offset: u64, _len: usize) -> ReadFuture<'_> {
-        Box::pin(async { panic!("every read of this source goes through read_direct") })
-    }
-
-    fn read_direct(
-        &self,
-        offset: u64,
-        len: usize,
-        done: uffd_pager::ReadDone,
-    ) -> Result<(), uffd_pager::ReadDone> {
-        self.requests
-            .lock()
-            .unwrap()
-            .send((offset, len, done))
-            .map_err(|e| e.0 .2)
-    }
-
-    fn describe(&self) -> String {
-        "holds its answers".into()
-    }
+    assert_eq!(answered.reads, 2 * PAGES as u64);
+    assert_eq!(answered.on, [link_thread].into());
 }
 
 /// An answer that arrives on the source's thread after the pager stopped
@@ -446,24 +419,10 @@ fn an_answer_after_the_stop_is_not_installed_and_nothing_hangs() {
     }
     let uffd = open(Features::empty());
     let memory = anon_registered(&uffd, LEN);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let source = Arc::new(
-        AsyncSource::new(Arc::new(HeldSource {
-            requests: std::sync::Mutex::new(tx),
-        }))
-        .unwrap(),
-    );
-    // SAFETY: the regions are a mapping this test touches only through raw
-    // pointers; no Rust reference covers it.
-    let pager = unsafe {
-        Pager::builder(source)
-            .threads(1)
-            .granule(4096)
-            .prefetch(uffd_pager::Prefetch::None)
-            .wait(uffd_pager::WaitMode::Block)
-            .start(uffd, vec![Region::new(memory.addr(), LEN as u64, 0, 4096)])
-    }
-    .unwrap();
+    // Answers wait for the test.
+    let (held, rx) = ChannelSource::new();
+    let source = Arc::new(AsyncSource::new(held).unwrap());
+    let pager = one_sleeping_handler(uffd, &memory, source);
     let reader = {
         let m = Arc::clone(&memory);
         std::thread::spawn(move || m.read_byte(100))
