@@ -235,6 +235,11 @@ pub struct FirstPage {
     pub image_mib: u64,
     /// Connect plus one demand read, ms.
     pub first_page_ms: f64,
+    /// A VM's first page: from starting the stand-in VMM (a process of
+    /// its own, mapping memory as large as the image) to its first touch
+    /// done, through a running `uffd serve --source tcp://`: the VMM's
+    /// start, its memory handed over, one fault; ms.
+    pub vm_first_page_ms: f64,
 }
 
 /// The report.
@@ -570,6 +575,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
         .build()?;
     let rounds = config.rounds.max(1);
     let mut per_delay: Vec<Vec<Round>> = vec![Vec::new(); config.delays_ms.len()];
+    let mut first_page = Vec::new();
     let measured = (|| -> Result<(), BoxError> {
         for round in 0..rounds {
             for k in 0..config.delays_ms.len() {
@@ -593,10 +599,15 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
                 )?);
             }
         }
+        let _ = std::fs::remove_file(&snapshot.path);
+        for image_mib in [256u64, 4096] {
+            progress(&format!("first page of a {image_mib} MiB image"));
+            first_page.push(first_page_of(config, &runtime, &scratch, image_mib, pin)?);
+        }
         Ok(())
     })();
-    // The image (and the VMs' sockets and logs) are gone whether every
-    // round ran or one failed.
+    // The images (and the VMs' sockets and logs) are gone whether every
+    // step ran or one failed.
     let _ = std::fs::remove_dir_all(&scratch);
     measured?;
     let cases = config
@@ -605,29 +616,6 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
         .zip(per_delay)
         .map(|(&d, r)| Case::of(d, r))
         .collect();
-    let mut first_page = Vec::new();
-    for image_mib in [256u64, 4096] {
-        progress(&format!("first page of a {image_mib} MiB image"));
-        let path = dir.join(format!(
-            "uffd-first-page-{}-{image_mib}.img",
-            std::process::id()
-        ));
-        let file = std::fs::File::create(&path)?;
-        file.set_len(image_mib << 20)?;
-        drop(file);
-        let server = page_server(&config.uffd_bin, &path, false, pin)?;
-        let started = Instant::now();
-        let remote = Arc::new(connect(&server.1, false)?);
-        runtime
-            .block_on(remote.read(0, 4096))
-            .map_err(|e| format!("first page: {e}"))?;
-        first_page.push(FirstPage {
-            image_mib,
-            first_page_ms: started.elapsed().as_secs_f64() * 1e3,
-        });
-        drop(server);
-        let _ = std::fs::remove_file(&path);
-    }
     Ok(Report {
         rounds,
         cpus: config.cpus,
@@ -705,6 +693,50 @@ fn measure_round(
         vm_fault_p50_us: vm.touch_p50_us,
         vm_fault_p99_us: vm.touch_p99_us,
         vm_server_switches_per_fault: vm.switches_per_fault,
+    })
+}
+
+/// The first page of an image of `image_mib` (sparse, in `scratch`),
+/// over direct loopback: for this process's source, and for a VM.
+fn first_page_of(
+    config: &Config,
+    runtime: &tokio::runtime::Runtime,
+    scratch: &Path,
+    image_mib: u64,
+    pin: Pin,
+) -> Result<FirstPage, BoxError> {
+    let path = scratch.join(format!("first-page-{image_mib}.img"));
+    std::fs::File::create(&path)?.set_len(image_mib << 20)?;
+    let server = page_server(&config.uffd_bin, &path, false, pin)?;
+    let started = Instant::now();
+    let remote = Arc::new(connect(&server.1, false)?);
+    runtime
+        .block_on(remote.read(0, 4096))
+        .map_err(|e| format!("first page: {e}"))?;
+    let first_page_ms = started.elapsed().as_secs_f64() * 1e3;
+    drop(remote);
+    let touch_list = scratch.join("first-page.list");
+    write_page_list(&touch_list, &[0])?;
+    let mut cmd = Command::new(&config.uffd_bin);
+    cmd.arg("serve")
+        .arg("--source")
+        .arg(format!("tcp://{}", server.1));
+    let vm_server = ServerProcess::spawn(cmd, scratch, "first-page-server")?;
+    let started = Instant::now();
+    let mut touched = None;
+    let vm = run_vmm(&config.vmm_bin, &vm_server, &path, &touch_list, 1, || {
+        touched = Some(started.elapsed());
+        Ok(())
+    })?;
+    vm_server.stop()?;
+    if vm.mismatched != 0 {
+        return Err(format!("the VM's first page of {image_mib} MiB was wrong").into());
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(FirstPage {
+        image_mib,
+        first_page_ms,
+        vm_first_page_ms: touched.unwrap_or_default().as_secs_f64() * 1e3,
     })
 }
 
