@@ -240,8 +240,8 @@ counters! {
     /// Reads started on an asynchronous source (each for one claimed run
     /// of pages, however many faults wanted it).
     async_fetches,
-    /// Of those, reads this thread sent itself and the source's own
-    /// thread answered ([`crate::AsyncPageSource::read_direct`]), with no
+    /// Of those, reads the handler thread sent itself and the source's
+    /// own thread answered ([`crate::AsyncPageSource::read_direct`]), with no
     /// trip through the runtime.
     async_direct,
     /// Asynchronous reads installed by the thread that received their

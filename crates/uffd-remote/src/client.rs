@@ -578,7 +578,7 @@ enum Reply {
     /// pages there: no other thread woken on the way (see
     /// [`AsyncPageSource::read_direct`]). Never called under a lock of
     /// this source's: the engine may read again from inside it.
-    Direct(uffd_pager::ReadDone),
+    Direct(ReadDone),
 }
 
 impl Reply {

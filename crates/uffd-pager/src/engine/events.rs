@@ -113,9 +113,10 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     let _awake = Awake::new(shared);
     while !shared.stopping() && !target.gone.load(Ordering::Relaxed) {
         if deferred.is_empty() && !spinning {
-            shared.handlers_awake.fetch_sub(1, Ordering::SeqCst);
-            let woken = wait_for_messages(shared, target, &waiter);
-            shared.handlers_awake.fetch_add(1, Ordering::SeqCst);
+            let woken = {
+                let _asleep = Asleep::new(shared);
+                wait_for_messages(shared, target, &waiter)
+            };
             if !woken {
                 continue;
             }
@@ -186,6 +187,23 @@ impl<'a> Awake<'a> {
 impl Drop for Awake<'_> {
     fn drop(&mut self) {
         self.0.handlers_awake.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts an awake handler thread as asleep while it waits on its epoll
+/// set.
+struct Asleep<'a>(&'a Shared);
+
+impl<'a> Asleep<'a> {
+    fn new(shared: &'a Shared) -> Asleep<'a> {
+        shared.handlers_awake.fetch_sub(1, Ordering::SeqCst);
+        Asleep(shared)
+    }
+}
+
+impl Drop for Asleep<'_> {
+    fn drop(&mut self) {
+        self.0.handlers_awake.fetch_add(1, Ordering::SeqCst);
     }
 }
 
