@@ -398,6 +398,7 @@ fn reads_answered_on_the_sources_own_thread_skip_the_runtime_and_are_retried() {
     assert_eq!(stats.async_fetches, PAGES as u64, "{stats:?}");
     assert_eq!(stats.async_direct, PAGES as u64, "{stats:?}");
     assert_eq!(stats.poisoned, 0, "{stats:?}");
+    assert_eq!(stats.source_retries, PAGES as u64, "one retry a range");
     // The handler never spins, and the retries' backoff leaves it asleep
     // when most answers come: the source's thread installs those.
     assert!(stats.async_installed_on_arrival > 0, "{stats:?}");

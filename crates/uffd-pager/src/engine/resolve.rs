@@ -279,10 +279,14 @@ impl<'a> Worker<'a> {
         // Weak: a read still in flight must not keep a stopped pager (and
         // so the runtime it runs on) alive.
         let done_shared = Arc::downgrade(&shared);
-        let direct = remote.start(offset, len, retries, move |result, on_arrival| {
+        let direct = remote.start(offset, len, retries, move |result, delivery| {
             let Some(done_shared) = done_shared.upgrade() else {
                 return;
             };
+            Counters::add(
+                &done_shared.counters.source_retries,
+                u64::from(delivery.retried),
+            );
             let done = Completion {
                 target,
                 claim,
@@ -291,7 +295,7 @@ impl<'a> Worker<'a> {
                 started,
                 result,
             };
-            if on_arrival {
+            if delivery.on_arrival {
                 done_shared.finish_here(done);
             } else {
                 done_shared.complete(done);

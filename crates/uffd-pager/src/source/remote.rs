@@ -195,18 +195,16 @@ impl AsyncSource {
     }
 
     /// Starts reading `offset..offset + len` and calls `done` with the
-    /// result, on the thread that has it, and whether that is the thread
-    /// the source answered on ([`AsyncPageSource::read_direct`]; false: a
-    /// runtime thread, or the bounds check). Transient failures are
-    /// retried up to `retries` times with exponential backoff from 2 ms.
-    /// Returns true when the read went out from this thread directly (no
-    /// runtime on its path).
+    /// result, on the thread that has it, and how it came ([`Delivery`]).
+    /// Transient failures are retried up to `retries` times with
+    /// exponential backoff from 2 ms. Returns true when the read went out
+    /// from this thread directly (no runtime on its path).
     pub(crate) fn start(
         &self,
         offset: u64,
         len: usize,
         retries: u32,
-        done: impl FnOnce(Result<Fetched, SourceError>, bool) + Send + 'static,
+        done: impl FnOnce(Result<Fetched, SourceError>, Delivery) + Send + 'static,
     ) -> bool {
         let read = Read {
             inner: Arc::clone(&self.inner),
@@ -235,6 +233,17 @@ impl AsyncSource {
             }
         }
     }
+}
+
+/// How an engine read's result came.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Delivery {
+    /// On the thread the source answered on
+    /// ([`AsyncPageSource::read_direct`]); false: a runtime thread, or
+    /// the bounds check.
+    pub on_arrival: bool,
+    /// Transient failures retried on the way.
+    pub retried: u32,
 }
 
 /// One engine read of an asynchronous source, from its start to its
@@ -289,6 +298,10 @@ impl Read {
         place: tokio::sync::OwnedSemaphorePermit,
         on_arrival: bool,
     ) {
+        let delivery = Delivery {
+            on_arrival,
+            retried: self.attempt,
+        };
         match result {
             Err(e) if e.is_transient() && self.attempt < self.retries => {
                 self.attempt += 1;
@@ -302,9 +315,9 @@ impl Read {
             Ok(Fetched::Data(bytes)) if bytes.len() != self.len => {
                 let (offset, len) = (self.offset, self.len);
                 self.done
-                    .call(Err(wrong_length(offset, len, bytes.len())), on_arrival);
+                    .call(Err(wrong_length(offset, len, bytes.len())), delivery);
             }
-            result => self.done.call(result, on_arrival),
+            result => self.done.call(result, delivery),
         }
     }
 }
@@ -319,7 +332,7 @@ fn wrong_length(offset: u64, len: usize, got: usize) -> SourceError {
     }
 }
 
-type Done = Box<dyn FnOnce(Result<Fetched, SourceError>, bool) + Send>;
+type Done = Box<dyn FnOnce(Result<Fetched, SourceError>, Delivery) + Send>;
 
 /// A read's completion, called exactly once: with the result, or with an
 /// error if the read's future is dropped first (it panicked, or the
@@ -331,9 +344,9 @@ struct DoneOnce {
 }
 
 impl DoneOnce {
-    fn call(&mut self, result: Result<Fetched, SourceError>, on_arrival: bool) {
+    fn call(&mut self, result: Result<Fetched, SourceError>, delivery: Delivery) {
         if let Some(done) = self.done.take() {
-            done(result, on_arrival);
+            done(result, delivery);
         }
     }
 }
@@ -349,7 +362,7 @@ impl Drop for DoneOnce {
                     "the read was abandoned (its source panicked or stopped)",
                 ),
             }),
-            false,
+            Delivery::default(),
         );
     }
 }
