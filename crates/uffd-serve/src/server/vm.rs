@@ -183,6 +183,15 @@ impl VmWorker {
     /// server takes it over; writes its working set on request meanwhile.
     pub(super) fn watch(&self, vm: &dyn RunningVm, pid: i32) -> Ended {
         let mut seen_generation = self.handle.inner.record_generation.load(SeqCst);
+        // The VMM's exit wakes this loop at once through its pidfd, and
+        // shutdown or takeover through the stop eventfd; the timeout only
+        // bounds how late a request to write the working set, or the exit
+        // of a child the VM forked, is seen. Without a pidfd (the VMM gone
+        // already, or none to be had), and once it has fired, the loop
+        // looks every 20 ms instead.
+        let mut vmm_exit = rustix::process::Pid::from_raw(pid).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
         loop {
             if self.handle.is_handing_over() {
                 return Ended::HandedOver;
@@ -198,14 +207,23 @@ impl VmWorker {
                 seen_generation = generation;
                 self.save_working_set(vm, pid);
             }
-            // The engine watches the VMM's pidfd; this loop only looks at
-            // what it says, and wakes at once for shutdown or takeover.
-            let mut fds = [PollFd::new(&self.handle.inner.stop, PollFlags::IN)];
+            let mut fds = vec![PollFd::new(&self.handle.inner.stop, PollFlags::IN)];
+            if let Some(fd) = &vmm_exit {
+                fds.push(PollFd::new(fd, PollFlags::IN));
+            }
+            let ms = if vmm_exit.is_some() { 200 } else { 20 };
             let ts = rustix::time::Timespec {
                 tv_sec: 0,
-                tv_nsec: 20_000_000,
+                tv_nsec: ms * 1_000_000,
             };
             let _ = rustix::event::poll(&mut fds, Some(&ts));
+            if fds.get(1).is_some_and(|fd| !fd.revents().is_empty()) {
+                // Readable from now on: the engine sees the exit through
+                // its own pidfd, and this loop looks every 20 ms until it
+                // has.
+                drop(fds);
+                vmm_exit = None;
+            }
         }
     }
 
