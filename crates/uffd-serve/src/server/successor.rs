@@ -118,6 +118,7 @@ impl Server {
             return Err(format!("unsupported page size {}", header.page_size));
         }
         let state = takeover::read_state(state, header).map_err(|e| e.to_string())?;
+        let vmm_exit = pidfd.try_clone().ok();
         let uffd = uffd::Uffd::from_fd(uffd, uffd::Features::EVENT_REMOVE)
             .map_err(|e| format!("not a userfaultfd: {e}"))?;
         let vm = self
@@ -143,7 +144,7 @@ impl Server {
             .name(format!("uffd-vm-{id}"))
             .spawn(move || {
                 let _slot = slot;
-                worker.serve(peer, vm, page_size, memory_bytes);
+                worker.serve(peer, vm, vmm_exit, page_size, memory_bytes);
             })
             .map_err(|e| format!("cannot start a thread for the VM: {e}"))?;
         lock(&self.workers).push(thread);

@@ -40,6 +40,9 @@ impl VmWorker {
                 );
             }
         };
+        // The watcher's own handle on the same process (a duplicate: no
+        // pid to look up again, which another process may have by then).
+        let vmm_exit = pidfd.try_clone().ok();
         let Handshake { regions, uffd, .. } = handshake;
         let memory_bytes: u64 = regions.iter().map(|r| r.len).sum();
         let page_size = regions[0].page_size;
@@ -67,15 +70,17 @@ impl VmWorker {
         // Firecracker closes the connection after the handshake: the pidfd
         // (watched by the engine), not the stream, says when the VMM is gone.
         drop(stream);
-        self.serve(peer, vm, page_size, memory_bytes);
+        self.serve(peer, vm, vmm_exit, page_size, memory_bytes);
     }
 
-    /// Serves a VM until its VMM exits, the server stops (drain) or a new
-    /// server takes it over; then reports it.
+    /// Serves a VM until its VMM exits (`vmm_exit`, its pidfd, wakes the
+    /// watch at once), the server stops (drain) or a new server takes it
+    /// over; then reports it.
     pub(super) fn serve(
         self,
         peer: Peer,
         mut vm: Box<dyn RunningVm>,
+        vmm_exit: Option<OwnedFd>,
         page_size: u64,
         memory_bytes: u64,
     ) {
@@ -93,7 +98,7 @@ impl VmWorker {
         // nobody foresaw) must not leave it without a handler: it is
         // drained like a VM at shutdown.
         let ended = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.watch(vm.as_ref(), peer.pid)
+            self.watch(vm.as_ref(), peer.pid, vmm_exit)
         })) {
             Ok(ended) => ended,
             Err(panic) => {
@@ -181,17 +186,18 @@ impl VmWorker {
 
     /// Watches the VM until its VMM exits, the server stops or a new
     /// server takes it over; writes its working set on request meanwhile.
-    pub(super) fn watch(&self, vm: &dyn RunningVm, pid: i32) -> Ended {
+    pub(super) fn watch(
+        &self,
+        vm: &dyn RunningVm,
+        pid: i32,
+        mut vmm_exit: Option<OwnedFd>,
+    ) -> Ended {
         let mut seen_generation = self.handle.inner.record_generation.load(SeqCst);
         // The VMM's exit wakes this loop at once through its pidfd, and
         // shutdown or takeover through the stop eventfd; the timeout only
         // bounds how late a request to write the working set, or the exit
-        // of a child the VM forked, is seen. Without a pidfd (the VMM gone
-        // already, or none to be had), and once it has fired, the loop
-        // looks every 20 ms instead.
-        let mut vmm_exit = rustix::process::Pid::from_raw(pid).and_then(|p| {
-            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-        });
+        // of a child the VM forked, is seen. Without a pidfd, and once it
+        // has fired, the loop looks every 20 ms instead.
         loop {
             if self.handle.is_handing_over() {
                 return Ended::HandedOver;
