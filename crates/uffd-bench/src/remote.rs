@@ -717,11 +717,7 @@ fn first_page_of(
     drop(remote);
     let touch_list = scratch.join("first-page.list");
     write_page_list(&touch_list, &[0])?;
-    let mut cmd = Command::new(&config.uffd_bin);
-    cmd.arg("serve")
-        .arg("--source")
-        .arg(format!("tcp://{}", server.1));
-    let vm_server = ServerProcess::spawn(cmd, scratch, "first-page-server")?;
+    let vm_server = serve_from(config, &server.1, scratch, "first-page-server")?;
     let started = Instant::now();
     let mut touched = None;
     let vm = run_vmm(&config.vmm_bin, &vm_server, &path, &touch_list, 1, || {
@@ -738,6 +734,21 @@ fn first_page_of(
         first_page_ms,
         vm_first_page_ms: touched.unwrap_or_default().as_secs_f64() * 1e3,
     })
+}
+
+/// `uffd serve --source tcp://ADDR`, listening, its files in `scratch`
+/// named after `name`.
+fn serve_from(
+    config: &Config,
+    addr: &str,
+    scratch: &Path,
+    name: &str,
+) -> Result<ServerProcess, BoxError> {
+    let mut cmd = Command::new(&config.uffd_bin);
+    cmd.arg("serve")
+        .arg("--source")
+        .arg(format!("tcp://{addr}"));
+    ServerProcess::spawn(cmd, scratch, name)
 }
 
 /// A VM's faults over the link, end to end.
@@ -767,11 +778,7 @@ fn vm_faults(
     write_page_list(&touch_list, &touched)?;
     let page_server = page_server(&config.uffd_bin, image, false, pin)?;
     let addr = pinned_link(page_server.1.clone(), link, pin)?;
-    let mut cmd = Command::new(&config.uffd_bin);
-    cmd.arg("serve")
-        .arg("--source")
-        .arg(format!("tcp://{addr}"));
-    let server = ServerProcess::spawn(cmd, scratch, "vm-server")?;
+    let server = serve_from(config, &addr, scratch, "vm-server")?;
     let pid = server.pid();
     let before = ProcCounters::read(pid)?;
     let mut after = None;
@@ -792,9 +799,7 @@ fn vm_faults(
     Ok(VmFaults {
         touch_p50_us: vm.touch_p50_us,
         touch_p99_us: vm.touch_p99_us,
-        switches_per_fault: (switches.voluntary_ctxt_switches + switches.nonvoluntary_ctxt_switches)
-            as f64
-            / faults as f64,
+        switches_per_fault: switches.context_switches() as f64 / faults as f64,
     })
 }
 

@@ -128,6 +128,11 @@ impl ProcCounters {
         Ok(c)
     }
 
+    /// Context switches of both kinds.
+    pub fn context_switches(&self) -> u64 {
+        self.voluntary_ctxt_switches + self.nonvoluntary_ctxt_switches
+    }
+
     /// What happened between `self` (earlier) and `later`.
     pub fn delta(&self, later: &ProcCounters) -> ProcCounters {
         ProcCounters {

@@ -674,7 +674,7 @@ fn run_in(config: &Config, dir: &Path) -> Result<Report, BoxError> {
                 case.name(),
                 r.seconds,
                 r.faults,
-                r.server.voluntary_ctxt_switches + r.server.nonvoluntary_ctxt_switches,
+                r.server.context_switches(),
                 if r.mismatched == 0 {
                     String::new()
                 } else {
@@ -711,9 +711,7 @@ fn run_in(config: &Config, dir: &Path) -> Result<Report, BoxError> {
                 .collect();
             (!v.is_empty()).then(|| Spread::of(&v).median)
         };
-        let ctxt = |r: &Restore| {
-            (r.server.voluntary_ctxt_switches + r.server.nonvoluntary_ctxt_switches) as f64
-        };
+        let ctxt = |r: &Restore| r.server.context_switches() as f64;
         let (syscalls_per_fault, top) = match &syscalls[i] {
             Some((per_fault, top)) => (*per_fault, top.clone()),
             None => (None, Vec::new()),
