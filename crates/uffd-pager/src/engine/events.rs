@@ -110,11 +110,11 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     // at once (no epoll_wait before it), so a fault costs one read and its
     // resolving ioctl, and the handler is never woken.
     let mut spinning = false;
-    let _awake = Awake::new(shared);
+    let _awake = AwakeCount::awake(shared);
     while !shared.stopping() && !target.gone.load(Ordering::Relaxed) {
         if deferred.is_empty() && !spinning {
             let woken = {
-                let _asleep = Asleep::new(shared);
+                let _asleep = AwakeCount::asleep(shared);
                 wait_for_messages(shared, target, &waiter)
             };
             if !woken {
@@ -173,37 +173,40 @@ pub(super) fn handler_main(shared: &Arc<Shared>, target: &Arc<Target>) {
     }
 }
 
-/// Counts a handler thread as awake (not sleeping on its epoll set) for
-/// as long as it lives, panics included.
-struct Awake<'a>(&'a Shared);
+/// A change to the count of awake handler threads (not sleeping on their
+/// epoll set), undone when dropped, panics included: +1 for as long as a
+/// handler thread lives, −1 while it sleeps.
+struct AwakeCount<'a> {
+    shared: &'a Shared,
+    awake: bool,
+}
 
-impl<'a> Awake<'a> {
-    fn new(shared: &'a Shared) -> Awake<'a> {
+impl<'a> AwakeCount<'a> {
+    fn awake(shared: &'a Shared) -> AwakeCount<'a> {
         shared.handlers_awake.fetch_add(1, Ordering::SeqCst);
-        Awake(shared)
+        AwakeCount {
+            shared,
+            awake: true,
+        }
     }
-}
 
-impl Drop for Awake<'_> {
-    fn drop(&mut self) {
-        self.0.handlers_awake.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Counts an awake handler thread as asleep while it waits on its epoll
-/// set.
-struct Asleep<'a>(&'a Shared);
-
-impl<'a> Asleep<'a> {
-    fn new(shared: &'a Shared) -> Asleep<'a> {
+    fn asleep(shared: &'a Shared) -> AwakeCount<'a> {
         shared.handlers_awake.fetch_sub(1, Ordering::SeqCst);
-        Asleep(shared)
+        AwakeCount {
+            shared,
+            awake: false,
+        }
     }
 }
 
-impl Drop for Asleep<'_> {
+impl Drop for AwakeCount<'_> {
     fn drop(&mut self) {
-        self.0.handlers_awake.fetch_add(1, Ordering::SeqCst);
+        let count = &self.shared.handlers_awake;
+        if self.awake {
+            count.fetch_sub(1, Ordering::SeqCst);
+        } else {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
