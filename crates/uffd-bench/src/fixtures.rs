@@ -12,6 +12,7 @@ pub struct Snapshot {
     pub len: u64,
     /// How many of its 4 KiB pages are all zero.
     pub zero_pages: u64,
+    _held: crate::leftovers::Held,
 }
 
 impl Drop for Snapshot {
@@ -34,12 +35,14 @@ pub(crate) fn xorshift(state: &mut u64) -> u64 {
 /// data page starts with its own offset, so a misplaced page is caught.
 pub fn make_snapshot(dir: &Path, len: u64, zero_percent: u8) -> std::io::Result<Snapshot> {
     let path = dir.join(format!("uffd-demo-{}.snap", std::process::id()));
+    let held = crate::leftovers::path(&path);
     let file = File::create(&path)?;
     file.set_len(len)?;
     let mut snapshot = Snapshot {
         path,
         len,
         zero_pages: 0,
+        _held: held,
     };
     let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ len;
     let chunk = 2u64 << 20;

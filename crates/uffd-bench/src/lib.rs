@@ -17,6 +17,8 @@
 //!   (load average, a process's context switches and CPU time);
 //! - [`machine`]: the CPUs a bench may use, pinning to them, and how much
 //!   of them the machine itself takes ([`machine::Hiccups`]);
+//! - [`leftovers`]: what an interrupted bench made or started, cleaned
+//!   up on SIGINT or SIGTERM;
 //! - [`compact`]: a demo collector over a linked heap and the
 //!   concurrent-compaction bench.
 
@@ -27,6 +29,7 @@ pub mod baselines;
 pub mod compact;
 pub mod demo;
 pub mod fixtures;
+pub mod leftovers;
 pub mod machine;
 pub mod pager;
 pub mod plot;

@@ -265,12 +265,16 @@ pub struct Report {
 }
 
 /// Kills the page server when dropped.
-struct Server(Child, String);
+struct Server {
+    child: Child,
+    addr: String,
+    _held: crate::leftovers::Held,
+}
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -288,12 +292,17 @@ fn page_server(uffd: &Path, mem: &Path, push: bool, pin: Pin) -> Result<Server, 
     let child = cmd.spawn();
     pin.destination();
     let mut child = child?;
+    let held = crate::leftovers::process(child.id());
     let mut err = BufReader::new(child.stderr.take().expect("piped"));
     let mut line = String::new();
     err.read_line(&mut line)?;
     let addr = serving_address(&line).ok_or_else(|| format!("uffd page-server said {line:?}"))?;
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    Ok(Server(child, addr))
+    Ok(Server {
+        child,
+        addr,
+        _held: held,
+    })
 }
 
 /// The address in the first line `uffd page-server` writes to stderr
@@ -556,6 +565,7 @@ pub fn run(config: &Config, progress: impl Fn(&str)) -> Result<Report, BoxError>
     let dir = config.dir.clone().unwrap_or_else(std::env::temp_dir);
     let len = config.mib << 20;
     let scratch = dir.join(format!("uffd-page-server-bench-{}", std::process::id()));
+    let _held = crate::leftovers::path(&scratch);
     std::fs::create_dir_all(&scratch)?;
     let snapshot = make_snapshot(&scratch, len, 10);
     let snapshot = match snapshot {
@@ -649,14 +659,17 @@ fn measure_round(
     progress("idle link");
     let idle = {
         let server = page_server(&config.uffd_bin, image, false, pin)?;
-        let remote = connect(&pinned_link(server.1.clone(), link, pin)?, false)?;
+        let remote = connect(&pinned_link(server.addr.clone(), link, pin)?, false)?;
         demand_latencies(runtime, &remote, pages, config.samples, None)
     };
     progress("under push");
     let (under_push, bulk_mb_s) = {
         let server = page_server(&config.uffd_bin, image, true, pin)?;
         let started = Instant::now();
-        let remote = Arc::new(connect(&pinned_link(server.1.clone(), link, pin)?, false)?);
+        let remote = Arc::new(connect(
+            &pinned_link(server.addr.clone(), link, pin)?,
+            false,
+        )?);
         let watcher = {
             let remote = Arc::clone(&remote);
             std::thread::spawn(move || push_seconds(&remote, len, started))
@@ -668,7 +681,7 @@ fn measure_round(
     progress("one connection, under push");
     let naive = {
         let server = page_server(&config.uffd_bin, image, true, pin)?;
-        let remote = connect(&pinned_link(server.1.clone(), link, pin)?, true)?;
+        let remote = connect(&pinned_link(server.addr.clone(), link, pin)?, true)?;
         demand_latencies(runtime, &remote, pages, config.samples, Some(len))
     };
     progress("raw TCP");
@@ -709,7 +722,7 @@ fn first_page_of(
     std::fs::File::create(&path)?.set_len(image_mib << 20)?;
     let server = page_server(&config.uffd_bin, &path, false, pin)?;
     let started = Instant::now();
-    let remote = Arc::new(connect(&server.1, false)?);
+    let remote = Arc::new(connect(&server.addr, false)?);
     runtime
         .block_on(remote.read(0, 4096))
         .map_err(|e| format!("first page: {e}"))?;
@@ -717,7 +730,7 @@ fn first_page_of(
     drop(remote);
     let touch_list = scratch.join("first-page.list");
     write_page_list(&touch_list, &[0])?;
-    let vm_server = serve_from(config, &server.1, scratch, "first-page-server")?;
+    let vm_server = serve_from(config, &server.addr, scratch, "first-page-server")?;
     let started = Instant::now();
     let mut touched = None;
     let vm = run_vmm(&config.vmm_bin, &vm_server, &path, &touch_list, 1, || {
@@ -777,7 +790,7 @@ fn vm_faults(
     let touch_list = scratch.join("vm-touch.list");
     write_page_list(&touch_list, &touched)?;
     let page_server = page_server(&config.uffd_bin, image, false, pin)?;
-    let addr = pinned_link(page_server.1.clone(), link, pin)?;
+    let addr = pinned_link(page_server.addr.clone(), link, pin)?;
     let server = serve_from(config, &addr, scratch, "vm-server")?;
     let pid = server.pid();
     let before = ProcCounters::read(pid)?;

@@ -201,6 +201,7 @@ pub(crate) struct ServerProcess {
     child: Child,
     socket: PathBuf,
     stats_json: PathBuf,
+    _held: crate::leftovers::Held,
 }
 
 impl ServerProcess {
@@ -265,6 +266,7 @@ impl ServerProcess {
             .spawn()
             .map_err(|e| format!("starting {}: {e}", cmd.get_program().to_string_lossy()))?;
         let mut server = ServerProcess {
+            _held: crate::leftovers::process(child.id()),
             child,
             socket,
             stats_json,
@@ -458,6 +460,7 @@ pub(crate) fn run_vmm(
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("starting {}: {e}", vmm_bin.display()))?;
+    let _held = crate::leftovers::process(child.id());
     let result = drive_vmm(&mut child, at_touched);
     if result.is_err() {
         let _ = child.kill();
@@ -594,6 +597,10 @@ pub fn run(config: &Config) -> Result<Report, BoxError> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("uffd-serve-bench-{}", std::process::id())),
     };
+    let _held = config
+        .dir
+        .is_none()
+        .then(|| crate::leftovers::path(&scratch));
     std::fs::create_dir_all(&scratch)?;
     let result = run_in(config, &scratch);
     if config.dir.is_none() {

@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         Command::Completions(args) => cmd::docs::completions(args, Cli::command()),
         Command::Man(args) => cmd::docs::man(args, Cli::command()),
     };
+    uffd_bench::leftovers::wait_if_interrupted();
     match result {
         Ok(code) => code,
         Err(e) => {

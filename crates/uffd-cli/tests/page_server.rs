@@ -506,6 +506,61 @@ fn the_bench_reports_every_figure_it_promises() {
     assert!(h["over_1ms"].as_u64().unwrap() <= h["over_100us"].as_u64().unwrap());
 }
 
+/// Processes whose command line names `dir`.
+fn processes_naming(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.ok()?.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&needle).then_some(cmdline)
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_bench_stops_what_it_started_and_removes_its_files() {
+    if !bench_can_restore_a_vm() {
+        return;
+    }
+    let dir = Scratch::new("interrupted-bench");
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_uffd"))
+        .args(["page-server", "bench", "--mib", "8", "--samples", "50"])
+        .args(["--delays-ms", "0,5", "--rounds", "50", "--hiccup-ms", "0"])
+        .arg("--dir")
+        .arg(dir.dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(bench.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("under push") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the bench ended early"
+        );
+    }
+    // Its page server is up, and its image on disk.
+    assert!(!processes_naming(dir.dir()).is_empty());
+    assert!(std::fs::read_dir(dir.dir()).unwrap().count() > 0);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&bench),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    let status = bench.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{rest}");
+    assert!(rest.contains("interrupted; stopped 1 process"), "{rest}");
+    let left: Vec<_> = std::fs::read_dir(dir.dir()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(processes_naming(dir.dir()), Vec::<String>::new());
+}
+
 #[test]
 fn the_bench_splits_the_cpus_between_the_two_sides_when_asked() {
     if !bench_can_restore_a_vm() {

@@ -64,7 +64,8 @@ use super::CmdResult;
 /// distribution, one panel per access order.
 ///
 /// Exit status: 0 when every case ran and verified, 1 on an error (a case
-/// that served a wrong byte is an error).
+/// that served a wrong byte is an error). SIGINT or SIGTERM remove its
+/// snapshot file and exit with 128 + the signal (130, 143).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Size of the snapshot and of each mapping, in MiB.
@@ -84,6 +85,7 @@ pub struct Args {
 /// Runs the benchmark.
 pub fn run(args: Args) -> CmdResult {
     super::require_userfaultfd("uffd bench")?;
+    uffd_bench::leftovers::clean_up_on_interrupt("uffd bench")?;
     let progress = ProgressLine::new(false);
     progress.done("uffd bench: in-process (this process's own memory; see `uffd serve bench` for a VMM in another process)");
     let cases = pager::run(

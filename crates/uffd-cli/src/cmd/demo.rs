@@ -45,6 +45,8 @@ use super::CmdResult;
 /// time.
 ///
 /// Exit status: 0 when every byte matched, 1 on a mismatch or error.
+/// SIGINT or SIGTERM remove its snapshot file and exit with 128 + the
+/// signal (130, 143).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Snapshot size in MiB.
@@ -74,6 +76,7 @@ pub struct Args {
 /// Runs the demo.
 pub fn run(args: Args) -> CmdResult {
     super::require_userfaultfd("uffd demo")?;
+    uffd_bench::leftovers::clean_up_on_interrupt("uffd demo")?;
     let progress = ProgressLine::new(false);
     let report = demo::run(
         &Config {

@@ -121,7 +121,9 @@ enum Action {
 /// "vm_p50_over_link_rtt_us" ({"median", "min", "max"}), "rounds": [each round's figures]}],
 /// "first_page": [{"image_mib", "first_page_ms", "vm_first_page_ms"}]}.
 ///
-/// Exit status: 0 when every case ran, 1 on an error.
+/// Exit status: 0 when every case ran, 1 on an error. SIGINT or SIGTERM
+/// stop the servers and VMMs it started and remove its scratch files,
+/// then exit with 128 + the signal (130, 143).
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 struct BenchArgs {
@@ -172,6 +174,7 @@ enum CpusArg {
 
 fn bench(a: BenchArgs) -> CmdResult {
     super::require_userfaultfd("uffd page-server bench (its VM case)")?;
+    uffd_bench::leftovers::clean_up_on_interrupt("uffd page-server bench")?;
     let uffd_bin = std::env::current_exe()?;
     let report = uffd_bench::remote::run(
         &uffd_bench::remote::Config {

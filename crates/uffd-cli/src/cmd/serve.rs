@@ -292,7 +292,9 @@ struct ServeArgs {
 /// Needs --mib of disk in --dir and about twice --mib of memory.
 ///
 /// Exit status: 0 when every touched page matched the file, 1 on a
-/// mismatch or an error.
+/// mismatch or an error. SIGINT or SIGTERM stop the servers and VMMs it
+/// started and remove its scratch files, then exit with 128 + the signal
+/// (130, 143).
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 struct BenchArgs {
@@ -658,6 +660,7 @@ fn run_server(a: ServeArgs) -> CmdResult {
 
 fn run_bench(a: BenchArgs) -> CmdResult {
     super::require_userfaultfd("uffd serve bench")?;
+    uffd_bench::leftovers::clean_up_on_interrupt("uffd serve bench")?;
     let report_args = a.report.clone();
     let uffd_bin = std::env::current_exe()?;
     let beside = |name: &str| uffd_bin.with_file_name(name);
