@@ -247,7 +247,9 @@ impl Compactor for GraphCompactor {
     fn fill(&self, page: usize, from: &FromPages<'_>, dst: &mut [u8]) -> Result<(), Self::Error> {
         let first = page * PER_PAGE;
         let end = (first + PER_PAGE).min(self.marks.live());
-        let mut q = self.marks.page_of_live(first);
+        // The first page `sources` named: its binary search done once,
+        // not again on every fill (a mutator's stall among them).
+        let mut q = from.pages().start;
         let mut k = self.marks.words[q].prefix as usize;
         let mut out = 0;
         while k < end {
