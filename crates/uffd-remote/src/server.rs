@@ -390,9 +390,8 @@ async fn reply(
             return Ok(buf.len() as u64);
         }
     }
-    wr.write_all(&crate::protocol::data_head(id, offset, len, buf))
-        .await?;
-    wr.write_all(buf).await?;
+    let head = crate::protocol::data_head(id, offset, len, buf);
+    crate::io::write_data(wr, &head, buf).await?;
     Ok(buf.len() as u64)
 }
 
