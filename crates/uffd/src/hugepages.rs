@@ -80,7 +80,10 @@ impl SettingLock {
 /// value lives.
 ///
 /// If fewer are free, the pool is grown (which needs root); on drop the pool
-/// is set back to what it was. The pool's [`SettingLock`] is held meanwhile
+/// is set back to what it was. The size it is set back to is written down
+/// first (`/tmp/uffd-<lock name>.restore`), so that a process killed before
+/// its drop ran (SIGKILL, a test runner's timeout, an interrupted
+/// `uffd selftest`) is repaired by the next reservation of that size. The pool's [`SettingLock`] is held meanwhile
 /// (`/tmp/uffd-hugepages.lock` for 2 MiB pages, `/tmp/uffd-hugepages-<kB>kB.lock`
 /// for other sizes), so that concurrent test processes neither shrink each
 /// other's pool nor race for its pages.
@@ -89,6 +92,7 @@ pub struct HugepageReservation {
     page_size: usize,
     previous: Option<u64>,
     count: u64,
+    journal: String,
     _lock: SettingLock,
 }
 
@@ -119,19 +123,32 @@ impl HugepageReservation {
             format!("hugepages-{kib}kB")
         };
         let lock = SettingLock::acquire(&name)?;
+        let nr_file = pool_file(page_size, "nr_hugepages");
+        let journal = format!("/tmp/uffd-{name}.restore");
+        // A journal seen under the lock belongs to a holder that died
+        // without giving its pages back: every live holder removes its own
+        // first.
+        if let Some(size) = std::fs::read_to_string(&journal)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+        {
+            if std::fs::write(&nr_file, size.to_string()).is_ok() {
+                let _ = std::fs::remove_file(&journal);
+            }
+        }
         let free = free_hugepages_of(page_size);
         if free >= count {
             return Ok(HugepageReservation {
                 page_size,
                 previous: None,
                 count,
+                journal,
                 _lock: lock,
             });
         }
-        let nr_file = pool_file(page_size, "nr_hugepages");
         let previous = nr_hugepages_of(page_size);
         let wanted = previous + (count - free);
-        std::fs::write(&nr_file, wanted.to_string()).map_err(|e| {
+        let needs_root = |e: std::io::Error| {
             io_error(
                 &format!(
                     "{count} huge pages of {kib} KiB are needed but {free} are free, and \
@@ -139,13 +156,27 @@ impl HugepageReservation {
                 ),
                 e,
             )
-        })?;
+        };
+        // Refused before anything is written down: a journal is for a
+        // change that can be made.
+        rustix::fs::access(nr_file.as_str(), rustix::fs::Access::WRITE_OK)
+            .map_err(|e| needs_root(e.into()))?;
+        // Written down before the pool grows, so no moment exists where it
+        // is grown and its old size is known only to this process. Only
+        // root can grow it, and root can write here; a failure to is a
+        // failure to grow.
+        let tmp = format!("{journal}.{}", std::process::id());
+        std::fs::write(&tmp, format!("{previous}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &journal))
+            .map_err(|e| io_error(&format!("writing {journal} before growing {nr_file}"), e))?;
         let reservation = HugepageReservation {
             page_size,
             previous: Some(previous),
             count,
+            journal,
             _lock: lock,
         };
+        std::fs::write(&nr_file, wanted.to_string()).map_err(needs_root)?;
         let mut now_free = free_hugepages_of(page_size);
         if now_free < count {
             // Free memory is often there but in pieces (page cache spread
@@ -187,10 +218,15 @@ impl HugepageReservation {
 impl Drop for HugepageReservation {
     fn drop(&mut self) {
         if let Some(previous) = self.previous {
-            let _ = std::fs::write(
+            let restored = std::fs::write(
                 pool_file(self.page_size, "nr_hugepages"),
                 previous.to_string(),
             );
+            // Kept if the pool could not be set back: the next holder
+            // tries again.
+            if restored.is_ok() {
+                let _ = std::fs::remove_file(&self.journal);
+            }
         }
     }
 }
