@@ -18,7 +18,7 @@ use uffd_pager::{
 };
 
 use crate::io::{write_frame, FrameReader, LinkError, Read};
-use crate::protocol::{Channel, Frame, ProtocolError, MAX_REQUEST};
+use crate::protocol::{request_bytes, Channel, Frame, ProtocolError, MAX_REQUEST};
 
 /// How a destination behaves when the link fails.
 #[derive(Debug, Clone)]
@@ -918,7 +918,7 @@ impl RemoteSource {
                 reply,
             })
         };
-        let frame = request_frame(id, offset, len as u32, priority);
+        let frame = request_bytes(id, offset, len as u32, priority);
         if !state.try_write_now(id, &frame, &shared.stats) && tx.send(id).is_err() {
             let pending = state.outstanding().reads.remove(&id);
             if let Some(p) = pending {
@@ -1314,18 +1314,6 @@ async fn attach(shared: &Shared, channel: Channel) -> Result<(Reader, Writer), L
     Ok((reader, wr))
 }
 
-fn request_frame(id: u64, offset: u64, len: u32, priority: u8) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(64);
-    Frame::Request {
-        id,
-        offset,
-        len,
-        priority,
-    }
-    .encode(&mut bytes);
-    bytes
-}
-
 /// Writes outstanding read `id` on the link's connection unless it went
 /// out on this connection already (its reader wrote it, or the link did).
 async fn send_outstanding(state: &ChannelState, generation: u64, id: u64) -> std::io::Result<()> {
@@ -1340,7 +1328,7 @@ async fn send_outstanding(state: &ChannelState, generation: u64, id: u64) -> std
         match out.reads.get_mut(&id) {
             Some(p) if p.sent_on != generation => {
                 p.sent_on = generation;
-                request_frame(id, p.offset, p.len, p.priority)
+                request_bytes(id, p.offset, p.len, p.priority)
             }
             _ => return Ok(()),
         }
@@ -1365,7 +1353,7 @@ async fn serve_link(
         // What the last connection left unanswered goes out first, before
         // any reader can write here.
         let mut writer = state.writer.lock().await;
-        let frames: Vec<Vec<u8>> = {
+        let frames: Vec<_> = {
             let mut out = state.outstanding();
             let mut ids: Vec<u64> = out.reads.keys().copied().collect();
             ids.sort_unstable();
@@ -1373,7 +1361,7 @@ async fn serve_link(
                 .map(|id| {
                     let p = out.reads.get_mut(id).expect("listed above");
                     p.sent_on = generation;
-                    request_frame(*id, p.offset, p.len, p.priority)
+                    request_bytes(*id, p.offset, p.len, p.priority)
                 })
                 .collect()
         };

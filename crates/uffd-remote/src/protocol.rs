@@ -537,6 +537,22 @@ pub fn data_head(id: u64, offset: u64, len: u32, bytes: &[u8]) -> [u8; HEADER + 
     head
 }
 
+/// A request frame, encoded where it is made: the same bytes
+/// [`Frame::encode`] writes for [`Frame::Request`], with no allocation (a
+/// faulting page's request is made on the fault's path).
+pub fn request_bytes(id: u64, offset: u64, len: u32, priority: u8) -> [u8; HEADER + 16] {
+    let mut frame = [0u8; HEADER + 16];
+    frame[0..4].copy_from_slice(&MAGIC);
+    frame[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    frame[6] = Kind::Request as u8;
+    frame[8..12].copy_from_slice(&16u32.to_le_bytes());
+    frame[16..24].copy_from_slice(&id.to_le_bytes());
+    frame[24..32].copy_from_slice(&offset.to_le_bytes());
+    frame[32..36].copy_from_slice(&len.to_le_bytes());
+    frame[36] = priority;
+    frame
+}
+
 /// A data frame carrying `bytes` compressed, when that shrinks it by at
 /// least an eighth: the header and fixed fields followed by the LZ4 block.
 pub fn compressed_data(id: u64, offset: u64, len: u32, bytes: &[u8]) -> Option<Vec<u8>> {
@@ -669,6 +685,21 @@ mod tests {
             decode(&moved),
             Err(ProtocolError::Checksum { .. })
         ));
+    }
+
+    #[test]
+    fn a_request_made_in_place_is_what_encode_writes() {
+        for (id, offset, len, priority) in [(1, 0, 4096, 0), (u64::MAX, 1 << 40, MAX_REQUEST, 1)] {
+            let mut buf = Vec::new();
+            Frame::Request {
+                id,
+                offset,
+                len,
+                priority,
+            }
+            .encode(&mut buf);
+            assert_eq!(&buf[..], &request_bytes(id, offset, len, priority)[..]);
+        }
     }
 
     #[test]
