@@ -91,19 +91,13 @@ impl Resolver for Continue {
         }
         // Content in place, but the run has holes (pages not in the page
         // cache: CONTINUE fails with EFAULT). A hole reads as zeros:
-        // allocate it as such with an atomic OR of zero into one byte
-        // through the alias, which leaves pages that exist unchanged, then
-        // map the run again.
-        for page in 0..(len / ps) as usize {
-            // SAFETY: in place, `data` is the run's alias address (writable,
-            // shared, mapped for the pager's life by `Region::with_alias`'s
-            // contract); an atomic OR of 0 never changes a byte, even under
-            // a concurrent writer.
-            unsafe {
-                let byte = data.cast_mut().add(page * ps as usize);
-                std::sync::atomic::AtomicU8::from_ptr(byte).fetch_or(0, Ordering::Relaxed);
-            }
-        }
+        // allocate it as such by faulting the run in for reading through
+        // the alias (a read fault on a shmem or hugetlbfs hole allocates a
+        // zeroed page; pages that exist are left as they are), then map
+        // the run again. Never by an access the compiler may drop: an
+        // atomic OR of zero whose result is unused is removed in release
+        // builds, and the fault then came back forever.
+        populate_for_reading(data, len, ps);
         uffd.continue_all(addr, len, ps, ContinueMode::empty())
     }
 
@@ -176,5 +170,71 @@ impl Resolver for Continue {
     fn remove_makes_missing(&self) -> bool {
         // Shared file mappings keep their page cache contents.
         false
+    }
+}
+
+/// Faults `len` bytes of the alias at `alias` in for reading:
+/// `MADV_POPULATE_READ`, or where the kernel predates it (5.14), one
+/// atomic load a page, each kept with `black_box`.
+fn populate_for_reading(alias: *const u8, len: u64, ps: u64) {
+    // SAFETY: in place, `alias` is the run's alias address, mapped for
+    // the pager's life by `Region::with_alias`'s contract; populating
+    // only reads it.
+    let populated = unsafe {
+        rustix::mm::madvise(
+            alias.cast_mut().cast(),
+            len as usize,
+            Advice::LinuxPopulateRead,
+        )
+    };
+    if populated.is_err() {
+        read_each_page(alias, len, ps);
+    }
+}
+
+/// The fallback of [`populate_for_reading`].
+fn read_each_page(alias: *const u8, len: u64, ps: u64) {
+    for page in 0..(len / ps) as usize {
+        // SAFETY: as above; an atomic load races with no writer.
+        let byte = unsafe {
+            std::sync::atomic::AtomicU8::from_ptr(alias.cast_mut().add(page * ps as usize))
+        };
+        std::hint::black_box(byte.load(Ordering::Relaxed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether page `page` of `memory`'s file is in its page cache (not a
+    /// hole).
+    fn allocated(memory: &uffd::Mapping, page: u64) -> bool {
+        let fd = memory.file().expect("shmem has a file");
+        rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(page * 4096))
+            .is_ok_and(|at| at == page * 4096)
+    }
+
+    #[test]
+    fn holes_are_allocated_by_either_way_of_reading_them_in() {
+        type ReadIn = fn(*const u8, u64, u64);
+        let ways: [(&str, ReadIn); 2] = [
+            ("populate_for_reading", populate_for_reading),
+            ("read_each_page", read_each_page),
+        ];
+        for (name, read_in) in ways {
+            let memory = uffd::Mapping::new(uffd::MemoryKind::Shmem, 16 * 4096).unwrap();
+            let alias = memory.alias_ptr().expect("shmem has an alias");
+            assert!(!allocated(&memory, 5), "a new memfd has no pages");
+            // Pages 4..8 only: the pages around stay holes.
+            read_in(alias.wrapping_add(4 * 4096), 4 * 4096, 4096);
+            for page in 0..16 {
+                assert_eq!(
+                    allocated(&memory, page),
+                    (4..8).contains(&page),
+                    "{name}: page {page}"
+                );
+            }
+        }
     }
 }
