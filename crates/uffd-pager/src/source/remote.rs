@@ -17,7 +17,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::{check_bounds, Content, MappedBytes, PageSource, SourceError};
@@ -246,6 +245,31 @@ pub(crate) struct Delivery {
     pub retried: u32,
 }
 
+thread_local! {
+    /// Set while the engine's runtime hands a read's result to its
+    /// `finish`: a result that came any other way came on the thread the
+    /// source answered on. A flag per thread, not one per read, so that
+    /// starting a read allocates nothing to say where it ended.
+    static DELIVERING_FROM_RUNTIME: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// [`DELIVERING_FROM_RUNTIME`] for as long as this lives, also when the
+/// delivery panics.
+struct DeliveringFromRuntime;
+
+impl DeliveringFromRuntime {
+    fn start() -> DeliveringFromRuntime {
+        DELIVERING_FROM_RUNTIME.set(true);
+        DeliveringFromRuntime
+    }
+}
+
+impl Drop for DeliveringFromRuntime {
+    fn drop(&mut self) {
+        DELIVERING_FROM_RUNTIME.set(false);
+    }
+}
+
 /// One engine read of an asynchronous source, from its start to its
 /// result, across retries.
 struct Read {
@@ -273,18 +297,16 @@ impl Read {
             self.finish(Err(e), place, false);
             return false;
         }
-        let on_runtime = Arc::new(AtomicBool::new(false));
-        let answered_where = Arc::clone(&on_runtime);
         let finish: ReadDone = Box::new(move |result| {
-            let on_arrival = !answered_where.load(Relaxed);
+            let on_arrival = !DELIVERING_FROM_RUNTIME.get();
             self.finish(result, place, on_arrival)
         });
         match inner.read_direct(offset, len, finish) {
             Ok(()) => true,
             Err(finish) => {
-                on_runtime.store(true, Relaxed);
                 runtime.spawn(async move {
                     let result = inner.read(offset, len).await;
+                    let _delivering = DeliveringFromRuntime::start();
                     finish(result);
                 });
                 false
