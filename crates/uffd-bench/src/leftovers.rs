@@ -64,27 +64,53 @@ impl Drop for Held {
     }
 }
 
+impl Registry {
+    fn add(&mut self, thing: Thing) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.held.push((id, thing));
+        id
+    }
+}
+
 fn hold(registry: &'static Shared, thing: Thing) -> Held {
     let mut r = lock(registry);
     if r.interrupted {
         clean(&thing);
     }
-    let id = r.next;
-    r.next += 1;
-    r.held.push((id, thing));
+    let id = r.add(thing);
     Held { id, registry }
 }
 
-/// Holds a scratch file or directory (removed whole on an interrupt).
+/// Holds a scratch file or directory (removed whole on an interrupt),
+/// before it is made: once an interrupt is being handled this never
+/// returns, so nothing is made after the clean-up.
 pub fn path(p: &Path) -> Held {
-    hold(&REGISTRY, Thing::Path(p.to_path_buf()))
+    let held = hold(&REGISTRY, Thing::Path(p.to_path_buf()));
+    wait_if_interrupted();
+    held
 }
 
-/// Holds a child process (killed on an interrupt). Drop the `Held` only
-/// after the child has been waited for, so that its pid is not reused
-/// while held.
-pub fn process(pid: u32) -> Held {
-    hold(&REGISTRY, Thing::Process(pid))
+/// Starts `cmd` and holds the child (killed on an interrupt), under the
+/// registry's lock, so that no child is ever started and not yet held
+/// while an interrupt cleans up; once one is being handled this never
+/// returns. Drop the `Held` only after the child has been waited for, so
+/// that its pid is not reused while held.
+pub fn spawn(cmd: &mut std::process::Command) -> std::io::Result<(std::process::Child, Held)> {
+    let mut r = lock(&REGISTRY);
+    if r.interrupted {
+        drop(r);
+        park_forever();
+    }
+    let child = cmd.spawn()?;
+    let id = r.add(Thing::Process(child.id()));
+    Ok((
+        child,
+        Held {
+            id,
+            registry: &REGISTRY,
+        },
+    ))
 }
 
 fn clean(thing: &Thing) {
@@ -131,9 +157,14 @@ fn clean_up_all(registry: &'static Shared) -> (usize, usize) {
 /// children were killed under it, ends the process and says why.
 pub fn wait_if_interrupted() {
     if lock(&REGISTRY).interrupted {
-        loop {
-            std::thread::park();
-        }
+        park_forever();
+    }
+}
+
+/// For a thread of a process the interrupt's thread is ending.
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
     }
 }
 

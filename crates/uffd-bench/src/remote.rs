@@ -289,10 +289,9 @@ fn page_server(uffd: &Path, mem: &Path, push: bool, pin: Pin) -> Result<Server, 
     }
     // The child and the threads it starts inherit the spawning thread's CPU.
     pin.source();
-    let child = cmd.spawn();
+    let spawned = crate::leftovers::spawn(&mut cmd);
     pin.destination();
-    let mut child = child?;
-    let held = crate::leftovers::process(child.id());
+    let (mut child, held) = spawned?;
     let mut err = BufReader::new(child.stderr.take().expect("piped"));
     let mut line = String::new();
     err.read_line(&mut line)?;

@@ -258,15 +258,14 @@ impl ServerProcess {
             .arg(&stats_json);
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let child = cmd
-            .env("RUST_LOG", "warn")
+        cmd.env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let (child, held) = crate::leftovers::spawn(&mut cmd)
             .map_err(|e| format!("starting {}: {e}", cmd.get_program().to_string_lossy()))?;
         let mut server = ServerProcess {
-            _held: crate::leftovers::process(child.id()),
+            _held: held,
             child,
             socket,
             stats_json,
@@ -445,8 +444,8 @@ pub(crate) fn run_vmm(
     vcpus: usize,
     at_touched: impl FnOnce() -> Result<(), BoxError>,
 ) -> Result<VmRun, BoxError> {
-    let mut child = Command::new(vmm_bin)
-        .arg("--socket")
+    let mut cmd = Command::new(vmm_bin);
+    cmd.arg("--socket")
         .arg(&server.socket)
         .arg("--mem-file")
         .arg(snapshot)
@@ -457,10 +456,9 @@ pub(crate) fn run_vmm(
         .arg("--pause-before-verify")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
+        .stderr(Stdio::inherit());
+    let (mut child, _held) = crate::leftovers::spawn(&mut cmd)
         .map_err(|e| format!("starting {}: {e}", vmm_bin.display()))?;
-    let _held = crate::leftovers::process(child.id());
     let result = drive_vmm(&mut child, at_touched);
     if result.is_err() {
         let _ = child.kill();

@@ -543,8 +543,13 @@ fn an_interrupted_bench_stops_what_it_started_and_removes_its_files() {
             "the bench ended early"
         );
     }
-    // Its page server is up, and its image on disk.
-    assert!(!processes_naming(dir.dir()).is_empty());
+    // Its page server is up (or about to be: one phase's ends before the
+    // next one's starts), and its image on disk.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_naming(dir.dir()).is_empty() {
+        assert!(Instant::now() < deadline, "no page server came up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(std::fs::read_dir(dir.dir()).unwrap().count() > 0);
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&bench),
@@ -555,9 +560,16 @@ fn an_interrupted_bench_stops_what_it_started_and_removes_its_files() {
     err.read_to_string(&mut rest).unwrap();
     let status = bench.wait().unwrap();
     assert_eq!(status.code(), Some(128 + 15), "{rest}");
-    assert!(rest.contains("interrupted; stopped 1 process"), "{rest}");
+    // How many it stopped depends on the moment: between two phases, one
+    // server may be gone and the next not started.
+    assert!(rest.contains("interrupted; stopped "), "{rest}");
     let left: Vec<_> = std::fs::read_dir(dir.dir()).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+    // SIGKILLed, they are gone within moments.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_naming(dir.dir()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(processes_naming(dir.dir()), Vec::<String>::new());
 }
 
