@@ -38,6 +38,13 @@ impl Registry {
             interrupted: false,
         })
     }
+
+    fn add(&mut self, thing: Thing, registry: &'static Shared) -> Held {
+        let id = self.next;
+        self.next += 1;
+        self.held.push((id, thing));
+        Held { id, registry }
+    }
 }
 
 fn lock(r: &'static Shared) -> MutexGuard<'static, Registry> {
@@ -64,22 +71,12 @@ impl Drop for Held {
     }
 }
 
-impl Registry {
-    fn add(&mut self, thing: Thing) -> u64 {
-        let id = self.next;
-        self.next += 1;
-        self.held.push((id, thing));
-        id
-    }
-}
-
 fn hold(registry: &'static Shared, thing: Thing) -> Held {
     let mut r = lock(registry);
     if r.interrupted {
         clean(&thing);
     }
-    let id = r.add(thing);
-    Held { id, registry }
+    r.add(thing, registry)
 }
 
 /// Holds a scratch file or directory (removed whole on an interrupt),
@@ -103,14 +100,8 @@ pub fn spawn(cmd: &mut std::process::Command) -> std::io::Result<(std::process::
         park_forever();
     }
     let child = cmd.spawn()?;
-    let id = r.add(Thing::Process(child.id()));
-    Ok((
-        child,
-        Held {
-            id,
-            registry: &REGISTRY,
-        },
-    ))
+    let held = r.add(Thing::Process(child.id()), &REGISTRY);
+    Ok((child, held))
 }
 
 fn clean(thing: &Thing) {

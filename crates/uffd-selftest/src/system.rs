@@ -64,7 +64,8 @@ pub fn selected_choice(text: &str) -> Option<&str> {
 
 /// Where a [`ThpSettings`] writes down the old value of each knob before
 /// it changes it, so that a process killed before its `Drop` ran (SIGKILL,
-/// a test runner's timeout) is repaired by the next holder of the lock.
+/// a test runner's timeout) is repaired by the next holder of the lock:
+/// the `thp` [`SettingLock`]'s journal.
 pub const THP_JOURNAL: &str = "/tmp/uffd-thp.restore";
 
 /// The transparent huge page knobs, locked and remembered: every knob set
@@ -73,7 +74,7 @@ pub const THP_JOURNAL: &str = "/tmp/uffd-thp.restore";
 pub struct ThpSettings {
     /// (knob, value before the first change), in the order changed.
     saved: Vec<(PathBuf, String)>,
-    _lock: SettingLock,
+    lock: SettingLock,
 }
 
 impl ThpSettings {
@@ -84,19 +85,19 @@ impl ThpSettings {
             skip!("the kernel has no transparent huge pages ({THP_SYSFS} is missing)");
         }
         let lock = SettingLock::acquire("thp").map_err(|e| Stop::Fail(e.to_string()))?;
-        // A journal seen under the lock belongs to a holder that died
-        // without restoring: every live holder removes its own first.
-        if let Ok(text) = std::fs::read_to_string(THP_JOURNAL) {
+        debug_assert_eq!(lock.journal_path(), THP_JOURNAL);
+        // A holder that died without restoring.
+        if let Some(text) = lock.journal() {
             for (knob, old) in text.lines().filter_map(|l| l.split_once('\t')) {
                 if let Err(e) = std::fs::write(knob, old) {
                     eprintln!("warning: could not restore {knob} to {old}: {e}");
                 }
             }
-            let _ = std::fs::remove_file(THP_JOURNAL);
+            lock.clear_journal();
         }
         Ok(ThpSettings {
             saved: Vec::new(),
-            _lock: lock,
+            lock,
         })
     }
 
@@ -107,9 +108,8 @@ impl ThpSettings {
             .iter()
             .map(|(k, v)| format!("{}\t{v}\n", k.display()))
             .collect();
-        let tmp = format!("{THP_JOURNAL}.{}", std::process::id());
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, THP_JOURNAL))
+        self.lock
+            .write_journal(&text)
             .map_err(|e| Stop::Fail(format!("writing {THP_JOURNAL}: {e}")))
     }
 
@@ -211,7 +211,7 @@ impl Drop for ThpSettings {
             }
         }
         if !self.saved.is_empty() {
-            let _ = std::fs::remove_file(THP_JOURNAL);
+            self.lock.clear_journal();
         }
     }
 }

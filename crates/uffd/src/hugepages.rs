@@ -51,9 +51,17 @@ fn pool_file(page_size: usize, attr: &str) -> String {
 /// change the same knob at once nor restore each other's value. The lock
 /// belongs to an open file description: a second `acquire` of the same
 /// name in the same process waits for the first to be dropped.
+///
+/// Its holder writes down what it changed before changing it
+/// ([`write_journal`](Self::write_journal), `/tmp/uffd-<name>.restore`), so
+/// that a process killed before it restored the setting (SIGKILL, a test
+/// runner's timeout) is repaired by the next holder: a journal seen under
+/// the lock ([`journal`](Self::journal)) is a dead holder's, since every
+/// live holder clears its own before it lets go.
 #[derive(Debug)]
 pub struct SettingLock {
     _file: File,
+    journal: String,
 }
 
 impl SettingLock {
@@ -72,7 +80,32 @@ impl SettingLock {
         .map_err(|e| io_error(&format!("opening {path}"), e.into()))?;
         rustix::fs::flock(&file, FlockOperation::LockExclusive)
             .map_err(|e| io_error(&format!("locking {path}"), e.into()))?;
-        Ok(SettingLock { _file: file })
+        Ok(SettingLock {
+            _file: file,
+            journal: format!("/tmp/uffd-{name}.restore"),
+        })
+    }
+
+    /// Where this lock's journal lives.
+    pub fn journal_path(&self) -> &str {
+        &self.journal
+    }
+
+    /// What a holder that died before restoring the setting wrote down.
+    pub fn journal(&self) -> Option<String> {
+        std::fs::read_to_string(&self.journal).ok()
+    }
+
+    /// Writes down `text` (what restores the setting), replacing the
+    /// journal in one rename: never half written.
+    pub fn write_journal(&self, text: &str) -> std::io::Result<()> {
+        let tmp = format!("{}.{}", self.journal, std::process::id());
+        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.journal))
+    }
+
+    /// The setting is as it was: nothing to restore any more.
+    pub fn clear_journal(&self) {
+        let _ = std::fs::remove_file(&self.journal);
     }
 }
 
@@ -80,10 +113,11 @@ impl SettingLock {
 /// value lives.
 ///
 /// If fewer are free, the pool is grown (which needs root); on drop the pool
-/// is set back to what it was. The size it is set back to is written down
-/// first (`/tmp/uffd-<lock name>.restore`), so that a process killed before
-/// its drop ran (SIGKILL, a test runner's timeout, an interrupted
-/// `uffd selftest`) is repaired by the next reservation of that size. The pool's [`SettingLock`] is held meanwhile
+/// is set back to what it was. The size it is set back to goes into the
+/// lock's journal first, so that a process killed before its drop ran
+/// (SIGKILL, a test runner's timeout, an interrupted `uffd selftest`) is
+/// repaired by the next reservation of that size. The pool's
+/// [`SettingLock`] is held meanwhile
 /// (`/tmp/uffd-hugepages.lock` for 2 MiB pages, `/tmp/uffd-hugepages-<kB>kB.lock`
 /// for other sizes), so that concurrent test processes neither shrink each
 /// other's pool nor race for its pages.
@@ -92,8 +126,7 @@ pub struct HugepageReservation {
     page_size: usize,
     previous: Option<u64>,
     count: u64,
-    journal: String,
-    _lock: SettingLock,
+    lock: SettingLock,
 }
 
 impl HugepageReservation {
@@ -124,16 +157,10 @@ impl HugepageReservation {
         };
         let lock = SettingLock::acquire(&name)?;
         let nr_file = pool_file(page_size, "nr_hugepages");
-        let journal = format!("/tmp/uffd-{name}.restore");
-        // A journal seen under the lock belongs to a holder that died
-        // without giving its pages back: every live holder removes its own
-        // first.
-        if let Some(size) = std::fs::read_to_string(&journal)
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-        {
+        // A holder that died without giving its pages back.
+        if let Some(size) = lock.journal().and_then(|t| t.trim().parse::<u64>().ok()) {
             if std::fs::write(&nr_file, size.to_string()).is_ok() {
-                let _ = std::fs::remove_file(&journal);
+                lock.clear_journal();
             }
         }
         let free = free_hugepages_of(page_size);
@@ -142,8 +169,7 @@ impl HugepageReservation {
                 page_size,
                 previous: None,
                 count,
-                journal,
-                _lock: lock,
+                lock,
             });
         }
         let previous = nr_hugepages_of(page_size);
@@ -165,16 +191,17 @@ impl HugepageReservation {
         // is grown and its old size is known only to this process. Only
         // root can grow it, and root can write here; a failure to is a
         // failure to grow.
-        let tmp = format!("{journal}.{}", std::process::id());
-        std::fs::write(&tmp, format!("{previous}\n"))
-            .and_then(|()| std::fs::rename(&tmp, &journal))
-            .map_err(|e| io_error(&format!("writing {journal} before growing {nr_file}"), e))?;
+        lock.write_journal(&format!("{previous}\n")).map_err(|e| {
+            io_error(
+                &format!("writing {} before growing {nr_file}", lock.journal_path()),
+                e,
+            )
+        })?;
         let reservation = HugepageReservation {
             page_size,
             previous: Some(previous),
             count,
-            journal,
-            _lock: lock,
+            lock,
         };
         std::fs::write(&nr_file, wanted.to_string()).map_err(needs_root)?;
         let mut now_free = free_hugepages_of(page_size);
@@ -225,7 +252,7 @@ impl Drop for HugepageReservation {
             // Kept if the pool could not be set back: the next holder
             // tries again.
             if restored.is_ok() {
-                let _ = std::fs::remove_file(&self.journal);
+                self.lock.clear_journal();
             }
         }
     }
