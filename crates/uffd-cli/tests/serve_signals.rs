@@ -409,6 +409,117 @@ fn old_server_killed_after_the_new_one_adopted_leaves_no_vm_hung() {
     takeover_while_vms_fault(Kill::At("adopted"));
 }
 
+/// SIGTERM to a server that is still receiving VMs in a takeover: it
+/// finishes taking them on and then drains the one it got, rather than
+/// dying with its userfaultfd (the VM would then read zeros for its
+/// memory). The old server stops after sending one of two VMs and is then
+/// killed, so the takeover ends early.
+#[test]
+fn sigterm_during_a_takeover_drains_the_vms_already_taken_on() {
+    if !uffd_testkit::vmm_uffd() {
+        return;
+    }
+    let standin = standin_vmm();
+    let dir = uffd_testkit::Scratch::new("takeover-sigterm");
+    let (mem, socket) = (dir.path("mem"), dir.path("sock"));
+    let (old_log, new_log) = (dir.path("old.log"), dir.path("new.log"));
+    uffd_testkit::snapshot_file(&mem, 16 << 20);
+    let run = std::panic::catch_unwind(|| {
+        let mut old = serve(
+            &mem,
+            &socket,
+            &old_log,
+            &[],
+            &[("UFFD_TAKEOVER_PAUSE_AT", "sent-one")],
+        );
+        wait_for(
+            "the first server listening",
+            Duration::from_secs(30),
+            || socket.exists(),
+        );
+        let mut vms: Vec<Reaped> = (0..2)
+            .map(|_| {
+                Reaped(
+                    Command::new(&standin)
+                        .arg("--socket")
+                        .arg(&socket)
+                        .arg("--mem-file")
+                        .arg(&mem)
+                        .args(["--threads", "2", "--balloon-every", "9"])
+                        .args(["--touch-percent", "50", "--pause-before-verify"])
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        // Each VM says "touched" once half its memory is in.
+        for vm in &mut vms {
+            let mut line = String::new();
+            BufReader::new(vm.0.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "touched", "{}", log_of(&old_log));
+        }
+        let mut new = serve(&mem, &socket, &new_log, &["--takeover"], &[]);
+        let pid = old.0.id();
+        wait_for(
+            "the old server stopping after sending one VM",
+            Duration::from_secs(30),
+            || is_stopped(pid),
+        );
+        wait_for(
+            "the new server taking the VM on",
+            Duration::from_secs(30),
+            || log_of(&new_log).contains("serving a handed-over VM"),
+        );
+        signal(&new.0, Signal::TERM);
+        wait_for(
+            "the new server noting the stop",
+            Duration::from_secs(30),
+            || log_of(&new_log).contains("stop requested"),
+        );
+        assert!(new.0.try_wait().unwrap().is_none(), "{}", log_of(&new_log));
+        signal(&old.0, Signal::KILL);
+        let _ = exit_of(&mut old, "the old server dying of SIGKILL");
+        let status = exit_of(&mut new, "the new server draining and exiting");
+        let text = log_of(&new_log);
+        assert!(status.success(), "{status:?}: {text}");
+        assert!(text.contains("draining VMs vms=1"), "{text}");
+        assert_eq!(text.matches("released: every page").count(), 1, "{text}");
+        // The VM the new server took on reads every byte right with no
+        // server at all; the other one lost its handler with the old server
+        // and is killed (Reaped) when the test ends.
+        let adopted_pid: u32 = text
+            .lines()
+            .find(|l| l.contains("serving a handed-over VM"))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pid=")))
+            .and_then(|p| p.parse().ok())
+            .expect("the adopted VM's pid in the log");
+        let vm = vms
+            .iter_mut()
+            .find(|vm| vm.0.id() == adopted_pid)
+            .expect("the adopted VM is one of ours");
+        vm.0.stdin.take().unwrap().write_all(b"verify\n").unwrap();
+        let status = exit_of(vm, "the adopted VM verifying with no server");
+        let mut out = String::new();
+        std::io::Read::read_to_string(vm.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        assert!(
+            status.success() && out.contains("\"mismatched_pages\":0"),
+            "{status:?} {out}"
+        );
+        assert!(!socket.exists(), "the server left its socket behind");
+    });
+    if let Err(panic) = run {
+        for (name, log) in [("old", &old_log), ("new", &new_log)] {
+            eprintln!("--- {name} server log ---\n{}", log_of(log));
+        }
+        std::panic::resume_unwind(panic);
+    }
+}
+
 #[test]
 fn takeover_of_another_memory_file_is_refused_and_changes_nothing() {
     let dir = uffd_testkit::Scratch::new("takeover-other");

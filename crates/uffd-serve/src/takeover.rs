@@ -25,8 +25,9 @@
 //! through the new server's copy, and the new pager wakes every range when
 //! it starts, so a fault the old one read but never served is seen again.
 //!
-//! `UFFD_TAKEOVER_PAUSE_AT=accepted|sent-all|adopted` makes the old server
-//! stop itself (SIGSTOP) at that step: the tests kill it there.
+//! `UFFD_TAKEOVER_PAUSE_AT=accepted|sent-one|sent-all|adopted` makes the
+//! old server stop itself (SIGSTOP) at that step (`sent-one`: after the
+//! first VM): the tests kill it there.
 
 #![allow(unsafe_code)]
 

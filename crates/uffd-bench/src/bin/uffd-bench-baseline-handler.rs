@@ -77,8 +77,9 @@ fn serve(
         max_connections: uffd_serve::server::default_max_connections(),
         source_identity: None,
     };
+    let signals = uffd_serve::signals::install()?;
     let server = Server::bind(config, Arc::new(OneByOneEngine::new(source)))?;
-    uffd_serve::signals::install(server.handle())?;
+    signals.route_to(server.handle());
     server.run()?;
     Ok(())
 }

@@ -35,7 +35,9 @@ use super::CmdResult;
 /// unregistered, so it runs on without the server (bounded by
 /// --drain-timeout; ranges not installed in time stay registered and are
 /// logged). Then working sets and statistics are written and the server
-/// exits. SIGUSR1 writes working sets now.
+/// exits. SIGUSR1 writes working sets now. A signal that comes while a
+/// --takeover is still receiving VMs waits for the takeover to finish, so
+/// those VMs are drained too and none is left without a handler.
 ///
 /// Output: log lines on stderr, one per VM event (connected with its
 /// regions, refused and why, ended, drained), `--json-logs` for JSON
@@ -635,12 +637,14 @@ fn run_server(a: ServeArgs) -> CmdResult {
         },
         source_identity,
     };
+    // Before the first VM is taken on: see `uffd_serve::signals`.
+    let signals = uffd_serve::signals::install()?;
     let server = if a.takeover {
         Server::take_over(config, engine)?
     } else {
         Server::bind(config, engine)?
     };
-    uffd_serve::signals::install(server.handle())?;
+    signals.route_to(server.handle());
     server.run()?;
     if let Some(store) = store {
         let st = store.stats();

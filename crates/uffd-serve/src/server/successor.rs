@@ -286,6 +286,9 @@ impl Server {
                     )?;
                     sent += 1;
                     tracing::info!(vm = vm.id, pid = vm.peer.pid, "handed over");
+                    if sent == 1 {
+                        takeover::pause_point("sent-one");
+                    }
                 }
                 Err(_) if all_ended => break,
                 Err(_) => {}
