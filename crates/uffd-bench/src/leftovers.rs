@@ -163,12 +163,28 @@ fn park_forever() -> ! {
 /// the process; `command` names it in what it says on stderr. Call it
 /// once, before the bench starts anything.
 pub fn clean_up_on_interrupt(command: &'static str) -> std::io::Result<()> {
+    on_stop_signal("uffd-interrupt", move |signo| {
+        let (processes, paths) = clean_up_all(&REGISTRY);
+        eprintln!(
+            "{command}: interrupted; stopped {processes} process(es) it had started \
+             and removed {paths} scratch path(s)"
+        );
+        std::process::exit(128 + signo);
+    })
+}
+
+/// Catches SIGINT and SIGTERM from now on (registered before this
+/// returns, so a signal that comes while the command starts up is caught
+/// too) and, on the first, calls `then` with its number on a thread named
+/// `thread`.
+pub fn on_stop_signal(
+    thread: &str,
+    then: impl FnOnce(i32) + Send + 'static,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
-    // Registered here, before this returns: a signal that comes while the
-    // bench starts is caught too.
     let (mut int, mut term) = {
         let _entered = runtime.enter();
         (
@@ -177,7 +193,7 @@ pub fn clean_up_on_interrupt(command: &'static str) -> std::io::Result<()> {
         )
     };
     std::thread::Builder::new()
-        .name("uffd-interrupt".into())
+        .name(thread.into())
         .spawn(move || {
             let signo = runtime.block_on(async {
                 tokio::select! {
@@ -185,12 +201,7 @@ pub fn clean_up_on_interrupt(command: &'static str) -> std::io::Result<()> {
                     _ = term.recv() => rustix::process::Signal::TERM.as_raw(),
                 }
             });
-            let (processes, paths) = clean_up_all(&REGISTRY);
-            eprintln!(
-                "{command}: interrupted; stopped {processes} process(es) it had started \
-                 and removed {paths} scratch path(s)"
-            );
-            std::process::exit(128 + signo);
+            then(signo);
         })?;
     Ok(())
 }

@@ -891,3 +891,16 @@ fn a_closed_stderr_does_not_stop_the_page_server() {
     // "stopping" goes to the closed pipe too.
     stops_on_sigterm(server);
 }
+
+/// Whoever stops the server as soon as it has said where it listens (a
+/// supervisor, a script) gets the clean stop its help promises, not death
+/// by the signal: the handlers are in before that line is written.
+#[test]
+fn a_sigterm_right_after_the_address_line_is_a_clean_stop() {
+    let dir = Scratch::new("ps-early-sigterm");
+    let mem = snapshot(&dir);
+    for _ in 0..5 {
+        let (server, _addr) = page_server(&mem, "127.0.0.1:0", false);
+        stops_on_sigterm(server);
+    }
+}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use uffd_pager::{FileMode, FileSource, PageSource};
-use uffd_remote::{image_identity, PageServer, PageServerConfig};
+use uffd_remote::{image_identity, PageServer, PageServerConfig, PageServerHandle};
 
 use super::CmdResult;
 
@@ -313,6 +313,23 @@ fn serve(
     }
     let len = source.len();
     let source: Arc<dyn PageSource> = Arc::new(source);
+    // Caught from before the address is announced: whoever signals the
+    // server once it has said where it listens gets a clean stop (exit 0).
+    // Before that nothing is held and the signal ends it as it would.
+    let running = Arc::new(std::sync::Mutex::new(None::<PageServerHandle>));
+    {
+        let running = running.clone();
+        uffd_bench::leftovers::on_stop_signal("uffd-page-server-signals", move |signo| {
+            let running = running.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(handle) = running.as_ref() else {
+                std::process::exit(128 + signo);
+            };
+            // Through the log (which never blocks), not stderr itself: a
+            // full stderr pipe must not keep the server from stopping.
+            tracing::info!("stopping on a signal");
+            handle.stop();
+        })?;
+    }
     let server = PageServer::bind(
         listen,
         source,
@@ -324,38 +341,13 @@ fn serve(
         },
     )
     .map_err(|e| format!("listening on {}: {e}", listen))?;
+    *running.lock().unwrap_or_else(|e| e.into_inner()) = Some(server.handle());
     super::serve::note(format_args!(
         "uffd page-server: serving {} ({len} bytes) on {}{}",
         mem_file.display(),
         server.local_addr()?,
         if push { ", pushing every page" } else { "" }
     ));
-    let handle = server.handle();
-    std::thread::Builder::new()
-        .name("uffd-page-server-signals".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for signals");
-            runtime.block_on(async {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int)) = (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                ) else {
-                    return;
-                };
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            });
-            // Through the log (which never blocks), not stderr itself: a
-            // full stderr pipe must not keep the server from stopping.
-            tracing::info!("stopping on a signal");
-            handle.stop();
-        })?;
     let stats = server.run()?;
     if let Some(path) = stats_json {
         let text = serde_json::to_string_pretty(&serde_json::json!({ "destinations": stats }))?;
