@@ -295,7 +295,16 @@ fn takeover_steps(
     wait_for(
         "the first server serving 3 VMs",
         Duration::from_secs(30),
-        || log_of(&old_log).matches("serving VM").count() == 3,
+        || {
+            for vm in &mut vms {
+                if let Some(status) = vm.0.try_wait().unwrap() {
+                    let mut err = String::new();
+                    let _ = std::io::Read::read_to_string(vm.0.stderr.as_mut().unwrap(), &mut err);
+                    panic!("a VM ended before it was served: {status:?} {err}");
+                }
+            }
+            log_of(&old_log).matches("serving VM").count() == 3
+        },
     );
     std::thread::sleep(Duration::from_millis(200));
     let mut new = serve(
@@ -461,7 +470,12 @@ fn sigterm_during_a_takeover_drains_the_vms_already_taken_on() {
             BufReader::new(vm.0.stdout.as_mut().unwrap())
                 .read_line(&mut line)
                 .unwrap();
-            assert_eq!(line.trim(), "touched", "{}", log_of(&old_log));
+            if line.trim() != "touched" {
+                let _ = vm.0.kill();
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(vm.0.stderr.as_mut().unwrap(), &mut err);
+                panic!("a VM did not touch its memory: {line:?} {err}");
+            }
         }
         let mut new = serve(&mem, &socket, &new_log, &["--takeover"], &[]);
         let pid = old.0.id();

@@ -36,7 +36,7 @@ mod socket;
 mod successor;
 mod vm;
 
-use socket::{bind_takeover, remove_own_socket, remove_stale_socket};
+use socket::{bind_takeover, listen_then_publish, remove_own_socket, remove_stale_socket};
 use vm::VmWorker;
 
 /// What the server needs to know.
@@ -215,10 +215,13 @@ impl Server {
     pub fn bind(config: ServerConfig, engine: Arc<dyn Engine>) -> Result<Server, ServerError> {
         let path = &config.socket;
         remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
-            path: path.clone(),
-            source,
-        })?;
+        let listener =
+            listen_then_publish(path, |at| UnixListener::bind(at)).map_err(|source| {
+                ServerError::Bind {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         listener
             .set_nonblocking(true)
             .map_err(|source| ServerError::Bind {
