@@ -86,8 +86,9 @@ pub use sigbus::{
     SignalSafeSource, MAX_SIGBUS_GRANULE,
 };
 pub use source::{
-    AsyncPageSource, AsyncSource, Content, Fetched, FileMode, FileSource, LayeredSource,
-    MappedBytes, MemorySource, PageSource, ReadDone, ReadFuture, SourceError, ZeroSource,
+    drop_runtime, AsyncPageSource, AsyncSource, Content, Fetched, FileMode, FileSource,
+    LayeredSource, MappedBytes, MemorySource, PageSource, ReadDone, ReadFuture, SourceError,
+    ZeroSource,
 };
 pub use stats::{panic_message, Bucket, Histogram, LatencySummary, Stats};
 pub use stop::StopSignal;

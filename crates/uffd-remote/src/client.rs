@@ -586,7 +586,17 @@ impl Reply {
         match self {
             // A receiver that gave up wants nothing.
             Reply::Task(tx) => drop(tx.send(result)),
-            Reply::Direct(done) => done(result),
+            // A completion that panics must not take the link's task, and
+            // every read still waiting on it, down with it.
+            Reply::Direct(done) => {
+                let call = std::panic::AssertUnwindSafe(|| done(result));
+                if let Err(panic) = std::panic::catch_unwind(call) {
+                    tracing::error!(
+                        "a read's completion panicked: {}",
+                        uffd_pager::panic_message(&*panic)
+                    );
+                }
+            }
         }
     }
 }
@@ -722,7 +732,18 @@ pub struct RemoteSource {
     /// Requests the reading thread could not write itself, by id.
     demand: mpsc::UnboundedSender<u64>,
     bulk: mpsc::UnboundedSender<u64>,
-    _runtimes: [tokio::runtime::Runtime; 2],
+    /// The demand and bulk runtimes, taken in drop.
+    runtimes: Vec<tokio::runtime::Runtime>,
+}
+
+impl Drop for RemoteSource {
+    fn drop(&mut self) {
+        // Possibly on one of its own runtimes' threads (a completion
+        // holding the last reference).
+        for runtime in self.runtimes.drain(..) {
+            uffd_pager::drop_runtime(runtime);
+        }
+    }
 }
 
 impl std::fmt::Debug for RemoteSource {
@@ -846,7 +867,7 @@ impl RemoteSource {
             shared,
             demand,
             bulk,
-            _runtimes: [runtime, bulk_runtime],
+            runtimes: vec![runtime, bulk_runtime],
         })
     }
 

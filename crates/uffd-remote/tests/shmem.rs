@@ -885,3 +885,42 @@ fn targets_restored_at_once_get_every_byte_while_pages_are_released() {
     }
     assert!(remote.stats().pages_released.load(Relaxed) > 0);
 }
+
+/// A read's completion runs on the link's thread, and may be the last
+/// holder of the page source above it (a pager that stopped meanwhile): it
+/// drops that source, runtime and all, there. Neither that nor a
+/// completion that panics may take the link down: the next read is
+/// answered.
+#[test]
+fn a_completion_that_drops_the_last_source_or_panics_leaves_the_link_up() {
+    use uffd_pager::AsyncPageSource;
+    let image = image(PAGES);
+    let server = Served::start(&image, PageServerConfig::default());
+    let remote = Arc::new(
+        uffd_remote::RemoteSource::connect(&server.addr, uffd_remote::RemoteConfig::default())
+            .unwrap(),
+    );
+    let read = |page: u64, done: uffd_pager::ReadDone| {
+        remote
+            .read_direct(page * 4096, 4096, done)
+            .map_err(|_| "the read did not go out directly")
+            .unwrap()
+    };
+    let answered = |rx: &mpsc::Receiver<bool>, what: &str| {
+        assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(true), "{what}");
+    };
+    let (tx, rx) = mpsc::channel();
+    let above = uffd_pager::AsyncSource::new(Arc::clone(&remote) as _).unwrap();
+    let sent = tx.clone();
+    read(
+        1,
+        Box::new(move |r| {
+            drop(above);
+            sent.send(r.is_ok()).unwrap();
+        }),
+    );
+    answered(&rx, "the read whose completion dropped the source above");
+    read(2, Box::new(|_| panic!("a completion that panics")));
+    read(3, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+    answered(&rx, "the read after a completion that panicked");
+}

@@ -177,10 +177,8 @@ impl std::fmt::Debug for ObjectSource {
 
 impl Drop for ObjectSource {
     fn drop(&mut self) {
-        // Dropping may happen on another runtime's thread (the last reader
-        // holding the source): do not block there.
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            uffd_pager::drop_runtime(rt);
         }
     }
 }

@@ -17,7 +17,9 @@ mod zero;
 pub use file::{FileMode, FileSource};
 pub use layered::LayeredSource;
 pub use memory::MemorySource;
-pub use remote::{AsyncPageSource, AsyncSource, Fetched, ReadDone, ReadFuture, DEFAULT_IN_FLIGHT};
+pub use remote::{
+    drop_runtime, AsyncPageSource, AsyncSource, Fetched, ReadDone, ReadFuture, DEFAULT_IN_FLIGHT,
+};
 pub use zero::ZeroSource;
 
 /// What a read produced.

@@ -143,7 +143,9 @@ pub const DEFAULT_IN_FLIGHT: usize = 512;
 /// which wait on their reads anyway).
 pub struct AsyncSource {
     inner: Arc<dyn AsyncPageSource>,
-    runtime: tokio::runtime::Runtime,
+    handle: tokio::runtime::Handle,
+    /// Taken in drop (see [`drop_runtime`]).
+    runtime: Option<tokio::runtime::Runtime>,
     in_flight: Arc<tokio::sync::Semaphore>,
     limit: usize,
 }
@@ -154,6 +156,28 @@ impl fmt::Debug for AsyncSource {
             .field("inner", &self.inner)
             .field("limit", &self.limit)
             .finish()
+    }
+}
+
+impl Drop for AsyncSource {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            drop_runtime(runtime);
+        }
+    }
+}
+
+/// Drops `runtime` wherever the last holder of its owner happens to be.
+/// That may be a read's completion running on another runtime's thread
+/// (the transport's): dropping a runtime there panics, which would take
+/// the transport's task down with every read still waiting on it. There
+/// the runtime is shut down without waiting for its tasks; elsewhere it
+/// is dropped as usual, waiting for them.
+pub fn drop_runtime(runtime: tokio::runtime::Runtime) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        runtime.shutdown_background();
+    } else {
+        drop(runtime);
     }
 }
 
@@ -177,7 +201,8 @@ impl AsyncSource {
         let limit = limit.max(1);
         Ok(AsyncSource {
             inner,
-            runtime,
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
             in_flight: Arc::new(tokio::sync::Semaphore::new(limit)),
             limit,
         })
@@ -207,7 +232,7 @@ impl AsyncSource {
     ) -> bool {
         let read = Read {
             inner: Arc::clone(&self.inner),
-            runtime: self.runtime.handle().clone(),
+            runtime: self.handle.clone(),
             offset,
             len,
             attempt: 0,
@@ -222,7 +247,7 @@ impl AsyncSource {
             Ok(place) => read.begin(place),
             Err(_) => {
                 let places = Arc::clone(&self.in_flight);
-                self.runtime.spawn(async move {
+                self.handle.spawn(async move {
                     // Never closed, so this waits for a place.
                     if let Ok(place) = places.acquire_owned().await {
                         read.begin(place);
@@ -403,7 +428,7 @@ impl PageSource for AsyncSource {
         // strategies that stage bytes themselves), and a fault's whose
         // bytes were at hand a moment ago and no longer are.
         let result = self
-            .runtime
+            .handle
             .block_on(self.inner.read_background(offset, buf.len()))?;
         Ok(match result {
             Fetched::Zero => Content::Zero,
