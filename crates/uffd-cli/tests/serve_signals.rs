@@ -34,6 +34,27 @@ fn signal(child: &Child, signal: Signal) {
     kill_process(pid, signal).unwrap();
 }
 
+/// A stand-in VMM of `mem` on `socket` that touches its memory as `args`
+/// (its flags, separated by spaces) say, prints "touched", and waits for
+/// "verify" on its stdin before it reads every page back (stdin, stdout
+/// and stderr piped).
+fn waiting_vm(standin: &Path, socket: &Path, mem: &Path, args: &str) -> Reaped {
+    Reaped(
+        Command::new(standin)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--mem-file")
+            .arg(mem)
+            .args(args.split_whitespace())
+            .arg("--pause-before-verify")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn sigusr1_records_and_sigterm_drains_a_running_vm_which_runs_on_without_the_server() {
     if !uffd_testkit::vmm_uffd() {
@@ -69,18 +90,11 @@ fn sigusr1_records_and_sigterm_drains_a_running_vm_which_runs_on_without_the_ser
     wait_for("the server listening", Duration::from_secs(30), || {
         socket.exists()
     });
-    let mut vm = Reaped(
-        Command::new(&standin)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--mem-file")
-            .arg(&mem)
-            .args(["--threads", "2", "--touch-percent", "10"])
-            .args(["--balloon-every", "17", "--pause-before-verify"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut vm = waiting_vm(
+        &standin,
+        &socket,
+        &mem,
+        "--threads 2 --touch-percent 10 --balloon-every 17",
     );
     // The VM's touch phase (bounded: read on another thread).
     let stdout = vm.0.stdout.take().unwrap();
@@ -271,19 +285,11 @@ fn takeover_steps(
     // takeover, so every VM is served by the new server however slow the
     // machine is.
     let vm = |pace: &str| {
-        Reaped(
-            Command::new(standin)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--mem-file")
-                .arg(&mem)
-                .args(["--threads", "2", "--pace-us", pace, "--balloon-every", "9"])
-                .args(["--touch-percent", "50", "--pause-before-verify"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
+        waiting_vm(
+            standin,
+            &socket,
+            &mem,
+            &format!("--threads 2 --pace-us {pace} --balloon-every 9 --touch-percent 50"),
         )
     };
     let verify = |vm: &mut Reaped| {
@@ -448,19 +454,11 @@ fn sigterm_during_a_takeover_drains_the_vms_already_taken_on() {
         );
         let mut vms: Vec<Reaped> = (0..2)
             .map(|_| {
-                Reaped(
-                    Command::new(&standin)
-                        .arg("--socket")
-                        .arg(&socket)
-                        .arg("--mem-file")
-                        .arg(&mem)
-                        .args(["--threads", "2", "--balloon-every", "9"])
-                        .args(["--touch-percent", "50", "--pause-before-verify"])
-                        .stdin(Stdio::piped())
-                        .stdout(Stdio::piped())
-                        .stderr(Stdio::piped())
-                        .spawn()
-                        .unwrap(),
+                waiting_vm(
+                    &standin,
+                    &socket,
+                    &mem,
+                    "--threads 2 --balloon-every 9 --touch-percent 50",
                 )
             })
             .collect();
