@@ -525,32 +525,39 @@ impl Header {
 /// follow it on the wire: the same bytes [`Frame::encode`] writes before
 /// them.
 pub fn data_head(id: u64, offset: u64, len: u32, bytes: &[u8]) -> [u8; HEADER + 16] {
-    let mut head = [0u8; HEADER + 16];
-    head[0..4].copy_from_slice(&MAGIC);
-    head[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    head[6] = Kind::Data as u8;
-    head[8..12].copy_from_slice(&((16 + bytes.len()) as u32).to_le_bytes());
-    head[12..16].copy_from_slice(&data_crc(offset, len, Some(bytes)).to_le_bytes());
-    head[16..24].copy_from_slice(&id.to_le_bytes());
-    head[24..32].copy_from_slice(&offset.to_le_bytes());
-    head[32..36].copy_from_slice(&len.to_le_bytes());
-    head
+    let crc = data_crc(offset, len, Some(bytes));
+    fixed_head(Kind::Data, 16 + bytes.len(), crc, id, offset, len)
 }
 
 /// A request frame, encoded where it is made: the same bytes
 /// [`Frame::encode`] writes for [`Frame::Request`], with no allocation (a
 /// faulting page's request is made on the fault's path).
 pub fn request_bytes(id: u64, offset: u64, len: u32, priority: u8) -> [u8; HEADER + 16] {
-    let mut frame = [0u8; HEADER + 16];
-    frame[0..4].copy_from_slice(&MAGIC);
-    frame[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    frame[6] = Kind::Request as u8;
-    frame[8..12].copy_from_slice(&16u32.to_le_bytes());
-    frame[16..24].copy_from_slice(&id.to_le_bytes());
-    frame[24..32].copy_from_slice(&offset.to_le_bytes());
-    frame[32..36].copy_from_slice(&len.to_le_bytes());
+    let mut frame = fixed_head(Kind::Request, 16, 0, id, offset, len);
     frame[36] = priority;
     frame
+}
+
+/// The header and the fixed fields (`offset`, `len`) that data and request
+/// frames share, of a frame whose payload is `payload_len` bytes.
+fn fixed_head(
+    kind: Kind,
+    payload_len: usize,
+    crc: u32,
+    id: u64,
+    offset: u64,
+    len: u32,
+) -> [u8; HEADER + 16] {
+    let mut head = [0u8; HEADER + 16];
+    head[0..4].copy_from_slice(&MAGIC);
+    head[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    head[6] = kind as u8;
+    head[8..12].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    head[12..16].copy_from_slice(&crc.to_le_bytes());
+    head[16..24].copy_from_slice(&id.to_le_bytes());
+    head[24..32].copy_from_slice(&offset.to_le_bytes());
+    head[32..36].copy_from_slice(&len.to_le_bytes());
+    head
 }
 
 /// A data frame carrying `bytes` compressed, when that shrinks it by at
