@@ -118,11 +118,7 @@ fn serve(s: &Setup, name: &str, extra: &[&str]) -> (Reaped, PathBuf, PathBuf) {
 
 fn vm(standin: &Path, socket: &Path, mem: &Path, extra: &[&str]) -> Reaped {
     Reaped(
-        Command::new(standin)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--mem-file")
-            .arg(mem)
+        uffd_testkit::standin_command(standin, socket, mem)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -85,11 +85,7 @@ fn serve(source: &str, socket: &Path, extra: &[&str]) -> Reaped {
 }
 
 fn vmm(socket: &Path, mem: &Path, extra: &[&str]) -> Child {
-    Command::new(standin_vmm())
-        .arg("--socket")
-        .arg(socket)
-        .arg("--mem-file")
-        .arg(mem)
+    uffd_testkit::standin_command(&standin_vmm(), socket, mem)
         .args(["--size", &LEN.to_string(), "--threads", "4"])
         .args(extra)
         .stdout(Stdio::piped())

@@ -40,11 +40,7 @@ fn signal(child: &Child, signal: Signal) {
 /// and stderr piped).
 fn waiting_vm(standin: &Path, socket: &Path, mem: &Path, args: &str) -> Reaped {
     Reaped(
-        Command::new(standin)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--mem-file")
-            .arg(mem)
+        uffd_testkit::standin_command(standin, socket, mem)
             .args(args.split_whitespace())
             .arg("--pause-before-verify")
             .stdin(Stdio::piped())

@@ -208,11 +208,7 @@ fn serve_restores_base_plus_layers_into_a_vmm_in_another_process() {
     }
     // The VMM checks every page it sees against the merged file.
     let mut vm = Reaped(
-        Command::new(&standin)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--mem-file")
-            .arg(&merged)
+        uffd_testkit::standin_command(&standin, &socket, &merged)
             .args(["--threads", "2", "--regions", "2"])
             .stdout(Stdio::piped())
             .spawn()

@@ -320,6 +320,18 @@ pub fn standin_vmm(cargo: &str, next_to: &Path, manifest_dir: &str) -> PathBuf {
         .expect("cargo reported no uffd-standin-vmm executable")
 }
 
+/// The stand-in VMM `standin` (see [`standin_vmm`]) restoring `mem` from
+/// the server at `socket`; its other flags and its stdio are the caller's.
+pub fn standin_command(standin: &Path, socket: &Path, mem: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(standin);
+    command
+        .arg("--socket")
+        .arg(socket)
+        .arg("--mem-file")
+        .arg(mem);
+    command
+}
+
 /// A child process killed and reaped when dropped, so a failed assertion
 /// never leaves a server or a VMM behind.
 #[derive(Debug)]

@@ -169,11 +169,11 @@ impl Drop for TestServer {
 
 /// The stand-in VMM's command line.
 pub fn standin(socket: &Path, mem_file: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_uffd-standin-vmm"));
-    c.arg("--socket")
-        .arg(socket)
-        .arg("--mem-file")
-        .arg(mem_file);
+    let mut c = uffd_testkit::standin_command(
+        Path::new(env!("CARGO_BIN_EXE_uffd-standin-vmm")),
+        socket,
+        mem_file,
+    );
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     c
 }
